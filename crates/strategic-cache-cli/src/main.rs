@@ -1,0 +1,125 @@
+//! The `strategic-cache` command: migrate, inspect and repair the cache without SQL.
+//!
+//! # Layout
+//! - [`cli`]: the command line ([`cli::Cli`], [`cli::Command`]); parsing only.
+//! - [`commands`]: one module per subcommand; each returns an [`commands::Outcome`].
+//! - [`exit`]: exit codes, and every error as exactly one line on stderr.
+//! - [`simulate`]: the `simulate` command's traffic model and report.
+//! - [`mod@bench`]: the `bench` command: fill a scratch database, measure, compare with the bare
+//!   driver.
+//!
+//! This file only parses, sets up logging and the runtime, prints and exits.
+
+mod bench;
+mod cli;
+mod commands;
+mod exit;
+mod simulate;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+use crate::cli::Cli;
+
+fn main() -> ExitCode {
+    // A panic is a bug, but the promise to scripts still holds: one line, no backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let message = exit::flatten(&info.to_string());
+        eprintln!("strategic-cache: internal error (please report): {message}");
+        std::process::exit(i32::from(exit::FAILURE));
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
+    init_logging();
+    let database_url = cli.database_url.clone();
+    let json = cli.json;
+    // Multi-threaded: `simulate` runs readers and workers side by side on every core.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("strategic-cache: cannot start the async runtime: {error}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(outcome) => {
+            let printed = if json {
+                serde_json::to_string_pretty(&outcome.json).unwrap_or_default() + "\n"
+            } else {
+                outcome.text
+            };
+            let mut stdout = std::io::stdout().lock();
+            if let Err(error) = stdout
+                .write_all(printed.as_bytes())
+                .and_then(|()| stdout.flush())
+                // A closed pipe (`| head`) is the reader's choice, not a failure.
+                && error.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                eprintln!("strategic-cache: cannot write output: {error}");
+                return ExitCode::from(exit::FAILURE);
+            }
+            if let Some(note) = outcome.note {
+                eprintln!("strategic-cache: {}", exit::flatten(&note));
+            }
+            ExitCode::from(outcome.code)
+        }
+        Err(error) => {
+            eprintln!(
+                "strategic-cache: {}",
+                exit::one_line(&error, database_url.as_deref())
+            );
+            ExitCode::from(exit::code_of(&error))
+        }
+    }
+}
+
+/// `--help` and `--version` print and exit 0; any other parse error is one line and exit 2.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            ExitCode::from(exit::OK)
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            eprintln!("strategic-cache: a command is required; run `strategic-cache --help`");
+            ExitCode::from(exit::USAGE)
+        }
+        _ => {
+            // clap renders the error, a usage line and a hint on separate lines; keep the
+            // error itself (which may continue on indented lines) and drop the rest.
+            let rendered = error.render().to_string();
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
+                .filter(|line| !line.trim().is_empty() && !line.trim_start().starts_with("tip:"))
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!(
+                "strategic-cache: {} (run `strategic-cache --help`)",
+                exit::flatten(message)
+            );
+            ExitCode::from(exit::USAGE)
+        }
+    }
+}
+
+/// Logs to stderr at `warn` unless `RUST_LOG` says otherwise.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

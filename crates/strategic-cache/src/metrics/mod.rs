@@ -1,0 +1,162 @@
+//! Read metrics: in-process aggregation of every read and periodic export as InfluxDB line
+//! protocol.
+//!
+//! # Why this shape
+//! The system this replaces wrote one InfluxDB point per read, synchronously on the message
+//! path, tagged with the user id: a network round trip on every chat message, one series per
+//! user (cardinality explosion) and user ids leaked into the metrics store. Here:
+//!
+//! - [`MetricsRecorder`] implements [`ReadObserver`](crate::observe::ReadObserver). A read
+//!   costs a read-lock, one hash lookup and a few relaxed atomic increments into a per
+//!   `(table, bot)` cell; it never allocates except the first time a bot is seen, never blocks
+//!   on I/O and never fails. The number of distinct bots is capped
+//!   ([`RecorderConfig::max_bots`]); beyond it reads are folded into `bot="_other"` and counted.
+//! - [`MetricsExporter`] is a background tokio task that every
+//!   [`ExporterConfig::flush_interval`] swaps out the window, renders it
+//!   ([`line_protocol`]) and POSTs it to InfluxDB ([`InfluxConfig`]). When the sink is down it
+//!   keeps at most [`ExporterConfig::max_pending_windows`] rendered windows, drops the oldest
+//!   beyond that (counted), and retries with exponential backoff.
+//!
+//! # Measurements
+//! One point per `(table, bot)` with at least one read in the window:
+//!
+//! ```text
+//! strategic_cache_reads,table=memory_health,bot=elena hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=181,latency_p95_us=362,latency_p99_us=362,latency_max_us=340,age_p50_s=63,age_p95_s=191,age_max_s=170 1700000000000000000
+//! strategic_cache_exporter dropped_windows=0i,overflow_bots=0i,export_failures=0i,pending_windows=0i 1700000000000000000
+//! ```
+//!
+//! Tags are only `table` (the [`Component::short_name`](crate::Component::short_name)) and
+//! `bot`. There is never a user id. Counts are per window (deltas); percentiles are the upper
+//! bound of a log-spaced histogram bucket (at most ~41% above the true value, never above the
+//! window's maximum); `age_*` fields are present only when a hit or stale entry was seen.
+//! The exporter's own counters are cumulative since the process started. `docs/METRICS.md`
+//! describes each field and what healthy looks like.
+
+mod export;
+mod histogram;
+pub mod line_protocol;
+mod recorder;
+
+pub use export::{
+    ExporterConfig, ExporterHandle, ExporterStats, InfluxApi, InfluxConfig, MetricsExporter,
+};
+pub use histogram::{AGE_BUCKETS, HistogramSnapshot, LATENCY_BUCKETS};
+pub use recorder::{CellStats, MetricsRecorder, RecorderConfig, Window, WindowRow};
+
+/// Measurement of read statistics, one point per `(table, bot)` per window.
+pub const MEASUREMENT_READS: &str = "strategic_cache_reads";
+/// Measurement of the exporter's own health, one point per window.
+pub const MEASUREMENT_EXPORTER: &str = "strategic_cache_exporter";
+
+/// Tag: the table's short name (`memory_health`, ...).
+pub const TAG_TABLE: &str = "table";
+/// Tag: the bot name, sanitised (see [`line_protocol::sanitize_tag_value`]).
+pub const TAG_BOT: &str = "bot";
+
+/// Field: reads that served a fresh entry (integer).
+pub const FIELD_HIT: &str = "hit";
+/// Field: reads that found no entry (integer).
+pub const FIELD_MISS: &str = "miss";
+/// Field: reads that found an expired entry (integer).
+pub const FIELD_STALE: &str = "stale";
+/// Field: reads that failed, timed out or were refused by the circuit breaker (integer).
+pub const FIELD_ERROR: &str = "error";
+/// Field: all reads in the window (integer).
+pub const FIELD_READS: &str = "reads";
+/// Field: `hit / reads` in the window (float, 0..=1).
+pub const FIELD_HIT_RATE: &str = "hit_rate";
+/// Field: median read latency, microseconds (float).
+pub const FIELD_LATENCY_P50: &str = "latency_p50_us";
+/// Field: 95th percentile read latency, microseconds (float).
+pub const FIELD_LATENCY_P95: &str = "latency_p95_us";
+/// Field: 99th percentile read latency, microseconds (float).
+pub const FIELD_LATENCY_P99: &str = "latency_p99_us";
+/// Field: slowest read in the window, microseconds (float).
+pub const FIELD_LATENCY_MAX: &str = "latency_max_us";
+/// Field: median age of the entries found, seconds (float).
+pub const FIELD_AGE_P50: &str = "age_p50_s";
+/// Field: 95th percentile age of the entries found, seconds (float).
+pub const FIELD_AGE_P95: &str = "age_p95_s";
+/// Field: oldest entry found in the window, seconds (float).
+pub const FIELD_AGE_MAX: &str = "age_max_s";
+
+/// Field of [`MEASUREMENT_EXPORTER`]: rendered windows dropped because too many were pending.
+pub const FIELD_DROPPED_WINDOWS: &str = "dropped_windows";
+/// Field of [`MEASUREMENT_EXPORTER`]: reads folded into `bot="_other"` by the bot cap.
+pub const FIELD_OVERFLOW_BOTS: &str = "overflow_bots";
+/// Field of [`MEASUREMENT_EXPORTER`]: failed POSTs (connection, timeout, non-2xx).
+pub const FIELD_EXPORT_FAILURES: &str = "export_failures";
+/// Field of [`MEASUREMENT_EXPORTER`]: rendered windows waiting to be sent.
+pub const FIELD_PENDING_WINDOWS: &str = "pending_windows";
+
+/// Every field of [`MEASUREMENT_READS`].
+pub const READ_FIELDS: [&str; 13] = [
+    FIELD_HIT,
+    FIELD_MISS,
+    FIELD_STALE,
+    FIELD_ERROR,
+    FIELD_READS,
+    FIELD_HIT_RATE,
+    FIELD_LATENCY_P50,
+    FIELD_LATENCY_P95,
+    FIELD_LATENCY_P99,
+    FIELD_LATENCY_MAX,
+    FIELD_AGE_P50,
+    FIELD_AGE_P95,
+    FIELD_AGE_MAX,
+];
+/// Every tag of [`MEASUREMENT_READS`].
+pub const READ_TAGS: [&str; 2] = [TAG_TABLE, TAG_BOT];
+/// Every field of [`MEASUREMENT_EXPORTER`].
+pub const EXPORTER_FIELDS: [&str; 4] = [
+    FIELD_DROPPED_WINDOWS,
+    FIELD_OVERFLOW_BOTS,
+    FIELD_EXPORT_FAILURES,
+    FIELD_PENDING_WINDOWS,
+];
+
+/// Measurement of a [`Worker`](crate::scheduler::Worker)'s counters, one point per worker per
+/// window (cumulative since the worker started), tagged [`TAG_WORKER`].
+pub const MEASUREMENT_WORKER: &str = "strategic_cache_worker";
+/// Measurement of a [`RefreshRequester`](crate::scheduler::RefreshRequester)'s counters (the
+/// bot process's side of the scheduler), cumulative.
+pub const MEASUREMENT_REFRESH_REQUESTS: &str = "strategic_cache_refresh_requests";
+/// The worker id tag of [`MEASUREMENT_WORKER`].
+pub const TAG_WORKER: &str = "worker";
+/// Every field of [`MEASUREMENT_WORKER`].
+pub const WORKER_FIELDS: [&str; 11] = [
+    "claimed",
+    "recomputes",
+    "skipped_fresh",
+    "duplicate_recomputes",
+    "retried",
+    "abandoned",
+    "lease_lost",
+    "claim_to_done_mean_ms",
+    "claim_to_done_max_ms",
+    "queue_total",
+    "queue_due",
+];
+/// Every field of [`MEASUREMENT_REFRESH_REQUESTS`].
+pub const REFRESH_REQUEST_FIELDS: [&str; 6] = [
+    "received",
+    "dropped_full",
+    "deduplicated",
+    "enqueued",
+    "rejected_full",
+    "enqueue_failed",
+];
+
+/// Something whose counters go out with every exported window, beside the read metrics:
+/// the scheduler's [`Worker`](crate::scheduler::Worker) and
+/// [`RefreshRequester`](crate::scheduler::RefreshRequester). Register it with
+/// [`MetricsRecorder::add_source`]. Rendering must be cheap and must not block.
+pub trait WindowSource: Send + Sync + std::fmt::Debug {
+    /// Appends this source's line-protocol lines, stamped `timestamp_ns`.
+    fn render(&self, timestamp_ns: i64, out: &mut String);
+}
+
+/// The `bot` tag of reads folded together once [`RecorderConfig::max_bots`] is reached.
+pub const OTHER_BOT: &str = "_other";
+/// The `bot` tag used for an empty bot name (line protocol does not allow empty tag values).
+pub const UNNAMED_BOT: &str = "_unnamed";

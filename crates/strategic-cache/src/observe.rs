@@ -1,0 +1,96 @@
+//! Hooks through which the hot-path reader reports what it saw, off the hot path's critical
+//! work: metrics ([`ReadObserver`]) and demand for recomputation ([`RefreshSink`]).
+//!
+//! Both are called synchronously on every read, so implementations must be cheap and must never
+//! block: aggregate into atomics or a pre-allocated map, or push into a bounded channel and drop
+//! (counting the drop) when it is full.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::component::Component;
+use crate::types::Key;
+
+/// What one read of one component found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadOutcome {
+    /// A fresh entry was served.
+    Hit,
+    /// There was no entry.
+    Miss,
+    /// There was an entry but it had expired; nothing was served.
+    Stale,
+    /// The store failed or timed out, or the circuit breaker was open; nothing was served.
+    Error,
+}
+
+impl ReadOutcome {
+    /// All outcomes, for per-outcome arrays.
+    pub const ALL: [ReadOutcome; 4] = [
+        ReadOutcome::Hit,
+        ReadOutcome::Miss,
+        ReadOutcome::Stale,
+        ReadOutcome::Error,
+    ];
+
+    /// The lowercase name used in metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReadOutcome::Hit => "hit",
+            ReadOutcome::Miss => "miss",
+            ReadOutcome::Stale => "stale",
+            ReadOutcome::Error => "error",
+        }
+    }
+}
+
+/// Receives one record per component read. Must not block or panic.
+pub trait ReadObserver: Send + Sync + std::fmt::Debug {
+    /// `query_time` covers the whole read as the bot saw it (pool acquire included); `age` is
+    /// the age of the entry found (hit or stale), `None` otherwise. For a snapshot, each of
+    /// the six components is recorded with the snapshot's query time.
+    fn on_read(
+        &self,
+        component: Component,
+        bot_name: &str,
+        outcome: ReadOutcome,
+        query_time: Duration,
+        age: Option<Duration>,
+    );
+}
+
+/// Why the reader asks for an entry to be recomputed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshReason {
+    /// No entry: someone needs it and it is not there.
+    Miss,
+    /// The entry had expired.
+    Stale,
+    /// A fresh entry was served but is past its refresh point (e.g. 80% of its TTL):
+    /// recompute it before it expires, because it is in use.
+    RefreshAhead,
+}
+
+/// A request to recompute one cache entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefreshRequest {
+    /// The table.
+    pub component: Component,
+    /// The entry.
+    pub key: Key,
+    /// Why it is asked for.
+    pub reason: RefreshReason,
+    /// When it should be recomputed: `None` means now (a miss or a stale entry); for
+    /// refresh-ahead, the entry's refresh point (e.g. 80% of its TTL).
+    pub due_at: Option<DateTime<Utc>>,
+}
+
+/// Receives demand for recomputation from the hot path. Must not block or panic; deduplicate
+/// and bound the queue on the implementation side.
+pub trait RefreshSink: Send + Sync + std::fmt::Debug {
+    /// Asks for an entry to be recomputed.
+    fn request_refresh(&self, request: RefreshRequest);
+}

@@ -1,0 +1,103 @@
+//! The [`CacheRepository`] trait: what every cache store can do.
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::component::Component;
+use crate::error::CacheError;
+use crate::types::{
+    CachedEntry, Freshness, Key, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome,
+};
+
+/// A store of strategic cache entries. Object-safe: bot code holds `Arc<dyn CacheRepository>`.
+///
+/// Implementations: [`crate::PgCacheRepository`] (PostgreSQL, one round trip per call) and
+/// [`crate::MemoryCacheRepository`] (in-process, injected clock). The same contract tests run
+/// against both.
+///
+/// Every method validates its input first; invalid input is [`CacheError::InvalidInput`] and
+/// writes nothing. Reads with an invalid key are simply misses (`Ok(None)`/`Missing`): a key
+/// that could never have been stored is not there.
+#[async_trait]
+pub trait CacheRepository: Send + Sync + std::fmt::Debug {
+    /// The entry of `component` at `key`, fresh, stale or missing, judged by the store's
+    /// clock. One round trip on PostgreSQL. The building block of [`Self::get`] and
+    /// [`Self::freshness`], and what the reader uses to tell a stale entry from a missing one.
+    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError>;
+
+    /// The fresh entry (`expires_at > now`) of `component` at `key`, or `None`.
+    async fn get(
+        &self,
+        component: Component,
+        key: &Key,
+    ) -> Result<Option<CachedEntry>, CacheError> {
+        Ok(self.lookup(component, key).await?.into_fresh())
+    }
+
+    /// Whether the entry at `key` is fresh, stale or missing, with its age.
+    async fn freshness(&self, component: Component, key: &Key) -> Result<Freshness, CacheError> {
+        Ok(self.lookup(component, key).await?.freshness())
+    }
+
+    /// Every fresh per-user component for (`user_id`, `bot_name`), plus the bot's character
+    /// performance for `window_hours`. One round trip on PostgreSQL.
+    async fn snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+    ) -> Result<Snapshot, CacheError>;
+
+    /// Inserts or replaces one entry, unless the stored one was computed later.
+    async fn upsert(&self, entry: &NewEntry) -> Result<WriteOutcome, CacheError>;
+
+    /// Upserts many entries: one statement per component on PostgreSQL. The whole batch is
+    /// validated first; one invalid entry rejects the batch and nothing is written. Returns
+    /// one outcome per entry, in order. Two entries for the same key: the later `computed_at`
+    /// wins, as if written one after the other.
+    async fn upsert_many(&self, entries: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError>;
+
+    /// Removes the entry at `key`; whether there was one.
+    async fn invalidate(&self, component: Component, key: &Key) -> Result<bool, CacheError>;
+
+    /// Deletes expired entries of every table, at most `batch` rows per statement so that no
+    /// sweep holds many row locks for long; returns how many were deleted. Never deletes an
+    /// entry that is fresh when it is deleted.
+    async fn sweep_expired(&self, batch: u32) -> Result<u64, CacheError>;
+
+    /// Counts and ages of every table, in [`Component::ALL`] order.
+    async fn stats(&self) -> Result<Vec<TableStats>, CacheError>;
+
+    /// The seed's helper, for code ported from the Python service: the fresh entry of
+    /// `table_name` for (`user_id`, `bot_name`) as a JSON object of its columns, or `None`.
+    ///
+    /// `table_name` is a table or short component name; anything else is
+    /// [`CacheError::UnknownTable`] (it is matched against the six names, never put in SQL).
+    /// For character performance the 168-hour window is read.
+    async fn get_cached_strategic_data(
+        &self,
+        table_name: &str,
+        user_id: &str,
+        bot_name: &str,
+    ) -> Result<Option<Map<String, Value>>, CacheError> {
+        let component = Component::from_table_name(table_name)?;
+        let key = Key::for_message(component, user_id, bot_name);
+        Ok(self
+            .get(component, &key)
+            .await?
+            .map(|entry| entry.to_json_object()))
+    }
+
+    /// The seed's helper: whether the entry of `table_name` for (`user_id`, `bot_name`) is
+    /// fresh. Unknown table names are [`CacheError::UnknownTable`].
+    async fn check_cache_freshness(
+        &self,
+        table_name: &str,
+        user_id: &str,
+        bot_name: &str,
+    ) -> Result<bool, CacheError> {
+        let component = Component::from_table_name(table_name)?;
+        let key = Key::for_message(component, user_id, bot_name);
+        Ok(self.freshness(component, &key).await?.is_fresh())
+    }
+}

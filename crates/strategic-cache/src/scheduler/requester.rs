@@ -1,0 +1,255 @@
+//! The hot path's side of the scheduler: a [`RefreshSink`] that costs the reader one
+//! `try_send`, and a background task that deduplicates and batches requests into the queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::RefreshQueue;
+use crate::component::Component;
+use crate::observe::{RefreshRequest, RefreshSink};
+use crate::types::Key;
+
+/// Settings of [`RefreshRequester`].
+#[derive(Clone, Debug)]
+pub struct RequesterConfig {
+    /// Requests buffered between the readers and the batching task; beyond it requests are
+    /// dropped (and counted) rather than blocking a read.
+    pub channel_capacity: usize,
+    /// Most requests sent to the queue in one call.
+    pub batch_size: usize,
+    /// Longest a request waits to be batched.
+    pub flush_interval: Duration,
+    /// A key sent to the queue is not sent again within this window unless the new request
+    /// is more urgent: a popular key read a thousand times costs the queue one request.
+    pub dedupe_window: Duration,
+}
+
+impl Default for RequesterConfig {
+    fn default() -> Self {
+        RequesterConfig {
+            channel_capacity: 10_000,
+            batch_size: 256,
+            flush_interval: Duration::from_millis(20),
+            dedupe_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters of a [`RefreshRequester`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequesterStats {
+    /// Requests accepted from readers.
+    pub received: u64,
+    /// Requests dropped because the channel was full.
+    pub dropped_full: u64,
+    /// Requests not forwarded because the same key had just been sent.
+    pub deduplicated: u64,
+    /// Requests the queue accepted.
+    pub enqueued: u64,
+    /// Requests for new keys the queue refused because it was full.
+    pub rejected_full: u64,
+    /// Requests lost because the queue failed (the database was away); readers ask again.
+    pub enqueue_failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    dropped_full: AtomicU64,
+    deduplicated: AtomicU64,
+    enqueued: AtomicU64,
+    rejected_full: AtomicU64,
+    enqueue_failed: AtomicU64,
+}
+
+enum Message {
+    Request(RefreshRequest),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A [`RefreshSink`] feeding a [`RefreshQueue`]. Must be created inside a tokio runtime; the
+/// batching task stops when the requester is dropped.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use strategic_cache::{CacheReader, MemoryCacheRepository};
+/// # use strategic_cache::scheduler::{MemoryRefreshQueue, RefreshRequester, RequesterConfig};
+/// # async fn example() {
+/// let queue = Arc::new(MemoryRefreshQueue::default());
+/// let requester = Arc::new(RefreshRequester::spawn(queue, RequesterConfig::default()));
+/// let reader = CacheReader::new(Arc::new(MemoryCacheRepository::default()))
+///     .with_refresh_sink(requester.clone());
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RefreshRequester {
+    tx: mpsc::Sender<Message>,
+    counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Request(r) => r.fmt(f),
+            Message::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl RefreshRequester {
+    /// Starts the batching task.
+    pub fn spawn(queue: Arc<dyn RefreshQueue>, config: RequesterConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(batch_loop(rx, queue, config, counters.clone()));
+        RefreshRequester { tx, counters, task }
+    }
+
+    /// Waits until every request sent before this call has been handed to the queue.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> RequesterStats {
+        let c = &self.counters;
+        RequesterStats {
+            received: c.received.load(Ordering::Relaxed),
+            dropped_full: c.dropped_full.load(Ordering::Relaxed),
+            deduplicated: c.deduplicated.load(Ordering::Relaxed),
+            enqueued: c.enqueued.load(Ordering::Relaxed),
+            rejected_full: c.rejected_full.load(Ordering::Relaxed),
+            enqueue_failed: c.enqueue_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for RefreshRequester {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RefreshSink for RefreshRequester {
+    fn request_refresh(&self, request: RefreshRequest) {
+        match self.tx.try_send(Message::Request(request)) {
+            Ok(()) => self.counters.received.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.dropped_full.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// When a key was last sent, and how urgently (`None` = due now, the most urgent).
+type Sent = HashMap<(Component, Key), (Instant, Option<DateTime<Utc>>)>;
+
+async fn batch_loop(
+    mut rx: mpsc::Receiver<Message>,
+    queue: Arc<dyn RefreshQueue>,
+    config: RequesterConfig,
+    counters: Arc<Counters>,
+) {
+    let mut sent: Sent = HashMap::new();
+    let mut batch: Vec<RefreshRequest> = Vec::with_capacity(config.batch_size);
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut last_purge = Instant::now();
+    while let Some(first) = rx.recv().await {
+        let deadline = Instant::now() + config.flush_interval;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Request(request) => {
+                    if is_duplicate(&sent, &request, config.dedupe_window) {
+                        counters.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        sent.insert(
+                            (request.component, request.key.clone()),
+                            (Instant::now(), request.due_at),
+                        );
+                        batch.push(request);
+                    }
+                }
+                Message::Flush(done) => waiting.push(done),
+            }
+            if batch.len() >= config.batch_size || !waiting.is_empty() {
+                break;
+            }
+            next = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(message)) => Some(message),
+                _ => None,
+            };
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            match queue.enqueue(&batch).await {
+                Ok(report) => {
+                    counters
+                        .enqueued
+                        .fetch_add(report.accepted, Ordering::Relaxed);
+                    counters
+                        .rejected_full
+                        .fetch_add(report.rejected_full, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    counters.enqueue_failed.fetch_add(n, Ordering::Relaxed);
+                    // Forget these keys so the next read asks again rather than being
+                    // deduplicated against a request that never arrived.
+                    for request in &batch {
+                        sent.remove(&(request.component, request.key.clone()));
+                    }
+                    tracing::warn!(%error, requests = n, "could not enqueue refresh requests");
+                }
+            }
+            batch.clear();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+        if last_purge.elapsed() > config.dedupe_window {
+            let window = config.dedupe_window;
+            sent.retain(|_, (at, _)| at.elapsed() <= window);
+            last_purge = Instant::now();
+        }
+    }
+}
+
+fn is_duplicate(sent: &Sent, request: &RefreshRequest, window: Duration) -> bool {
+    match sent.get(&(request.component, request.key.clone())) {
+        Some((at, previous_due)) if at.elapsed() <= window => {
+            match (previous_due, request.due_at) {
+                // The earlier request was due now: nothing can be more urgent.
+                (None, _) => true,
+                // Now due at once, earlier only later: forward.
+                (Some(_), None) => false,
+                (Some(previous), Some(new)) => new >= *previous,
+            }
+        }
+        _ => false,
+    }
+}
+
+impl crate::metrics::WindowSource for RefreshRequester {
+    fn render(&self, timestamp_ns: i64, out: &mut String) {
+        use crate::metrics::{MEASUREMENT_REFRESH_REQUESTS, REFRESH_REQUEST_FIELDS as F};
+        let s = self.stats();
+        crate::metrics::line_protocol::LineBuilder::new(out, MEASUREMENT_REFRESH_REQUESTS)
+            .int(F[0], s.received)
+            .int(F[1], s.dropped_full)
+            .int(F[2], s.deduplicated)
+            .int(F[3], s.enqueued)
+            .int(F[4], s.rejected_full)
+            .int(F[5], s.enqueue_failed)
+            .finish(timestamp_ns);
+    }
+}

@@ -1,0 +1,54 @@
+//! The strategic cache's migrations, and a runner that is safe to call from every process of a
+//! deploy at once.
+//!
+//! # Layout
+//! - [`Migrator`]: the sea-orm-migration migrator, one file per migration (`m*.rs`).
+//! - [`runner`]: what the CLI, `cargo xtask migrate` and the tests call: a bounded connect, an
+//!   advisory lock around the whole run, a short `lock_timeout`, and errors a caller can act on.
+//!   Use it instead of `sea_orm_migration::cli::run_cli`, which panics when it cannot connect.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), migration::runner::MigrateError> {
+//! use migration::runner::{self, Command, MigrateOptions};
+//! let options = MigrateOptions::default();
+//! let db = runner::connect("postgres://postgres@127.0.0.1/app", &options).await?;
+//! runner::run(&db, Command::Up, &options).await?;
+//! # Ok(()) }
+//! ```
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20251124_000001_create_strategic_cache_tables;
+mod m20251124_000002_create_refresh_queue;
+mod m20251124_000003_create_roles;
+pub mod runner;
+
+pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE};
+
+/// The workspace's migrator: every migration, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20251124_000001_create_strategic_cache_tables::Migration),
+            Box::new(m20251124_000002_create_refresh_queue::Migration),
+            Box::new(m20251124_000003_create_roles::Migration),
+        ]
+    }
+}
+
+/// The table of the worker scheduler's refresh queue (second migration; not part of the old
+/// platform's schema).
+pub const REFRESH_QUEUE_TABLE: &str = "strategic_refresh_queue";
+
+/// The names of the tables the first migration creates, in creation order.
+pub const CACHE_TABLES: [&str; 6] = [
+    "strategic_memory_health",
+    "strategic_character_performance",
+    "strategic_personality_profiles",
+    "strategic_conversation_patterns",
+    "strategic_memory_behavior",
+    "strategic_engagement_opportunities",
+];

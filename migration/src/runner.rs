@@ -1,0 +1,375 @@
+//! Running migrations safely during a deploy.
+//!
+//! Three things go wrong with a plain `Migrator::up` when several bot containers start at once:
+//! they race to create the same tables, a DDL statement waiting for a lock queues every bot read
+//! behind it, and an unreachable database hangs for sea-orm's default 30 s acquire timeout (or,
+//! through `cli::run_cli`, panics). [`run`] takes care of all three:
+//!
+//! - the whole run happens in one transaction that first takes a PostgreSQL advisory lock, so
+//!   concurrent runs queue up and every migration is applied exactly once (the later runs find
+//!   nothing pending); PostgreSQL DDL is transactional, so a failed run leaves nothing behind;
+//! - `lock_timeout` is set for that transaction, so a migration that cannot get a table lock
+//!   quickly gives up ([`MigrateError::LockTimeout`], safe to retry) instead of blocking reads;
+//! - [`connect`] bounds connecting and acquiring to a few seconds and reports an unreachable
+//!   database as one line that names the host but never the password.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
+    Statement, TransactionTrait,
+};
+use sea_orm_migration::{MigrationStatus, MigratorTrait};
+
+use crate::Migrator;
+
+/// The advisory lock key every migration run takes ("STRATCAC" in ASCII), chosen so it cannot
+/// collide with keys of other applications in the same database by accident.
+pub const MIGRATION_LOCK_KEY: i64 = 0x5354_5241_5443_4143;
+
+/// What to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Apply every pending migration.
+    Up,
+    /// Roll back the last `steps` applied migrations (all of them when `None`).
+    Down {
+        /// How many to roll back; `None` rolls back everything.
+        steps: Option<u32>,
+    },
+    /// Report which migrations are applied and which are pending. Takes no lock and runs no
+    /// DDL, so it works under a read-only role.
+    Status,
+    /// Roll back every applied migration of ours, then apply them all again.
+    ///
+    /// Unlike sea-orm-migration's own `fresh`, which drops every table in the database, this
+    /// touches only the tables our migrations own: the cache usually shares its database with
+    /// the rest of the bot platform.
+    Fresh,
+}
+
+/// Timeouts of a migration run. The defaults suit a deploy: fail fast when the database is
+/// away, wait a while for another process's run, never hold up bot reads for long.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// Bound on connecting to the server and on acquiring a pooled connection.
+    pub connect_timeout: Duration,
+    /// How long to wait for another process's migration run to finish.
+    pub advisory_lock_wait: Duration,
+    /// PostgreSQL `lock_timeout` for the migration's statements: how long DDL may wait for a
+    /// table lock (and so how long bot reads may queue behind it) before the run gives up.
+    pub lock_timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            advisory_lock_wait: Duration::from_secs(60),
+            lock_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Why a migration run failed. Every message says what happened and what to do, and none
+/// contains the database password.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The URL is not a PostgreSQL URL.
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    /// The server could not be reached or refused the connection.
+    #[error(
+        "cannot connect to PostgreSQL at {target} within {timeout:?}: {reason}; check DATABASE_URL and that the server is running"
+    )]
+    Unreachable {
+        /// Host, port and database name, without credentials.
+        target: String,
+        /// The connect timeout that applied.
+        timeout: Duration,
+        /// What the driver said, with any password removed.
+        reason: String,
+    },
+    /// Another process's run held the migration lock for longer than we were willing to wait.
+    #[error(
+        "another migration run held the migration lock for more than {0:?}; nothing was changed, retry when it has finished"
+    )]
+    Busy(Duration),
+    /// A DDL statement could not get a table lock within `lock_timeout` (a long query or
+    /// transaction holds one). Nothing was changed; retrying later is safe.
+    #[error(
+        "a migration statement waited more than {0:?} for a table lock held by another session; nothing was changed, retry later"
+    )]
+    LockTimeout(Duration),
+    /// The database already has a table of ours with another shape, or a migration failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// The outcome of a run, printable for a person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// What was run.
+    pub command: Command,
+    /// Migrations this run applied (for `up` and `fresh`) or rolled back (for `down`).
+    pub changed: Vec<String>,
+    /// Every migration with whether it is applied now.
+    pub status: Vec<(String, bool)>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.command, self.changed.is_empty()) {
+            (Command::Status, _) => {}
+            (Command::Down { .. }, true) => writeln!(f, "nothing to roll back")?,
+            (Command::Down { .. }, false) => {
+                writeln!(f, "rolled back: {}", self.changed.join(", "))?
+            }
+            (_, true) => writeln!(f, "already up to date")?,
+            (_, false) => writeln!(f, "applied: {}", self.changed.join(", "))?,
+        }
+        for (name, applied) in &self.status {
+            let state = if *applied { "applied" } else { "pending" };
+            writeln!(f, "{state:8} {name}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects with the bounded timeouts of `options`, with sea-orm's per-statement logging off.
+///
+/// Two connections at most: one for the run's transaction and one spare for status queries.
+pub async fn connect(
+    url: &str,
+    options: &MigrateOptions,
+) -> Result<DatabaseConnection, MigrateError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(MigrateError::InvalidUrl(format!(
+            "expected postgres://user@host:port/database, got `{}`",
+            redact_url(url)
+        )));
+    }
+    let mut opts = ConnectOptions::new(url);
+    opts.max_connections(2)
+        .min_connections(0)
+        .connect_timeout(options.connect_timeout)
+        .acquire_timeout(options.connect_timeout)
+        .sqlx_logging(false);
+    let db = Database::connect(opts)
+        .await
+        .map_err(|e| unreachable(url, options.connect_timeout, &e))?;
+    // sea-orm connects lazily for some errors; a ping makes "unreachable" surface here.
+    db.ping()
+        .await
+        .map_err(|e| unreachable(url, options.connect_timeout, &e))?;
+    Ok(db)
+}
+
+fn unreachable(url: &str, timeout: Duration, error: &DbErr) -> MigrateError {
+    MigrateError::Unreachable {
+        target: redact_url(url),
+        timeout,
+        reason: scrub(url, &error.to_string()),
+    }
+}
+
+/// Runs `command` under the migration lock and returns what changed.
+pub async fn run(
+    db: &DatabaseConnection,
+    command: Command,
+    options: &MigrateOptions,
+) -> Result<Report, MigrateError> {
+    if command == Command::Status {
+        let status = status(db).await?;
+        return Ok(Report {
+            command,
+            changed: Vec::new(),
+            status,
+        });
+    }
+    let txn = db.begin().await.map_err(|e| classify(e, options))?;
+    let set_timeout = format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        options.lock_timeout.as_millis()
+    );
+    txn.execute_unprepared(&set_timeout)
+        .await
+        .map_err(|e| classify(e, options))?;
+    acquire_lock(&txn, options).await?;
+    // Read the state under the lock: a run that waited for another sees its result here.
+    let before = status(&txn).await?;
+    let result = match command {
+        Command::Up => Migrator::up(&txn, None).await,
+        Command::Down { steps } => Migrator::down(&txn, steps).await,
+        Command::Fresh => match Migrator::down(&txn, None).await {
+            Ok(()) => Migrator::up(&txn, None).await,
+            Err(e) => Err(e),
+        },
+        Command::Status => Ok(()),
+    };
+    result.map_err(|e| classify(e, options))?;
+    let after = status(&txn).await?;
+    // Commit releases the advisory lock (it is transaction-scoped).
+    txn.commit().await.map_err(|e| classify(e, options))?;
+    let changed = match command {
+        Command::Down { .. } => transitions(&before, &after, true),
+        Command::Fresh => after
+            .iter()
+            .filter(|(_, a)| *a)
+            .map(|(n, _)| n.clone())
+            .collect(),
+        _ => transitions(&before, &after, false),
+    };
+    Ok(Report {
+        command,
+        changed,
+        status: after,
+    })
+}
+
+/// Every migration with whether it is applied, without creating the migrations table.
+pub async fn status(db: &impl ConnectionTrait) -> Result<Vec<(String, bool)>, MigrateError> {
+    let list = Migrator::get_migration_with_status_read_only(db)
+        .await
+        .map_err(|e| MigrateError::Database(e.to_string()))?;
+    Ok(list
+        .iter()
+        .map(|m| (m.name().to_owned(), m.status() == MigrationStatus::Applied))
+        .collect())
+}
+
+fn transitions(before: &[(String, bool)], after: &[(String, bool)], down: bool) -> Vec<String> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|((_, was), (_, now))| if down { *was && !*now } else { !*was && *now })
+        .map(|((name, _), _)| name.clone())
+        .collect()
+}
+
+/// Waits for the migration advisory lock, polling rather than blocking so that the wait is
+/// bounded by `advisory_lock_wait` and not by `lock_timeout` (which bounds table locks only).
+async fn acquire_lock(
+    txn: &impl ConnectionTrait,
+    options: &MigrateOptions,
+) -> Result<(), MigrateError> {
+    let started = Instant::now();
+    loop {
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_try_advisory_xact_lock($1) AS locked",
+                [MIGRATION_LOCK_KEY.into()],
+            ))
+            .await
+            .map_err(|e| classify(e, options))?;
+        let locked: bool = match row {
+            Some(row) => row
+                .try_get("", "locked")
+                .map_err(|e| MigrateError::Database(e.to_string()))?,
+            None => false,
+        };
+        if locked {
+            return Ok(());
+        }
+        if started.elapsed() >= options.advisory_lock_wait {
+            return Err(MigrateError::Busy(options.advisory_lock_wait));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The SQLSTATE code of a database error, when the server sent one.
+pub fn sqlstate(error: &DbErr) -> Option<String> {
+    let runtime = match error {
+        DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,
+        _ => return None,
+    };
+    match runtime {
+        RuntimeErr::SqlxError(e) => match e.as_ref() {
+            sea_orm::sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        },
+        RuntimeErr::Internal(_) => None,
+    }
+}
+
+fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
+    match sqlstate(&error).as_deref() {
+        // lock_not_available: lock_timeout fired.
+        Some("55P03") => MigrateError::LockTimeout(options.lock_timeout),
+        _ => match error {
+            DbErr::Migration(message) => MigrateError::Migration(message),
+            other => MigrateError::Database(other.to_string()),
+        },
+    }
+}
+
+/// `postgres://user:secret@host:5432/db?x=y` → `postgres://user:***@host:5432/db`: what a
+/// person needs to tell which database is meant, without the password or query parameters.
+pub fn redact_url(url: &str) -> String {
+    let without_query = url.split('?').next().unwrap_or(url);
+    let Some((scheme, rest)) = without_query.split_once("://") else {
+        return "<unparseable URL>".to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+/// Removes the URL's password from a message, in case a driver error quotes it.
+pub fn scrub(url: &str, message: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(password) => message.replace(password, "***"),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL's password and query string never survive redaction; user, host and db do.
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact_url("postgres://bot:s3cret@db.internal:5432/app?sslmode=require"),
+            "postgres://bot:***@db.internal:5432/app"
+        );
+        assert_eq!(redact_url("postgres://bot@h/app"), "postgres://bot@h/app");
+        assert_eq!(redact_url("nonsense"), "<unparseable URL>");
+        assert_eq!(
+            scrub("postgres://u:pw1@h/d", "failed for pw1 at h"),
+            "failed for *** at h"
+        );
+    }
+
+    /// The report says what changed in words an operator can read.
+    #[test]
+    fn report_reads_well() {
+        let report = Report {
+            command: Command::Up,
+            changed: vec!["m1".into()],
+            status: vec![("m1".into(), true)],
+        };
+        assert_eq!(report.to_string(), "applied: m1\napplied  m1\n");
+    }
+}

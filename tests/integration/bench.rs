@@ -1,0 +1,110 @@
+//! `strategic-cache bench --quick --json` against a database of the test's own: every
+//! required case is there, ran, and saw no errors. No timing is asserted (machines differ;
+//! the figures are for `docs/BENCHMARKS.md`, not for CI).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::TestDb;
+
+/// The cases scripts and docs rely on.
+const REQUIRED: &[&str] = &[
+    "cold_read",
+    "warm_read",
+    "stale_read",
+    "single_read",
+    "single_read_10",
+    "snapshot",
+    "snapshot_10",
+    "burst_10",
+    "burst_50",
+    "burst_100",
+    "burst_200",
+    "sustained",
+    "upsert_batch",
+    "sweep",
+    "read_during_sweep",
+    "bare_single_read",
+    "bare_single_read_10",
+    "bare_snapshot",
+    "bare_snapshot_10",
+];
+
+/// The built binary, next to the test executable's `deps` directory.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = dir.join(format!("strategic-cache{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn quick_bench_reports_every_case_without_errors() {
+    let test_db = TestDb::empty().await;
+    let mut command = tokio::process::Command::new(binary());
+    command
+        // A generous read budget: a debug build on a busy machine may take longer than a
+        // bot's 50 ms under a burst of 200, and timing is not what this test checks.
+        .args(["bench", "--quick", "--json", "--budget-ms", "10000"])
+        .args(["--database-url", &test_db.url])
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(180), command.output())
+        .await
+        .expect("bench --quick ran longer than 3 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed: {stderr}\n{stdout}");
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    let cases = report["cases"].as_array().expect("cases is an array");
+    for name in REQUIRED {
+        let case = cases
+            .iter()
+            .find(|c| c["name"] == *name)
+            .unwrap_or_else(|| panic!("case {name} missing: {stdout}"));
+        for field in [
+            "p50_us",
+            "p95_us",
+            "p99_us",
+            "max_us",
+            "throughput_per_s",
+            "hit_rate",
+        ] {
+            assert!(case[field].is_number(), "{name}.{field}: {case}");
+        }
+        assert!(
+            case["n"].as_u64().unwrap() > 0,
+            "{name} ran nothing: {case}"
+        );
+        assert_eq!(
+            case["errors"].as_u64(),
+            Some(0),
+            "{name} had errors: {case}"
+        );
+    }
+    // The data set is what the reads saw: fresh rows hit, missing and stale ones do not.
+    let hit_rate = |name: &str| {
+        cases.iter().find(|c| c["name"] == name).unwrap()["hit_rate"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(hit_rate("single_read"), 1.0);
+    assert_eq!(hit_rate("bare_single_read"), 1.0);
+    assert_eq!(hit_rate("cold_read"), 0.0);
+    assert_eq!(hit_rate("stale_read"), 0.0);
+    assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));
+}

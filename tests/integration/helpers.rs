@@ -1,0 +1,178 @@
+//! Shared test helpers: a fresh PostgreSQL database per test, and tracing on demand.
+//!
+//! `DATABASE_URL` is a *base* URL (any database on the server, usually `postgres`); every
+//! [`TestDb`] creates its own database with a unique name and drops it when dropped, so tests
+//! run in parallel without seeing each other's rows. Without `DATABASE_URL`, one PostgreSQL
+//! container per test process is started with testcontainers (needs Docker).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use migration::runner::{self, Command, MigrateOptions};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use tokio::sync::OnceCell;
+
+/// The pinned image tag for the container path.
+const POSTGRES_TAG: &str = "17-alpine";
+
+static SERVER: OnceCell<Result<String, String>> = OnceCell::const_new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Turns on tracing output when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// The base URL of the server the tests use, starting a container if needed.
+pub async fn server_url() -> String {
+    let result = SERVER
+        .get_or_init(|| async {
+            match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => Ok(url),
+                _ => start_container().await,
+            }
+        })
+        .await;
+    match result {
+        Ok(url) => url.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+async fn start_container() -> Result<String, String> {
+    use testcontainers_modules::postgres::Postgres;
+    use testcontainers_modules::testcontainers::ImageExt;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+
+    let started = Postgres::default()
+        .with_host_auth()
+        .with_tag(POSTGRES_TAG)
+        .start()
+        .await;
+    match started {
+        Ok(container) => {
+            let host = container.get_host().await.map_err(|e| e.to_string())?;
+            let port = container
+                .get_host_port_ipv4(5432)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The container lives as long as the test process; testcontainers removes it then.
+            std::mem::forget(container);
+            Ok(format!("postgres://postgres@{host}:{port}/postgres"))
+        }
+        Err(error) => Err(format!(
+            "no PostgreSQL for the integration tests: DATABASE_URL is not set, and starting a \
+             postgres:{POSTGRES_TAG} container with testcontainers failed ({error}). Either set \
+             DATABASE_URL to a running server (a base URL such as \
+             postgres://postgres@127.0.0.1:5432/postgres; each test creates and drops its own \
+             database) or start a Docker engine."
+        )),
+    }
+}
+
+/// `base` with its database name replaced by `name`.
+pub fn url_with_database(base: &str, name: &str) -> String {
+    let (without_query, query) = match base.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (base, None),
+    };
+    let (scheme, rest) = without_query
+        .split_once("://")
+        .unwrap_or(("postgres", without_query));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match query {
+        Some(query) => format!("{scheme}://{authority}/{name}?{query}"),
+        None => format!("{scheme}://{authority}/{name}"),
+    }
+}
+
+/// Connects with test-friendly bounds: short timeouts and no statement logging.
+pub async fn connect(url: &str) -> DatabaseConnection {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(5)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    Database::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to test database: {e}"))
+}
+
+/// A database of the test's own, dropped (with any open connections) when this is dropped.
+pub struct TestDb {
+    /// The URL of this test's database.
+    pub url: String,
+    /// Its name.
+    pub name: String,
+    /// A connection to it.
+    pub db: DatabaseConnection,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// An empty database.
+    pub async fn empty() -> TestDb {
+        init_tracing();
+        let admin_url = server_url().await;
+        let name = format!(
+            "sc_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            chrono::Utc::now().timestamp_micros() % 1_000_000
+        );
+        let admin = connect(&admin_url).await;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        let _ = admin.close().await;
+        let url = url_with_database(&admin_url, &name);
+        let db = connect(&url).await;
+        TestDb {
+            url,
+            name,
+            db,
+            admin_url,
+        }
+    }
+
+    /// A database with every migration applied.
+    pub async fn migrated() -> TestDb {
+        let test_db = Self::empty().await;
+        runner::run(&test_db.db, Command::Up, &MigrateOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("migrate up failed: {e}"));
+        test_db
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with a
+        // runtime of its own does the async clean-up and is joined before the test ends.
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let admin = connect(&admin_url).await;
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+                let _ = admin.close().await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
