@@ -27,6 +27,7 @@ const TTL: Duration = Duration::from_secs(300);
 /// Which store a contract case runs against.
 #[derive(Clone, Copy, Debug)]
 enum Backend {
+    /// `PgCacheRepository::connect`: reads on its own pool, writes through sea-orm.
     Postgres,
     Memory,
 }
@@ -42,11 +43,7 @@ impl Backend {
         match self {
             Backend::Postgres => {
                 let t = TestDb::migrated().await;
-                let repo = PgCacheRepository::from_connection(
-                    t.db.clone(),
-                    TtlPolicy::default(),
-                    Limits::default(),
-                );
+                let repo = pooled(&t, 2).await;
                 Store {
                     repo: Arc::new(repo),
                     _db: Some(t),
@@ -976,8 +973,23 @@ async fn seed_helpers(#[case] backend: Backend) {
 // PostgreSQL only.
 // ---------------------------------------------------------------------------------------------
 
+/// A repository on the test's sea-orm connection: every read through sea-orm.
 fn pg(t: &TestDb) -> PgCacheRepository {
     PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default())
+}
+
+/// A repository as bots get it: `connect`, with its hot-path read pool of `max` connections.
+async fn pooled(t: &TestDb, max: u32) -> PgCacheRepository {
+    PgCacheRepository::connect(
+        &t.url,
+        PgConfig {
+            max_connections: max,
+            min_connections: 1,
+            ..PgConfig::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Every row of `component`'s table as read by the entity path (`Entity::find()`), as JSON.
@@ -1038,12 +1050,37 @@ async fn entity_rows(t: &TestDb, component: Component) -> Vec<Value> {
 #[tokio::test]
 async fn pg_round_trip_matches_entity(#[case] component: Component) {
     let t = TestDb::migrated().await;
-    let repo = pg(&t);
+    let repo = pooled(&t, 2).await;
     let e = entry(component, "user-é", "bot ✓", 3.0, 7);
     assert_eq!(repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
     let Lookup::Fresh(found) = repo.lookup(component, &e.key).await.unwrap() else {
         panic!("expected fresh");
     };
+    // The read pool (bound by sqlx directly) and sea-orm's path decode the same entry.
+    let Lookup::Fresh(via_orm) = pg(&t).lookup(component, &e.key).await.unwrap() else {
+        panic!("expected fresh through sea-orm");
+    };
+    assert_eq!(
+        (
+            &found.key,
+            &found.payload,
+            found.computed_at,
+            found.expires_at
+        ),
+        (
+            &via_orm.key,
+            &via_orm.payload,
+            via_orm.computed_at,
+            via_orm.expires_at
+        )
+    );
+    let orm_snapshot = pg(&t).snapshot("user-é", "bot ✓", 168).await.unwrap();
+    let orm_entry = orm_snapshot.get(component).expect("fresh through sea-orm");
+    assert_eq!(orm_snapshot.len(), 1);
+    assert_eq!(
+        (&orm_entry.key, &orm_entry.payload, orm_entry.computed_at),
+        (&found.key, &found.payload, found.computed_at)
+    );
     assert_eq!(found.payload, e.payload);
     assert_eq!(found.key, e.key);
     let snap = repo.snapshot("user-é", "bot ✓", 168).await.unwrap();
@@ -1216,4 +1253,124 @@ async fn pg_statement_timeout_is_timeout() {
     assert_eq!(err, CacheError::Timeout(Duration::from_millis(200)));
     assert!(err.is_retryable());
     tx.rollback().await.unwrap();
+}
+
+/// The pids of the read pool's backends (`application_name` `strategic-cache`).
+async fn read_pool_backends(t: &TestDb) -> Vec<i32> {
+    let rows =
+        t.db.query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'strategic-cache' ORDER BY pid",
+        ))
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| r.try_get::<i32>("", "pid").unwrap())
+        .collect()
+}
+
+/// A read abandoned mid-statement (its future dropped, as the reader's budget does) does not
+/// cost a connection: it is resynchronised in the background and the next read reuses the
+/// same backend; the pool never opens more than its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_read_pool_reuses_a_connection_after_an_abandoned_read() {
+    let t = TestDb::migrated().await;
+    let repo = pooled(&t, 1).await;
+    repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
+    let k = key(Component::MemoryHealth, "u1", "bot");
+    assert!(matches!(
+        repo.lookup(Component::MemoryHealth, &k).await.unwrap(),
+        Lookup::Fresh(_)
+    ));
+    let before = read_pool_backends(&t).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Block the table, start a read, abandon it after 100 ms.
+    let tx = t.db.begin().await.unwrap();
+    tx.execute_unprepared("LOCK TABLE strategic_memory_health IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        repo.lookup(Component::MemoryHealth, &k),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the read should have been blocked");
+    assert_eq!(
+        repo.idle_read_connections(),
+        Some(0),
+        "the connection is resyncing"
+    );
+    tx.rollback().await.unwrap();
+
+    // The only connection is handed back once its statement finishes; the next read waits
+    // for it rather than opening a second one.
+    assert!(matches!(
+        repo.lookup(Component::MemoryHealth, &k).await.unwrap(),
+        Lookup::Fresh(_)
+    ));
+    assert_eq!(
+        read_pool_backends(&t).await,
+        before,
+        "same backend, no new one"
+    );
+    assert_eq!(repo.idle_read_connections(), Some(1));
+}
+
+/// A terminated backend costs the read that finds it (an Unavailable error), and the next
+/// read opens a new connection.
+#[tokio::test]
+async fn pg_read_pool_replaces_a_terminated_connection() {
+    let t = TestDb::migrated().await;
+    let repo = pooled(&t, 1).await;
+    repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
+    let k = key(Component::MemoryHealth, "u1", "bot");
+    repo.lookup(Component::MemoryHealth, &k).await.unwrap();
+    let before = read_pool_backends(&t).await;
+    assert_eq!(before.len(), 1);
+    t.db.execute_unprepared(&format!("SELECT pg_terminate_backend({})", before[0]))
+        .await
+        .unwrap();
+    // The server may take a moment to close the socket; the read then fails fast.
+    let mut failed = 0;
+    let mut result = repo.lookup(Component::MemoryHealth, &k).await;
+    while let Err(error) = &result {
+        assert!(error.is_retryable(), "{error:?}");
+        failed += 1;
+        assert!(failed < 3, "no recovery: {error:?}");
+        result = repo.lookup(Component::MemoryHealth, &k).await;
+    }
+    assert!(matches!(result.unwrap(), Lookup::Fresh(_)));
+    let after = read_pool_backends(&t).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "a new backend replaced the terminated one");
+}
+
+/// Many concurrent reads over a pool of 3 all succeed, and no more than 3 backends open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_read_pool_is_bounded_under_concurrency() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(pooled(&t, 3).await);
+    repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                let k = key(Component::MemoryHealth, "u1", "bot");
+                for _ in 0..20 {
+                    let found = repo.lookup(Component::MemoryHealth, &k).await.unwrap();
+                    assert!(matches!(found, Lookup::Fresh(_)));
+                    let snap = repo.snapshot("u1", "bot", 168).await.unwrap();
+                    assert_eq!(snap.len(), 1);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let backends = read_pool_backends(&t).await;
+    assert!(backends.len() <= 3, "{backends:?}");
+    assert_eq!(repo.idle_read_connections(), Some(backends.len()));
 }

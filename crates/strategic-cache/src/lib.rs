@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod observe;
 pub mod payload;
 pub mod postgres;
+mod read_pool;
 pub mod reader;
 pub mod repository;
 pub mod scheduler;

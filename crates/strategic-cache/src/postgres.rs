@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +33,7 @@ use migration::runner::{redact_url, scrub, sqlstate};
 use crate::component::Component;
 use crate::error::CacheError;
 use crate::payload::{self, Payload};
+use crate::read_pool::ReadPool;
 use crate::repository::CacheRepository;
 use crate::types::{
     CachedEntry, Freshness, Key, Limits, Lookup, NewEntry, Snapshot, TableStats, TtlPolicy,
@@ -76,9 +77,18 @@ impl Default for PgConfig {
 ///
 /// `lookup` and `snapshot` are one statement (one round trip) each; writes are one statement
 /// per component. See the module documentation for how statements are built.
+///
+/// A repository made by [`PgCacheRepository::connect`] holds two pools of up to
+/// `max_connections` each: sea-orm's, for writes and maintenance, and its own for the two
+/// hot-path reads, which hands a connection back without the round trip sqlx's pool spends
+/// testing it on every release (see `read_pool.rs`). A bot that only reads keeps
+/// `min_connections` open in the first. One made by [`PgCacheRepository::from_connection`]
+/// reads through the connection it is given.
 #[derive(Clone)]
 pub struct PgCacheRepository {
     db: DatabaseConnection,
+    /// The hot-path pool; `None` when wrapping a caller's connection.
+    reads: Option<Arc<ReadPool>>,
     ttl: TtlPolicy,
     limits: Limits,
     /// The URL connected to, kept only to scrub its password out of error messages.
@@ -128,15 +138,31 @@ impl PgCacheRepository {
         if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
-        let db = Database::connect(options).await.map_err(|e| {
+        let unavailable = |e: &dyn fmt::Display| {
             CacheError::Unavailable(format!(
                 "cannot connect to {}: {}",
                 redact_url(url),
                 scrub(url, &scrub_urls(&e.to_string()))
             ))
-        })?;
+        };
+        let db = Database::connect(options)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let reads = ReadPool::new(
+            url,
+            config.max_connections,
+            config.connect_timeout,
+            config.acquire_timeout,
+            config.statement_timeout,
+        )
+        .map_err(|e| unavailable(&e))?;
+        reads
+            .warm(config.min_connections.min(config.max_connections))
+            .await
+            .map_err(|e| unavailable(&e))?;
         Ok(PgCacheRepository {
             db,
+            reads: Some(Arc::new(reads)),
             ttl: config.ttl,
             limits: config.limits,
             url: Some(url.to_owned()),
@@ -148,6 +174,7 @@ impl PgCacheRepository {
     pub fn from_connection(db: DatabaseConnection, ttl: TtlPolicy, limits: Limits) -> Self {
         PgCacheRepository {
             db,
+            reads: None,
             ttl,
             limits,
             url: None,
@@ -185,6 +212,56 @@ impl PgCacheRepository {
 
     fn stmt(sql: &str, values: Vec<Value>) -> Statement {
         Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+    }
+
+    /// Connections idle in the hot-path read pool (`None` without one): for diagnostics and
+    /// tests.
+    pub fn idle_read_connections(&self) -> Option<usize> {
+        self.reads.as_ref().map(|pool| pool.idle_count())
+    }
+
+    /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row, on the read pool
+    /// if there is one.
+    async fn read_row(
+        &self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Option<QueryResult>, CacheError> {
+        let Some(pool) = &self.reads else {
+            let values = args.iter().map(|a| a.value()).collect();
+            return self
+                .db
+                .query_one_raw(Self::stmt(sql, values))
+                .await
+                .map_err(|e| self.err(e));
+        };
+        let mut query = sea_orm::sqlx::query(sql);
+        for arg in args {
+            query = match *arg {
+                Arg::Text(text) => query.bind(text),
+                Arg::Int(n) => query.bind(n),
+            };
+        }
+        match pool.fetch_optional(query).await {
+            Ok(row) => Ok(row.map(QueryResult::from)),
+            Err(e) => Err(self.err(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))),
+        }
+    }
+}
+
+/// A bind value of a hot-path read.
+#[derive(Clone, Copy)]
+enum Arg<'a> {
+    Text(&'a str),
+    Int(i32),
+}
+
+impl Arg<'_> {
+    fn value(self) -> Value {
+        match self {
+            Arg::Text(text) => text.into(),
+            Arg::Int(n) => n.into(),
+        }
     }
 }
 
@@ -449,12 +526,17 @@ impl CacheTable for cp::Entity {
 /// The bind values of a key, in [`CacheTable::key_columns`] order (same for every table of
 /// the key's kind).
 fn key_values(key: &Key) -> [Value; 2] {
+    key_args(key).map(Arg::value)
+}
+
+/// [`key_values`] borrowed, for the hot-path read.
+fn key_args(key: &Key) -> [Arg<'_>; 2] {
     match key {
-        Key::UserBot { user_id, bot_name } => [user_id.clone().into(), bot_name.clone().into()],
+        Key::UserBot { user_id, bot_name } => [Arg::Text(user_id), Arg::Text(bot_name)],
         Key::BotWindow {
             bot_name,
             time_window_hours,
-        } => [bot_name.clone().into(), (*time_window_hours).into()],
+        } => [Arg::Text(bot_name), Arg::Int(*time_window_hours)],
     }
 }
 
@@ -754,10 +836,8 @@ impl CacheRepository for PgCacheRepository {
             return Ok(Lookup::Missing);
         }
         let row = self
-            .db
-            .query_one_raw(Self::stmt(&sql(component).lookup, key_values(key).into()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .read_row(&sql(component).lookup, &key_args(key))
+            .await?;
         let Some(row) = row else {
             return Ok(Lookup::Missing);
         };
@@ -785,12 +865,8 @@ impl CacheRepository for PgCacheRepository {
         // keeps NUL bytes, which PostgreSQL rejects, out of the statement.
         let user = if user_ok { user_id } else { "" };
         let bot = if bot_ok { bot_name } else { "" };
-        let values: Vec<Value> = vec![user.into(), bot.into(), window_hours.into()];
-        let row = self
-            .db
-            .query_one_raw(Self::stmt(snapshot_sql(), values))
-            .await
-            .map_err(|e| self.err(e))?;
+        let args = [Arg::Text(user), Arg::Text(bot), Arg::Int(window_hours)];
+        let row = self.read_row(snapshot_sql(), &args).await?;
         let mut snapshot = Snapshot::default();
         let Some(row) = row else {
             return Ok(snapshot);
