@@ -155,10 +155,9 @@ impl Readers {
             "p99 {p99:?} over budget + slack + scheduling delay {:?}",
             control.max_late()
         );
-        // The longest read shows the same unexplained overshoot as `load` (see there); the
-        // bound that holds is that no read hangs.
+        // The longest read: one sample, so twice the slack (measured: 52-61 ms).
         assert!(
-            max <= BUDGET * crate::pgcluster::HANG_BOUND_BUDGETS + control.max_late(),
+            max <= BUDGET + SLACK * 2 + control.max_late(),
             "longest read {max:?}, a plain timer was late by at most {:?}",
             control.max_late()
         );

@@ -109,17 +109,15 @@ async fn thousand_readers_over_a_pool_of_ten() {
     );
     assert_eq!(stats.errors, 0, "{stats:?}");
     // A read cannot return before its task is polled again: the runtime's own scheduling
-    // delay (measured by a plain timer alongside) is not the reader's to hide. OPEN FINDING:
-    // in this debug build on two shared cores, p99 measures 110-210 ms against a 50 ms budget
-    // while a plain timer is late by only 40-90 ms, so part of the overshoot is in the read
-    // path after the budget fires (cancelling a sqlx acquire/query), not yet explained. Until
-    // it is, this asserts the bound that holds (no read hangs: p99 within
-    // `HANG_BOUND_BUDGETS` budgets plus the delay) and prints the measurement.
+    // delay (measured by a plain timer alongside) is not the reader's to hide, and 1000 tasks
+    // woken by their budgets at once queue for 2 cores (SLACK). Measured in this debug build:
+    // p99 61-66 ms, the timer late by 4-8 ms. (With sqlx's pool under the reads, p99 was
+    // 110-240 ms: cancelling a waiting sqlx acquire and its release-time ping cost more CPU
+    // than the 2 cores had; the read pool waits on a semaphore.)
     assert!(
-        p99 <= BUDGET * crate::pgcluster::HANG_BOUND_BUDGETS + late,
-        "p99 {p99:?} over the hang bound + scheduling delay {late:?}"
+        p99 <= BUDGET + SLACK + late,
+        "p99 {p99:?} over the budget {BUDGET:?} + slack {SLACK:?} + scheduling delay {late:?}"
     );
-    let _ = SLACK;
     // Reads that were not served are accounted as misses, timeouts or skips, never errors.
     assert!(
         stats.misses + stats.timeouts + stats.breaker_skips > 0,

@@ -441,12 +441,3 @@ impl Drop for TimerControl {
         self.task.abort();
     }
 }
-
-/// How many read budgets a single read may take, at the most, before a test calls it hung.
-///
-/// OPEN FINDING (issue #8): under full CPU saturation (a debug build, 1,000 readers on two
-/// shared cores) reads overshoot their budget by more than the runtime's measured scheduling
-/// delay: p99 110-240 ms against a 50 ms budget. The cause, scheduling or work done when a
-/// timed-out sqlx acquire or query is dropped, is not yet profiled. Until it is, these tests
-/// assert what holds (no read hangs) with a generous bound and print the measured figures.
-pub const HANG_BOUND_BUDGETS: u32 = 10;

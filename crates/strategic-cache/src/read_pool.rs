@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use sea_orm::sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
 use sea_orm::sqlx::query::Query;
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _, Postgres};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// Connections are replaced after this long (sqlx's default `max_lifetime`), so that server
 /// side memory held by a backend and configuration reloads do not live forever.
@@ -34,7 +34,7 @@ pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// A bounded pool of PostgreSQL connections for single-statement reads.
 pub(crate) struct ReadPool {
-    options: PgConnectOptions,
+    options: Arc<PgConnectOptions>,
     connect_timeout: Duration,
     acquire_timeout: Duration,
     permits: Arc<Semaphore>,
@@ -73,7 +73,7 @@ impl ReadPool {
         let options = options.disable_statement_logging();
         let max = usize::try_from(max_connections.max(1)).unwrap_or(1);
         Ok(ReadPool {
-            options,
+            options: Arc::new(options),
             connect_timeout,
             acquire_timeout,
             permits: Arc::new(Semaphore::new(max)),
@@ -89,7 +89,7 @@ impl ReadPool {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 break;
             };
-            let conn = self.connect().await?;
+            let conn = connect(&self.options, self.connect_timeout).await?;
             opened.push((conn, permit));
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -106,19 +106,34 @@ impl ReadPool {
             .len()
     }
 
-    async fn connect(&self) -> Result<Idle, sqlx::Error> {
-        match tokio::time::timeout(
-            self.connect_timeout,
-            PgConnection::connect_with(&self.options),
-        )
-        .await
-        {
-            Ok(conn) => Ok(Idle {
-                conn: conn?,
-                born: Instant::now(),
-            }),
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
-        }
+    /// Opens a connection for a read that found none idle, holding the read's permit.
+    ///
+    /// The connection is opened in a task of its own, bounded by the connect timeout but not
+    /// by the read's budget: a read abandoned meanwhile leaves the new connection in the idle
+    /// list for the next one. (Were connecting cancelled with the read, a pool that starts
+    /// cold on a machine where connecting takes longer than the budget would never warm up.)
+    async fn open(&self, permit: OwnedSemaphorePermit) -> Result<Opened, sqlx::Error> {
+        let (tx, rx) = oneshot::channel();
+        let options = Arc::clone(&self.options);
+        let bound = self.connect_timeout;
+        let list = Arc::clone(&self.idle);
+        tokio::spawn(async move {
+            match connect(&options, bound).await {
+                Ok(idle) => {
+                    if let Err(Ok((idle, permit))) = tx.send(Ok((idle, permit))) {
+                        list.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(idle);
+                        drop(permit);
+                    }
+                }
+                Err(error) => {
+                    drop(permit);
+                    let _ = tx.send(Err(error));
+                }
+            }
+        });
+        rx.await.unwrap_or(Err(sqlx::Error::WorkerCrashed))
     }
 
     /// Runs `query` on a pooled connection and returns its first row, if any.
@@ -139,9 +154,9 @@ impl ReadPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let idle = match popped {
-            Some(idle) => idle,
-            None => self.connect().await?,
+        let (idle, permit) = match popped {
+            Some(idle) => (idle, permit),
+            None => self.open(permit).await?,
         };
         let mut checkout = Checkout {
             pool: self,
@@ -159,6 +174,20 @@ impl ReadPool {
         };
         checkout.finish(after);
         result
+    }
+}
+
+/// A new connection and the permit it counts against.
+type Opened = (Idle, OwnedSemaphorePermit);
+
+/// Opens one connection, bounded by `bound`.
+async fn connect(options: &PgConnectOptions, bound: Duration) -> Result<Idle, sqlx::Error> {
+    match tokio::time::timeout(bound, PgConnection::connect_with(options)).await {
+        Ok(conn) => Ok(Idle {
+            conn: conn?,
+            born: Instant::now(),
+        }),
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
     }
 }
 
