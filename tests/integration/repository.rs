@@ -1318,33 +1318,53 @@ async fn pg_read_pool_reuses_a_connection_after_an_abandoned_read() {
     assert_eq!(repo.idle_read_connections(), Some(1));
 }
 
-/// A terminated backend costs the read that finds it (an Unavailable error), and the next
-/// read opens a new connection.
+/// Terminated backends (as after a server restart while the bot was idle) cost the one read
+/// that finds one dead (an Unavailable error): the other idle connections are closed with it,
+/// and the next read opens a new connection instead of failing on the next dead one.
 #[tokio::test]
-async fn pg_read_pool_replaces_a_terminated_connection() {
+async fn pg_read_pool_replaces_terminated_connections() {
     let t = TestDb::migrated().await;
-    let repo = pooled(&t, 1).await;
+    let repo = PgCacheRepository::connect(
+        &t.url,
+        PgConfig {
+            max_connections: 3,
+            min_connections: 3,
+            ..PgConfig::default()
+        },
+    )
+    .await
+    .unwrap();
     repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     let k = key(Component::MemoryHealth, "u1", "bot");
-    repo.lookup(Component::MemoryHealth, &k).await.unwrap();
+    assert_eq!(repo.idle_read_connections(), Some(3));
     let before = read_pool_backends(&t).await;
-    assert_eq!(before.len(), 1);
-    t.db.execute_unprepared(&format!("SELECT pg_terminate_backend({})", before[0]))
-        .await
-        .unwrap();
-    // The server may take a moment to close the socket; the read then fails fast.
-    let mut failed = 0;
-    let mut result = repo.lookup(Component::MemoryHealth, &k).await;
-    while let Err(error) = &result {
-        assert!(error.is_retryable(), "{error:?}");
-        failed += 1;
-        assert!(failed < 3, "no recovery: {error:?}");
-        result = repo.lookup(Component::MemoryHealth, &k).await;
-    }
-    assert!(matches!(result.unwrap(), Lookup::Fresh(_)));
+    assert_eq!(before.len(), 3);
+    t.db.execute_unprepared(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'strategic-cache' AND datname = current_database()",
+    )
+    .await
+    .unwrap();
+    // Wait until the server has closed them all, so that the first read surely finds one.
+    crate::pgcluster::poll_until(Duration::from_secs(5), || async {
+        read_pool_backends(&t).await.is_empty()
+    })
+    .await
+    .expect("the terminated backends are still listed after 5 s");
+    let error = repo.lookup(Component::MemoryHealth, &k).await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    assert_eq!(
+        repo.idle_read_connections(),
+        Some(0),
+        "the dead ones were closed"
+    );
+    assert!(matches!(
+        repo.lookup(Component::MemoryHealth, &k).await.unwrap(),
+        Lookup::Fresh(_)
+    ));
     let after = read_pool_backends(&t).await;
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_ne!(after, before, "a new backend replaced the terminated one");
+    assert!(!before.contains(&after[0]));
 }
 
 /// Many concurrent reads over a pool of 3 all succeed, and no more than 3 backends open.

@@ -13,8 +13,9 @@
 //! * a read abandoned mid-flight (the reader's budget ran out and dropped the future) hands
 //!   the connection to a background task that resynchronises it (the same `Sync` sqlx sends,
 //!   bounded by the connect timeout) and returns it, or closes it;
-//! * a connection-level failure (I/O, terminated backend, protocol) closes it; the next
-//!   checkout opens a new one.
+//! * a connection-level failure (I/O, terminated backend, protocol) closes it, and with it
+//!   every idle connection (after a server restart they are all dead); the next checkouts
+//!   open new ones.
 //!
 //! A semaphore bounds the connections (checked-out, resynchronising and idle alike) to
 //! `max_connections`; waiting for it is bounded by the acquire timeout and served first come,
@@ -217,8 +218,23 @@ impl Checkout<'_> {
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(idle);
             }
-            // Broken or too old: dropping the connection closes its socket.
-            _ => drop(idle),
+            After::Ready => drop(idle),
+            After::Broken => {
+                // A lost connection usually means the server restarted or the network broke,
+                // and then every idle connection is just as dead: close them all now rather
+                // than fail one read per connection (10 failed reads would keep the reader's
+                // breaker open for several cooldowns after a blip). Dropping a connection
+                // closes its socket; the next reads open new ones.
+                drop(idle);
+                let stale = std::mem::take(
+                    &mut *self
+                        .pool
+                        .idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                drop(stale);
+            }
         }
         drop(permit);
     }
