@@ -1394,3 +1394,90 @@ async fn pg_read_pool_is_bounded_under_concurrency() {
     assert!(backends.len() <= 3, "{backends:?}");
     assert_eq!(repo.idle_read_connections(), Some(backends.len()));
 }
+
+/// Lookups that find every read connection busy are batched: 64 concurrent lookups of one
+/// component (half of them present) and 8 of the per-bot component, queued behind a locked
+/// table on a pool of 1, are each answered correctly by a handful of statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_lookups_queued_for_a_connection_are_batched() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(pooled(&t, 1).await);
+    let present: Vec<NewEntry> = (0..32)
+        .map(|i| mh(&format!("u{i}"), "bot", f64::from(i), 5))
+        .chain((1..=4).map(|w| {
+            NewEntry::new(
+                Key::bot_window("bot", w),
+                payload(Component::CharacterPerformance, 1.0),
+            )
+            .with_ttl(TTL)
+        }))
+        .collect();
+    repo.upsert_many(&present).await.unwrap();
+    let statements_before = repo.read_statements().unwrap();
+
+    // Hold the only connection: the first lookup runs alone and blocks on the lock; every
+    // other lookup finds no free connection and queues.
+    let tx = t.db.begin().await.unwrap();
+    tx.execute_unprepared("LOCK TABLE strategic_memory_health IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            let k = key(Component::MemoryHealth, &format!("u{i}"), "bot");
+            (i, repo.lookup(Component::MemoryHealth, &k).await.unwrap())
+        }));
+        if i == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut windows = Vec::new();
+    for w in 1..=8 {
+        let repo = repo.clone();
+        windows.push(tokio::spawn(async move {
+            let k = Key::bot_window("bot", w);
+            (
+                w,
+                repo.lookup(Component::CharacterPerformance, &k)
+                    .await
+                    .unwrap(),
+            )
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.rollback().await.unwrap();
+
+    for task in tasks {
+        let (i, found) = task.await.unwrap();
+        match found {
+            Lookup::Fresh(entry) if i < 32 => {
+                assert_eq!(
+                    entry.key,
+                    key(Component::MemoryHealth, &format!("u{i}"), "bot")
+                );
+                let Payload::MemoryHealth(p) = entry.payload else {
+                    panic!("u{i}: another component's payload");
+                };
+                assert_eq!(p.avg_memory_age_hours, Some(f64::from(i) + 0.25), "u{i}");
+            }
+            Lookup::Missing if i >= 32 => {}
+            other => panic!("u{i}: {other:?}"),
+        }
+    }
+    for task in windows {
+        let (w, found) = task.await.unwrap();
+        match found {
+            Lookup::Fresh(entry) if w <= 4 => assert_eq!(entry.key, Key::bot_window("bot", w)),
+            Lookup::Missing if w > 4 => {}
+            other => panic!("window {w}: {other:?}"),
+        }
+    }
+    let statements = repo.read_statements().unwrap() - statements_before;
+    // 1 alone, then 63 + 8 queued keys in batches of at most 32: 4 statements at the least;
+    // far fewer than the 72 lookups in any case.
+    assert!(
+        (4..=12).contains(&statements),
+        "{statements} statements for 72 lookups"
+    );
+}

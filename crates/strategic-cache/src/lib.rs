@@ -20,6 +20,7 @@
 //! - [`clock`]: [`Clock`], [`SystemClock`], [`ManualClock`].
 //! - [`error`]: the error type, [`CacheError`].
 
+mod batch;
 pub mod clock;
 pub mod component;
 pub mod error;

@@ -30,6 +30,7 @@ use entity::{
 };
 use migration::runner::{redact_url, scrub, sqlstate};
 
+use crate::batch::Batcher;
 use crate::component::Component;
 use crate::error::CacheError;
 use crate::payload::{self, Payload};
@@ -89,6 +90,8 @@ pub struct PgCacheRepository {
     db: DatabaseConnection,
     /// The hot-path pool; `None` when wrapping a caller's connection.
     reads: Option<Arc<ReadPool>>,
+    /// Batches lookups that would wait for a connection of `reads`.
+    batcher: Option<Arc<Batcher>>,
     ttl: TtlPolicy,
     limits: Limits,
     /// The URL connected to, kept only to scrub its password out of error messages.
@@ -160,9 +163,11 @@ impl PgCacheRepository {
             .warm(config.min_connections.min(config.max_connections))
             .await
             .map_err(|e| unavailable(&e))?;
+        let reads = Arc::new(reads);
         Ok(PgCacheRepository {
             db,
-            reads: Some(Arc::new(reads)),
+            batcher: Some(Arc::new(Batcher::new(Arc::clone(&reads), lookup_many_sql))),
+            reads: Some(reads),
             ttl: config.ttl,
             limits: config.limits,
             url: Some(url.to_owned()),
@@ -175,6 +180,7 @@ impl PgCacheRepository {
         PgCacheRepository {
             db,
             reads: None,
+            batcher: None,
             ttl,
             limits,
             url: None,
@@ -218,6 +224,12 @@ impl PgCacheRepository {
     /// tests.
     pub fn idle_read_connections(&self) -> Option<usize> {
         self.reads.as_ref().map(|pool| pool.idle_count())
+    }
+
+    /// Statements the hot-path read pool has run (`None` without one); with batching, fewer
+    /// than the lookups asked for under load. For diagnostics and tests.
+    pub fn read_statements(&self) -> Option<u64> {
+        self.reads.as_ref().map(|pool| pool.statements())
     }
 
     /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row, on the read pool
@@ -544,6 +556,8 @@ fn key_args(key: &Key) -> [Arg<'_>; 2] {
 struct TableSql {
     /// One row by key: `$1`, `$2` are the key.
     lookup: String,
+    /// Rows for many keys: `$1`, `$2` arrays of the key columns; `sc_ord` in each row.
+    lookup_many: String,
     /// The `LEFT JOIN LATERAL (...) alias ON true` clause of the snapshot statement.
     snapshot_join: String,
     /// `INSERT INTO t (cols) VALUES ` (rows follow).
@@ -626,6 +640,19 @@ fn build<E: CacheTable>() -> TableSql {
         "SELECT {} FROM {table} WHERE {k1} = $1 AND {k2} = $2 LIMIT 1",
         select_list::<E>("", "now()")
     );
+    // The same lookup for a batch of keys (see batch.rs): `$1`, `$2` are arrays of the two
+    // key columns, `sc_ord` the 1-based position of the key a row answers.
+    let second_type = if E::COMPONENT.is_per_bot() {
+        "int4"
+    } else {
+        "text"
+    };
+    let lookup_many = format!(
+        "SELECT k.sc_ord, x.* FROM unnest($1::text[], $2::{second_type}[]) WITH ORDINALITY \
+         AS k(a, b, sc_ord) JOIN LATERAL (SELECT {} FROM {table} WHERE {k1} = k.a AND {k2} = k.b \
+         LIMIT 1) x ON true",
+        select_list::<E>("", "now()")
+    );
 
     // Snapshot parameters: $1 user, $2 bot, $3 window. Per-user tables are keyed ($1, $2),
     // the per-bot table (bot, window) = ($2, $3).
@@ -684,6 +711,7 @@ fn build<E: CacheTable>() -> TableSql {
     );
     TableSql {
         lookup,
+        lookup_many,
         snapshot_join,
         insert_head,
         insert_tail,
@@ -741,6 +769,11 @@ fn snapshot_sql() -> &'static str {
         }
         text
     })
+}
+
+/// The batched lookup of `component` (see [`TableSql::lookup_many`]).
+fn lookup_many_sql(component: Component) -> &'static str {
+    &sql(component).lookup_many
 }
 
 /// All six tables' counts and ages in one statement.
@@ -835,9 +868,17 @@ impl CacheRepository for PgCacheRepository {
             // A key that could never have been stored is not there; no round trip.
             return Ok(Lookup::Missing);
         }
-        let row = self
-            .read_row(&sql(component).lookup, &key_args(key))
-            .await?;
+        let row = match &self.batcher {
+            Some(batcher) if batcher.should_queue(component) => batcher
+                .lookup(component, key.clone())
+                .await
+                .map(|row| row.map(QueryResult::from))
+                .map_err(|e| self.err(DbErr::Query(RuntimeErr::SqlxError(e))))?,
+            _ => {
+                self.read_row(&sql(component).lookup, &key_args(key))
+                    .await?
+            }
+        };
         let Some(row) = row else {
             return Ok(Lookup::Missing);
         };

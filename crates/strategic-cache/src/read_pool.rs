@@ -21,6 +21,7 @@
 //! `max_connections`; waiting for it is bounded by the acquire timeout and served first come,
 //! first served. Connections older than [`MAX_LIFETIME`] are closed on return, as sqlx does.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,7 @@ pub(crate) struct ReadPool {
     acquire_timeout: Duration,
     permits: Arc<Semaphore>,
     idle: Arc<Mutex<Vec<Idle>>>,
+    statements: AtomicU64,
 }
 
 struct Idle {
@@ -53,6 +55,18 @@ enum After {
     Ready,
     /// The connection is broken: close it.
     Broken,
+}
+
+impl After {
+    /// A statement that completed, or failed on the server for a reason other than the
+    /// session ending (a `statement_timeout`, say), leaves the connection ready.
+    fn of<T>(result: &Result<T, sqlx::Error>) -> After {
+        match result {
+            Ok(_) => After::Ready,
+            Err(sqlx::Error::Database(e)) if !connection_lost(e.code().as_deref()) => After::Ready,
+            Err(_) => After::Broken,
+        }
+    }
 }
 
 impl ReadPool {
@@ -79,6 +93,7 @@ impl ReadPool {
             acquire_timeout,
             permits: Arc::new(Semaphore::new(max)),
             idle: Arc::new(Mutex::new(Vec::with_capacity(max))),
+            statements: AtomicU64::new(0),
         })
     }
 
@@ -137,14 +152,19 @@ impl ReadPool {
         rx.await.unwrap_or(Err(sqlx::Error::WorkerCrashed))
     }
 
-    /// Runs `query` on a pooled connection and returns its first row, if any.
-    ///
-    /// Cancel-safe: dropping the future at any point returns the permit, and a connection in
-    /// use is resynchronised in the background (or closed), never reused in an unknown state.
-    pub(crate) async fn fetch_optional<'q>(
-        &self,
-        query: Query<'q, Postgres, PgArguments>,
-    ) -> Result<Option<PgRow>, sqlx::Error> {
+    /// Whether a connection could be checked out without waiting (for the batcher).
+    pub(crate) fn has_free_connection(&self) -> bool {
+        self.permits.available_permits() > 0
+    }
+
+    /// Statements run so far (for diagnostics and tests).
+    pub(crate) fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    /// Checks out a connection: waits (up to the acquire timeout) for a permit, then takes
+    /// an idle connection or opens one.
+    pub(crate) async fn checkout(&self) -> Result<Checkout<'_>, sqlx::Error> {
         let permit =
             tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned())
                 .await
@@ -159,22 +179,22 @@ impl ReadPool {
             Some(idle) => (idle, permit),
             None => self.open(permit).await?,
         };
-        let mut checkout = Checkout {
+        Ok(Checkout {
             pool: self,
             idle: Some(idle),
             permit: Some(permit),
-        };
-        let result = match checkout.idle.as_mut() {
-            Some(idle) => query.fetch_optional(&mut idle.conn).await,
-            None => Err(sqlx::Error::PoolClosed),
-        };
-        let after = match &result {
-            Ok(_) => After::Ready,
-            Err(sqlx::Error::Database(e)) if !connection_lost(e.code().as_deref()) => After::Ready,
-            Err(_) => After::Broken,
-        };
-        checkout.finish(after);
-        result
+        })
+    }
+
+    /// Runs `query` on a pooled connection and returns its first row, if any.
+    ///
+    /// Cancel-safe: dropping the future at any point returns the permit, and a connection in
+    /// use is resynchronised in the background (or closed), never reused in an unknown state.
+    pub(crate) async fn fetch_optional<'q>(
+        &self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Result<Option<PgRow>, sqlx::Error> {
+        self.checkout().await?.fetch_optional(query).await
     }
 }
 
@@ -199,13 +219,41 @@ fn connection_lost(code: Option<&str>) -> bool {
 
 /// A connection checked out with its permit. Dropped without [`Checkout::finish`] (the read
 /// was abandoned mid-statement), the connection is resynchronised in the background.
-struct Checkout<'p> {
+pub(crate) struct Checkout<'p> {
     pool: &'p ReadPool,
     idle: Option<Idle>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Checkout<'_> {
+    /// Runs `query` and returns its first row, if any, then returns the connection.
+    pub(crate) async fn fetch_optional<'q>(
+        mut self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Result<Option<PgRow>, sqlx::Error> {
+        self.pool.statements.fetch_add(1, Ordering::Relaxed);
+        let result = match self.idle.as_mut() {
+            Some(idle) => query.fetch_optional(&mut idle.conn).await,
+            None => Err(sqlx::Error::PoolClosed),
+        };
+        self.finish(After::of(&result));
+        result
+    }
+
+    /// Runs `query` and returns all its rows, then returns the connection.
+    pub(crate) async fn fetch_all<'q>(
+        mut self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        self.pool.statements.fetch_add(1, Ordering::Relaxed);
+        let result = match self.idle.as_mut() {
+            Some(idle) => query.fetch_all(&mut idle.conn).await,
+            None => Err(sqlx::Error::PoolClosed),
+        };
+        self.finish(After::of(&result));
+        result
+    }
+
     fn finish(&mut self, after: After) {
         let (Some(idle), Some(permit)) = (self.idle.take(), self.permit.take()) else {
             return;
