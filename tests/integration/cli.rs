@@ -1051,11 +1051,55 @@ async fn stats_reports_every_table() {
     assert_eq!(empty["total"], json!(0));
     assert_eq!(empty["p50_age_seconds"], Value::Null);
 
+    assert!(stats["autovacuum"].is_boolean(), "{stats:#}");
+    assert!(health["dead_rows"].is_u64(), "{health:#}");
+    assert!(health["total_bytes"].as_u64().unwrap() > 0, "{health:#}");
+
     let text = run(Some(&t.url), &["stats"], b"").await;
     text.expect_code(0, "stats text");
     for component in Component::ALL {
         assert!(text.stdout.contains(component.table_name()), "{text:#?}");
     }
+}
+
+/// `vacuum` leaves tables below the threshold alone, `vacuum --all` vacuums all six, and both
+/// say whether the server's autovacuum is on.
+#[tokio::test]
+async fn vacuum_reports_and_vacuums() {
+    let t = TestDb::migrated().await;
+    seed(&t.db).await;
+    let quiet = run(Some(&t.url), &["--json", "vacuum"], b"").await;
+    quiet.expect_code(0, "vacuum");
+    let quiet = quiet.json();
+    let tables = quiet["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 6);
+    assert!(quiet["autovacuum"].is_boolean());
+    // Two fresh rows and no updates: nothing is past the threshold.
+    assert!(
+        tables.iter().all(|t| t["vacuumed"] == json!(false)),
+        "{quiet:#}"
+    );
+
+    let all = run(Some(&t.url), &["--json", "vacuum", "--all"], b"").await;
+    all.expect_code(0, "vacuum --all");
+    let all = all.json();
+    assert!(
+        all["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["vacuumed"] == json!(true)),
+        "{all:#}"
+    );
+    let text = run(Some(&t.url), &["vacuum"], b"").await;
+    text.expect_code(0, "vacuum text");
+    assert!(text.stdout.contains("strategic_memory_health"), "{text:#?}");
+    let autovacuum_on = all["autovacuum"] == json!(true);
+    assert_eq!(
+        text.stdout.contains("autovacuum is OFF"),
+        !autovacuum_on,
+        "{text:#?}"
+    );
 }
 
 /// `simulate --json` on the in-memory backend (no database) reports the summary the README

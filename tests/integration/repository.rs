@@ -1481,3 +1481,79 @@ async fn pg_lookups_queued_for_a_connection_are_batched() {
         "{statements} statements for 72 lookups"
     );
 }
+
+/// Refreshing entries leaves dead row versions; `vacuum_if_needed` vacuums exactly the tables
+/// past autovacuum's threshold (whatever the server's autovacuum setting: this machine's is
+/// off), after which their dead rows are gone and nothing is due.
+#[tokio::test]
+async fn pg_vacuum_if_needed_reclaims_dead_rows() {
+    let t = TestDb::migrated().await;
+    let repo = pooled(&t, 2).await;
+    for round in 0..4 {
+        let entries: Vec<NewEntry> = (0..200)
+            .map(|i| mh(&format!("u{i}"), "bot", f64::from(i), 40 - round * 10))
+            .collect();
+        let written = repo.upsert_many(&entries).await.unwrap();
+        assert!(written.iter().all(|w| *w == WriteOutcome::Written));
+    }
+    // Up to 600 dead versions of 200 live rows (page pruning may reclaim some); the statistics
+    // lag writes by up to a few seconds.
+    let due = |h: &Vec<strategic_cache::TableHealth>| {
+        h.iter()
+            .find(|h| h.component == Component::MemoryHealth)
+            .is_some_and(|h| h.needs_vacuum())
+    };
+    let mut health = repo.table_health().await.unwrap();
+    let waited = crate::pgcluster::poll_until(Duration::from_secs(15), || {
+        let repo = &repo;
+        async move { due(&repo.table_health().await.unwrap()) }
+    })
+    .await;
+    assert!(waited.is_some(), "dead rows never reported: {health:?}");
+    assert_eq!(health.len(), 6);
+    let before = repo
+        .table_health()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.component == Component::MemoryHealth)
+        .unwrap();
+    assert!(before.needs_vacuum(), "{before:?}");
+
+    let vacuumed = repo.vacuum_if_needed().await.unwrap();
+    assert_eq!(vacuumed, vec![Component::MemoryHealth]);
+    crate::pgcluster::poll_until(Duration::from_secs(15), || {
+        let repo = &repo;
+        async move { !due(&repo.table_health().await.unwrap()) }
+    })
+    .await
+    .expect("dead rows still reported after the vacuum");
+    health = repo.table_health().await.unwrap();
+    let after = health
+        .iter()
+        .find(|h| h.component == Component::MemoryHealth)
+        .unwrap();
+    assert!(after.vacuums > before.vacuums, "{after:?}");
+    assert!(after.last_vacuum.is_some());
+    assert_eq!(after.dead_rows, 0, "{after:?}");
+    assert_eq!(
+        repo.vacuum_if_needed().await.unwrap(),
+        Vec::<Component>::new()
+    );
+    // Every entry is still there.
+    for i in 0..200 {
+        let k = key(Component::MemoryHealth, &format!("u{i}"), "bot");
+        assert!(matches!(
+            repo.lookup(Component::MemoryHealth, &k).await.unwrap(),
+            Lookup::Fresh(_)
+        ));
+    }
+    // The in-memory store has no dead rows.
+    assert!(
+        MemoryCacheRepository::default()
+            .vacuum_if_needed()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

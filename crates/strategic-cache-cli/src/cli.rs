@@ -61,6 +61,9 @@ pub enum Command {
     Invalidate(InvalidateArgs),
     /// Delete expired entries of every table.
     Sweep(SweepArgs),
+    /// VACUUM (ANALYZE) the tables with many dead row versions (every refresh leaves one),
+    /// as the worker does periodically; needed where the server's autovacuum is off.
+    Vacuum(VacuumArgs),
     /// Per table: rows, fresh and stale counts, and row ages.
     Stats,
     /// Simulate bot traffic with the worker scheduler keeping the cache full, and report the
@@ -152,6 +155,15 @@ pub struct SweepArgs {
     /// Most rows deleted per statement (bounds how long row locks are held).
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
+}
+
+/// Arguments of `vacuum`.
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Vacuum every table, not only those past autovacuum's threshold (50 + 20 % of the
+    /// live rows dead).
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Accepts table names and short names; the error lists the valid ones.

@@ -44,7 +44,7 @@ pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,
     MemoryHealth, Payload, PersonalityProfile,
 };
-pub use postgres::{PgCacheRepository, PgConfig};
+pub use postgres::{PgCacheRepository, PgConfig, TableHealth};
 pub use reader::{CacheReader, ReaderConfig};
 pub use repository::CacheRepository;
 pub use types::{

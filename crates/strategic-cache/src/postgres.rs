@@ -232,6 +232,83 @@ impl PgCacheRepository {
         self.reads.as_ref().map(|pool| pool.statements())
     }
 
+    /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
+    /// [`CacheRepository::vacuum_if_needed`] (the worker, or `strategic-cache vacuum`) keeps
+    /// the tables from growing with every refresh.
+    pub async fn autovacuum_enabled(&self) -> Result<bool, CacheError> {
+        let row = self
+            .db
+            .query_one_raw(Self::stmt(
+                "SELECT current_setting('autovacuum') = 'on' AS on",
+                Vec::new(),
+            ))
+            .await
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| CacheError::Database("SHOW autovacuum returned no row".into()))?;
+        row.try_get("", "on").map_err(|e| self.err(e))
+    }
+
+    /// Live and dead row versions, size and vacuums of each table, from the server's
+    /// statistics (which lag writes by up to a few seconds).
+    pub async fn table_health(&self) -> Result<Vec<TableHealth>, CacheError> {
+        let rows = self
+            .db
+            .query_all_raw(Self::stmt(health_sql(), Vec::new()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        let mut health = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let name: String = row.try_get("", "name").map_err(|e| self.err(e))?;
+            let Ok(component) = Component::from_table_name(&name) else {
+                continue;
+            };
+            let get = |column: &str| row.try_get::<i64>("", column).map_err(|e| self.err(e));
+            health.push(TableHealth {
+                component,
+                live_rows: count(get("live")?),
+                dead_rows: count(get("dead")?),
+                total_bytes: count(get("bytes")?),
+                vacuums: count(get("vacuums")?),
+                last_vacuum: row.try_get("", "last_vacuum").map_err(|e| self.err(e))?,
+            });
+        }
+        health.sort_by_key(|h| h.component.index());
+        Ok(health)
+    }
+
+    /// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
+    /// skipped). Runs on one connection of the write pool whose statement timeout is lifted
+    /// for it, and which is closed afterwards rather than returned with that setting.
+    pub async fn vacuum(&self, components: &[Component]) -> Result<(), CacheError> {
+        if components.is_empty() {
+            return Ok(());
+        }
+        // `ping` fails on a disconnected handle, where asking for the pool would panic; this
+        // crate builds sea-orm for PostgreSQL only, so a connected handle has a PgPool.
+        self.db.ping().await.map_err(|e| self.err(e))?;
+        let sqlx_err =
+            |e: sea_orm::sqlx::Error| self.err(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
+        let mut conn = self
+            .db
+            .get_postgres_connection_pool()
+            .acquire()
+            .await
+            .map_err(sqlx_err)?;
+        conn.close_on_drop();
+        sea_orm::sqlx::raw_sql("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+        for component in components {
+            sea_orm::sqlx::raw_sql(sql(*component).vacuum.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(sqlx_err)?;
+        }
+        Ok(())
+    }
+
     /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row, on the read pool
     /// if there is one.
     async fn read_row(
@@ -274,6 +351,30 @@ impl Arg<'_> {
             Arg::Text(text) => text.into(),
             Arg::Int(n) => n.into(),
         }
+    }
+}
+
+/// Dead-row housekeeping figures of one table ([`PgCacheRepository::table_health`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableHealth {
+    /// The table's component.
+    pub component: Component,
+    /// Live rows (`pg_stat_user_tables.n_live_tup`, an estimate).
+    pub live_rows: u64,
+    /// Dead row versions not yet vacuumed (`n_dead_tup`).
+    pub dead_rows: u64,
+    /// Heap, TOAST and indexes, in bytes.
+    pub total_bytes: u64,
+    /// Vacuums so far, manual and automatic.
+    pub vacuums: u64,
+    /// The last one, if any since the statistics were reset.
+    pub last_vacuum: Option<DateTime<Utc>>,
+}
+
+impl TableHealth {
+    /// Autovacuum's default rule: more than 50 + 20 % of the live rows are dead.
+    pub fn needs_vacuum(&self) -> bool {
+        self.dead_rows as f64 > 50.0 + 0.2 * self.live_rows as f64
     }
 }
 
@@ -574,6 +675,8 @@ struct TableSql {
     sweep: String,
     /// One row of counts and ages (for the `UNION ALL` of all six).
     stats: String,
+    /// `VACUUM (ANALYZE, SKIP_LOCKED)` of the table.
+    vacuum: String,
 }
 
 fn quote(name: &str) -> String {
@@ -709,7 +812,10 @@ fn build<E: CacheTable>() -> TableSql {
          FROM (SELECT ({expires_at} > now()) AS fresh, \
          GREATEST(EXTRACT(EPOCH FROM (now() - {computed_at})), 0)::float8 AS age FROM {table}) s"
     );
+    // SKIP_LOCKED: a table another VACUUM (autovacuum, another worker) holds is left to it.
+    let vacuum = format!("VACUUM (ANALYZE, SKIP_LOCKED) {table}");
     TableSql {
+        vacuum,
         lookup,
         lookup_many,
         snapshot_join,
@@ -774,6 +880,26 @@ fn snapshot_sql() -> &'static str {
 /// The batched lookup of `component` (see [`TableSql::lookup_many`]).
 fn lookup_many_sql(component: Component) -> &'static str {
     &sql(component).lookup_many
+}
+
+/// Live and dead row versions, size and vacuums of the six tables, from PostgreSQL's
+/// statistics views.
+fn health_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = Component::ALL
+            .iter()
+            .map(|c| format!("'{}'::regclass", quote(c.table_name())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT s.relname::text AS name, s.n_live_tup AS live, s.n_dead_tup AS dead, \
+             pg_total_relation_size(s.relid) AS bytes, \
+             (s.vacuum_count + s.autovacuum_count) AS vacuums, \
+             GREATEST(s.last_vacuum, s.last_autovacuum) AS last_vacuum \
+             FROM pg_stat_user_tables s WHERE s.relid = ANY(ARRAY[{tables}])"
+        )
+    })
 }
 
 /// All six tables' counts and ages in one statement.
@@ -1080,6 +1206,18 @@ impl CacheRepository for PgCacheRepository {
             }
         }
         Ok(total)
+    }
+
+    async fn vacuum_if_needed(&self) -> Result<Vec<Component>, CacheError> {
+        let due: Vec<Component> = self
+            .table_health()
+            .await?
+            .iter()
+            .filter(|h| h.needs_vacuum())
+            .map(|h| h.component)
+            .collect();
+        self.vacuum(&due).await?;
+        Ok(due)
     }
 
     async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {

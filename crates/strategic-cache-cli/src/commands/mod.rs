@@ -154,6 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Invalidate(args) => invalidate::run(&context, args).await,
         Command::Sweep(args) => maintenance::sweep(&context, args).await,
         Command::Stats => maintenance::stats(&context).await,
+        Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
         Command::Simulate(args) => simulate(&context, &args).await,
         Command::Bench(args) => bench(&context, &args).await,
     }

@@ -61,6 +61,11 @@ pub struct WorkerConfig {
     pub ttl: TtlPolicy,
     /// How often [`Worker::run`] samples the queue depth for its stats and metrics.
     pub depth_interval: Duration,
+    /// How often [`Worker::run`] calls [`CacheRepository::vacuum_if_needed`] (in a task of
+    /// its own, so that claims go on meanwhile); zero never. Every refresh leaves a dead row
+    /// version: where the server's autovacuum is off or behind, this keeps the tables from
+    /// growing with every refresh cycle, and where it keeps up, this finds nothing to do.
+    pub vacuum_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -79,6 +84,7 @@ impl Default for WorkerConfig {
             keep_warm: Duration::from_secs(600),
             ttl: TtlPolicy::default(),
             depth_interval: Duration::from_secs(5),
+            vacuum_interval: Duration::from_secs(60),
         }
     }
 }
@@ -231,10 +237,22 @@ impl Worker {
         tokio::pin!(shutdown);
         let mut failures: u32 = 0;
         let mut sampled: Option<Instant> = None;
+        let mut vacuumed: Option<Instant> = None;
+        let mut vacuum: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             if sampled.is_none_or(|at| at.elapsed() >= self.config.depth_interval) {
                 self.sample_depth().await;
                 sampled = Some(Instant::now());
+            }
+            if !self.config.vacuum_interval.is_zero()
+                && vacuumed.is_none_or(|at| at.elapsed() >= self.config.vacuum_interval)
+                && vacuum.as_ref().is_none_or(|task| task.is_finished())
+            {
+                vacuumed = Some(Instant::now());
+                vacuum = Some(tokio::spawn(vacuum_if_needed(
+                    Arc::clone(&self.repo),
+                    self.config.id.clone(),
+                )));
             }
             let pause = match self.run_once().await {
                 Ok(0) => {
@@ -252,7 +270,12 @@ impl Worker {
                 }
             };
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => {
+                    if let Some(task) = vacuum {
+                        task.abort();
+                    }
+                    return;
+                }
                 () = tokio::time::sleep(pause) => {}
             }
         }
@@ -430,5 +453,17 @@ impl crate::metrics::WindowSource for Worker {
             .int(F[9], s.queue_total)
             .int(F[10], s.queue_due)
             .finish(timestamp_ns);
+    }
+}
+
+/// One periodic vacuum check of [`Worker::run`], logged.
+async fn vacuum_if_needed(repo: Arc<dyn CacheRepository>, worker: String) {
+    match repo.vacuum_if_needed().await {
+        Ok(tables) if !tables.is_empty() => {
+            let tables: Vec<&str> = tables.iter().map(|c| c.table_name()).collect();
+            tracing::info!(%worker, ?tables, "vacuumed cache tables with many dead rows");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, %worker, "could not vacuum the cache tables"),
     }
 }
