@@ -282,6 +282,12 @@ async fn writer_role_writes_but_cannot_run_ddl() {
     ] {
         refused(db, sql).await;
     }
+    // The writer does not own the tables: it sees their health, may not vacuum them, and its
+    // periodic vacuum leaves them alone instead of failing.
+    let health = repo.table_health().await.unwrap();
+    assert_eq!(health.len(), 6);
+    assert!(health.iter().all(|h| !h.can_vacuum), "{health:?}");
+    assert!(repo.vacuum_if_needed().await.unwrap().is_empty());
     repo.connection().clone().close().await.unwrap();
 }
 

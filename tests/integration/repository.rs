@@ -1489,13 +1489,27 @@ async fn pg_lookups_queued_for_a_connection_are_batched() {
 async fn pg_vacuum_if_needed_reclaims_dead_rows() {
     let t = TestDb::migrated().await;
     let repo = pooled(&t, 2).await;
+    // The refreshes go through one connection, whose pending statistics are then flushed:
+    // a backend reports its dead rows up to ~10 s late, and a report arriving after the
+    // VACUUM's own would count the vacuumed rows as dead again.
+    let mut options = sea_orm::ConnectOptions::new(t.url.clone());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let one = sea_orm::Database::connect(options).await.unwrap();
+    let writer =
+        PgCacheRepository::from_connection(one.clone(), TtlPolicy::default(), Limits::default());
     for round in 0..4 {
         let entries: Vec<NewEntry> = (0..200)
             .map(|i| mh(&format!("u{i}"), "bot", f64::from(i), 40 - round * 10))
             .collect();
-        let written = repo.upsert_many(&entries).await.unwrap();
+        let written = writer.upsert_many(&entries).await.unwrap();
         assert!(written.iter().all(|w| *w == WriteOutcome::Written));
     }
+    one.execute_unprepared("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
     // Up to 600 dead versions of 200 live rows (page pruning may reclaim some); the statistics
     // lag writes by up to a few seconds.
     let due = |h: &Vec<strategic_cache::TableHealth>| {

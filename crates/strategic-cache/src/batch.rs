@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, Row as _};
@@ -38,14 +39,41 @@ pub(crate) type BatchSql = fn(Component) -> &'static str;
 pub(crate) struct Batcher {
     pool: Arc<ReadPool>,
     sql: BatchSql,
+    statement_bound: Duration,
     queues: [Mutex<Queue>; Component::ALL.len()],
 }
 
+/// Lookups waiting for a batch, and the leaders waiting for a connection to serve them.
+///
+/// Invariant (kept under the lock): while `pending` is not empty, `waiting > 0`, so every
+/// queued lookup is answered even if its caller has no time budget of its own.
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Pending>,
-    /// Leader tasks running for this queue.
-    leaders: usize,
+    /// Leaders waiting for a connection (not yet holding a batch). Leaders running a
+    /// statement are not counted: they hold no queued lookup.
+    waiting: usize,
+}
+
+impl Queue {
+    /// Whether another waiting leader is needed: one per [`MAX_BATCH`] queued lookups.
+    fn wants_leader(&self) -> bool {
+        self.waiting * MAX_BATCH < self.pending.len()
+    }
+
+    /// Takes up to [`MAX_BATCH`] lookups whose callers still wait, skipping abandoned ones.
+    fn take_batch(&mut self) -> Vec<Pending> {
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(self.pending.len()));
+        while batch.len() < MAX_BATCH {
+            let Some(pending) = self.pending.pop_front() else {
+                break;
+            };
+            if !pending.reply.is_closed() {
+                batch.push(pending);
+            }
+        }
+        batch
+    }
 }
 
 struct Pending {
@@ -54,18 +82,21 @@ struct Pending {
 }
 
 impl Batcher {
-    pub(crate) fn new(pool: Arc<ReadPool>, sql: BatchSql) -> Batcher {
+    /// `statement_bound` bounds a batch statement on the client side (leaders run in tasks
+    /// of their own, which no caller's budget cancels).
+    pub(crate) fn new(pool: Arc<ReadPool>, sql: BatchSql, statement_bound: Duration) -> Batcher {
         Batcher {
             pool,
             sql,
+            statement_bound,
             queues: Default::default(),
         }
     }
 
     /// Whether a lookup of `component` should queue rather than run alone: no connection is
-    /// free, or others are queued already (first come, first served).
+    /// free, or a leader is already waiting for one (first come, first served).
     pub(crate) fn should_queue(&self, component: Component) -> bool {
-        !self.pool.has_free_connection() || !self.queue(component).pending.is_empty()
+        !self.pool.has_free_connection() || self.queue(component).waiting > 0
     }
 
     fn queue(&self, component: Component) -> std::sync::MutexGuard<'_, Queue> {
@@ -81,12 +112,9 @@ impl Batcher {
         let spawn = {
             let mut queue = self.queue(component);
             queue.pending.push_back(Pending { key, reply });
-            // One leader per MAX_BATCH queued keys, so batches run on as many connections
-            // as come free.
-            let wanted = queue.pending.len().div_ceil(MAX_BATCH);
-            let spawn = queue.leaders < wanted;
+            let spawn = queue.wants_leader();
             if spawn {
-                queue.leaders += 1;
+                queue.waiting += 1;
             }
             spawn
         };
@@ -98,46 +126,52 @@ impl Batcher {
             .unwrap_or_else(|_| Err(Arc::new(sqlx::Error::WorkerCrashed)))
     }
 
-    /// A leader: takes a connection, then the queue's first keys, runs them as one statement
-    /// and answers each; until the queue is empty.
+    /// A leader (counted in `waiting` when spawned): takes a connection, then the first
+    /// queued lookups, runs them as one statement and answers each; again while it is needed.
     async fn lead(self: Arc<Self>, component: Component) {
         loop {
-            let checkout = match self.pool.checkout().await {
-                Ok(checkout) => checkout,
-                Err(error) => {
-                    // No connection within the acquire timeout: everyone queued gets the
-                    // error (their budgets have run out long since, in practice).
-                    let error = Arc::new(error);
-                    let mut queue = self.queue(component);
-                    for pending in queue.pending.drain(..) {
-                        let _ = pending.reply.send(Err(Arc::clone(&error)));
-                    }
-                    queue.leaders -= 1;
-                    return;
-                }
-            };
-            let batch: Vec<Pending> = {
+            let checkout = self.pool.checkout().await;
+            let (batch, checkout) = {
                 let mut queue = self.queue(component);
-                let mut batch = Vec::with_capacity(MAX_BATCH.min(queue.pending.len()));
-                while batch.len() < MAX_BATCH {
-                    let Some(pending) = queue.pending.pop_front() else {
-                        break;
-                    };
-                    if !pending.reply.is_closed() {
-                        batch.push(pending);
+                queue.waiting -= 1;
+                match checkout {
+                    Err(error) => {
+                        // No connection within the acquire timeout: this leader's share of
+                        // the queue gets the error (their budgets have run out long since, in
+                        // practice); the rest stay for the other leaders, or for this one.
+                        let error = Arc::new(error);
+                        for pending in queue.take_batch() {
+                            let _ = pending.reply.send(Err(Arc::clone(&error)));
+                        }
+                        if !self.carry_on(&mut queue) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(checkout) => {
+                        let batch = queue.take_batch();
+                        if batch.is_empty() {
+                            // Served meanwhile by another leader: hand the connection back
+                            // untouched (no round trip).
+                            checkout.release();
+                            if !self.carry_on(&mut queue) {
+                                return;
+                            }
+                            continue;
+                        }
+                        (batch, checkout)
                     }
                 }
-                if batch.is_empty() {
-                    // Decided under the lock: a lookup queued after this sees the count
-                    // drop and spawns a leader of its own.
-                    queue.leaders -= 1;
-                    return;
-                }
-                batch
             };
             let sql = (self.sql)(component);
             let query = bind_keys(sqlx::query(sql), &batch);
-            match checkout.fetch_all(query).await {
+            // Bounded here, since no caller's budget bounds a leader: a dead host could
+            // otherwise hold the connection until TCP gives up (~15 min on Linux). A timed-out
+            // statement drops the checkout, which resynchronises or closes the connection.
+            let result = tokio::time::timeout(self.statement_bound, checkout.fetch_all(query))
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+            match result {
                 Ok(rows) => {
                     let mut slots: Vec<Option<PgRow>> = batch.iter().map(|_| None).collect();
                     for row in rows {
@@ -159,7 +193,21 @@ impl Batcher {
                     }
                 }
             }
+            if !self.carry_on(&mut self.queue(component)) {
+                return;
+            }
         }
+    }
+
+    /// Whether a leader that holds no batch should wait for another connection: only while
+    /// lookups are queued with too few leaders waiting for them (and then it counts itself
+    /// waiting again); otherwise it ends.
+    fn carry_on(&self, queue: &mut Queue) -> bool {
+        let needed = queue.wants_leader();
+        if needed {
+            queue.waiting += 1;
+        }
+        needed
     }
 }
 

@@ -166,7 +166,11 @@ impl PgCacheRepository {
         let reads = Arc::new(reads);
         Ok(PgCacheRepository {
             db,
-            batcher: Some(Arc::new(Batcher::new(Arc::clone(&reads), lookup_many_sql))),
+            batcher: Some(Arc::new(Batcher::new(
+                Arc::clone(&reads),
+                lookup_many_sql,
+                config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
+            ))),
             reads: Some(reads),
             ttl: config.ttl,
             limits: config.limits,
@@ -271,6 +275,7 @@ impl PgCacheRepository {
                 total_bytes: count(get("bytes")?),
                 vacuums: count(get("vacuums")?),
                 last_vacuum: row.try_get("", "last_vacuum").map_err(|e| self.err(e))?,
+                can_vacuum: row.try_get("", "can_vacuum").map_err(|e| self.err(e))?,
             });
         }
         health.sort_by_key(|h| h.component.index());
@@ -369,6 +374,9 @@ pub struct TableHealth {
     pub vacuums: u64,
     /// The last one, if any since the statistics were reset.
     pub last_vacuum: Option<DateTime<Utc>>,
+    /// Whether this connection's role may VACUUM the table (owns it, or is a member of its
+    /// owner; superusers may vacuum anything).
+    pub can_vacuum: bool,
 }
 
 impl TableHealth {
@@ -896,8 +904,10 @@ fn health_sql() -> &'static str {
             "SELECT s.relname::text AS name, s.n_live_tup AS live, s.n_dead_tup AS dead, \
              pg_total_relation_size(s.relid) AS bytes, \
              (s.vacuum_count + s.autovacuum_count) AS vacuums, \
-             GREATEST(s.last_vacuum, s.last_autovacuum) AS last_vacuum \
-             FROM pg_stat_user_tables s WHERE s.relid = ANY(ARRAY[{tables}])"
+             GREATEST(s.last_vacuum, s.last_autovacuum) AS last_vacuum, \
+             pg_has_role(c.relowner, 'USAGE') AS can_vacuum \
+             FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+             WHERE s.relid = ANY(ARRAY[{tables}])"
         )
     })
 }
@@ -1208,14 +1218,24 @@ impl CacheRepository for PgCacheRepository {
         Ok(total)
     }
 
+    /// Vacuums the tables past the threshold that this role may vacuum; the others (a
+    /// worker running as `strategic_cache_writer`, which does not own them) are left, with a
+    /// warning, to autovacuum or the owner's `strategic-cache vacuum`.
     async fn vacuum_if_needed(&self) -> Result<Vec<Component>, CacheError> {
-        let due: Vec<Component> = self
-            .table_health()
-            .await?
+        let health = self.table_health().await?;
+        let (due, forbidden): (Vec<&TableHealth>, Vec<&TableHealth>) = health
             .iter()
             .filter(|h| h.needs_vacuum())
-            .map(|h| h.component)
-            .collect();
+            .partition(|h| h.can_vacuum);
+        if !forbidden.is_empty() {
+            let tables: Vec<&str> = forbidden.iter().map(|h| h.component.table_name()).collect();
+            tracing::warn!(
+                ?tables,
+                "cache tables have many dead rows but this role may not VACUUM them; \
+                 run `strategic-cache vacuum` as their owner or turn autovacuum on"
+            );
+        }
+        let due: Vec<Component> = due.iter().map(|h| h.component).collect();
         self.vacuum(&due).await?;
         Ok(due)
     }

@@ -170,11 +170,19 @@ impl ReadPool {
                 .await
                 .map_err(|_| sqlx::Error::PoolTimedOut)?
                 .map_err(|_| sqlx::Error::PoolClosed)?;
-        let popped = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        // The youngest idle connection (the list is a stack, so the warm ones stay warm);
+        // any past MAX_LIFETIME found on the way is closed.
+        let popped = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut found = None;
+            while let Some(candidate) = idle.pop() {
+                if candidate.born.elapsed() < MAX_LIFETIME {
+                    found = Some(candidate);
+                    break;
+                }
+            }
+            found
+        };
         let (idle, permit) = match popped {
             Some(idle) => (idle, permit),
             None => self.open(permit).await?,
@@ -226,6 +234,11 @@ pub(crate) struct Checkout<'p> {
 }
 
 impl Checkout<'_> {
+    /// Hands the connection back unused (no round trip).
+    pub(crate) fn release(mut self) {
+        self.finish(After::Ready);
+    }
+
     /// Runs `query` and returns its first row, if any, then returns the connection.
     pub(crate) async fn fetch_optional<'q>(
         mut self,

@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// (user, bot) keys refreshed over and over by the soak test.
     #[arg(long, default_value_t = 20_000)]
     pub soak_keys: u32,
+    /// Soak without the worker's periodic `vacuum_if_needed` (to see what autovacuum alone
+    /// does, or fails to do where it is off).
+    #[arg(long)]
+    pub soak_no_vacuum: bool,
     /// Write the latency distributions to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
+use strategic_cache::scheduler::WorkerConfig;
 use strategic_cache::{CacheReader, CacheRepository, Component, PgCacheRepository, ReaderConfig};
 
 use super::data::{self, Shape};
@@ -26,6 +27,8 @@ pub struct Sizes {
     pub dead_tuples: f64,
     /// Autovacuum runs so far.
     pub autovacuums: f64,
+    /// Manual vacuums so far (the worker's `vacuum_if_needed`).
+    pub vacuums: f64,
 }
 
 /// One interval of the soak test.
@@ -52,6 +55,10 @@ pub struct Interval {
 pub struct SoakReport {
     /// (user, bot) keys refreshed (five rows each).
     pub keys: u32,
+    /// Whether the server's autovacuum is on.
+    pub autovacuum: bool,
+    /// Seconds between the worker's `vacuum_if_needed` calls; `None` with `--soak-no-vacuum`.
+    pub vacuum_interval_secs: Option<f64>,
     /// Seconds run.
     pub secs: f64,
     /// Complete refresh cycles over all keys.
@@ -77,15 +84,16 @@ async fn sizes(repo: &PgCacheRepository) -> Result<Sizes> {
     let sql = format!(
         "SELECT sum(pg_total_relation_size(relid))::float8 AS total, \
          sum(pg_indexes_size(relid))::float8 AS idx, sum(n_dead_tup)::float8 AS dead, \
-         sum(autovacuum_count)::float8 AS av \
+         sum(autovacuum_count)::float8 AS av, sum(vacuum_count)::float8 AS v \
          FROM pg_stat_user_tables WHERE relname IN ({list})"
     );
-    let v = query_f64s(repo, &sql, &["total", "idx", "dead", "av"]).await?;
+    let v = query_f64s(repo, &sql, &["total", "idx", "dead", "av", "v"]).await?;
     Ok(Sizes {
         total_bytes: v[0],
         index_bytes: v[1],
         dead_tuples: v[2],
         autovacuums: v[3],
+        vacuums: v[4],
     })
 }
 
@@ -104,6 +112,7 @@ pub async fn run(
     let intervals = 10u32;
     let interval = Duration::from_secs_f64(secs / f64::from(intervals));
     let start = sizes(repo).await?;
+    let autovacuum = repo.autovacuum_enabled().await?;
     let stop = Arc::new(AtomicBool::new(false));
     let cycles = Arc::new(AtomicU64::new(0));
     let rows = Arc::new(AtomicU64::new(0));
@@ -134,6 +143,22 @@ pub async fn run(
             anyhow::Ok(())
         })
     };
+
+    // The worker's periodic maintenance, at its default interval (WorkerConfig).
+    let vacuum_interval = (!args.soak_no_vacuum).then(|| WorkerConfig::default().vacuum_interval);
+    let maintenance = vacuum_interval.map(|every| {
+        let (repo, stop) = (repo.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                repo.vacuum_if_needed().await?;
+                let next = Instant::now() + every;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    });
 
     // Bots: four streams of snapshots over the refreshed keys, latencies bucketed by interval.
     let buckets: Arc<Mutex<Vec<Vec<u64>>>> =
@@ -196,6 +221,9 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     writer.await.context("writer task panicked")??;
+    if let Some(task) = maintenance {
+        task.await.context("maintenance task panicked")??;
+    }
     for r in readers {
         r.await.context("reader task panicked")?;
     }
@@ -218,6 +246,8 @@ pub async fn run(
     );
     Ok(SoakReport {
         keys,
+        autovacuum,
+        vacuum_interval_secs: vacuum_interval.map(|d| d.as_secs_f64()),
         secs: wall.as_secs_f64(),
         cycles: cycles.load(Ordering::Relaxed),
         rows_written: rows.load(Ordering::Relaxed),
@@ -238,16 +268,20 @@ impl SoakReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nsoak: {} keys ({} rows) refreshed {} times in {:.0} s ({} rows written)",
+            "\nsoak: {} keys ({} rows) refreshed {} times in {:.0} s ({} rows written); \
+             autovacuum {}; worker vacuum {}",
             self.keys,
             u64::from(self.keys) * 5,
             self.cycles,
             self.secs,
-            self.rows_written
+            self.rows_written,
+            if self.autovacuum { "on" } else { "OFF" },
+            self.vacuum_interval_secs
+                .map_or_else(|| "off".to_owned(), |s| format!("every {s:.0} s")),
         );
         let _ = writeln!(
             out,
-            "{:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10} {:>9} {:>4}",
+            "{:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10} {:>9} {:>4} {:>4}",
             "t s",
             "reads",
             "p50 us",
@@ -257,12 +291,13 @@ impl SoakReport {
             "total MB",
             "index MB",
             "dead",
-            "av"
+            "av",
+            "vac"
         );
         let mut line = |t: f64, reads: u64, p: [f64; 3], cycles: u64, s: &Sizes| {
             let _ = writeln!(
                 out,
-                "{:>7.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>4.0}",
+                "{:>7.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>4.0} {:>4.0}",
                 t,
                 reads,
                 p[0],
@@ -272,7 +307,8 @@ impl SoakReport {
                 mb(s.total_bytes),
                 mb(s.index_bytes),
                 s.dead_tuples,
-                s.autovacuums
+                s.autovacuums,
+                s.vacuums
             );
         };
         line(0.0, 0, [0.0; 3], 0, &self.start);
