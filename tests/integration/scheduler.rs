@@ -658,3 +658,86 @@ async fn the_rate_limit_holds() {
         "30 computations in {elapsed:?}"
     );
 }
+
+/// `Worker::run` vacuums, every `vacuum_interval`, the tables that refreshes have filled with
+/// dead rows (this machine's PostgreSQL runs with autovacuum off), and leaves the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
+    let s = system(Backend::Postgres).await;
+    let t = s._db.as_ref().unwrap();
+    let pg =
+        PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default());
+    // Dead rows: 300 entries refreshed three times, through one connection whose statistics
+    // are then flushed (a backend may report them ~10 s late otherwise).
+    let mut options = sea_orm::ConnectOptions::new(t.url.clone());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let one = sea_orm::Database::connect(options).await.unwrap();
+    let writer =
+        PgCacheRepository::from_connection(one.clone(), TtlPolicy::default(), Limits::default());
+    for round in 0..4i64 {
+        let at = chrono::Utc::now() - chrono::Duration::seconds(40 - round * 10);
+        let entries: Vec<NewEntry> = (0..300)
+            .map(|u| {
+                NewEntry::new(
+                    Key::user_bot(format!("user-{u}"), "elena"),
+                    payload(Component::MemoryHealth),
+                )
+                .computed_at(at)
+            })
+            .collect();
+        writer.upsert_many(&entries).await.unwrap();
+    }
+    sea_orm::ConnectionTrait::execute_unprepared(&one, "SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    let memory_health = |h: Vec<strategic_cache::TableHealth>| {
+        h.into_iter()
+            .find(|h| h.component == Component::MemoryHealth)
+            .unwrap()
+    };
+    let due = crate::pgcluster::poll_until(Duration::from_secs(15), || async {
+        memory_health(pg.table_health().await.unwrap()).needs_vacuum()
+    })
+    .await;
+    assert!(
+        due.is_some(),
+        "the dead rows never showed in the statistics"
+    );
+    let before: Vec<_> = pg.table_health().await.unwrap();
+
+    let worker = Worker::new(
+        s.queue.clone(),
+        s.repo.clone(),
+        Arc::new(CountingEngine::default()),
+        WorkerConfig {
+            id: "vacuuming".into(),
+            vacuum_interval: Duration::from_millis(200),
+            ..WorkerConfig::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        worker
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let vacuumed = crate::pgcluster::poll_until(Duration::from_secs(15), || async {
+        memory_health(pg.table_health().await.unwrap()).vacuums
+            > memory_health(before.clone()).vacuums
+    })
+    .await;
+    let _ = stop.send(());
+    run.await.unwrap();
+    assert!(vacuumed.is_some(), "the worker never vacuumed");
+    let after = pg.table_health().await.unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        if b.component != Component::MemoryHealth {
+            assert_eq!(a.vacuums, b.vacuums, "{:?} was not due", a.component);
+        }
+    }
+}
