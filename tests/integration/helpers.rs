@@ -176,3 +176,34 @@ impl Drop for TestDb {
         let _ = cleanup.join();
     }
 }
+
+/// A repository writing through a pool of exactly one connection, and that connection: after
+/// writing, [`flush_stats`] makes its one backend report its dead rows to the statistics at
+/// once. (A backend reports them up to ~10 s late otherwise, and a report arriving after a
+/// VACUUM's own would count the vacuumed rows as dead again.)
+pub async fn one_connection_writer(
+    url: &str,
+) -> (strategic_cache::PgCacheRepository, DatabaseConnection) {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let db = Database::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to test database: {e}"));
+    let repo = strategic_cache::PgCacheRepository::from_connection(
+        db.clone(),
+        Default::default(),
+        Default::default(),
+    );
+    (repo, db)
+}
+
+/// Flushes the pending statistics of `db`'s backend (PostgreSQL 15+); see
+/// [`one_connection_writer`].
+pub async fn flush_stats(db: &DatabaseConnection) {
+    db.execute_unprepared("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap_or_else(|e| panic!("cannot flush statistics: {e}"));
+}

@@ -1492,14 +1492,7 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
     // The refreshes go through one connection, whose pending statistics are then flushed:
     // a backend reports its dead rows up to ~10 s late, and a report arriving after the
     // VACUUM's own would count the vacuumed rows as dead again.
-    let mut options = sea_orm::ConnectOptions::new(t.url.clone());
-    options
-        .max_connections(1)
-        .min_connections(1)
-        .sqlx_logging(false);
-    let one = sea_orm::Database::connect(options).await.unwrap();
-    let writer =
-        PgCacheRepository::from_connection(one.clone(), TtlPolicy::default(), Limits::default());
+    let (writer, one) = helpers::one_connection_writer(&t.url).await;
     for round in 0..4 {
         let entries: Vec<NewEntry> = (0..200)
             .map(|i| mh(&format!("u{i}"), "bot", f64::from(i), 40 - round * 10))
@@ -1507,9 +1500,7 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
         let written = writer.upsert_many(&entries).await.unwrap();
         assert!(written.iter().all(|w| *w == WriteOutcome::Written));
     }
-    one.execute_unprepared("SELECT pg_stat_force_next_flush()")
-        .await
-        .unwrap();
+    helpers::flush_stats(&one).await;
     // Up to 600 dead versions of 200 live rows (page pruning may reclaim some); the statistics
     // lag writes by up to a few seconds.
     let due = |h: &Vec<strategic_cache::TableHealth>| {

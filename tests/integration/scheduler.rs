@@ -669,14 +669,7 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
         PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default());
     // Dead rows: 300 entries refreshed three times, through one connection whose statistics
     // are then flushed (a backend may report them ~10 s late otherwise).
-    let mut options = sea_orm::ConnectOptions::new(t.url.clone());
-    options
-        .max_connections(1)
-        .min_connections(1)
-        .sqlx_logging(false);
-    let one = sea_orm::Database::connect(options).await.unwrap();
-    let writer =
-        PgCacheRepository::from_connection(one.clone(), TtlPolicy::default(), Limits::default());
+    let (writer, one) = crate::helpers::one_connection_writer(&t.url).await;
     for round in 0..4i64 {
         let at = chrono::Utc::now() - chrono::Duration::seconds(40 - round * 10);
         let entries: Vec<NewEntry> = (0..300)
@@ -690,9 +683,7 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
             .collect();
         writer.upsert_many(&entries).await.unwrap();
     }
-    sea_orm::ConnectionTrait::execute_unprepared(&one, "SELECT pg_stat_force_next_flush()")
-        .await
-        .unwrap();
+    crate::helpers::flush_stats(&one).await;
     let memory_health = |h: Vec<strategic_cache::TableHealth>| {
         h.into_iter()
             .find(|h| h.component == Component::MemoryHealth)
