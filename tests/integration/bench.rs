@@ -46,15 +46,15 @@ fn binary() -> PathBuf {
     path
 }
 
-#[tokio::test]
-async fn quick_bench_reports_every_case_without_errors() {
-    let test_db = TestDb::empty().await;
+/// Runs `strategic-cache bench --quick --json ARGS` on `url` and returns its report.
+async fn quick_bench(url: &str, args: &[&str]) -> Value {
     let mut command = tokio::process::Command::new(binary());
     command
         // A generous read budget: a debug build on a busy machine may take longer than a
-        // bot's 50 ms under a burst of 200, and timing is not what this test checks.
+        // bot's 50 ms under a burst of 200, and timing is not what these tests check.
         .args(["bench", "--quick", "--json", "--budget-ms", "10000"])
-        .args(["--database-url", &test_db.url])
+        .args(args)
+        .args(["--database-url", url])
         .env_remove("DATABASE_URL")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -68,8 +68,26 @@ async fn quick_bench_reports_every_case_without_errors() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed: {stderr}\n{stdout}");
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
+}
+
+#[tokio::test]
+async fn quick_bench_reports_every_case_without_errors() {
+    let test_db = TestDb::empty().await;
+    let plot = std::env::temp_dir().join(format!("sc-bench-{}.svg", test_db.name));
+    let report = quick_bench(&test_db.url, &["--plot", plot.to_str().unwrap()]).await;
+    let stdout = report.to_string();
+    let svg = std::fs::read_to_string(&plot).expect("no plot written");
+    let _ = std::fs::remove_file(&plot);
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    assert!(
+        svg.contains("single_read") && svg.contains("bare_single_read"),
+        "{svg}"
+    );
+    assert_eq!(report["setup"]["tls"], Value::Bool(false), "{stdout}");
     let cases = report["cases"].as_array().expect("cases is an array");
     for name in REQUIRED {
         let case = cases
@@ -107,4 +125,33 @@ async fn quick_bench_reports_every_case_without_errors() {
     assert_eq!(hit_rate("cold_read"), 0.0);
     assert_eq!(hit_rate("stale_read"), 0.0);
     assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));
+}
+
+/// `bench --quick --soak`: refresh cycles with reads beside them and the worker's periodic
+/// vacuum; the report has every interval, sizes, and the reads saw no errors.
+#[tokio::test]
+async fn quick_soak_reports_sizes_and_latency_per_interval() {
+    let test_db = TestDb::empty().await;
+    let report = quick_bench(&test_db.url, &["--soak"]).await;
+    let soak = &report["soak"];
+    assert!(soak["cycles"].as_u64().unwrap() >= 1, "{soak:#}");
+    assert!(soak["rows_written"].as_u64().unwrap() > 0, "{soak:#}");
+    assert!(soak["autovacuum"].is_boolean(), "{soak:#}");
+    assert_eq!(
+        soak["vacuum_interval_secs"].as_f64(),
+        Some(60.0),
+        "{soak:#}"
+    );
+    let intervals = soak["intervals"].as_array().unwrap();
+    assert_eq!(intervals.len(), 10, "{soak:#}");
+    for interval in intervals {
+        assert!(interval["reads"].as_u64().unwrap() > 0, "{interval:#}");
+        assert!(
+            interval["sizes"]["total_bytes"].as_f64().unwrap() > 0.0,
+            "{interval:#}"
+        );
+    }
+    assert!(soak["end"]["total_bytes"].as_f64().unwrap() > 0.0);
+    assert_eq!(soak["reads"]["errors"].as_u64(), Some(0), "{soak:#}");
+    assert!(soak["reads"]["n"].as_u64().unwrap() > 0, "{soak:#}");
 }
