@@ -220,6 +220,12 @@ impl PgCacheRepository {
         }
     }
 
+    /// Maps an error of a statement run on sqlx directly (the read pool, the batcher, the
+    /// vacuum connection) as [`Self::err`] maps sea-orm's.
+    fn sqlx_err(&self, error: Arc<sea_orm::sqlx::Error>) -> CacheError {
+        self.err(DbErr::Query(RuntimeErr::SqlxError(error)))
+    }
+
     fn stmt(sql: &str, values: Vec<Value>) -> Statement {
         Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
     }
@@ -292,8 +298,7 @@ impl PgCacheRepository {
         // `ping` fails on a disconnected handle, where asking for the pool would panic; this
         // crate builds sea-orm for PostgreSQL only, so a connected handle has a PgPool.
         self.db.ping().await.map_err(|e| self.err(e))?;
-        let sqlx_err =
-            |e: sea_orm::sqlx::Error| self.err(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
+        let sqlx_err = |e| self.sqlx_err(Arc::new(e));
         let mut conn = self
             .db
             .get_postgres_connection_pool()
@@ -338,7 +343,7 @@ impl PgCacheRepository {
         }
         match pool.fetch_optional(query).await {
             Ok(row) => Ok(row.map(QueryResult::from)),
-            Err(e) => Err(self.err(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))),
+            Err(e) => Err(self.sqlx_err(Arc::new(e))),
         }
     }
 }
@@ -1009,7 +1014,7 @@ impl CacheRepository for PgCacheRepository {
                 .lookup(component, key.clone())
                 .await
                 .map(|row| row.map(QueryResult::from))
-                .map_err(|e| self.err(DbErr::Query(RuntimeErr::SqlxError(e))))?,
+                .map_err(|e| self.sqlx_err(e))?,
             _ => {
                 self.read_row(&sql(component).lookup, &key_args(key))
                     .await?
