@@ -3,7 +3,8 @@
 //! `DATABASE_URL` is a *base* URL (any database on the server, usually `postgres`); every
 //! [`TestDb`] creates its own database with a unique name and drops it when dropped, so tests
 //! run in parallel without seeing each other's rows. Without `DATABASE_URL`, one PostgreSQL
-//! container per test process is started with testcontainers (needs Docker).
+//! container per test process is started with testcontainers (needs a container engine; see
+//! `cargo xtask containers`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -12,8 +13,15 @@ use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use tokio::sync::OnceCell;
 
-/// The pinned image tag for the container path.
-const POSTGRES_TAG: &str = "17-alpine";
+/// The variable that names the PostgreSQL image of the container path. `cargo xtask test` sets
+/// it to the image it builds locally (`localhost/strategic-cache/postgres:15`); run directly,
+/// the tests fall back to [`DEFAULT_IMAGE`], which needs Docker Hub.
+pub const IMAGE_ENV: &str = "STRATEGIC_CACHE_TEST_IMAGE";
+/// The public image used when [`IMAGE_ENV`] is unset.
+const DEFAULT_IMAGE: &str = "postgres:17-alpine";
+/// The label every test container carries, so that `cargo xtask containers clean` (which
+/// `cargo xtask test` runs before and after the tests) removes them, also after a killed run.
+pub const CONTAINER_LABEL: &str = "strategic-cache.test";
 
 static SERVER: OnceCell<Result<String, String>> = OnceCell::const_new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -44,34 +52,86 @@ pub async fn server_url() -> String {
     }
 }
 
+/// Starts one PostgreSQL container for this test process and returns its base URL.
+///
+/// The container uses the host's network, with PostgreSQL on a free loopback port (`PGPORT`),
+/// so that no bridge, no port mapping and no address outside 127.0.0.0/8 is involved. It is
+/// never dropped (the URL is shared by every test of the process); the label lets the xtask
+/// remove it once the process has ended.
 async fn start_container() -> Result<String, String> {
-    use testcontainers_modules::postgres::Postgres;
-    use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    use testcontainers::core::WaitFor;
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
 
-    let started = Postgres::default()
-        .with_host_auth()
-        .with_tag(POSTGRES_TAG)
-        .start()
-        .await;
-    match started {
-        Ok(container) => {
-            let host = container.get_host().await.map_err(|e| e.to_string())?;
-            let port = container
-                .get_host_port_ipv4(5432)
-                .await
-                .map_err(|e| e.to_string())?;
-            // The container lives as long as the test process; testcontainers removes it then.
-            std::mem::forget(container);
-            Ok(format!("postgres://postgres@{host}:{port}/postgres"))
-        }
-        Err(error) => Err(format!(
-            "no PostgreSQL for the integration tests: DATABASE_URL is not set, and starting a \
-             postgres:{POSTGRES_TAG} container with testcontainers failed ({error}). Either set \
-             DATABASE_URL to a running server (a base URL such as \
+    let image = std::env::var(IMAGE_ENV)
+        .ok()
+        .filter(|image| !image.is_empty())
+        .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+    let explain = |what: String| {
+        format!(
+            "no PostgreSQL for the integration tests: DATABASE_URL is not set, and {what}. \
+             Either run `cargo xtask test`, which prepares a container engine and a local image, \
+             or set DATABASE_URL to a running server (a base URL such as \
              postgres://postgres@127.0.0.1:5432/postgres; each test creates and drops its own \
-             database) or start a Docker engine."
-        )),
+             database)."
+        )
+    };
+    let (name, tag) = split_image(&image);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|e| explain(format!("no free loopback port was found ({e})")))?
+        .port();
+    let container = GenericImage::new(name, tag)
+        // The local image prints this once; the public one prints it once for the server it
+        // runs during initialisation (which does not listen on TCP) and once for the real one,
+        // which is why the URL is polled below as well.
+        .with_wait_for(WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        ))
+        .with_network("host")
+        .with_env_var("PGPORT", port.to_string())
+        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+        .with_label(CONTAINER_LABEL, std::process::id().to_string())
+        .with_startup_timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .map_err(|e| {
+            explain(format!(
+                "starting a {image} container with testcontainers failed ({e})"
+            ))
+        })?;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match Database::connect(url.as_str()).await {
+            Ok(db) => {
+                let _ = db.close().await;
+                break;
+            }
+            Err(error) if std::time::Instant::now() > deadline => {
+                return Err(explain(format!(
+                    "the {image} container did not accept connections at {url} ({error})"
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    tracing::info!(id = container.id(), %image, %url, "started a PostgreSQL container");
+    // Removed by label after the process ends (see above); dropping it here would stop the
+    // server that every later test of this process uses.
+    std::mem::forget(container);
+    Ok(url)
+}
+
+/// `name:tag` split at the tag's colon (a registry's `host:port/` prefix has a colon too).
+fn split_image(image: &str) -> (&str, &str) {
+    let after_slash = image.rfind('/').map_or(0, |slash| slash + 1);
+    match image[after_slash..].rfind(':') {
+        Some(colon) => (
+            &image[..after_slash + colon],
+            &image[after_slash + colon + 1..],
+        ),
+        None => (image, "latest"),
     }
 }
 

@@ -1,22 +1,31 @@
 //! Project automation, run as `cargo xtask <task>` (see `.cargo/config.toml`).
 //!
-//! Tasks shell out to `cargo` rather than linking the database stack into this binary, so that
-//! `cargo xtask` itself builds in seconds.
+//! Tasks shell out to `cargo`, `docker` and the system's package manager rather than linking the
+//! database stack into this binary, so that `cargo xtask` itself builds in seconds.
 //!
-//! - `migrate up|down [N]|status|fresh [--database-url URL]`: run migrations (default `DATABASE_URL`).
-//! - `test [ARGS]`: the whole suite, unit and integration, against PostgreSQL.
-//! - `ci`: format check, clippy with warnings denied, docs with warnings denied, then `test`.
-//! - `bench [ARGS]`: the `strategic-cache bench` command, built with optimisations.
+//! # Layout
+//! - `main.rs`: argument dispatch and the few helpers every task uses (`cargo()`, `run()`).
+//! - [`prereq`]: what the tests need (a PostgreSQL or a container engine, the line-protocol
+//!   server, PostgreSQL's programs), provided where it can be and reported where not.
+//! - [`containers`]: the container engine and the local PostgreSQL image of the
+//!   testcontainers path, and removing the test containers by label.
+//! - [`system`]: running programs and installing Debian packages.
+
+mod containers;
+mod prereq;
+mod system;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
   migrate up|down [N]|status|fresh [--database-url URL]   run migrations (DATABASE_URL by default)
-  test [CARGO TEST ARGS]                                   unit and integration tests
+  test [CARGO TEST ARGS]                                   unit and integration tests (prepares
+                                                           what they need first; see README)
+  containers [prepare|clean|stop]                          the container engine and test image
   ci                                                       fmt, clippy -D warnings, doc, test
   bench [BENCH ARGS]                                       strategic-cache bench, release build";
 
@@ -37,6 +46,7 @@ fn try_main() -> Result<()> {
     match task.as_deref() {
         Some("migrate") => migrate(&rest),
         Some("test") => test(&rest),
+        Some("containers") => containers::task(&rest),
         Some("ci") => ci(),
         Some("bench") => bench(&rest),
         Some("-h" | "--help") | None => {
@@ -47,6 +57,7 @@ fn try_main() -> Result<()> {
     }
 }
 
+/// The workspace root, from this crate's manifest directory.
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -54,51 +65,43 @@ fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// `cargo` (the one running us), in the workspace root.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     cmd.current_dir(project_root());
     cmd
 }
 
-fn run(mut cmd: Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
-}
-
 fn migrate(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["run", "--quiet", "--package", "migration", "--"])
         .args(args);
-    run(cmd)
+    system::run(cmd)
 }
 
+/// Checks and provides the prerequisites, then builds and runs every test. `--no-fail-fast`
+/// keeps one failing test binary from hiding the results of the others.
 fn test(args: &[String]) -> Result<()> {
-    if std::env::var_os("DATABASE_URL").is_none() {
-        eprintln!(
-            "xtask: DATABASE_URL is not set; the integration tests will try to start PostgreSQL \
-             with Docker (testcontainers). Set DATABASE_URL=postgres://USER@HOST:PORT/postgres \
-             to use a running server instead."
-        );
-    }
+    let ready = prereq::prepare()?;
     // Binaries first: the CLI tests run the real `strategic-cache` binary.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
-    run(build)?;
+    system::run(build)?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).args(args);
-    run(cmd)
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .envs(ready.env.iter().map(|(k, v)| (k, v)));
+    let result = system::run(cmd);
+    if ready.containers {
+        containers::clean()?;
+    }
+    result
 }
 
 fn ci() -> Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
-    run(fmt)?;
+    system::run(fmt)?;
     let mut clippy = cargo();
     clippy.args([
         "clippy",
@@ -108,11 +111,11 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]);
-    run(clippy)?;
+    system::run(clippy)?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
-    run(doc)?;
+    system::run(doc)?;
     test(&[])
 }
 
@@ -128,5 +131,5 @@ fn bench(args: &[String]) -> Result<()> {
         "bench",
     ])
     .args(args);
-    run(cmd)
+    system::run(cmd)
 }
