@@ -23,7 +23,10 @@ mod m20251124_000002_create_refresh_queue;
 mod m20251124_000003_create_roles;
 pub mod runner;
 
-pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE};
+pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_existing};
+
+/// The name of the migration that creates the roles.
+pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
 
 /// The workspace's migrator: every migration, oldest first.
 pub struct Migrator;

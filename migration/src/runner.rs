@@ -119,6 +119,8 @@ pub struct Report {
     pub changed: Vec<String>,
     /// Every migration with whether it is applied now.
     pub status: Vec<(String, bool)>,
+    /// Things the operator should know, one line each (roles that could not be created).
+    pub notes: Vec<String>,
 }
 
 impl fmt::Display for Report {
@@ -135,6 +137,9 @@ impl fmt::Display for Report {
         for (name, applied) in &self.status {
             let state = if *applied { "applied" } else { "pending" };
             writeln!(f, "{state:8} {name}")?;
+        }
+        for note in &self.notes {
+            writeln!(f, "note: {note}")?;
         }
         Ok(())
     }
@@ -189,6 +194,7 @@ pub async fn run(
             command,
             changed: Vec::new(),
             status,
+            notes: Vec::new(),
         });
     }
     let txn = db.begin().await.map_err(|e| classify(e, options))?;
@@ -213,6 +219,20 @@ pub async fn run(
     };
     result.map_err(|e| classify(e, options))?;
     let after = status(&txn).await?;
+    let roles_applied = after
+        .iter()
+        .any(|(name, applied)| *applied && name == crate::ROLES_MIGRATION);
+    let mut notes = Vec::new();
+    if roles_applied && matches!(command, Command::Up | Command::Fresh) {
+        // Also on a run with nothing pending: roles an administrator created since the last
+        // run get their privileges here.
+        let missing = crate::grant_to_existing(&txn)
+            .await
+            .map_err(|e| classify(e, options))?;
+        if !missing.is_empty() {
+            notes.push(missing_roles_note(&missing));
+        }
+    }
     // Commit releases the advisory lock (it is transaction-scoped).
     txn.commit().await.map_err(|e| classify(e, options))?;
     let changed = match command {
@@ -228,7 +248,23 @@ pub async fn run(
         command,
         changed,
         status: after,
+        notes,
     })
+}
+
+/// One line: which roles are missing, why, and how to finish.
+fn missing_roles_note(missing: &[&str]) -> String {
+    let create: Vec<String> = missing
+        .iter()
+        .map(|role| format!("CREATE ROLE {role} NOLOGIN;"))
+        .collect();
+    format!(
+        "role(s) {} not created: this user may not create roles (no CREATEROLE); the cache works \
+         without them, and to have them an administrator runs `{}` (roles are cluster-wide) and \
+         then `migrate up` again, which grants their privileges",
+        missing.join(", "),
+        create.join(" ")
+    )
 }
 
 /// Every migration with whether it is applied, without creating the migrations table.
@@ -369,7 +405,11 @@ mod tests {
             command: Command::Up,
             changed: vec!["m1".into()],
             status: vec![("m1".into(), true)],
+            notes: vec!["roles missing".into()],
         };
-        assert_eq!(report.to_string(), "applied: m1\napplied  m1\n");
+        assert_eq!(
+            report.to_string(),
+            "applied: m1\napplied  m1\nnote: roles missing\n"
+        );
     }
 }

@@ -17,5 +17,6 @@ mod privileges;
 mod races;
 mod reader;
 mod repository;
+mod roles;
 mod scheduler;
 mod schema;

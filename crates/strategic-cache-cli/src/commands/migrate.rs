@@ -50,5 +50,6 @@ fn report_json(report: &Report) -> Value {
         "changed": report.changed,
         "migrations": migrations,
         "pending": report.status.iter().filter(|(_, applied)| !applied).count(),
+        "notes": report.notes,
     })
 }
