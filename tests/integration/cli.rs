@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use strategic_cache::Component;
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// A URL whose server is surely not listening (port 9, discard) and whose password must
 /// never be printed.

@@ -19,8 +19,11 @@ use strategic_cache::{
 
 use strategic_cache::reader::ReaderStats;
 
-use crate::helpers::{TestDb, connect};
-use crate::pgcluster::{Histogram, PgCluster, Proxy, TimerControl, heavy, poll_until};
+use crate::support::cluster::PgCluster;
+use crate::support::db::{TestDb, connect};
+use crate::support::heavy;
+use crate::support::proxy::Proxy;
+use crate::support::timing::{Histogram, TimerControl, poll_until};
 
 /// Each read's budget.
 const BUDGET: Duration = Duration::from_millis(50);
@@ -273,7 +276,7 @@ async fn settle(reader: &CacheReader, for_a_while: Duration) -> ReaderStats {
 /// server, through a proxy) costs a few errors, never a late read, and hits resume at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let t = TestDb::migrated().await;
     let upstream = {
         let url = &t.url;
@@ -374,7 +377,7 @@ async fn outages_under_load_stay_within_budget_and_recover() {
         eprintln!("skipped: set STRATEGIC_CACHE_HEAVY=1 (CI does) to run");
         return;
     }
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let cluster = PgCluster::start().await;
     {
         let admin = connect(&cluster.url("postgres")).await;

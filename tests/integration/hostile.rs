@@ -11,7 +11,7 @@ use strategic_cache::{
 };
 
 use crate::cli::{fingerprint, run, seed};
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// Strings that would do harm if they ever reached SQL unbound.
 const INJECTIONS: [&str; 6] = [

@@ -11,8 +11,9 @@ use strategic_cache::{
     PgConfig, ReaderConfig,
 };
 
-use crate::helpers::TestDb;
-use crate::pgcluster::{Histogram, TimerControl, heavy};
+use crate::support::TestDb;
+use crate::support::heavy;
+use crate::support::timing::{Histogram, TimerControl};
 
 const BUDGET: Duration = Duration::from_millis(50);
 /// What a read may take beyond its budget (timer resolution, scheduling on 2 busy cores).
@@ -82,7 +83,7 @@ async fn run_load(readers: usize, rounds: usize) -> (CacheReader, Arc<Histogram>
 /// for, p99 within the budget (plus the runtime's measured scheduling delay).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_readers_over_a_pool_of_ten() {
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let (readers, rounds) = if heavy() { (1000, 5) } else { (200, 3) };
     let started = Instant::now();
     let (reader, histogram, late) = run_load(readers, rounds).await;

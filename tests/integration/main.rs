@@ -1,4 +1,4 @@
-//! The integration tests: one binary, one module per area, shared helpers in `helpers`.
+//! The integration tests: one binary, one module per area, the shared harness in `support`.
 //!
 //! Needs PostgreSQL: `DATABASE_URL` (a base URL; each test makes its own database) or Docker.
 //! `TEST_LOG=debug` shows tracing output.
@@ -8,14 +8,13 @@
 mod bench;
 mod cli;
 mod faults;
-mod helpers;
 mod hostile;
 mod load;
 mod metrics;
-mod pgcluster;
 mod privileges;
 mod races;
 mod reader;
 mod repository;
 mod scheduler;
 mod schema;
+mod support;

@@ -21,7 +21,7 @@ use strategic_cache::{
 };
 
 use crate::cli::{run, seed};
-use crate::helpers::{TestDb, connect, server_url};
+use crate::support::db::{TestDb, connect, server_url};
 
 const PASSWORD: &str = "s3cret-Pa55word-xyzzy";
 

@@ -14,8 +14,8 @@ use strategic_cache::{
     TtlPolicy,
 };
 
-use crate::helpers::TestDb;
-use crate::pgcluster::heavy;
+use crate::support::TestDb;
+use crate::support::heavy;
 
 fn repo(t: &TestDb) -> Arc<dyn CacheRepository> {
     Arc::new(PgCacheRepository::from_connection(

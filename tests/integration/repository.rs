@@ -20,7 +20,8 @@ use strategic_cache::{
     WriteOutcome,
 };
 
-use crate::helpers::{self, TestDb};
+use crate::support::TestDb;
+use crate::support::db as helpers;
 
 const TTL: Duration = Duration::from_secs(300);
 
@@ -1346,7 +1347,7 @@ async fn pg_read_pool_replaces_terminated_connections() {
     .await
     .unwrap();
     // Wait until the server has closed them all, so that the first read surely finds one.
-    crate::pgcluster::poll_until(Duration::from_secs(5), || async {
+    crate::support::timing::poll_until(Duration::from_secs(5), || async {
         read_pool_backends(&t).await.is_empty()
     })
     .await
@@ -1509,7 +1510,7 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
             .is_some_and(|h| h.needs_vacuum())
     };
     let mut health = repo.table_health().await.unwrap();
-    let waited = crate::pgcluster::poll_until(Duration::from_secs(15), || {
+    let waited = crate::support::timing::poll_until(Duration::from_secs(15), || {
         let repo = &repo;
         async move { due(&repo.table_health().await.unwrap()) }
     })
@@ -1527,7 +1528,7 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
 
     let vacuumed = repo.vacuum_if_needed().await.unwrap();
     assert_eq!(vacuumed, vec![Component::MemoryHealth]);
-    crate::pgcluster::poll_until(Duration::from_secs(15), || {
+    crate::support::timing::poll_until(Duration::from_secs(15), || {
         let repo = &repo;
         async move { !due(&repo.table_health().await.unwrap()) }
     })

@@ -13,7 +13,7 @@ use strategic_cache::scheduler::{
 };
 use strategic_cache::{Component, Key, SystemClock};
 
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// A queue under test, with the database it lives in (if any) kept alive.
 pub struct QueueUnderTest {
@@ -669,7 +669,7 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
         PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default());
     // Dead rows: 300 entries refreshed three times, through one connection whose statistics
     // are then flushed (a backend may report them ~10 s late otherwise).
-    let (writer, one) = crate::helpers::one_connection_writer(&t.url).await;
+    let (writer, one) = crate::support::db::one_connection_writer(&t.url).await;
     for round in 0..4i64 {
         let at = chrono::Utc::now() - chrono::Duration::seconds(40 - round * 10);
         let entries: Vec<NewEntry> = (0..300)
@@ -683,13 +683,13 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
             .collect();
         writer.upsert_many(&entries).await.unwrap();
     }
-    crate::helpers::flush_stats(&one).await;
+    crate::support::db::flush_stats(&one).await;
     let memory_health = |h: Vec<strategic_cache::TableHealth>| {
         h.into_iter()
             .find(|h| h.component == Component::MemoryHealth)
             .unwrap()
     };
-    let due = crate::pgcluster::poll_until(Duration::from_secs(15), || async {
+    let due = crate::support::timing::poll_until(Duration::from_secs(15), || async {
         memory_health(pg.table_health().await.unwrap()).needs_vacuum()
     })
     .await;
@@ -717,7 +717,7 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
             })
             .await;
     });
-    let vacuumed = crate::pgcluster::poll_until(Duration::from_secs(15), || async {
+    let vacuumed = crate::support::timing::poll_until(Duration::from_secs(15), || async {
         memory_health(pg.table_health().await.unwrap()).vacuums
             > memory_health(before.clone()).vacuums
     })

@@ -1,4 +1,4 @@
-//! Shared test helpers: a fresh PostgreSQL database per test, and tracing on demand.
+//! A fresh PostgreSQL database per test, and tracing on demand.
 //!
 //! `DATABASE_URL` is a *base* URL (any database on the server, usually `postgres`); every
 //! [`TestDb`] creates its own database with a unique name and drops it when dropped, so tests
