@@ -111,10 +111,9 @@ async fn thousand_readers_over_a_pool_of_ten() {
     assert_eq!(stats.errors, 0, "{stats:?}");
     // A read cannot return before its task is polled again: the runtime's own scheduling
     // delay (measured by a plain timer alongside) is not the reader's to hide, and 1000 tasks
-    // woken by their budgets at once queue for 2 cores (SLACK). Measured in this debug build:
-    // p99 61-66 ms, the timer late by 4-8 ms. (With sqlx's pool under the reads, p99 was
-    // 110-240 ms: cancelling a waiting sqlx acquire and its release-time ping cost more CPU
-    // than the 2 cores had; the read pool waits on a semaphore.)
+    // woken by their budgets at once queue for 2 cores (SLACK). The read pool waits on a
+    // semaphore because cancelling a waiting sqlx acquire, and its release-time ping, cost
+    // more CPU than 2 cores have; docs/BENCHMARKS.md gives the figures measured here.
     assert!(
         p99 <= BUDGET + SLACK + late,
         "p99 {p99:?} over the budget {BUDGET:?} + slack {SLACK:?} + scheduling delay {late:?}"

@@ -7,13 +7,14 @@
 
 mod bench;
 mod cli;
+mod contract;
 mod faults;
 mod hostile;
 mod load;
 mod metrics;
 mod privileges;
 mod races;
-mod reader;
+mod read_pool;
 mod repository;
 mod scheduler;
 mod schema;

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod db;
+pub mod fixtures;
 pub mod proxy;
 pub mod timing;
 pub mod victoria;
