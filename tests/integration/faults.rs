@@ -22,7 +22,7 @@ use strategic_cache::reader::ReaderStats;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{TestDb, connect};
 use crate::support::heavy;
-use crate::support::proxy::Proxy;
+use crate::support::proxy::{Proxy, upstream_of};
 use crate::support::timing::{Histogram, TimerControl, poll_until};
 
 /// Each read's budget.
@@ -279,16 +279,7 @@ async fn settle(reader: &CacheReader, for_a_while: Duration) -> ReaderStats {
 async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
     let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let t = TestDb::migrated().await;
-    let upstream = {
-        let url = &t.url;
-        let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
-        let host_port = authority.rsplit('@').next().unwrap();
-        tokio::net::lookup_host(host_port)
-            .await
-            .unwrap()
-            .next()
-            .unwrap()
-    };
+    let upstream = upstream_of(&t.url).await;
     let proxy = Proxy::start(upstream).await;
     let repo: Arc<dyn CacheRepository> = Arc::new(
         PgCacheRepository::connect(&proxy.url(&t.name), pg_config(10))

@@ -19,3 +19,4 @@ mod repository;
 mod scheduler;
 mod schema;
 mod support;
+mod worker_outage;

@@ -14,6 +14,8 @@ struct ProxyState {
     latency: Duration,
     /// Accept and read, but forward nothing (a silent partition: no RST, no FIN).
     partitioned: bool,
+    /// Close every new connection at once, as a server that is down does.
+    refusing: bool,
     /// Bumped to cut every open connection.
     generation: u64,
 }
@@ -54,6 +56,17 @@ impl Proxy {
         self.state.send_modify(|s| s.partitioned = partitioned);
     }
 
+    /// Takes the server "down" (every open connection cut, every new one closed at once) or
+    /// brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.send_modify(|s| {
+            s.refusing = down;
+            if down {
+                s.generation += 1;
+            }
+        });
+    }
+
     /// Closes every connection open now (new ones are accepted as usual).
     pub fn cut_all(&self) {
         self.state.send_modify(|s| s.generation += 1);
@@ -69,6 +82,9 @@ impl Drop for Proxy {
 
 async fn serve(client: TcpStream, upstream: SocketAddr, mut state: watch::Receiver<ProxyState>) {
     let generation = state.borrow().generation;
+    if state.borrow().refusing {
+        return; // dropping the client closes it, as a server that is down would
+    }
     // A partition swallows new connections too: accepted, never answered.
     while state.borrow().partitioned {
         if state.changed().await.is_err() || state.borrow().generation != generation {
@@ -125,4 +141,15 @@ async fn pump(
             return;
         }
     }
+}
+
+/// The server address of a `postgres://` URL, for a proxy to forward to.
+pub async fn upstream_of(url: &str) -> SocketAddr {
+    let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    tokio::net::lookup_host(host_port)
+        .await
+        .unwrap()
+        .next()
+        .unwrap()
 }
