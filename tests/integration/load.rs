@@ -14,7 +14,6 @@ use strategic_cache::{
 };
 
 use crate::support::TestDb;
-use crate::support::heavy;
 use crate::support::timing::{Histogram, TimerControl};
 
 const BUDGET: Duration = Duration::from_millis(50);
@@ -130,7 +129,7 @@ fn seeded_payload(i: usize) -> MemoryHealth {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_readers_over_a_pool_of_ten() {
     let _exclusive = crate::support::EXCLUSIVE.lock().await;
-    let (readers, rounds) = if heavy() { (1000, 5) } else { (200, 3) };
+    let (readers, rounds) = (1000, 5);
     // An overloaded machine (other builds on the 2 cores) makes a run inconclusive: it is run
     // once more, and a second inconclusive run fails saying so. Passing it would claim a
     // latency bound that was never checked; failing it as the reader's fault would be false.

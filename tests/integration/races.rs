@@ -15,7 +15,6 @@ use strategic_cache::{
 };
 
 use crate::support::TestDb;
-use crate::support::heavy;
 
 fn repo(t: &TestDb) -> Arc<dyn CacheRepository> {
     Arc::new(PgCacheRepository::from_connection(
@@ -50,7 +49,7 @@ async fn batches_racing_single_writes_keep_the_newest() {
     let t = TestDb::migrated().await;
     let repo = repo(&t);
     let keys: Vec<String> = (0..20).map(|k| format!("user-{k}")).collect();
-    let rounds = if heavy() { 20 } else { 6 };
+    let rounds = 20;
     let base = now_us() - chrono::Duration::seconds(60);
     // Writer w's computed_at in round r, key k: distinct for every (w, r, k), scrambled so that
     // neither the writer's index nor the order of arrival predicts the newest.
@@ -105,11 +104,7 @@ async fn batches_racing_single_writes_keep_the_newest() {
 async fn sweeps_racing_refreshes_never_delete_a_fresh_row() {
     let t = TestDb::migrated().await;
     let repo = repo(&t);
-    let run_for = if heavy() {
-        Duration::from_secs(4)
-    } else {
-        Duration::from_millis(2500)
-    };
+    let run_for = Duration::from_secs(4);
     let stop = Arc::new(AtomicBool::new(false));
     let swept = Arc::new(AtomicU64::new(0));
     let sweeper = {

@@ -11,11 +11,6 @@ pub mod victoria;
 
 pub use db::TestDb;
 
-/// Whether the heavy variants run (`STRATEGIC_CACHE_HEAVY=1`; CI sets it).
-pub fn heavy() -> bool {
-    std::env::var("STRATEGIC_CACHE_HEAVY").is_ok_and(|v| v == "1")
-}
-
 /// Held by each load-heavy test for its whole run: two of them at once on two cores measure
 /// each other, not the reader.
 pub static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
