@@ -282,11 +282,13 @@ async fn pg_statement_timeout_is_timeout() {
 }
 
 /// Refreshing entries leaves dead row versions; `vacuum_if_needed` vacuums exactly the tables
-/// past autovacuum's threshold (whatever the server's autovacuum setting: this machine's is
-/// off), after which their dead rows are gone and nothing is due.
+/// past autovacuum's threshold (autovacuum turned off for the test's tables, so that the
+/// server's setting cannot do the work), after which their dead rows are gone and nothing is
+/// due.
 #[tokio::test]
 async fn pg_vacuum_if_needed_reclaims_dead_rows() {
     let t = TestDb::migrated().await;
+    helpers::disable_autovacuum(&t.db).await;
     let repo = pooled(&t, 2).await;
     // The refreshes go through one connection, whose pending statistics are then flushed:
     // a backend reports its dead rows up to ~10 s late, and a report arriving after the
@@ -323,6 +325,8 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
         .find(|h| h.component == Component::MemoryHealth)
         .unwrap();
     assert!(before.needs_vacuum(), "{before:?}");
+    let table = Component::MemoryHealth.table_name();
+    let vacuums_before = helpers::manual_vacuums(&t.db, table).await;
 
     let vacuumed = repo.vacuum_if_needed().await.unwrap();
     assert_eq!(vacuumed, vec![Component::MemoryHealth]);
@@ -337,7 +341,11 @@ async fn pg_vacuum_if_needed_reclaims_dead_rows() {
         .iter()
         .find(|h| h.component == Component::MemoryHealth)
         .unwrap();
-    assert!(after.vacuums > before.vacuums, "{after:?}");
+    assert_eq!(
+        helpers::manual_vacuums(&t.db, table).await,
+        vacuums_before + 1,
+        "vacuum_if_needed did not VACUUM {table} once: {after:?}"
+    );
     assert!(after.last_vacuum.is_some());
     assert_eq!(after.dead_rows, 0, "{after:?}");
     assert_eq!(
