@@ -741,8 +741,9 @@ async fn upsert_many(#[case] backend: Backend) {
     );
 }
 
-/// Eight concurrent writers of the same keys with different computed_at: the newest wins,
-/// whatever order they land in.
+/// Eight concurrent writers of the same keys with different computed_at, released together by
+/// a barrier: the newest wins after every round, whatever order they land in, and the newest
+/// write itself is never superseded.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
 #[case::memory(Backend::Memory)]
@@ -752,12 +753,15 @@ async fn concurrent_writers(#[case] backend: Backend) {
     let base = ago(100);
     for round in 0..3 {
         let mut tasks = Vec::new();
+        let start = Arc::new(tokio::sync::Barrier::new(8));
         // Offsets in seconds, in scrambled order; offset 0 is the newest. Each round is newer
         // than the last, so its newest write must replace the previous round's.
         for (i, offset) in [3i64, 7, 1, 5, 0, 6, 2, 4].into_iter().enumerate() {
             let repo = s.repo.clone();
+            let start = start.clone();
             tasks.push(tokio::spawn(async move {
                 let at = base + chrono::Duration::seconds(round * 10 - offset);
+                start.wait().await;
                 let single = repo
                     .upsert(&mh("u1", "bot", offset as f64, 0).computed_at(at))
                     .await
@@ -779,7 +783,6 @@ async fn concurrent_writers(#[case] backend: Backend) {
                 (offset, single, batch[0])
             }));
         }
-        let mut written_newest = 0;
         for t in tasks {
             let (offset, single, batch) = t.await.unwrap();
             if offset == 0 {
@@ -788,10 +791,17 @@ async fn concurrent_writers(#[case] backend: Backend) {
                     (single, batch),
                     (WriteOutcome::Written, WriteOutcome::Written)
                 );
-                written_newest += 1;
             }
         }
-        assert_eq!(written_newest, 1);
+        for c in [Component::MemoryHealth, Component::CharacterPerformance] {
+            let got = s.repo.get(c, &key(c, "u1", "bot")).await.unwrap().unwrap();
+            assert_eq!(got.payload, payload(c, 0.0), "{c}, round {round}");
+            assert_eq!(
+                got.computed_at,
+                base + chrono::Duration::seconds(round * 10),
+                "{c}, round {round}"
+            );
+        }
     }
     for c in [Component::MemoryHealth, Component::CharacterPerformance] {
         let got = s.repo.get(c, &key(c, "u1", "bot")).await.unwrap().unwrap();
