@@ -20,7 +20,7 @@ use strategic_cache::{
     PgCacheRepository, PgConfig,
 };
 
-use crate::cli::{run, seed};
+use crate::cli::{run, run_logging, seed};
 use crate::support::db::{TestDb, connect, server_url};
 
 const PASSWORD: &str = "s3cret-Pa55word-xyzzy";
@@ -397,7 +397,15 @@ async fn passwords_never_reach_logs_or_errors() {
         ],
     ] {
         for url in [&user.url, &unreachable] {
-            let r = run(Some(url), &args, br#"{"memory_snapshot": []}"#).await;
+            // Every log line of every crate, the drivers' included, at trace level: a password
+            // logged at debug would pass a check run at the default level (warn).
+            let r = run_logging(
+                Some(url),
+                &args,
+                br#"{"memory_snapshot": []}"#,
+                Some("trace"),
+            )
+            .await;
             assert_eq!(r.code, 1, "{args:?}: {r:#?}");
             cli.push(r);
         }
