@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// The cases scripts and docs rely on.
 const REQUIRED: &[&str] = &[

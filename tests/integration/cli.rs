@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use strategic_cache::Component;
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// A URL whose server is surely not listening (port 9, discard) and whose password must
 /// never be printed.
@@ -91,6 +91,17 @@ fn binary() -> PathBuf {
 
 /// Runs the binary with `args`, the database URL in `DATABASE_URL` (when given) and `stdin`.
 pub(crate) async fn run(database_url: Option<&str>, args: &[&str], stdin: &[u8]) -> Run {
+    run_logging(database_url, args, stdin, None).await
+}
+
+/// [`run`] with `RUST_LOG` set to `log` (when given; unset otherwise, so that the binary logs
+/// at its default level).
+pub(crate) async fn run_logging(
+    database_url: Option<&str>,
+    args: &[&str],
+    stdin: &[u8],
+    log: Option<&str>,
+) -> Run {
     let mut command = tokio::process::Command::new(binary());
     command
         .args(args)
@@ -103,6 +114,9 @@ pub(crate) async fn run(database_url: Option<&str>, args: &[&str], stdin: &[u8])
         .kill_on_drop(true);
     if let Some(url) = database_url {
         command.env("DATABASE_URL", url);
+    }
+    if let Some(log) = log {
+        command.env("RUST_LOG", log);
     }
     let started = Instant::now();
     let mut child = command.spawn().unwrap();

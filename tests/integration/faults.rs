@@ -19,8 +19,10 @@ use strategic_cache::{
 
 use strategic_cache::reader::ReaderStats;
 
-use crate::helpers::{TestDb, connect};
-use crate::pgcluster::{Histogram, PgCluster, Proxy, TimerControl, heavy, poll_until};
+use crate::support::cluster::PgCluster;
+use crate::support::db::{TestDb, connect};
+use crate::support::proxy::{Proxy, upstream_of};
+use crate::support::timing::{Histogram, TimerControl, poll_until};
 
 /// Each read's budget.
 const BUDGET: Duration = Duration::from_millis(50);
@@ -29,8 +31,14 @@ const BUDGET: Duration = Duration::from_millis(50);
 const SLACK: Duration = Duration::from_millis(50);
 /// Kept short so that recovery is quick to observe.
 const COOLDOWN: Duration = Duration::from_millis(200);
-/// The longest a reader may take to serve hits again once the database is back.
+/// The longest a reader may take to serve hits again once the database is back, the
+/// breaker's cooldown included.
 const RECOVERY: Duration = Duration::from_millis(1000);
+/// Readers in every step: a bot's burst.
+const READERS: usize = 200;
+/// Above this lateness of the control thread, the machine decides the read times and the run
+/// is inconclusive.
+const CONTROL_CAP: Duration = Duration::from_millis(100);
 
 fn payload(n: u64) -> MemoryHealth {
     MemoryHealth {
@@ -126,10 +134,11 @@ impl Readers {
     /// Waits until some read that started after `since` was a hit; how long that took.
     async fn hits_after(&self, since: Instant) -> Option<Duration> {
         let since_us = u64::try_from(since.duration_since(self.started).as_micros()).unwrap();
+        // The breaker's cooldown is part of the second, not added to it.
         let limit = if since == self.started {
             Duration::from_secs(10)
         } else {
-            COOLDOWN + RECOVERY
+            RECOVERY
         };
         poll_until(limit, || async {
             self.last_hit_us.load(Ordering::Relaxed) > since_us
@@ -138,13 +147,18 @@ impl Readers {
     }
 
     /// p99 of reads within budget + slack; the longest within budget + slack + the worst
-    /// scheduling delay a plain timer saw (the OS, not the reader, owns that part).
+    /// scheduling delay a plain thread saw (the OS, not the reader, owns that part). Past
+    /// `CONTROL_CAP` of that delay the run fails as inconclusive: not rerun here, because a
+    /// fault run takes seconds and a rerun belongs to whoever reads the message.
     fn assert_within_budget(&self, control: &TimerControl) {
+        if let Err(inconclusive) = control.late_within(CONTROL_CAP) {
+            panic!("{inconclusive}");
+        }
         let p99 = self.histogram.quantile(0.99);
         let max = Duration::from_micros(self.max_us.load(Ordering::Relaxed));
         eprintln!(
-            "{} reads: p50 {:?}, p99 {p99:?}, max {max:?}, {} over budget + slack; timer \
-             control late by up to {:?}",
+            "{} reads: p50 {:?}, p99 {p99:?}, max {max:?}, {} over budget + slack; control \
+             thread late by up to {:?}",
             self.histogram.count(),
             self.histogram.quantile(0.5),
             self.over.load(Ordering::Relaxed),
@@ -155,7 +169,8 @@ impl Readers {
             "p99 {p99:?} over budget + slack + scheduling delay {:?}",
             control.max_late()
         );
-        // The longest read: one sample, so twice the slack (measured: 52-61 ms).
+        // The longest read is one sample, not a quantile, so it gets twice the slack
+        // (docs/BENCHMARKS.md gives the longest reads measured here).
         assert!(
             max <= BUDGET + SLACK * 2 + control.max_late(),
             "longest read {max:?}, a plain timer was late by at most {:?}",
@@ -269,32 +284,24 @@ async fn settle(reader: &CacheReader, for_a_while: Duration) -> ReaderStats {
     reader.stats()
 }
 
-/// Terminating the backends of in-flight reads and cutting every connection (on the shared
-/// server, through a proxy) costs a few errors, never a late read, and hits resume at once.
+/// Under 200 readers, terminating the read pool's backends and then cutting every connection
+/// (on the shared server, through a proxy) each cost some errors or timeouts, counted per
+/// step, never a late read, and hits resume within 1 s of each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let t = TestDb::migrated().await;
-    let upstream = {
-        let url = &t.url;
-        let authority = url.split("://").nth(1).unwrap().split('/').next().unwrap();
-        let host_port = authority.rsplit('@').next().unwrap();
-        tokio::net::lookup_host(host_port)
-            .await
-            .unwrap()
-            .next()
-            .unwrap()
-    };
+    let upstream = upstream_of(&t.url).await;
     let proxy = Proxy::start(upstream).await;
     let repo: Arc<dyn CacheRepository> = Arc::new(
         PgCacheRepository::connect(&proxy.url(&t.name), pg_config(10))
             .await
             .unwrap(),
     );
-    seed(repo.as_ref(), 50).await;
+    seed(repo.as_ref(), READERS as u64).await;
     let reader = CacheReader::new(repo.clone()).with_config(reader_config());
-    let control = TimerControl::spawn(BUDGET);
-    let readers = Readers::spawn(&reader, 50, 50);
+    let control = TimerControl::spawn(Duration::from_millis(10));
+    let readers = Readers::spawn(&reader, READERS, READERS as u64);
     let writer = Writer::spawn(repo.clone());
 
     // A cold pool under a burst of readers may time out at first: wait for the first hits.
@@ -318,7 +325,7 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
                 sea_orm::DbBackend::Postgres,
                 "SELECT count(pg_terminate_backend(pid))::bigint AS n FROM pg_stat_activity \
                  WHERE datname = current_database() AND pid <> pg_backend_pid() \
-                 AND backend_type = 'client backend'",
+                 AND backend_type = 'client backend' AND application_name = 'strategic-cache'",
             ))
             .await
             .unwrap()
@@ -354,13 +361,21 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
         end.hits + end.misses + end.stale + end.errors + end.timeouts + end.breaker_skips,
         "{end:?}"
     );
-    assert!(terminated > 0, "no backend of the pool was terminated");
+    assert!(terminated > 0, "no backend of the read pool was terminated");
     // A terminated backend or a cut socket fails the read at once (an error) or, when the
     // pool's reconnect does not make the budget on a loaded machine, a timeout; either way
-    // the bot got "no data" in time and the fault shows in the counters.
+    // the bot got "no data" in time and each fault shows in the counters of its own step.
+    let (_, errors, timeouts, _) = delta(after_terminate, before);
     assert!(
-        end.errors + end.timeouts > before.errors + before.timeouts,
-        "the faults were not counted: {end:?}"
+        errors + timeouts > 0,
+        "terminating the backends was not counted: {:?}",
+        delta(after_terminate, before)
+    );
+    let (_, errors, timeouts, _) = delta(after_cut, after_terminate);
+    assert!(
+        errors + timeouts > 0,
+        "cutting the connections was not counted: {:?}",
+        delta(after_cut, after_terminate)
     );
     assert_all_written(repo.as_ref(), written).await;
 }
@@ -370,11 +385,7 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
 /// match the faults, hits within 1 s of the server returning, and no confirmed write lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_under_load_stay_within_budget_and_recover() {
-    if !heavy() {
-        eprintln!("skipped: set STRATEGIC_CACHE_HEAVY=1 (CI does) to run");
-        return;
-    }
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let cluster = PgCluster::start().await;
     {
         let admin = connect(&cluster.url("postgres")).await;
@@ -402,10 +413,10 @@ async fn outages_under_load_stay_within_budget_and_recover() {
             .await
             .unwrap(),
     );
-    seed(repo.as_ref(), 200).await;
+    seed(repo.as_ref(), READERS as u64).await;
     let reader = CacheReader::new(repo.clone()).with_config(reader_config());
-    let control = TimerControl::spawn(BUDGET);
-    let readers = Readers::spawn(&reader, 200, 200);
+    let control = TimerControl::spawn(Duration::from_millis(10));
+    let readers = Readers::spawn(&reader, READERS, READERS as u64);
     let writer = Writer::spawn(writer_repo.clone());
     let mut report = Vec::new();
 
@@ -469,8 +480,7 @@ async fn outages_under_load_stay_within_budget_and_recover() {
         ));
         assert!(
             back.is_some(),
-            "{fault}: no hits within {:?} of the restart",
-            COOLDOWN + RECOVERY
+            "{fault}: no hits within {RECOVERY:?} of the restart"
         );
     }
 

@@ -11,7 +11,7 @@ use strategic_cache::{
 };
 
 use crate::cli::{fingerprint, run, seed};
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// Strings that would do harm if they ever reached SQL unbound.
 const INJECTIONS: [&str; 6] = [
@@ -224,12 +224,25 @@ async fn hostile_cli_input_exits_two_and_changes_nothing() {
         put.expect_code(0, user);
         let got = run(
             Some(&t.url),
-            &[&["get", "--component", "memory_health"], &args[..]].concat(),
+            &[
+                &["--json", "get", "--component", "memory_health"],
+                &args[..],
+            ]
+            .concat(),
             b"",
         )
         .await;
         got.expect_code(0, user);
-        assert!(got.stdout.contains("fresh"), "{user}: {got:#?}");
+        let got: serde_json::Value = serde_json::from_str(&got.stdout)
+            .unwrap_or_else(|e| panic!("{user}: `get --json` printed no JSON ({e}): {got:#?}"));
+        assert_eq!(got["state"], "fresh", "{user}: {got:#}");
+        assert_eq!(got["key"]["user_id"], *user, "{user}: {got:#}");
+        assert_eq!(got["key"]["bot_name"], INJECTIONS[1], "{user}: {got:#}");
+        let sent: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        assert_eq!(
+            got["payload"]["memory_snapshot"], sent["memory_snapshot"],
+            "{user}: {got:#}"
+        );
     }
     let repo =
         PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default());

@@ -4,23 +4,43 @@
 //! would feel: how long reads take, and how many of the entries that are there it is served.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use strategic_cache::reader::ReaderStats;
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, PgCacheRepository,
     PgConfig, ReaderConfig,
 };
 
-use crate::helpers::TestDb;
-use crate::pgcluster::{Histogram, TimerControl, heavy};
+use crate::support::TestDb;
+use crate::support::timing::{Histogram, TimerControl};
 
 const BUDGET: Duration = Duration::from_millis(50);
 /// What a read may take beyond its budget (timer resolution, scheduling on 2 busy cores).
 const SLACK: Duration = Duration::from_millis(50);
+/// The share of reads of seeded users that must be served their entry. The rest may time out
+/// while a thousand readers queue for ten connections on two cores; a reader that served none
+/// (one that always timed out, say) fails. (docs/BENCHMARKS.md gives the share measured here.)
+const MIN_HIT_SHARE: f64 = 0.5;
+/// Above this lateness of the control thread the machine, not the reader, decides the read
+/// times, and the run is inconclusive.
+const CONTROL_CAP: Duration = Duration::from_millis(100);
+
+/// What one load run saw.
+struct LoadRun {
+    stats: ReaderStats,
+    histogram: Arc<Histogram>,
+    /// The control thread's lateness, or why the run is inconclusive.
+    control: Result<Duration, String>,
+    /// Reads of seeded users, and how many of them were hits.
+    seeded_reads: u64,
+    seeded_hits: u64,
+}
 
 /// Runs `readers` concurrent readers, each doing `rounds` reads of seeded (even) and unseeded
-/// (odd) users, and returns the reader and the read-time histogram.
-async fn run_load(readers: usize, rounds: usize) -> (CacheReader, Arc<Histogram>, Duration) {
+/// (odd) users; a hit must be for a seeded user and carry exactly the seeded payload.
+async fn run_load(readers: usize, rounds: usize) -> LoadRun {
     let t = TestDb::migrated().await;
     let repo: Arc<dyn CacheRepository> = Arc::new(
         PgCacheRepository::connect(
@@ -38,10 +58,7 @@ async fn run_load(readers: usize, rounds: usize) -> (CacheReader, Arc<Histogram>
         .map(|i| {
             NewEntry::new(
                 Key::user_bot(format!("user-{i}"), "elena"),
-                MemoryHealth {
-                    memory_snapshot: serde_json::json!([i]),
-                    ..MemoryHealth::default()
-                },
+                seeded_payload(i),
             )
         })
         .collect();
@@ -53,11 +70,14 @@ async fn run_load(readers: usize, rounds: usize) -> (CacheReader, Arc<Histogram>
         ..ReaderConfig::default()
     });
     let histogram = Arc::new(Histogram::default());
-    let control = TimerControl::spawn(BUDGET);
+    let seeded_reads = Arc::new(AtomicU64::new(0));
+    let seeded_hits = Arc::new(AtomicU64::new(0));
+    let control = TimerControl::spawn(Duration::from_millis(10));
     let start = Arc::new(tokio::sync::Barrier::new(readers));
     let mut tasks = Vec::new();
     for i in 0..readers {
         let (reader, histogram, start) = (reader.clone(), histogram.clone(), start.clone());
+        let (seeded_reads, seeded_hits) = (seeded_reads.clone(), seeded_hits.clone());
         tasks.push(tokio::spawn(async move {
             start.wait().await;
             for _ in 0..rounds {
@@ -66,34 +86,83 @@ async fn run_load(readers: usize, rounds: usize) -> (CacheReader, Arc<Histogram>
                     .get(Component::MemoryHealth, &format!("user-{i}"), "elena")
                     .await;
                 histogram.record(started.elapsed());
-                assert!(got.is_none() || i % 2 == 0, "a hit for an unseeded user");
+                if i % 2 == 0 {
+                    seeded_reads.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(entry) = got {
+                    assert!(i % 2 == 0, "a hit for unseeded user-{i}");
+                    assert_eq!(
+                        entry.payload,
+                        seeded_payload(i).into(),
+                        "user-{i} was served another payload than the seeded one"
+                    );
+                    seeded_hits.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }));
     }
     for task in tasks {
         task.await.expect("a reader panicked");
     }
-    let late = control.max_late();
+    let control = control.late_within(CONTROL_CAP);
     drop(t);
-    (reader, histogram, late)
+    LoadRun {
+        stats: reader.stats(),
+        histogram,
+        control,
+        seeded_reads: seeded_reads.load(Ordering::Relaxed),
+        seeded_hits: seeded_hits.load(Ordering::Relaxed),
+    }
 }
 
-/// A thousand concurrent readers over a pool of ten: no panic, no error, every read accounted
-/// for, p99 within the budget (plus the runtime's measured scheduling delay).
+/// The payload seeded for `user-{i}`.
+fn seeded_payload(i: usize) -> MemoryHealth {
+    MemoryHealth {
+        memory_snapshot: serde_json::json!([i]),
+        ..MemoryHealth::default()
+    }
+}
+
+/// A thousand concurrent readers over a pool of ten: no error, every read accounted for, at
+/// least half of the seeded reads served their exact payload, p99 within the budget plus the
+/// machine's own scheduling delay (inconclusive, and failed as such, past a cap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_readers_over_a_pool_of_ten() {
-    let _exclusive = crate::pgcluster::EXCLUSIVE.lock().await;
-    let (readers, rounds) = if heavy() { (1000, 5) } else { (200, 3) };
-    let started = Instant::now();
-    let (reader, histogram, late) = run_load(readers, rounds).await;
-    let stats = reader.stats();
+    let _exclusive = crate::support::EXCLUSIVE.lock().await;
+    let (readers, rounds) = (1000, 5);
+    // An overloaded machine (other builds on the 2 cores) makes a run inconclusive: it is run
+    // once more, and a second inconclusive run fails saying so. Passing it would claim a
+    // latency bound that was never checked; failing it as the reader's fault would be false.
+    let mut attempt = 0;
+    let (run, late) = loop {
+        attempt += 1;
+        let started = Instant::now();
+        let run = run_load(readers, rounds).await;
+        eprintln!(
+            "{readers} readers x {rounds} (run {attempt}): {:?}; seeded reads {}, hits {}; p50 \
+             {:?} p99 {:?}; control thread {:?}; {:?} in all",
+            run.stats,
+            run.seeded_reads,
+            run.seeded_hits,
+            run.histogram.quantile(0.5),
+            run.histogram.quantile(0.99),
+            run.control,
+            started.elapsed()
+        );
+        match run.control.clone() {
+            Ok(late) => break (run, late),
+            Err(inconclusive) if attempt >= 2 => panic!("{inconclusive} (twice)"),
+            Err(_) => continue,
+        }
+    };
+    let LoadRun {
+        stats,
+        histogram,
+        seeded_reads,
+        seeded_hits,
+        ..
+    } = run;
     let p99 = histogram.quantile(0.99);
-    eprintln!(
-        "{readers} readers x {rounds}: {stats:?}; p50 {:?} p99 {p99:?}; timer late by up to \
-         {late:?}; {:?} in all",
-        histogram.quantile(0.5),
-        started.elapsed()
-    );
     let expected = (readers * rounds) as u64;
     assert_eq!(histogram.count(), expected);
     assert_eq!(stats.reads, expected);
@@ -108,19 +177,19 @@ async fn thousand_readers_over_a_pool_of_ten() {
         "{stats:?}"
     );
     assert_eq!(stats.errors, 0, "{stats:?}");
-    // A read cannot return before its task is polled again: the runtime's own scheduling
-    // delay (measured by a plain timer alongside) is not the reader's to hide, and 1000 tasks
-    // woken by their budgets at once queue for 2 cores (SLACK). Measured in this debug build:
-    // p99 61-66 ms, the timer late by 4-8 ms. (With sqlx's pool under the reads, p99 was
-    // 110-240 ms: cancelling a waiting sqlx acquire and its release-time ping cost more CPU
-    // than the 2 cores had; the read pool waits on a semaphore.)
+    assert_eq!(stats.hits, seeded_hits, "{stats:?}");
+    assert!(
+        seeded_hits as f64 >= MIN_HIT_SHARE * seeded_reads as f64,
+        "{seeded_hits} hits in {seeded_reads} reads of seeded users, under {MIN_HIT_SHARE}: \
+         {stats:?}"
+    );
+    // A read cannot return before its task is polled again, and 1000 tasks woken by their
+    // budgets at once queue for 2 cores (SLACK); what the OS delays a plain thread by is not
+    // the reader's to hide either. The read pool waits on a semaphore because cancelling a
+    // waiting sqlx acquire, and its release-time ping, cost more CPU than 2 cores have;
+    // docs/BENCHMARKS.md gives the figures measured here.
     assert!(
         p99 <= BUDGET + SLACK + late,
         "p99 {p99:?} over the budget {BUDGET:?} + slack {SLACK:?} + scheduling delay {late:?}"
-    );
-    // Reads that were not served are accounted as misses, timeouts or skips, never errors.
-    assert!(
-        stats.misses + stats.timeouts + stats.breaker_skips > 0,
-        "{stats:?}"
     );
 }

@@ -1,4 +1,4 @@
-//! The integration tests: one binary, one module per area, shared helpers in `helpers`.
+//! The integration tests: one binary, one module per area, the shared harness in `support`.
 //!
 //! Needs PostgreSQL: `DATABASE_URL` (a base URL; each test makes its own database) or Docker.
 //! `TEST_LOG=debug` shows tracing output.
@@ -7,16 +7,17 @@
 
 mod bench;
 mod cli;
+mod contract;
 mod faults;
-mod helpers;
 mod hostile;
 mod load;
 mod metrics;
-mod pgcluster;
 mod privileges;
 mod races;
-mod reader;
+mod read_pool;
 mod repository;
 mod roles;
 mod scheduler;
 mod schema;
+mod support;
+mod worker_outage;

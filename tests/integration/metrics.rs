@@ -6,11 +6,7 @@
 //! `/api/v1/export` as `strategic_cache_reads_hit{table="..",bot=".."} 3`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -20,135 +16,8 @@ use strategic_cache::metrics::{
 use strategic_cache::{Component, ReadObserver, ReadOutcome};
 use tokio::time::{Instant, sleep};
 
-static DIRS: AtomicU32 = AtomicU32::new(0);
-
-/// A VictoriaMetrics child process on a loopback port with its own data directory; killed
-/// and cleaned up on drop.
-struct VictoriaMetrics {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-    http: reqwest::Client,
-}
-
-impl VictoriaMetrics {
-    async fn start() -> Self {
-        Self::start_on(free_port()).await
-    }
-
-    async fn start_on(port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "strategic-cache-vm-{}-{}",
-            std::process::id(),
-            DIRS.fetch_add(1, Ordering::Relaxed)
-        ));
-        let child = Command::new("victoria-metrics")
-            .arg(format!("-storageDataPath={}", dir.display()))
-            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg("-loggerLevel=ERROR")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start `victoria-metrics` ({e}); install it with \
-                     `apt-get install -y victoria-metrics` (Debian package) and put it on PATH"
-                )
-            });
-        let vm = VictoriaMetrics {
-            child,
-            port,
-            dir,
-            http: reqwest::Client::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let health = vm.http.get(vm.url("/health")).send().await;
-            if health.is_ok_and(|r| r.status().is_success()) {
-                return vm;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "victoria-metrics did not become healthy"
-            );
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// Every series whose name matches `name_regex`, as (labels, values), polled until
-    /// `ready` accepts the result (data is searchable shortly after `/internal/force_flush`).
-    async fn export_until(
-        &self,
-        name_regex: &str,
-        ready: impl Fn(&[Series]) -> bool,
-    ) -> Vec<Series> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let _ = self
-                .http
-                .get(self.url("/internal/force_flush"))
-                .send()
-                .await;
-            let body = self
-                .http
-                .get(self.url("/api/v1/export"))
-                .query(&[("match[]", format!("{{__name__=~\"{name_regex}\"}}"))])
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let series: Vec<Series> = body
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| {
-                    let v: Value = serde_json::from_str(l).unwrap();
-                    Series {
-                        labels: v["metric"]
-                            .as_object()
-                            .unwrap()
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-                            .collect(),
-                        values: v["values"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|x| x.as_f64().unwrap())
-                            .collect(),
-                    }
-                })
-                .collect();
-            if ready(&series) {
-                return series;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {name_regex}; last export: {series:#?}"
-            );
-            sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for VictoriaMetrics {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Series {
-    labels: BTreeMap<String, String>,
-    values: Vec<f64>,
-}
+use crate::support::free_port;
+use crate::support::victoria::{Series, VictoriaMetrics};
 
 /// Sum of the values of `metric` per (table, bot).
 fn sums(series: &[Series], metric: &str) -> BTreeMap<(String, String), f64> {
@@ -161,14 +30,6 @@ fn sums(series: &[Series], metric: &str) -> BTreeMap<(String, String), f64> {
         *out.entry(key).or_insert(0.0) += s.values.iter().sum::<f64>();
     }
     out
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn fast() -> ExporterConfig {
@@ -324,8 +185,18 @@ async fn metrics_v2_export_values_and_hostile_tags_reach_the_server() {
             "{s:?}"
         );
     }
-    let exporter = sums(&series, "strategic_cache_exporter_dropped_windows");
-    assert_eq!(exporter.values().sum::<f64>(), 0.0);
+    let dropped = series
+        .iter()
+        .filter(|s| s.labels["__name__"] == "strategic_cache_exporter_dropped_windows")
+        .collect::<Vec<_>>();
+    assert!(
+        !dropped.is_empty(),
+        "the exporter wrote no dropped_windows series"
+    );
+    assert!(
+        dropped.iter().all(|s| s.values.iter().all(|v| *v == 0.0)),
+        "windows were dropped: {dropped:?}"
+    );
 }
 
 /// Through the 1.x `/write` endpoint, periodic windows deliver every read exactly once.
@@ -523,40 +394,14 @@ async fn metrics_slow_sink_does_not_block_recording() {
     server.abort();
 }
 
-/// Every InfluxQL query of the Grafana dashboard names a measurement, fields and tags that the
-/// exporter writes (names taken from the exporter's own constants).
-#[test]
-fn metrics_dashboard_queries_use_exported_names() {
+/// Each InfluxQL query of the Grafana dashboard, as (panel or variable, query, the
+/// double-quoted identifiers it names except aliases such as `AS "p50"`).
+fn dashboard_queries() -> Vec<(String, String, Vec<String>)> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../dashboards/grafana/strategic-cache.json"
     );
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let known: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::from([
-        (
-            metrics::MEASUREMENT_READS,
-            metrics::READ_FIELDS
-                .iter()
-                .chain(&metrics::READ_TAGS)
-                .copied()
-                .collect(),
-        ),
-        (
-            metrics::MEASUREMENT_EXPORTER,
-            metrics::EXPORTER_FIELDS.into_iter().collect(),
-        ),
-        (
-            metrics::MEASUREMENT_WORKER,
-            metrics::WORKER_FIELDS
-                .into_iter()
-                .chain([metrics::TAG_WORKER])
-                .collect(),
-        ),
-        (
-            metrics::MEASUREMENT_REFRESH_REQUESTS,
-            metrics::REFRESH_REQUEST_FIELDS.into_iter().collect(),
-        ),
-    ]);
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
@@ -576,58 +421,104 @@ fn metrics_dashboard_queries_use_exported_names() {
             queries.push((var["name"].as_str().unwrap().to_owned(), q.to_owned()));
         }
     }
+    queries
+        .into_iter()
+        .map(|(title, query)| {
+            let parts: Vec<&str> = query.split('"').collect();
+            let idents = parts
+                .iter()
+                .enumerate()
+                .skip(1)
+                .step_by(2)
+                .filter(|(i, _)| {
+                    !parts[i - 1]
+                        .trim_end()
+                        .to_ascii_uppercase()
+                        .ends_with(" AS")
+                })
+                .map(|(_, ident)| (*ident).to_owned())
+                .collect();
+            (title, query, idents)
+        })
+        .collect()
+}
+
+/// The dashboard is well formed: raw InfluxQL in every panel, each naming a measurement and a
+/// field or tag, and an InfluxDB datasource variable first. (That the names are ones the
+/// exporter writes is checked against VictoriaMetrics in
+/// `metrics_simulate_lands_its_figures_in_the_server`.)
+#[test]
+fn metrics_dashboard_queries_are_well_formed() {
+    let queries = dashboard_queries();
     assert!(queries.len() >= 6, "{queries:?}");
-    let mut fields_used = BTreeSet::new();
-    for (title, query) in &queries {
-        // Double-quoted identifiers, except aliases (`AS "p50"`).
-        let mut idents = Vec::new();
-        let parts: Vec<&str> = query.split('"').collect();
-        for (i, ident) in parts.iter().enumerate().skip(1).step_by(2) {
-            if !parts[i - 1]
-                .trim_end()
-                .to_ascii_uppercase()
-                .ends_with(" AS")
-            {
-                idents.push(*ident);
-            }
-        }
-        let measurement = idents
-            .iter()
-            .find(|i| known.contains_key(*i))
-            .unwrap_or_else(|| panic!("{title}: no known measurement in {query}"));
-        let names = &known[measurement];
-        for ident in &idents {
-            assert!(
-                ident == measurement || names.contains(ident),
-                "{title}: `{ident}` is not written to {measurement}: {query}"
-            );
-            fields_used.insert(*ident);
-        }
+    for (title, query, idents) in &queries {
         assert!(idents.len() >= 2, "{title}: names no field or tag: {query}");
     }
-    for needed in [
-        metrics::FIELD_HIT,
-        metrics::FIELD_READS,
-        metrics::FIELD_MISS,
-        metrics::FIELD_LATENCY_P95,
-        metrics::FIELD_AGE_P95,
-        metrics::TAG_BOT,
-        metrics::TAG_TABLE,
-    ] {
-        assert!(
-            fields_used.contains(needed),
-            "dashboard does not use {needed}"
-        );
-    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../dashboards/grafana/strategic-cache.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(
         dashboard["templating"]["list"][0]["type"], "datasource",
         "first variable selects the InfluxDB datasource"
     );
 }
 
+/// Asserts that every measurement, field and tag the dashboard queries is one the exporter
+/// wrote into VictoriaMetrics (`series`: everything it holds): a field `f` of measurement `m`
+/// as the series `m_f`, a tag as a label of such a series.
+fn assert_dashboard_names_written(series: &[Series]) {
+    let names: BTreeSet<&str> = series
+        .iter()
+        .map(|s| s.labels["__name__"].as_str())
+        .collect();
+    let mut used = BTreeSet::new();
+    for (title, query, idents) in dashboard_queries() {
+        let measurement = idents
+            .iter()
+            .find(|m| names.iter().any(|n| n.starts_with(&format!("{m}_"))))
+            .unwrap_or_else(|| {
+                panic!("{title}: no measurement the exporter wrote in {query}; it wrote {names:?}")
+            });
+        let prefix = format!("{measurement}_");
+        for ident in &idents {
+            if ident == measurement {
+                continue;
+            }
+            let field = names.contains(format!("{prefix}{ident}").as_str());
+            let tag = series.iter().any(|s| {
+                s.labels["__name__"].starts_with(&prefix) && s.labels.contains_key(ident.as_str())
+            });
+            assert!(
+                field || tag,
+                "{title}: `{ident}` is neither a field nor a tag the exporter wrote to \
+                 {measurement}: {query}"
+            );
+            used.insert(format!("{prefix}{ident}"));
+        }
+    }
+    for needed in [
+        "strategic_cache_reads_hit",
+        "strategic_cache_reads_reads",
+        "strategic_cache_reads_miss",
+        "strategic_cache_reads_latency_p95_us",
+        "strategic_cache_reads_age_p95_s",
+        "strategic_cache_reads_bot",
+        "strategic_cache_reads_table",
+        "strategic_cache_worker_recomputes",
+        "strategic_cache_exporter_dropped_windows",
+    ] {
+        assert!(
+            used.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
+}
+
 /// A `simulate` run with `INFLUXDB_URL` set lands its figures in the real server: per table
-/// and bot, the exported reads add up to the run's reads, and the worker's and requester's
-/// counters arrive too.
+/// and bot, the exported reads add up to the run's reads, the worker's and requester's
+/// counters arrive too, and every name the Grafana dashboard queries is among what arrived.
 #[tokio::test]
 async fn metrics_simulate_lands_its_figures_in_the_server() {
     let vm = VictoriaMetrics::start().await;
@@ -699,6 +590,10 @@ async fn metrics_simulate_lands_its_figures_in_the_server() {
         expected_recomputes,
         "the final window carries the totals"
     );
+    let everything = vm
+        .export_until("strategic_cache_.*", |s| !s.is_empty())
+        .await;
+    assert_dashboard_names_written(&everything);
 }
 
 /// The worker's recompute total: the largest value of each `worker_recomputes` series, summed.

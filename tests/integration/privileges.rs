@@ -20,8 +20,8 @@ use strategic_cache::{
     PgCacheRepository, PgConfig,
 };
 
-use crate::cli::{run, seed};
-use crate::helpers::{TestDb, connect, server_url};
+use crate::cli::{run, run_logging, seed};
+use crate::support::db::{TestDb, connect, server_url};
 
 const PASSWORD: &str = "s3cret-Pa55word-xyzzy";
 
@@ -188,12 +188,18 @@ async fn reader_role_reads_but_cannot_write() {
         matches!(&writes, Err(CacheError::Database(m)) if m.contains("permission denied")),
         "{writes:?}"
     );
+    let invalidates = repo
+        .invalidate(Component::MemoryHealth, &Key::user_bot("u1", "elena"))
+        .await;
     assert!(
-        repo.invalidate(Component::MemoryHealth, &Key::user_bot("u1", "elena"))
-            .await
-            .is_err()
+        matches!(&invalidates, Err(CacheError::Database(m)) if m.contains("permission denied")),
+        "{invalidates:?}"
     );
-    assert!(repo.sweep_expired(100).await.is_err());
+    let sweeps = repo.sweep_expired(100).await;
+    assert!(
+        matches!(&sweeps, Err(CacheError::Database(m)) if m.contains("permission denied")),
+        "{sweeps:?}"
+    );
     let db = repo.connection();
     for sql in [
         "DELETE FROM strategic_refresh_queue",
@@ -257,15 +263,17 @@ async fn writer_role_writes_but_cannot_run_ddl() {
     let user = LoginUser::create(&t, "writer", Some(WRITER_ROLE)).await;
     let repo = user.repo().await;
     repo.upsert(&entry("u1")).await.unwrap();
-    repo.upsert_many(&[entry("u2"), entry("u3").with_ttl(Duration::from_secs(1))])
-        .await
-        .unwrap();
+    // u3 computed an hour ago with a minute's TTL: expired, for the sweep to delete.
+    let expired = entry("u3")
+        .with_ttl(Duration::from_secs(60))
+        .computed_at(chrono::Utc::now() - chrono::Duration::hours(1));
+    repo.upsert_many(&[entry("u2"), expired]).await.unwrap();
     assert!(
         repo.invalidate(Component::MemoryHealth, &Key::user_bot("u2", "elena"))
             .await
             .unwrap()
     );
-    repo.sweep_expired(100).await.unwrap();
+    assert_eq!(repo.sweep_expired(100).await.unwrap(), 1, "u3 swept");
     let queue = PgRefreshQueue::new(repo.connection().clone(), 100);
     queue.enqueue(&[miss("u5")]).await.unwrap();
     let claims = queue
@@ -389,7 +397,15 @@ async fn passwords_never_reach_logs_or_errors() {
         ],
     ] {
         for url in [&user.url, &unreachable] {
-            let r = run(Some(url), &args, br#"{"memory_snapshot": []}"#).await;
+            // Every log line of every crate, the drivers' included, at trace level: a password
+            // logged at debug would pass a check run at the default level (warn).
+            let r = run_logging(
+                Some(url),
+                &args,
+                br#"{"memory_snapshot": []}"#,
+                Some("trace"),
+            )
+            .await;
             assert_eq!(r.code, 1, "{args:?}: {r:#?}");
             cli.push(r);
         }

@@ -14,8 +14,7 @@ use strategic_cache::{
     TtlPolicy,
 };
 
-use crate::helpers::TestDb;
-use crate::pgcluster::heavy;
+use crate::support::TestDb;
 
 fn repo(t: &TestDb) -> Arc<dyn CacheRepository> {
     Arc::new(PgCacheRepository::from_connection(
@@ -50,7 +49,7 @@ async fn batches_racing_single_writes_keep_the_newest() {
     let t = TestDb::migrated().await;
     let repo = repo(&t);
     let keys: Vec<String> = (0..20).map(|k| format!("user-{k}")).collect();
-    let rounds = if heavy() { 20 } else { 6 };
+    let rounds = 20;
     let base = now_us() - chrono::Duration::seconds(60);
     // Writer w's computed_at in round r, key k: distinct for every (w, r, k), scrambled so that
     // neither the writer's index nor the order of arrival predicts the newest.
@@ -99,17 +98,18 @@ async fn batches_racing_single_writes_keep_the_newest() {
     }
 }
 
-/// Sweeps run in a loop while writers keep refreshing rows that are expiring (1 s TTL): right
-/// after each refresh the row is there and fresh, and every key's last write (fresh) survives.
+/// Sweeps run in a loop while writers refresh rows that have expired: right after each
+/// refresh the row is there and fresh, every refreshed row survives the sweeps, and every
+/// expired row nobody refreshed is swept.
+///
+/// Expiry comes from `computed_at` in the past, not from a short TTL: the refreshed rows are
+/// fresh for a minute, so a stall of the machine cannot make them stale before they are read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_racing_refreshes_never_delete_a_fresh_row() {
+    const TTL: Duration = Duration::from_secs(60);
     let t = TestDb::migrated().await;
     let repo = repo(&t);
-    let run_for = if heavy() {
-        Duration::from_secs(4)
-    } else {
-        Duration::from_millis(2500)
-    };
+    let run_for = Duration::from_secs(3);
     let stop = Arc::new(AtomicBool::new(false));
     let swept = Arc::new(AtomicU64::new(0));
     let sweeper = {
@@ -125,50 +125,72 @@ async fn sweeps_racing_refreshes_never_delete_a_fresh_row() {
         let repo = repo.clone();
         writers.push(tokio::spawn(async move {
             let started = Instant::now();
-            let mut last: HashMap<String, DateTime<Utc>> = HashMap::new();
+            let mut refreshed: HashMap<String, DateTime<Utc>> = HashMap::new();
+            let mut abandoned = Vec::new();
             let mut n = 0u64;
             while started.elapsed() < run_for {
-                // 10 keys per writer, each rewritten about every 1.2 s: most rows are past
-                // their 1 s TTL (being swept) when refreshed, others are not.
-                let user = format!("w{w}-k{}", (n * 7) % 10);
-                let e = entry(&user, w, now_us()).with_ttl(Duration::from_secs(1));
-                repo.upsert(&e).await.unwrap();
-                let found = repo.lookup(Component::MemoryHealth, &e.key).await.unwrap();
-                assert!(
-                    matches!(&found, Lookup::Fresh(got) if Some(got.computed_at) == e.computed_at),
-                    "{user}: just refreshed, found {found:?}"
-                );
-                last.insert(user, e.computed_at.unwrap());
+                // An entry computed two TTLs ago: expired as it lands, the sweeper's to take.
+                let user = format!("w{w}-n{n}");
+                let expired = entry(&user, w, now_us() - chrono::Duration::seconds(120))
+                    .with_ttl(TTL);
+                repo.upsert(&expired).await.unwrap();
+                if n % 3 == 2 {
+                    abandoned.push(user);
+                } else {
+                    // Refreshed at once or after a few milliseconds, while the sweeper may be
+                    // deleting it.
+                    tokio::time::sleep(Duration::from_millis(n % 5)).await;
+                    let e = entry(&user, w, now_us()).with_ttl(TTL);
+                    repo.upsert(&e).await.unwrap();
+                    let found = repo.lookup(Component::MemoryHealth, &e.key).await.unwrap();
+                    assert!(
+                        matches!(&found, Lookup::Fresh(got) if Some(got.computed_at) == e.computed_at),
+                        "{user}: just refreshed, found {found:?}"
+                    );
+                    refreshed.insert(user, e.computed_at.unwrap());
+                }
                 n += 1;
-                tokio::time::sleep(Duration::from_millis(120)).await;
             }
-            // A last write of every key, fresh for a minute, while the sweeper keeps going.
-            for (user, at) in last.iter_mut() {
-                let e = entry(user, w, now_us()).with_ttl(Duration::from_secs(60));
-                repo.upsert(&e).await.unwrap();
-                *at = e.computed_at.unwrap();
-            }
-            last
+            (refreshed, abandoned)
         }));
     }
-    let mut last = HashMap::new();
+    let mut refreshed = HashMap::new();
+    let mut abandoned = Vec::new();
     for writer in writers {
-        last.extend(writer.await.expect("a writer panicked"));
+        let (r, a) = writer.await.expect("a writer panicked");
+        refreshed.extend(r);
+        abandoned.extend(a);
     }
-    // Let the sweeper make a few more passes over the final rows.
-    let passes = swept.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     sweeper.await.expect("the sweeper panicked");
-    assert!(
-        passes > 0,
-        "nothing expired while the test ran: the race was not exercised"
+    let during = swept.load(Ordering::Relaxed);
+    // Final passes, until nothing is left to sweep.
+    while repo.sweep_expired(100).await.unwrap() > 0 {}
+    eprintln!(
+        "{} refreshed, {} left to expire, {during} swept while the writers ran",
+        refreshed.len(),
+        abandoned.len()
     );
-    assert_eq!(last.len(), 40);
-    for (user, at) in &last {
+    assert!(
+        during > 0,
+        "nothing was swept while the writers ran: the race was not exercised"
+    );
+    assert!(refreshed.len() >= 40, "only {} refreshes", refreshed.len());
+    for (user, at) in &refreshed {
         let got = repo
             .get(Component::MemoryHealth, &Key::user_bot(user, "elena"))
             .await
             .unwrap();
-        assert_eq!(got.map(|g| g.computed_at), Some(*at), "{user}");
+        assert_eq!(got.map(|g| g.computed_at), Some(*at), "{user} was swept");
+    }
+    for user in &abandoned {
+        let found = repo
+            .lookup(Component::MemoryHealth, &Key::user_bot(user, "elena"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(found, Lookup::Missing),
+            "{user} expired and was not swept: {found:?}"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use migration::runner::{self, Command, MigrateError, MigrateOptions};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use crate::helpers::TestDb;
+use crate::support::TestDb;
 
 /// One column of the contract: table, column, type, NOT NULL, default, comment.
 type ContractColumn = (

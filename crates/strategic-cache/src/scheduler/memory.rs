@@ -167,6 +167,7 @@ impl RefreshQueue for MemoryRefreshQueue {
                     reason: row.reason,
                     attempts: row.attempts,
                     requested_at: row.requested_at,
+                    demand_age: (now - row.last_demand_at).to_std().unwrap_or_default(),
                     leased_until: until,
                 }
             })

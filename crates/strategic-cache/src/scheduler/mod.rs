@@ -13,8 +13,9 @@
 //!    [`InsightEngine`] the real worker implements, write them with the repository's upsert,
 //!    and complete the claim. On PostgreSQL, claims use `FOR UPDATE SKIP LOCKED`, so several
 //!    worker processes share the queue with no coordinator, and a crashed worker's claims are
-//!    taken over when the lease runs out. Failures are retried with exponential backoff, then
-//!    abandoned and counted.
+//!    taken over when the lease runs out. Failures are retried with exponential backoff; the
+//!    engine's are abandoned (and counted) after `max_attempts`, while a write the database was
+//!    away for is retried for as long as the key is within its keep-warm window.
 //! 4. Refresh-ahead keeps entries *in use* warm: when a computation completes, the queue row is
 //!    rescheduled for the entry's refresh point as long as a reader asked for the key within
 //!    the keep-warm window; otherwise the row is deleted and the entry left to expire, so
@@ -60,6 +61,10 @@ pub struct Claim {
     pub attempts: u32,
     /// When the current request was first made.
     pub requested_at: DateTime<Utc>,
+    /// How long before the claim a reader last asked for the key, on the queue's clock. A
+    /// worker keeps retrying a write the database was away for while this is within
+    /// [`WorkerConfig::keep_warm`].
+    pub demand_age: Duration,
     /// When this claim's lease runs out.
     pub leased_until: DateTime<Utc>,
 }

@@ -195,7 +195,9 @@ impl RefreshQueue for PgRefreshQueue {
                  WHERE due_at <= now() AND (leased_until IS NULL OR leased_until <= now()) \
                  ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING q.id, q.component, q.user_id, q.bot_name, q.time_window_hours, q.reason, \
-                       q.attempts, q.requested_at, q.leased_until";
+                       q.attempts, q.requested_at, q.leased_until, \
+                       GREATEST(0, floor(extract(epoch FROM now() - q.last_demand_at) * 1000)) \
+                         ::bigint AS demand_age_ms";
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(
@@ -225,6 +227,10 @@ impl RefreshQueue for PgRefreshQueue {
                 requested_at: row
                     .try_get::<DateTime<Utc>>("", "requested_at")
                     .map_err(corrupt)?,
+                demand_age: Duration::from_millis(
+                    u64::try_from(row.try_get::<i64>("", "demand_age_ms").map_err(corrupt)?)
+                        .unwrap_or(0),
+                ),
                 leased_until: row
                     .try_get::<DateTime<Utc>>("", "leased_until")
                     .map_err(corrupt)?,

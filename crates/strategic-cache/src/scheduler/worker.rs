@@ -25,7 +25,8 @@ use crate::types::{Key, Lookup, NewEntry, TtlPolicy, WriteOutcome};
 #[async_trait]
 pub trait InsightEngine: Send + Sync {
     /// Computes the payload of `component` at `key`. An error is retried with backoff and
-    /// eventually given up on; its text is kept in the queue for operators.
+    /// given up on after [`WorkerConfig::max_attempts`]; its text is kept in the queue for
+    /// operators.
     async fn compute(&self, component: Component, key: &Key) -> Result<Payload, String>;
 }
 
@@ -44,7 +45,10 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// Sleep between polls when nothing is due.
     pub poll_interval: Duration,
-    /// Attempts before a failing request is given up on.
+    /// Attempts before a failing request is given up on, when the engine fails, or when the
+    /// database is away for a key no reader asked for within `keep_warm`. A write that failed
+    /// because the database was away or slow is retried without this limit while the key is
+    /// within `keep_warm` of its last read (see the usage guide's "Outages").
     pub max_attempts: u32,
     /// Delay before the first retry; doubled for each further attempt.
     pub backoff_base: Duration,
@@ -103,7 +107,8 @@ pub struct WorkerStats {
     pub duplicate_recomputes: u64,
     /// Failed computations or writes that will be retried.
     pub retried: u64,
-    /// Requests given up on after `max_attempts`.
+    /// Requests given up on: after `max_attempts`, or at once when the write was refused as
+    /// invalid input.
     pub abandoned: u64,
     /// Claims completed after their lease had been taken over.
     pub lease_lost: u64,
@@ -333,11 +338,11 @@ impl Worker {
         }
 
         let result = match self.engine.compute(claim.component, &claim.key).await {
-            Ok(payload) if payload.component() != claim.component => Err(format!(
+            Ok(payload) if payload.component() != claim.component => Err(Failure::Engine(format!(
                 "engine returned a {} payload for a {} request",
                 payload.component(),
                 claim.component
-            )),
+            ))),
             Ok(payload) => {
                 let entry = NewEntry {
                     key: claim.key.clone(),
@@ -357,16 +362,38 @@ impl Worker {
                             .fetch_add(1, Ordering::Relaxed);
                         Ok(())
                     }
-                    Err(error) => Err(format!("writing the entry failed: {error}")),
+                    Err(error) => Err(Failure::Write(error)),
                 }
             }
-            Err(error) => Err(error),
+            Err(error) => Err(Failure::Engine(error)),
         };
         match result {
             Ok(()) => self.finish(claim, claimed_at, completion).await,
-            Err(error) => {
+            Err(failure) => {
                 let attempts = claim.attempts + 1;
-                let retry = (attempts < self.config.max_attempts).then(|| self.backoff(attempts));
+                let retry = match &failure {
+                    // The database was away or slow: the next attempt may well succeed, and a
+                    // key readers still use must not go cold because of an outage, however
+                    // long. Retry with backoff (at most `backoff_max` apart) for as long as
+                    // the key is within its keep-warm window.
+                    Failure::Write(error)
+                        if error.is_retryable()
+                            && !self.config.keep_warm.is_zero()
+                            && claim.demand_age <= self.config.keep_warm =>
+                    {
+                        Some(self.backoff(attempts))
+                    }
+                    // Retrying the same write cannot fix bad input or a corrupt row.
+                    Failure::Write(
+                        CacheError::InvalidInput { .. }
+                        | CacheError::UnknownTable(_)
+                        | CacheError::Corrupt(_),
+                    ) => None,
+                    // The engine's own failures, other database errors, and outages of keys
+                    // nobody has read for a while: a bounded number of attempts.
+                    _ => (attempts < self.config.max_attempts).then(|| self.backoff(attempts)),
+                };
+                let error = failure.to_string();
                 if retry.is_some() {
                     self.counters.retried.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -453,6 +480,22 @@ impl crate::metrics::WindowSource for Worker {
             .int(F[9], s.queue_total)
             .int(F[10], s.queue_due)
             .finish(timestamp_ns);
+    }
+}
+
+/// Why processing a claim failed: the engine's computation, or the write of its result.
+#[derive(Debug)]
+enum Failure {
+    Engine(String),
+    Write(CacheError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Engine(error) => f.write_str(error),
+            Failure::Write(error) => write!(f, "writing the entry failed: {error}"),
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Shared test helpers: a fresh PostgreSQL database per test, and tracing on demand.
+//! A fresh PostgreSQL database per test, and tracing on demand.
 //!
 //! `DATABASE_URL` is a *base* URL (any database on the server, usually `postgres`); every
 //! [`TestDb`] creates its own database with a unique name and drops it when dropped, so tests
@@ -266,4 +266,33 @@ pub async fn flush_stats(db: &DatabaseConnection) {
     db.execute_unprepared("SELECT pg_stat_force_next_flush()")
         .await
         .unwrap_or_else(|e| panic!("cannot flush statistics: {e}"));
+}
+
+/// Turns autovacuum off for the six cache tables of `db`'s database, so that a test about
+/// vacuum counts only the vacuums it caused, whatever the server's `autovacuum` setting (off
+/// on the development machines, on in a stock server such as CI's).
+pub async fn disable_autovacuum(db: &DatabaseConnection) {
+    for component in strategic_cache::Component::ALL {
+        let table = component.table_name();
+        db.execute_unprepared(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("cannot turn autovacuum off for {table}: {e}"));
+    }
+}
+
+/// How many times `table` was vacuumed by a `VACUUM` statement (`vacuum_count`; autovacuum's
+/// own runs are not counted).
+pub async fn manual_vacuums(db: &DatabaseConnection, table: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            [table.into()],
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("cannot read the vacuum count of {table}: {e}"))
+        .unwrap_or_else(|| panic!("no statistics for {table}"));
+    row.try_get("", "vacuum_count").unwrap()
 }

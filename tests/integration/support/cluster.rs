@@ -1,0 +1,206 @@
+//! A PostgreSQL cluster of the test's own, which a test may stop, kill and restart.
+//!
+//! The cluster is started with the PostgreSQL 15 binaries (`PG_BIN`, else
+//! `/usr/lib/postgresql/15/bin`, else whatever `initdb` is on `PATH`) in a temporary directory,
+//! on a free port, as the `postgres` OS user when the tests run as root (the server refuses to
+//! run as root). It is stopped and its directory removed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use super::free_port;
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let debian = Path::new("/usr/lib/postgresql/15/bin");
+    if debian.join("initdb").exists() {
+        return debian.to_path_buf();
+    }
+    PathBuf::new()
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A PostgreSQL cluster of the test's own.
+pub struct PgCluster {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    /// Initialises and starts a cluster (trust authentication, fsync off: it is thrown away).
+    pub async fn start() -> PgCluster {
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "sc-pg-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if as_postgres {
+            let status = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown of {dir:?} failed");
+        }
+        let cluster = PgCluster {
+            dir,
+            port: free_port(),
+            bin: pg_bin(),
+            as_postgres,
+        };
+        let data = cluster.data_dir();
+        let out = cluster
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.start_server().await;
+        cluster
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let path = self.bin.join(program);
+        let mut command = if self.as_postgres {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            tokio::process::Command::new(path)
+        };
+        command.stdin(Stdio::null()).kill_on_drop(true);
+        command
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A URL of database `name` on this cluster, as user postgres.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections. Retries for a few seconds:
+    /// after a kill -9 the old backends may still hold the shared memory for a moment.
+    pub async fn start_server(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                self.port,
+                self.dir.display()
+            );
+            let out = self
+                .command("pg_ctl")
+                .args(["-w", "-t", "15", "-l"])
+                .arg(self.dir.join("log"))
+                .arg("-D")
+                .arg(self.data_dir())
+                .args(["-o", &options, "start"])
+                .stdout(Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                panic!(
+                    "pg_ctl start failed: {}\n{log}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `pg_ctl stop -m immediate`: every backend is killed, no checkpoint.
+    pub async fn stop_immediate(&self) {
+        let out = self
+            .command("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.data_dir())
+            .arg("stop")
+            .stdout(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `kill -9` of the postmaster (its backends exit on noticing it is gone).
+    pub async fn kill_postmaster(&self) {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap();
+        let pid = pid_file.lines().next().unwrap().trim().to_string();
+        let status = tokio::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill -9 {pid} failed");
+        // Wait until the port is closed, so that "down" is really down before the test goes on.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.addr()).await.is_ok() {
+            assert!(Instant::now() < deadline, "postmaster still listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut stop = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
+            c
+        } else {
+            std::process::Command::new(self.bin.join("pg_ctl"))
+        };
+        let _ = stop
+            .args(["-m", "immediate", "-D"])
+            .arg(self.data_dir())
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,22 @@
+//! The test harness, apart from the tests: a fresh database per test ([`db`]), a private
+//! PostgreSQL cluster to stop and kill ([`cluster`]), a TCP fault proxy ([`proxy`]), a
+//! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
+
+pub mod cluster;
+pub mod db;
+pub mod fixtures;
+pub mod proxy;
+pub mod timing;
+pub mod victoria;
+
+pub use db::TestDb;
+
+/// Held by each load-heavy test for its whole run: two of them at once on two cores measure
+/// each other, not the reader.
+pub static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A free TCP port on loopback (bound, then released for the caller to bind).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
