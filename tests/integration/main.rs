@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area, the shared harness in `support`.
 //!
-//! Needs PostgreSQL: `DATABASE_URL` (a base URL; each test makes its own database) or Docker.
+//! Needs PostgreSQL: `DATABASE_URL` (a base URL; each test makes its own database) or a container
+//! engine (`cargo xtask test` prepares one).
 //! `TEST_LOG=debug` shows tracing output.
 
 #![allow(clippy::unwrap_used)]
