@@ -503,6 +503,8 @@ fn assert_dashboard_names_written(series: &[Series]) {
         "strategic_cache_reads_reads",
         "strategic_cache_reads_miss",
         "strategic_cache_reads_latency_p95_us",
+        "strategic_cache_read_latency_count",
+        "strategic_cache_read_latency_le_us",
         "strategic_cache_reads_age_p95_s",
         "strategic_cache_reads_bot",
         "strategic_cache_reads_table",

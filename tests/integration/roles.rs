@@ -3,8 +3,8 @@
 use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use crate::support::db::connect;
 use crate::support::cluster::PgCluster;
+use crate::support::db::connect;
 
 async fn query_bool(db: &sea_orm::DatabaseConnection, sql: &str) -> bool {
     db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql.to_owned()))

@@ -113,6 +113,16 @@ impl<const N: usize> HistogramSnapshot<N> {
         Some(self.max)
     }
 
+    /// The non-empty buckets as `(upper bound, count)`, lowest first. The upper bound of the
+    /// open-ended last bucket is its lower bound, as in [`HistogramSnapshot::quantile`].
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(index, n)| (bucket_upper(index, N), *n))
+    }
+
     /// Adds `other`'s counts to this one.
     pub fn merge(&mut self, other: &HistogramSnapshot<N>) {
         for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {

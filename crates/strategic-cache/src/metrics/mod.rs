@@ -47,6 +47,17 @@ pub use recorder::{CellStats, MetricsRecorder, RecorderConfig, Window, WindowRow
 pub const MEASUREMENT_READS: &str = "strategic_cache_reads";
 /// Measurement of the exporter's own health, one point per window.
 pub const MEASUREMENT_EXPORTER: &str = "strategic_cache_exporter";
+/// Measurement of the read latency histogram: one point per non-empty bucket per
+/// `(table, bot)` per window, tagged with the bucket's upper bound ([`TAG_LE`]), for Grafana's
+/// heatmap. Only non-empty buckets are written: a window of one bot's reads is typically 3 to 8
+/// lines, not [`LATENCY_BUCKETS`].
+pub const MEASUREMENT_READ_LATENCY: &str = "strategic_cache_read_latency";
+/// Tag of [`MEASUREMENT_READ_LATENCY`]: the bucket's upper bound in microseconds (inclusive).
+pub const TAG_LE: &str = "le_us";
+/// Field of [`MEASUREMENT_READ_LATENCY`]: reads in the bucket during the window (integer).
+pub const FIELD_COUNT: &str = "count";
+/// Every tag of [`MEASUREMENT_READ_LATENCY`].
+pub const READ_LATENCY_TAGS: [&str; 3] = [TAG_TABLE, TAG_BOT, TAG_LE];
 
 /// Tag: the table's short name (`memory_health`, ...).
 pub const TAG_TABLE: &str = "table";

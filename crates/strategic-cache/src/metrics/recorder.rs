@@ -162,7 +162,8 @@ pub struct Window {
 }
 
 impl Window {
-    /// Appends the rows as [`MEASUREMENT_READS`] lines.
+    /// Appends the rows as [`MEASUREMENT_READS`] lines, each followed by its
+    /// [`MEASUREMENT_READ_LATENCY`] bucket lines.
     pub fn render(&self, out: &mut String) {
         for row in &self.rows {
             let s = &row.stats;
@@ -203,6 +204,16 @@ impl Window {
                 line = line.float(FIELD_AGE_MAX, age.max() as f64);
             }
             line.finish(self.timestamp_ns);
+            for (upper, count) in lat.buckets() {
+                // Once per bucket per window, on the exporter's task: the allocation is fine.
+                let le = upper.to_string();
+                LineBuilder::new(out, MEASUREMENT_READ_LATENCY)
+                    .tag(TAG_BOT, &row.bot)
+                    .tag(TAG_LE, &le)
+                    .tag(TAG_TABLE, row.component.short_name())
+                    .int(FIELD_COUNT, count)
+                    .finish(self.timestamp_ns);
+            }
         }
     }
 }
@@ -519,7 +530,11 @@ mod tests {
         assert_eq!(elena.stats.age_s().count(), 9);
         let mut out = String::new();
         w.render(&mut out);
-        let first = out.lines().next().unwrap();
+        let reads: Vec<&str> = out
+            .lines()
+            .filter(|line| line.starts_with("strategic_cache_reads,"))
+            .collect();
+        let first = reads[0];
         assert!(
             first.starts_with(
                 "strategic_cache_reads,bot=elena,table=memory_health hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=1023,"
@@ -527,13 +542,29 @@ mod tests {
             "{first}"
         );
         assert!(first.contains(",latency_max_us=8000,age_p50_s=60,age_p95_s=60,age_max_s=60 "));
-        let second = out.lines().nth(1).unwrap();
+        let second = reads[1];
         assert!(
             second.contains("bot=marcus,table=memory_behavior hit=0i,miss=0i,stale=0i,error=1i")
         );
         assert!(
             !second.contains("age_"),
             "no age without an entry: {second}"
+        );
+        // The latency buckets, for the heatmap: 9 reads of 1,000 µs fall in the bucket up to
+        // 1,023 µs, the one of 8,000 µs in the bucket up to 8,191 µs (6,144 to 8,191), the one of
+        // 50,000 µs in the bucket up to 65,535 µs (49,152 to 65,535); one line per non-empty bucket.
+        let buckets: Vec<&str> = out
+            .lines()
+            .filter(|line| line.starts_with("strategic_cache_read_latency,"))
+            .map(|line| line.rsplit_once(' ').map_or(line, |(point, _)| point))
+            .collect();
+        assert_eq!(
+            buckets,
+            [
+                "strategic_cache_read_latency,bot=elena,le_us=1023,table=memory_health count=9i",
+                "strategic_cache_read_latency,bot=elena,le_us=8191,table=memory_health count=1i",
+                "strategic_cache_read_latency,bot=marcus,le_us=65535,table=memory_behavior count=1i",
+            ]
         );
         assert!(r.take_window().rows.is_empty(), "the window was reset");
     }
