@@ -17,7 +17,7 @@ use strategic_cache::{
     PgCacheRepository, PgConfig, ReaderConfig,
 };
 
-use strategic_cache::reader::ReaderStats;
+use strategic_cache::ReaderStats;
 
 use crate::helpers::{TestDb, connect};
 use crate::pgcluster::{Histogram, PgCluster, Proxy, TimerControl, heavy, poll_until};

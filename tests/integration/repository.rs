@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use strategic_cache::{
     CacheError, CacheRepository, CharacterPerformance, Component, ConversationPatterns,
     EngagementOpportunities, Freshness, Key, Limits, Lookup, MemoryBehavior, MemoryCacheRepository,
-    MemoryHealth, NewEntry, Payload, PersonalityProfile, PgCacheRepository, PgConfig, TtlPolicy,
-    WriteOutcome,
+    MemoryHealth, NewEntry, Payload, PersonalityProfile, PgCacheRepository, PgConfig, SeedHelpers,
+    TtlPolicy, WriteOutcome,
 };
 
 use crate::helpers::{self, TestDb};

@@ -18,12 +18,12 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{Clock, SystemClock};
 use crate::component::Component;
+use crate::entries::{CachedEntry, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome};
 use crate::error::CacheError;
+use crate::keys::Key;
+use crate::limits::{Limits, TtlPolicy};
 use crate::payload::Payload;
 use crate::repository::CacheRepository;
-use crate::types::{
-    CachedEntry, Key, Limits, Lookup, NewEntry, Snapshot, TableStats, TtlPolicy, WriteOutcome,
-};
 
 /// The cache in process memory, with the same semantics as PostgreSQL and time from a [`Clock`].
 ///
@@ -409,8 +409,8 @@ impl Default for MemoryCacheRepository {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::entries::Freshness;
     use crate::payload::{CharacterPerformance, MemoryHealth, PersonalityProfile};
-    use crate::types::Freshness;
 
     const MIN: Duration = Duration::from_secs(60);
 
