@@ -64,17 +64,20 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_key_bytes: 256,
-            max_payload_bytes: 1024 * 1024,
-            max_json_depth: 64,
-            max_ttl: Duration::from_secs(7 * 24 * 3600),
-            max_future_skew: Duration::from_secs(60),
-        }
+        Limits::DEFAULT
     }
 }
 
 impl Limits {
+    /// The default limits, as a constant (what [`Limits::default`] returns).
+    pub const DEFAULT: Limits = Limits {
+        max_key_bytes: 256,
+        max_payload_bytes: 1024 * 1024,
+        max_json_depth: 64,
+        max_ttl: Duration::from_secs(7 * 24 * 3600),
+        max_future_skew: Duration::from_secs(60),
+    };
+
     /// Checks a user_id or bot_name.
     pub fn check_name(&self, field: &'static str, value: &str) -> Result<(), CacheError> {
         if value.is_empty() {

@@ -260,6 +260,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
 
 #[async_trait]
 impl CacheRepository for MemoryCacheRepository {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
         // A key that could never have been stored is simply not there.
         if self.limits.check_key(component, key).is_err() {

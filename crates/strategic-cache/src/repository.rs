@@ -8,6 +8,7 @@ use crate::entries::{
 };
 use crate::error::CacheError;
 use crate::keys::Key;
+use crate::limits::Limits;
 
 /// A store of strategic cache entries. Object-safe: bot code holds `Arc<dyn CacheRepository>`.
 ///
@@ -84,4 +85,11 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
 
     /// Counts and ages of every table, in [`Component::ALL`] order.
     async fn stats(&self) -> Result<Vec<TableStats>, CacheError>;
+
+    /// The limits this store validates its input with ([`Limits::DEFAULT`] unless it says
+    /// otherwise). The reader asks for a refresh only of keys these accept, so that it and the
+    /// store never disagree on which keys a worker could write.
+    fn limits(&self) -> &Limits {
+        &Limits::DEFAULT
+    }
 }

@@ -307,6 +307,10 @@ impl PgCacheRepository {
 
 #[async_trait]
 impl CacheRepository for PgCacheRepository {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
         if self.limits.check_key(component, key).is_err() {
             // A key that could never have been stored is not there; no round trip.

@@ -31,7 +31,6 @@ use crate::entries::{CachedEntry, Freshness, Lookup, Snapshot};
 use crate::error::CacheError;
 use crate::hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
 use crate::keys::{DEFAULT_WINDOW_HOURS, Key};
-use crate::limits::Limits;
 use crate::repository::CacheRepository;
 use breaker::{Admission, Breaker, ProbeGuard};
 pub use config::ReaderConfig;
@@ -481,7 +480,8 @@ impl CacheReader {
         Some(Some(due))
     }
 
-    /// Asks the sink to recompute `key`, unless it is a key no worker could ever write.
+    /// Asks the sink to recompute `key`, unless it is a key no worker could ever write: one
+    /// the store's own limits reject (the store judged the same key by them on the read).
     fn request_refresh(
         &self,
         component: Component,
@@ -490,7 +490,7 @@ impl CacheReader {
         due_at: Option<DateTime<Utc>>,
     ) {
         if let Some(sink) = &self.refresh
-            && Limits::default().check_key(component, key).is_ok()
+            && self.repo.limits().check_key(component, key).is_ok()
         {
             sink.request_refresh(RefreshRequest {
                 component,
@@ -518,6 +518,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::entries::NewEntry;
+    use crate::limits::{Limits, TtlPolicy};
     use crate::memory::MemoryCacheRepository;
     use crate::payload::{CharacterPerformance, MemoryHealth};
     use crate::test_support::{RecordingObserver, RecordingSink, StubMode, StubRepository};
@@ -836,5 +837,51 @@ pub(crate) mod tests {
             (stats.reads, stats.hits, stats.misses, stats.stale),
             (9, 2, 6, 1)
         );
+    }
+
+    /// Refresh requests go out for exactly the keys the store's own limits accept: a key
+    /// longer than the default limit but within a store's larger one asks for a refresh, and
+    /// one too long for a store with short keys (which could never be written) asks nothing.
+    #[tokio::test]
+    async fn refresh_requests_follow_the_stores_limits() {
+        let store = |max_key_bytes| {
+            let limits = Limits {
+                max_key_bytes,
+                ..Limits::default()
+            };
+            let clock: Arc<dyn crate::clock::Clock> = Arc::new(ManualClock::default());
+            Arc::new(MemoryCacheRepository::new(
+                TtlPolicy::default(),
+                limits,
+                clock,
+            ))
+        };
+        let sink = Arc::new(RecordingSink::default());
+        let long_user = "u".repeat(300);
+
+        let reader = CacheReader::new(store(512)).with_refresh_sink(sink.clone());
+        assert_eq!(
+            reader
+                .get(Component::MemoryHealth, &long_user, "elena")
+                .await,
+            None
+        );
+        assert_eq!(
+            sink.take(),
+            vec![(
+                Component::MemoryHealth,
+                Key::user_bot(long_user, "elena"),
+                RefreshReason::Miss
+            )]
+        );
+
+        let reader = CacheReader::new(store(8)).with_refresh_sink(sink.clone());
+        assert_eq!(
+            reader
+                .get(Component::MemoryHealth, "user-0009", "elena")
+                .await,
+            None
+        );
+        assert_eq!(sink.take(), vec![], "a key the store would reject");
     }
 }
