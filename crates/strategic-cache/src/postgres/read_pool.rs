@@ -119,6 +119,7 @@ impl ReadPool {
     }
 
     /// Connections currently idle (for tests and diagnostics).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn idle_count(&self) -> usize {
         self.idle
             .lock()
@@ -162,6 +163,7 @@ impl ReadPool {
     }
 
     /// Statements run so far (for diagnostics and tests).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
     }
