@@ -1,7 +1,8 @@
 //! The hot-path reader's own cost per read, over a store that answers at once (the
-//! `test-support` feature's [`StubRepository`]): the store called directly (the baseline), through a bare [`CacheReader`] (budget
-//! timer, breaker, counters), with a [`MetricsRecorder`] observer and a refresh sink, a
-//! snapshot, and a read while the breaker is open (degradation: the store is not called).
+//! `test-support` feature's [`StubRepository`]): the store called directly (the baseline),
+//! through a bare [`CacheReader`] (budget timer, breaker, counters), with a
+//! [`MetricsRecorder`] observer and a refresh sink, a snapshot, and a read while the breaker
+//! is open (degradation: the store is not called).
 //! The difference to the baseline is the overhead the issue bounds at 2 µs.
 //!
 //! `cargo bench -p strategic-cache --bench reader`
