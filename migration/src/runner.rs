@@ -16,11 +16,16 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use pg_diagnostics::LOCK_NOT_AVAILABLE;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, RuntimeErr,
-    Statement, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+    TransactionTrait,
 };
 use sea_orm_migration::{MigrationStatus, MigratorTrait};
+
+/// The workspace's one password redactor and SQLSTATE reader, re-exported so that callers of
+/// the runner (the command line, the tests) need no other path.
+pub use pg_diagnostics::{redact_url, scrub, sqlstate};
 
 use crate::Migrator;
 
@@ -178,7 +183,7 @@ fn unreachable(url: &str, timeout: Duration, error: &DbErr) -> MigrateError {
     MigrateError::Unreachable {
         target: redact_url(url),
         timeout,
-        reason: scrub(url, &error.to_string()),
+        reason: scrub(&error.to_string(), Some(url)),
     }
 }
 
@@ -319,25 +324,10 @@ async fn acquire_lock(
     }
 }
 
-/// The SQLSTATE code of a database error, when the server sent one.
-pub fn sqlstate(error: &DbErr) -> Option<String> {
-    let runtime = match error {
-        DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,
-        _ => return None,
-    };
-    match runtime {
-        RuntimeErr::SqlxError(e) => match e.as_ref() {
-            sea_orm::sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-            _ => None,
-        },
-        RuntimeErr::Internal(_) => None,
-    }
-}
-
 fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
     match sqlstate(&error).as_deref() {
         // lock_not_available: lock_timeout fired.
-        Some("55P03") => MigrateError::LockTimeout(options.lock_timeout),
+        Some(LOCK_NOT_AVAILABLE) => MigrateError::LockTimeout(options.lock_timeout),
         _ => match error {
             DbErr::Migration(message) => MigrateError::Migration(message),
             other => MigrateError::Database(other.to_string()),
@@ -345,58 +335,9 @@ fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
     }
 }
 
-/// `postgres://user:secret@host:5432/db?x=y` → `postgres://user:***@host:5432/db`: what a
-/// person needs to tell which database is meant, without the password or query parameters.
-pub fn redact_url(url: &str) -> String {
-    let without_query = url.split('?').next().unwrap_or(url);
-    let Some((scheme, rest)) = without_query.split_once("://") else {
-        return "<unparseable URL>".to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://{user}@{host}")
-            }
-        }
-        None => format!("{scheme}://{rest}"),
-    }
-}
-
-/// Removes the URL's password from a message, in case a driver error quotes it.
-pub fn scrub(url: &str, message: &str) -> String {
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, password)| password)
-        .filter(|p| !p.is_empty());
-    match password {
-        Some(password) => message.replace(password, "***"),
-        None => message.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A URL's password and query string never survive redaction; user, host and db do.
-    #[test]
-    fn redacts_password() {
-        assert_eq!(
-            redact_url("postgres://bot:s3cret@db.internal:5432/app?sslmode=require"),
-            "postgres://bot:***@db.internal:5432/app"
-        );
-        assert_eq!(redact_url("postgres://bot@h/app"), "postgres://bot@h/app");
-        assert_eq!(redact_url("nonsense"), "<unparseable URL>");
-        assert_eq!(
-            scrub("postgres://u:pw1@h/d", "failed for pw1 at h"),
-            "failed for *** at h"
-        );
-    }
 
     /// The report says what changed in words an operator can read.
     #[test]

@@ -11,7 +11,7 @@ use rstest::rstest;
 use serde_json::json;
 use strategic_cache::{
     CacheError, CacheRepository, Component, Freshness, Key, Lookup, MemoryCacheRepository,
-    MemoryHealth, NewEntry, Payload, WriteOutcome,
+    MemoryHealth, NewEntry, Payload, SeedHelpers, WriteOutcome,
 };
 
 use crate::support::TestDb;

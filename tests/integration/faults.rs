@@ -17,7 +17,7 @@ use strategic_cache::{
     PgCacheRepository, PgConfig, ReaderConfig,
 };
 
-use strategic_cache::reader::ReaderStats;
+use strategic_cache::ReaderStats;
 
 use crate::support::cluster::PgCluster;
 use crate::support::db::{TestDb, connect};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use strategic_cache::reader::ReaderStats;
+use strategic_cache::ReaderStats;
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, PgCacheRepository,
     PgConfig, ReaderConfig,

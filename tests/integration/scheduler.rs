@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rstest::rstest;
-use strategic_cache::scheduler::{
-    Completion, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue, RefreshReason, RefreshRequest,
-};
-use strategic_cache::{Component, Key, SystemClock};
+use strategic_cache::scheduler::{Completion, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue};
+use strategic_cache::{Component, Key, RefreshReason, RefreshRequest, SystemClock};
 
 use crate::support::TestDb;
 

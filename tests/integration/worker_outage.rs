@@ -14,11 +14,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use strategic_cache::scheduler::{
-    InsightEngine, PgRefreshQueue, RefreshQueue, RefreshReason, RefreshRequest, Worker,
-    WorkerConfig,
+    InsightEngine, PgRefreshQueue, RefreshQueue, Worker, WorkerConfig,
 };
 use strategic_cache::{
     CacheRepository, Component, Key, Lookup, MemoryHealth, Payload, PgCacheRepository, PgConfig,
+    RefreshReason, RefreshRequest,
 };
 use tokio::sync::watch;
 

@@ -62,7 +62,7 @@ pub fn one_line(error: &anyhow::Error, database_url: Option<&str>) -> String {
     // Our own input errors name the database only through `redact_url`; scrubbing them too
     // would mangle words that happen to contain a short password.
     let text = match database_url {
-        Some(url) if !error.is::<BadInput>() => runner::scrub(url, &text),
+        Some(url) if !error.is::<BadInput>() => runner::scrub(&text, Some(url)),
         _ => text,
     };
     flatten(&text)

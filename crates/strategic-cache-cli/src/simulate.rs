@@ -26,14 +26,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use strategic_cache::metrics::{ExporterConfig, InfluxConfig, MetricsExporter, MetricsRecorder};
-use strategic_cache::reader::ReaderStats;
 use strategic_cache::scheduler::{
     InsightEngine, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue, RefreshRequester,
     RequesterConfig, Worker, WorkerConfig, WorkerStats,
 };
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, MemoryCacheRepository, Payload,
-    PgCacheRepository, PgConfig, ReaderConfig, TokioClock, TtlPolicy,
+    PgCacheRepository, PgConfig, ReaderConfig, ReaderStats, TokioClock, TtlPolicy,
 };
 use tokio::time::Instant;
 

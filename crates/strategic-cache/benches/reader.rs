@@ -1,7 +1,8 @@
-//! The hot-path reader's own cost per read, over a store that answers at once (a trivial
-//! fake): the store called directly (the baseline), through a bare [`CacheReader`] (budget
-//! timer, breaker, counters), with a [`MetricsRecorder`] observer and a refresh sink, a
-//! snapshot, and a read while the breaker is open (degradation: the store is not called).
+//! The hot-path reader's own cost per read, over a store that answers at once (the
+//! `test-support` feature's [`StubRepository`]): the store called directly (the baseline),
+//! through a bare [`CacheReader`] (budget timer, breaker, counters), with a
+//! [`MetricsRecorder`] observer and a refresh sink, a snapshot, and a read while the breaker
+//! is open (degradation: the store is not called).
 //! The difference to the baseline is the overhead the issue bounds at 2 µs.
 //!
 //! `cargo bench -p strategic-cache --bench reader`
@@ -12,69 +13,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use criterion::{Criterion, criterion_group, criterion_main};
 use strategic_cache::metrics::MetricsRecorder;
+use strategic_cache::test_support::{StubMode, StubRepository};
 use strategic_cache::{
-    CacheError, CacheReader, CacheRepository, CachedEntry, Component, Key, Lookup, MemoryHealth,
-    NewEntry, ReaderConfig, RefreshRequest, RefreshSink, Snapshot, TableStats, WriteOutcome,
+    CacheReader, CacheRepository, Component, Key, ReaderConfig, RefreshRequest, RefreshSink,
 };
-
-/// Answers every read at once: a fresh entry (or an error, to open the breaker).
-#[derive(Debug)]
-struct Instant {
-    entry: CachedEntry,
-    fail: bool,
-}
-
-impl Instant {
-    fn new(fail: bool) -> Arc<Self> {
-        let now = chrono::Utc::now();
-        Arc::new(Instant {
-            entry: CachedEntry {
-                key: Key::user_bot("u1", "elena"),
-                payload: MemoryHealth::default().into(),
-                computed_at: now,
-                expires_at: now + chrono::Duration::minutes(5),
-                age: Duration::from_secs(10),
-            },
-            fail,
-        })
-    }
-}
-
-#[async_trait]
-impl CacheRepository for Instant {
-    async fn lookup(&self, _: Component, _: &Key) -> Result<Lookup, CacheError> {
-        if self.fail {
-            return Err(CacheError::Unavailable("down".into()));
-        }
-        Ok(Lookup::Fresh(self.entry.clone()))
-    }
-    async fn snapshot(&self, _: &str, _: &str, _: i32) -> Result<Snapshot, CacheError> {
-        let mut snapshot = Snapshot::default();
-        snapshot.entries[0] = Some(self.entry.clone());
-        snapshot.freshness[0] = strategic_cache::Freshness::Fresh {
-            age: self.entry.age,
-        };
-        Ok(snapshot)
-    }
-    async fn upsert(&self, _: &NewEntry) -> Result<WriteOutcome, CacheError> {
-        Ok(WriteOutcome::Written)
-    }
-    async fn upsert_many(&self, e: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError> {
-        Ok(vec![WriteOutcome::Written; e.len()])
-    }
-    async fn invalidate(&self, _: Component, _: &Key) -> Result<bool, CacheError> {
-        Ok(false)
-    }
-    async fn sweep_expired(&self, _: u32) -> Result<u64, CacheError> {
-        Ok(0)
-    }
-    async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {
-        Ok(Vec::new())
-    }
-}
 
 /// Drops every request: what a bounded channel's `try_send` costs is the requester's.
 #[derive(Debug)]
@@ -91,7 +35,7 @@ fn reader(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let store = Instant::new(false);
+    let store = StubRepository::new(StubMode::Fresh);
     let key = Key::user_bot("u1", "elena");
     let mut group = c.benchmark_group("reader_overhead");
 
@@ -129,7 +73,7 @@ fn reader(c: &mut Criterion) {
     });
 
     // Degradation: a failing store opens the breaker (long cooldown), then reads are skipped.
-    let failing = CacheReader::new(Instant::new(true)).with_config(ReaderConfig {
+    let failing = CacheReader::new(StubRepository::new(StubMode::Fail)).with_config(ReaderConfig {
         breaker_threshold: 1,
         breaker_cooldown: Duration::from_secs(3600),
         warn_interval: Duration::from_secs(3600),

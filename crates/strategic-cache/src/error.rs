@@ -50,6 +50,3 @@ impl CacheError {
         matches!(self, CacheError::Unavailable(_) | CacheError::Timeout(_))
     }
 }
-
-/// Result alias for the library.
-pub type Result<T, E = CacheError> = std::result::Result<T, E>;

@@ -18,12 +18,12 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{Clock, SystemClock};
 use crate::component::Component;
+use crate::entries::{CachedEntry, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome};
 use crate::error::CacheError;
+use crate::keys::Key;
+use crate::limits::{Limits, TtlPolicy};
 use crate::payload::Payload;
 use crate::repository::CacheRepository;
-use crate::types::{
-    CachedEntry, Key, Limits, Lookup, NewEntry, Snapshot, TableStats, TtlPolicy, WriteOutcome,
-};
 
 /// The cache in process memory, with the same semantics as PostgreSQL and time from a [`Clock`].
 ///
@@ -260,6 +260,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
 
 #[async_trait]
 impl CacheRepository for MemoryCacheRepository {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
         // A key that could never have been stored is simply not there.
         if self.limits.check_key(component, key).is_err() {
@@ -409,8 +413,8 @@ impl Default for MemoryCacheRepository {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::entries::Freshness;
     use crate::payload::{CharacterPerformance, MemoryHealth, PersonalityProfile};
-    use crate::types::Freshness;
 
     const MIN: Duration = Duration::from_secs(60);
 

@@ -1,13 +1,14 @@
 //! The [`CacheRepository`] trait: what every cache store can do.
 
 use async_trait::async_trait;
-use serde_json::{Map, Value};
 
 use crate::component::Component;
-use crate::error::CacheError;
-use crate::types::{
-    CachedEntry, Freshness, Key, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome,
+use crate::entries::{
+    CachedEntry, Freshness, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome,
 };
+use crate::error::CacheError;
+use crate::keys::Key;
+use crate::limits::Limits;
 
 /// A store of strategic cache entries. Object-safe: bot code holds `Arc<dyn CacheRepository>`.
 ///
@@ -18,6 +19,9 @@ use crate::types::{
 /// Every method validates its input first; invalid input is [`CacheError::InvalidInput`] and
 /// writes nothing. Reads with an invalid key are simply misses (`Ok(None)`/`Missing`): a key
 /// that could never have been stored is not there.
+///
+/// The Python seed's helpers (`get_cached_strategic_data`, `check_cache_freshness`) are on
+/// every store through [`crate::SeedHelpers`].
 #[async_trait]
 pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// The entry of `component` at `key`, fresh, stale or missing, judged by the store's
@@ -70,9 +74,8 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     ///
     /// Every refresh of an entry leaves a dead row version behind (PostgreSQL's MVCC, and the
     /// schema's `expires_at` index rules out HOT updates). Autovacuum normally reclaims them,
-    /// but where it is off or falls behind, the tables grow with every refresh cycle: the
-    /// soak benchmark on a server with `autovacuum = off` grew from 2.3 to 4.3 GB in five
-    /// minutes. On PostgreSQL this runs `VACUUM (ANALYZE)` on each table with more dead rows
+    /// but where it is off or falls behind, the tables grow with every refresh cycle (the soak
+    /// benchmark's growth with `autovacuum = off` is in `docs/BENCHMARKS.md`). On PostgreSQL this runs `VACUUM (ANALYZE)` on each table with more dead rows
     /// than autovacuum's own default threshold (50 + 20 % of its live rows), so it costs
     /// nothing where autovacuum keeps up. The worker calls it periodically
     /// (`WorkerConfig::vacuum_interval`); stores without dead rows do nothing.
@@ -83,36 +86,10 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// Counts and ages of every table, in [`Component::ALL`] order.
     async fn stats(&self) -> Result<Vec<TableStats>, CacheError>;
 
-    /// The seed's helper, for code ported from the Python service: the fresh entry of
-    /// `table_name` for (`user_id`, `bot_name`) as a JSON object of its columns, or `None`.
-    ///
-    /// `table_name` is a table or short component name; anything else is
-    /// [`CacheError::UnknownTable`] (it is matched against the six names, never put in SQL).
-    /// For character performance the 168-hour window is read.
-    async fn get_cached_strategic_data(
-        &self,
-        table_name: &str,
-        user_id: &str,
-        bot_name: &str,
-    ) -> Result<Option<Map<String, Value>>, CacheError> {
-        let component = Component::from_table_name(table_name)?;
-        let key = Key::for_message(component, user_id, bot_name);
-        Ok(self
-            .get(component, &key)
-            .await?
-            .map(|entry| entry.to_json_object()))
-    }
-
-    /// The seed's helper: whether the entry of `table_name` for (`user_id`, `bot_name`) is
-    /// fresh. Unknown table names are [`CacheError::UnknownTable`].
-    async fn check_cache_freshness(
-        &self,
-        table_name: &str,
-        user_id: &str,
-        bot_name: &str,
-    ) -> Result<bool, CacheError> {
-        let component = Component::from_table_name(table_name)?;
-        let key = Key::for_message(component, user_id, bot_name);
-        Ok(self.freshness(component, &key).await?.is_fresh())
+    /// The limits this store validates its input with ([`Limits::DEFAULT`] unless it says
+    /// otherwise). The reader asks for a refresh only of keys these accept, so that it and the
+    /// store never disagree on which keys a worker could write.
+    fn limits(&self) -> &Limits {
+        &Limits::DEFAULT
     }
 }

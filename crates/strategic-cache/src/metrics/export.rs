@@ -54,24 +54,11 @@ pub struct InfluxConfig {
 impl fmt::Debug for InfluxConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InfluxConfig")
-            .field("url", &redact_userinfo(&self.url))
+            .field("url", &pg_diagnostics::redact_url(&self.url))
             .field("api", &self.api)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .finish()
-    }
-}
-
-/// `http://user:pass@host/` shown as `http://<redacted>@host/`.
-fn redact_userinfo(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("redacted");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable url>".to_owned(),
     }
 }
 

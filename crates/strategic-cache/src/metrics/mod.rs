@@ -6,7 +6,7 @@
 //! path, tagged with the user id: a network round trip on every chat message, one series per
 //! user (cardinality explosion) and user ids leaked into the metrics store. Here:
 //!
-//! - [`MetricsRecorder`] implements [`ReadObserver`](crate::observe::ReadObserver). A read
+//! - [`MetricsRecorder`] implements [`ReadObserver`](crate::hooks::ReadObserver). A read
 //!   costs a read-lock, one hash lookup and a few relaxed atomic increments into a per
 //!   `(table, bot)` cell; it never allocates except the first time a bot is seen, never blocks
 //!   on I/O and never fails. The number of distinct bots is capped
@@ -134,28 +134,71 @@ pub const MEASUREMENT_WORKER: &str = "strategic_cache_worker";
 pub const MEASUREMENT_REFRESH_REQUESTS: &str = "strategic_cache_refresh_requests";
 /// The worker id tag of [`MEASUREMENT_WORKER`].
 pub const TAG_WORKER: &str = "worker";
+/// The fields of [`MEASUREMENT_WORKER`], by name: each is the
+/// [`WorkerStats`](crate::scheduler::WorkerStats) field of the same name (docs/METRICS.md
+/// says what each means).
+pub mod worker_field {
+    /// Claims taken (integer).
+    pub const CLAIMED: &str = "claimed";
+    /// Entries computed and written (integer).
+    pub const RECOMPUTES: &str = "recomputes";
+    /// Claims skipped because the entry was fresh meanwhile (integer).
+    pub const SKIPPED_FRESH: &str = "skipped_fresh";
+    /// Computations whose write lost to a later one (integer).
+    pub const DUPLICATE_RECOMPUTES: &str = "duplicate_recomputes";
+    /// Failures that will be retried (integer).
+    pub const RETRIED: &str = "retried";
+    /// Requests given up on (integer).
+    pub const ABANDONED: &str = "abandoned";
+    /// Claims completed after their lease was taken over (integer).
+    pub const LEASE_LOST: &str = "lease_lost";
+    /// Mean time from claim to completion, milliseconds (float).
+    pub const CLAIM_TO_DONE_MEAN_MS: &str = "claim_to_done_mean_ms";
+    /// Longest time from claim to completion, milliseconds (float).
+    pub const CLAIM_TO_DONE_MAX_MS: &str = "claim_to_done_max_ms";
+    /// Rows in the queue at the last sample (integer).
+    pub const QUEUE_TOTAL: &str = "queue_total";
+    /// Rows due and unclaimed at the last sample (integer).
+    pub const QUEUE_DUE: &str = "queue_due";
+}
 /// Every field of [`MEASUREMENT_WORKER`].
 pub const WORKER_FIELDS: [&str; 11] = [
-    "claimed",
-    "recomputes",
-    "skipped_fresh",
-    "duplicate_recomputes",
-    "retried",
-    "abandoned",
-    "lease_lost",
-    "claim_to_done_mean_ms",
-    "claim_to_done_max_ms",
-    "queue_total",
-    "queue_due",
+    worker_field::CLAIMED,
+    worker_field::RECOMPUTES,
+    worker_field::SKIPPED_FRESH,
+    worker_field::DUPLICATE_RECOMPUTES,
+    worker_field::RETRIED,
+    worker_field::ABANDONED,
+    worker_field::LEASE_LOST,
+    worker_field::CLAIM_TO_DONE_MEAN_MS,
+    worker_field::CLAIM_TO_DONE_MAX_MS,
+    worker_field::QUEUE_TOTAL,
+    worker_field::QUEUE_DUE,
 ];
+/// The fields of [`MEASUREMENT_REFRESH_REQUESTS`], by name: each is the
+/// [`RequesterStats`](crate::scheduler::RequesterStats) field of the same name.
+pub mod refresh_request_field {
+    /// Requests the reader sent (integer).
+    pub const RECEIVED: &str = "received";
+    /// Requests dropped because the channel was full (integer).
+    pub const DROPPED_FULL: &str = "dropped_full";
+    /// Requests dropped as duplicates of a recent one (integer).
+    pub const DEDUPLICATED: &str = "deduplicated";
+    /// Requests written to the queue (integer).
+    pub const ENQUEUED: &str = "enqueued";
+    /// Requests the queue refused because it was full (integer).
+    pub const REJECTED_FULL: &str = "rejected_full";
+    /// Requests whose enqueue failed (integer).
+    pub const ENQUEUE_FAILED: &str = "enqueue_failed";
+}
 /// Every field of [`MEASUREMENT_REFRESH_REQUESTS`].
 pub const REFRESH_REQUEST_FIELDS: [&str; 6] = [
-    "received",
-    "dropped_full",
-    "deduplicated",
-    "enqueued",
-    "rejected_full",
-    "enqueue_failed",
+    refresh_request_field::RECEIVED,
+    refresh_request_field::DROPPED_FULL,
+    refresh_request_field::DEDUPLICATED,
+    refresh_request_field::ENQUEUED,
+    refresh_request_field::REJECTED_FULL,
+    refresh_request_field::ENQUEUE_FAILED,
 ];
 
 /// Something whose counters go out with every exported window, beside the read metrics:

@@ -11,7 +11,7 @@ use super::line_protocol::{LineBuilder, sanitize_tag_value};
 use super::*;
 use crate::component::Component;
 use crate::error::CacheError;
-use crate::observe::{ReadObserver, ReadOutcome};
+use crate::hooks::{ReadObserver, ReadOutcome};
 
 /// Bounds of a [`MetricsRecorder`].
 #[derive(Clone, Debug, PartialEq, Eq)]

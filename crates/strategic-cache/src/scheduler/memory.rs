@@ -15,7 +15,7 @@ use super::{
 use crate::clock::{Clock, SystemClock};
 use crate::component::Component;
 use crate::error::CacheError;
-use crate::types::Key;
+use crate::keys::Key;
 
 #[derive(Debug)]
 struct Row {

@@ -43,8 +43,8 @@ pub use worker::{InsightEngine, Worker, WorkerConfig, WorkerStats};
 
 use crate::component::Component;
 use crate::error::CacheError;
-pub use crate::observe::{RefreshReason, RefreshRequest};
-use crate::types::Key;
+use crate::hooks::{RefreshReason, RefreshRequest};
+use crate::keys::Key;
 
 /// A request a worker has claimed, with its lease.
 #[derive(Clone, Debug, PartialEq)]
@@ -180,10 +180,37 @@ fn reason_str(reason: RefreshReason) -> &'static str {
     }
 }
 
-fn reason_from_str(reason: &str) -> RefreshReason {
+/// The reason a queue row names, as [`reason_str`] wrote it. Anything else is
+/// [`CacheError::Corrupt`]: a row this code did not write is not silently taken for a
+/// refresh-ahead.
+fn reason_from_str(reason: &str) -> Result<RefreshReason, CacheError> {
     match reason {
-        "miss" => RefreshReason::Miss,
-        "stale" => RefreshReason::Stale,
-        _ => RefreshReason::RefreshAhead,
+        "miss" => Ok(RefreshReason::Miss),
+        "stale" => Ok(RefreshReason::Stale),
+        "refresh_ahead" => Ok(RefreshReason::RefreshAhead),
+        other => Err(CacheError::Corrupt(format!(
+            "queue row names unknown reason {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason reads back as written, and unknown text is an error, not a refresh-ahead.
+    #[test]
+    fn reasons_round_trip_and_unknown_ones_are_errors() {
+        for reason in [
+            RefreshReason::Miss,
+            RefreshReason::Stale,
+            RefreshReason::RefreshAhead,
+        ] {
+            assert_eq!(reason_from_str(reason_str(reason)).ok(), Some(reason));
+        }
+        assert!(matches!(
+            reason_from_str("urgent"),
+            Err(CacheError::Corrupt(message)) if message.contains("urgent")
+        ));
     }
 }

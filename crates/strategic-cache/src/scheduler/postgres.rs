@@ -222,7 +222,7 @@ impl RefreshQueue for PgRefreshQueue {
                 id: row.try_get("", "id").map_err(corrupt)?,
                 component,
                 key: key_from_columns(component, user_id, bot_name, window),
-                reason: reason_from_str(&reason),
+                reason: reason_from_str(&reason)?,
                 attempts: u32::try_from(attempts).unwrap_or(0),
                 requested_at: row
                     .try_get::<DateTime<Utc>>("", "requested_at")

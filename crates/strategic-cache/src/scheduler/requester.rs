@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 use super::RefreshQueue;
 use crate::component::Component;
-use crate::observe::{RefreshRequest, RefreshSink};
-use crate::types::Key;
+use crate::hooks::{RefreshRequest, RefreshSink};
+use crate::keys::Key;
 
 /// Settings of [`RefreshRequester`].
 #[derive(Clone, Debug)]
@@ -241,15 +241,15 @@ fn is_duplicate(sent: &Sent, request: &RefreshRequest, window: Duration) -> bool
 
 impl crate::metrics::WindowSource for RefreshRequester {
     fn render(&self, timestamp_ns: i64, out: &mut String) {
-        use crate::metrics::{MEASUREMENT_REFRESH_REQUESTS, REFRESH_REQUEST_FIELDS as F};
+        use crate::metrics::{MEASUREMENT_REFRESH_REQUESTS, refresh_request_field as f};
         let s = self.stats();
         crate::metrics::line_protocol::LineBuilder::new(out, MEASUREMENT_REFRESH_REQUESTS)
-            .int(F[0], s.received)
-            .int(F[1], s.dropped_full)
-            .int(F[2], s.deduplicated)
-            .int(F[3], s.enqueued)
-            .int(F[4], s.rejected_full)
-            .int(F[5], s.enqueue_failed)
+            .int(f::RECEIVED, s.received)
+            .int(f::DROPPED_FULL, s.dropped_full)
+            .int(f::DEDUPLICATED, s.deduplicated)
+            .int(f::ENQUEUED, s.enqueued)
+            .int(f::REJECTED_FULL, s.rejected_full)
+            .int(f::ENQUEUE_FAILED, s.enqueue_failed)
             .finish(timestamp_ns);
     }
 }

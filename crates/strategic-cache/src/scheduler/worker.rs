@@ -13,10 +13,12 @@ use tokio::time::Instant;
 
 use super::{Claim, Completion, RefreshQueue};
 use crate::component::Component;
+use crate::entries::{Lookup, NewEntry, WriteOutcome};
 use crate::error::CacheError;
+use crate::keys::Key;
+use crate::limits::TtlPolicy;
 use crate::payload::Payload;
 use crate::repository::CacheRepository;
-use crate::types::{Key, Lookup, NewEntry, TtlPolicy, WriteOutcome};
 
 /// What the real enrichment worker implements: compute one component for one key.
 ///
@@ -113,9 +115,9 @@ pub struct WorkerStats {
     /// Claims completed after their lease had been taken over.
     pub lease_lost: u64,
     /// Mean time from claiming a request to completing it, in milliseconds.
-    pub mean_claim_to_done_ms: f64,
+    pub claim_to_done_mean_ms: f64,
     /// Longest such time, in milliseconds.
-    pub max_claim_to_done_ms: f64,
+    pub claim_to_done_max_ms: f64,
     /// Rows in the queue at the last sample (see [`WorkerConfig::depth_interval`]).
     pub queue_total: u64,
     /// Rows due and unclaimed at the last sample: the backlog.
@@ -447,12 +449,12 @@ impl Worker {
             retried: c.retried.load(Ordering::Relaxed),
             abandoned: c.abandoned.load(Ordering::Relaxed),
             lease_lost: c.lease_lost.load(Ordering::Relaxed),
-            mean_claim_to_done_ms: if done == 0 {
+            claim_to_done_mean_ms: if done == 0 {
                 0.0
             } else {
                 sum as f64 / done as f64 / 1000.0
             },
-            max_claim_to_done_ms: c.claim_to_done_us_max.load(Ordering::Relaxed) as f64 / 1000.0,
+            claim_to_done_max_ms: c.claim_to_done_us_max.load(Ordering::Relaxed) as f64 / 1000.0,
             queue_total: c.queue_total.load(Ordering::Relaxed),
             queue_due: c.queue_due.load(Ordering::Relaxed),
         }
@@ -461,24 +463,24 @@ impl Worker {
 
 impl crate::metrics::WindowSource for Worker {
     fn render(&self, timestamp_ns: i64, out: &mut String) {
-        use crate::metrics::{MEASUREMENT_WORKER, TAG_WORKER, WORKER_FIELDS as F};
+        use crate::metrics::{MEASUREMENT_WORKER, TAG_WORKER, worker_field as f};
         let s = self.stats();
         crate::metrics::line_protocol::LineBuilder::new(out, MEASUREMENT_WORKER)
             .tag(
                 TAG_WORKER,
                 &crate::metrics::line_protocol::sanitize_tag_value(&self.config.id),
             )
-            .int(F[0], s.claimed)
-            .int(F[1], s.recomputes)
-            .int(F[2], s.skipped_fresh)
-            .int(F[3], s.duplicate_recomputes)
-            .int(F[4], s.retried)
-            .int(F[5], s.abandoned)
-            .int(F[6], s.lease_lost)
-            .float(F[7], s.mean_claim_to_done_ms)
-            .float(F[8], s.max_claim_to_done_ms)
-            .int(F[9], s.queue_total)
-            .int(F[10], s.queue_due)
+            .int(f::CLAIMED, s.claimed)
+            .int(f::RECOMPUTES, s.recomputes)
+            .int(f::SKIPPED_FRESH, s.skipped_fresh)
+            .int(f::DUPLICATE_RECOMPUTES, s.duplicate_recomputes)
+            .int(f::RETRIED, s.retried)
+            .int(f::ABANDONED, s.abandoned)
+            .int(f::LEASE_LOST, s.lease_lost)
+            .float(f::CLAIM_TO_DONE_MEAN_MS, s.claim_to_done_mean_ms)
+            .float(f::CLAIM_TO_DONE_MAX_MS, s.claim_to_done_max_ms)
+            .int(f::QUEUE_TOTAL, s.queue_total)
+            .int(f::QUEUE_DUE, s.queue_due)
             .finish(timestamp_ns);
     }
 }

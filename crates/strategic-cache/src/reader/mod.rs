@@ -6,80 +6,37 @@
 //! breaker), reports each read to a [`ReadObserver`] and asks a [`RefreshSink`] to recompute
 //! what is missing, stale or about to expire. Its shared state is atomics only: no lock is
 //! taken on the hot path.
+//!
+//! This file is the facade; the parts it is built of are private files named by role:
+//! - `config`: [`ReaderConfig`], its settings;
+//! - `stats`: [`ReaderStats`] and the atomic counters behind them;
+//! - `breaker`: the circuit breaker's state machine (`Breaker`, `Admission`, `ProbeGuard`);
+//! - `warn_limit`: the rate limit of its warnings (`WarnLimit`).
+//!
+//! The Python seed's helpers on the reader live in `crate::seed`.
+
+mod breaker;
+mod config;
+mod stats;
+mod warn_limit;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
 
 use crate::component::Component;
+use crate::entries::{CachedEntry, Freshness, Lookup, Snapshot};
 use crate::error::CacheError;
-use crate::observe::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
+use crate::hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
+use crate::keys::{DEFAULT_WINDOW_HOURS, Key};
 use crate::repository::CacheRepository;
-use crate::types::{CachedEntry, DEFAULT_WINDOW_HOURS, Freshness, Key, Limits, Lookup, Snapshot};
-
-/// Settings of [`CacheReader`].
-#[derive(Clone, Debug)]
-pub struct ReaderConfig {
-    /// Longest a read may take, pool acquire included; past it the read is a miss.
-    pub budget: Duration,
-    /// Consecutive failures that open the circuit breaker (0 disables the breaker).
-    pub breaker_threshold: u32,
-    /// How long the breaker stays open before one probe read is let through.
-    pub breaker_cooldown: Duration,
-    /// Fraction of its TTL at which an entry in use should be recomputed (its refresh
-    /// point): the due time of the refresh-ahead requests this reader sends.
-    pub refresh_ahead_fraction: f64,
-    /// Fraction of its TTL after which serving an entry tells the worker it is in use (a
-    /// refresh-ahead request due at the refresh point). Below the refresh point so that an
-    /// entry the worker keeps refreshing ahead is still seen to be read; above zero so that
-    /// most hits send nothing. Set above `refresh_ahead_fraction`'s value of 1.0 or more to
-    /// turn refresh-ahead signals off.
-    pub demand_fraction: f64,
-    /// Least time between two warnings about failing reads.
-    pub warn_interval: Duration,
-}
-
-impl Default for ReaderConfig {
-    fn default() -> Self {
-        ReaderConfig {
-            budget: Duration::from_millis(50),
-            breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(1),
-            refresh_ahead_fraction: 0.8,
-            demand_fraction: 0.5,
-            warn_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Counters of a [`CacheReader`] since it was built (clones share them).
-///
-/// Every count is of *component reads*: a snapshot counts as six, so
-/// `reads == hits + misses + stale + errors + timeouts + breaker_skips` always holds once
-/// in-flight reads have finished.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ReaderStats {
-    /// Component reads asked for.
-    pub reads: u64,
-    /// Fresh entries served.
-    pub hits: u64,
-    /// No entry.
-    pub misses: u64,
-    /// An expired entry, not served.
-    pub stale: u64,
-    /// The store returned an error.
-    pub errors: u64,
-    /// The store did not answer within the budget.
-    pub timeouts: u64,
-    /// The breaker was open, so the store was not asked.
-    pub breaker_skips: u64,
-    /// Whether the breaker is open now.
-    pub breaker_open: bool,
-}
+use breaker::{Admission, Breaker, ProbeGuard};
+pub use config::ReaderConfig;
+use stats::Counters;
+pub use stats::ReaderStats;
+use warn_limit::WarnLimit;
 
 /// The facade bot code holds: never fails, never panics.
 ///
@@ -169,200 +126,9 @@ impl Shared {
         }
     }
 
-    /// Milliseconds since `epoch`; saturates rather than wraps (after 584 million years).
+    /// Milliseconds since `epoch`.
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    reads: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    stale: AtomicU64,
-    errors: AtomicU64,
-    timeouts: AtomicU64,
-    breaker_skips: AtomicU64,
-}
-
-impl Counters {
-    /// Counts `n` component reads. `Relaxed` is enough: counters are statistics, read with no
-    /// other memory depending on them.
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-/// A circuit breaker on atomics.
-///
-/// Closed: every read goes to the store. After `threshold` consecutive failures it opens until
-/// `open_until`; reads in that time are skipped. The first read after the cooldown wins
-/// `probing` and goes through as the only probe; its success closes the breaker, its failure
-/// (or cancellation) opens it for another cooldown.
-#[derive(Debug, Default)]
-struct Breaker {
-    /// Failures since the last success.
-    failures: AtomicU32,
-    /// 0 when closed, else the time (ms since the epoch) until which the breaker is open.
-    /// Never 0 when open: an opening at time 0 with no cooldown is stored as 1.
-    open_until: AtomicU64,
-    /// Whether a probe is in flight (only ever true while `open_until` is non-zero).
-    probing: AtomicBool,
-    /// 0 before the first success, else 1 + the time (ms since the epoch) of the latest one.
-    last_success: AtomicU64,
-}
-
-/// What the breaker lets a read do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Admission {
-    /// Closed: go ahead.
-    Pass,
-    /// Open, cooldown over: go ahead as the one probe.
-    Probe,
-    /// Open: do not call the store.
-    Skip,
-}
-
-impl Breaker {
-    fn admit(&self, now_ms: u64) -> Admission {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return Admission::Pass;
-        }
-        if now_ms < until {
-            return Admission::Skip;
-        }
-        match self
-            .probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Admission::Probe,
-            Err(_) => Admission::Skip,
-        }
-    }
-
-    fn is_open(&self) -> bool {
-        self.open_until.load(Ordering::Acquire) != 0
-    }
-
-    /// Any success resets the failure count; a successful probe closes the breaker.
-    fn on_success(&self, admission: Admission, now_ms: u64) {
-        self.failures.store(0, Ordering::Release);
-        self.last_success
-            .fetch_max(now_ms.saturating_add(1), Ordering::AcqRel);
-        if admission == Admission::Probe {
-            self.open_until.store(0, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
-        }
-    }
-
-    /// Ends a probe that proved nothing either way (the store rejected the input): the next
-    /// read probes again.
-    fn release_probe(&self, admission: Admission) {
-        if admission == Admission::Probe {
-            self.probing.store(false, Ordering::Release);
-        }
-    }
-
-    /// Counts a failure; returns whether this failure opened (or re-opened) the breaker.
-    ///
-    /// A failure within `alive_window` of a success is not counted: the store answered a read
-    /// that started after this one did, so it is up and this read was only queued behind
-    /// others (a burst of reads over a small pool). Counting those let a burst of 1,000 reads
-    /// over a pool of 10 open the breaker against a healthy database and turn every read of
-    /// the next cooldown into a miss (found by `load::thousand_readers_over_a_pool_of_ten`).
-    /// A store that is down, partitioned or slower than the budget has no recent success, so
-    /// the breaker still opens for it.
-    fn on_failure(
-        &self,
-        admission: Admission,
-        now_ms: u64,
-        threshold: u32,
-        cooldown: Duration,
-        alive_window: Duration,
-    ) -> bool {
-        let last_success = self.last_success.load(Ordering::Acquire);
-        let window = u64::try_from(alive_window.as_millis()).unwrap_or(u64::MAX);
-        if admission != Admission::Probe
-            && last_success != 0
-            && now_ms.saturating_sub(last_success - 1) < window
-        {
-            return false;
-        }
-        let failures = self
-            .failures
-            .fetch_add(1, Ordering::AcqRel)
-            .saturating_add(1);
-        let until = now_ms
-            .saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX))
-            .max(1);
-        if admission == Admission::Probe {
-            self.open_until.store(until, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
-            return true;
-        }
-        // Only a closed breaker opens: a read admitted before it opened and failing late must
-        // not extend the cooldown. `compare_exchange` makes exactly one failure the opener.
-        threshold > 0
-            && failures >= threshold
-            && self
-                .open_until
-                .compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-}
-
-/// Re-opens the breaker if a probe's future is dropped before it finished (the bot's task was
-/// cancelled): otherwise `probing` would stay set and the breaker would never close again.
-struct ProbeGuard<'a> {
-    shared: &'a Shared,
-    cooldown: Duration,
-    armed: bool,
-}
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let now = self.shared.now_ms();
-            self.shared
-                .breaker
-                .on_failure(Admission::Probe, now, 0, self.cooldown, Duration::ZERO);
-        }
-    }
-}
-
-/// At most one warning per interval; counts the ones it suppresses.
-#[derive(Debug, Default)]
-struct WarnLimit {
-    /// 0 before the first warning, else 1 + the time (ms since the epoch) of the last one.
-    last: AtomicU64,
-    /// Warnings suppressed since the last one emitted.
-    suppressed: AtomicU64,
-}
-
-impl WarnLimit {
-    /// Whether to warn now; if so, how many warnings were suppressed since the last one.
-    fn permit(&self, now_ms: u64, interval: Duration) -> Option<u64> {
-        let last = self.last.load(Ordering::Acquire);
-        let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-        let due = last == 0 || now_ms.saturating_sub(last - 1) >= interval;
-        if due
-            && self
-                .last
-                .compare_exchange(
-                    last,
-                    now_ms.saturating_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::AcqRel))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+        breaker::millis_since(self.epoch)
     }
 }
 
@@ -414,18 +180,7 @@ impl CacheReader {
 
     /// The counters so far (shared by clones of this reader).
     pub fn stats(&self) -> ReaderStats {
-        let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ReaderStats {
-            reads: get(&c.reads),
-            hits: get(&c.hits),
-            misses: get(&c.misses),
-            stale: get(&c.stale),
-            errors: get(&c.errors),
-            timeouts: get(&c.timeouts),
-            breaker_skips: get(&c.breaker_skips),
-            breaker_open: self.shared.breaker.is_open(),
-        }
+        self.shared.counters.snapshot(self.shared.breaker.is_open())
     }
 
     /// The fresh entry of `component` for a message from `user_id` to `bot_name` (for
@@ -586,46 +341,6 @@ impl CacheReader {
         }
     }
 
-    /// The seed's helper: the fresh entry of `table_name` for (`user_id`, `bot_name`) as a
-    /// JSON object of its columns plus `computed_at`, `expires_at` (RFC 3339) and
-    /// `age_seconds`, or `None`. An unknown table name is `None` and a (rate-limited) warning.
-    pub async fn get_cached_strategic_data(
-        &self,
-        table_name: &str,
-        user_id: &str,
-        bot_name: &str,
-    ) -> Option<Map<String, Value>> {
-        let component = self.component(table_name)?;
-        self.get(component, user_id, bot_name)
-            .await
-            .map(|entry| entry.to_json_object())
-    }
-
-    /// The seed's helper: whether the entry of `table_name` for (`user_id`, `bot_name`) is
-    /// fresh. False when it is not, or cannot be known (unknown table, store failing).
-    pub async fn check_cache_freshness(
-        &self,
-        table_name: &str,
-        user_id: &str,
-        bot_name: &str,
-    ) -> bool {
-        match self.component(table_name) {
-            Some(component) => self.get(component, user_id, bot_name).await.is_some(),
-            None => false,
-        }
-    }
-
-    /// Resolves a table name, warning (rate-limited) about an unknown one.
-    fn component(&self, table_name: &str) -> Option<Component> {
-        match Component::from_table_name(table_name) {
-            Ok(component) => Some(component),
-            Err(error) => {
-                self.warn_input(&error);
-                None
-            }
-        }
-    }
-
     /// Runs one store call within the budget and through the breaker, counting failures as
     /// `parts` component reads. Never waits longer than the budget.
     async fn guarded<T>(
@@ -640,17 +355,18 @@ impl CacheReader {
             Counters::add(&shared.counters.breaker_skips, parts);
             return Err(Failure::Skipped);
         }
-        let mut guard = ProbeGuard {
-            shared,
-            cooldown: self.config.breaker_cooldown,
-            armed: admission == Admission::Probe,
-        };
+        let mut guard = ProbeGuard::new(
+            &shared.breaker,
+            shared.epoch,
+            self.config.breaker_cooldown,
+            admission,
+        );
         let result = match tokio::time::timeout(self.config.budget, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(Failure::Store(error)),
             Err(_) => Err(Failure::TimedOut),
         };
-        guard.armed = false;
+        guard.disarm();
         match result {
             Ok(value) => {
                 shared.breaker.on_success(admission, shared.now_ms());
@@ -718,7 +434,7 @@ impl CacheReader {
     }
 
     /// A rate-limited warning about the caller's input (unknown table, invalid key).
-    fn warn_input(&self, error: &CacheError) {
+    pub(crate) fn warn_input(&self, error: &CacheError) {
         let now = self.shared.now_ms();
         if let Some(suppressed) = self
             .shared
@@ -764,7 +480,8 @@ impl CacheReader {
         Some(Some(due))
     }
 
-    /// Asks the sink to recompute `key`, unless it is a key no worker could ever write.
+    /// Asks the sink to recompute `key`, unless it is a key no worker could ever write: one
+    /// the store's own limits reject (the store judged the same key by them on the read).
     fn request_refresh(
         &self,
         component: Component,
@@ -773,7 +490,7 @@ impl CacheReader {
         due_at: Option<DateTime<Utc>>,
     ) {
         if let Some(sink) = &self.refresh
-            && Limits::default().check_key(component, key).is_ok()
+            && self.repo.limits().check_key(component, key).is_ok()
         {
             sink.request_refresh(RefreshRequest {
                 component,
@@ -795,141 +512,21 @@ fn breaker_note(opened: bool, cooldown: Duration) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
-
-    use async_trait::async_trait;
 
     use super::*;
     use crate::clock::ManualClock;
+    use crate::entries::NewEntry;
+    use crate::limits::{Limits, TtlPolicy};
     use crate::memory::MemoryCacheRepository;
     use crate::payload::{CharacterPerformance, MemoryHealth};
-    use crate::types::{NewEntry, TableStats, WriteOutcome};
-
-    /// How the fake store answers.
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    enum Mode {
-        /// `Missing` / an empty snapshot, at once.
-        Answer,
-        /// `Unavailable`.
-        Fail,
-        /// Answers after sleeping this long.
-        Slow(Duration),
-        /// `InvalidInput`, as a store rejecting the caller's key would.
-        Reject,
-    }
-
-    /// A store that counts calls and answers as told.
-    #[derive(Debug)]
-    struct FakeRepo {
-        calls: AtomicU32,
-        mode: Mutex<Mode>,
-    }
-
-    impl FakeRepo {
-        fn new(mode: Mode) -> Arc<FakeRepo> {
-            Arc::new(FakeRepo {
-                calls: AtomicU32::new(0),
-                mode: Mutex::new(mode),
-            })
-        }
-
-        fn set(&self, mode: Mode) {
-            *self.mode.lock().unwrap() = mode;
-        }
-
-        fn calls(&self) -> u32 {
-            self.calls.load(Ordering::SeqCst)
-        }
-
-        async fn answer<T>(&self, value: T) -> Result<T, CacheError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            let mode = *self.mode.lock().unwrap();
-            match mode {
-                Mode::Answer => Ok(value),
-                Mode::Fail => Err(CacheError::Unavailable("connection refused".into())),
-                Mode::Slow(delay) => {
-                    tokio::time::sleep(delay).await;
-                    Ok(value)
-                }
-                Mode::Reject => Err(CacheError::invalid("user_id", "must not be empty")),
-            }
-        }
-    }
-
-    #[async_trait]
-    impl CacheRepository for FakeRepo {
-        async fn lookup(&self, _: Component, _: &Key) -> Result<Lookup, CacheError> {
-            self.answer(Lookup::Missing).await
-        }
-        async fn snapshot(&self, _: &str, _: &str, _: i32) -> Result<Snapshot, CacheError> {
-            self.answer(Snapshot::default()).await
-        }
-        async fn upsert(&self, _: &NewEntry) -> Result<WriteOutcome, CacheError> {
-            Err(CacheError::Database("the reader never writes".into()))
-        }
-        async fn upsert_many(&self, _: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError> {
-            Err(CacheError::Database("the reader never writes".into()))
-        }
-        async fn invalidate(&self, _: Component, _: &Key) -> Result<bool, CacheError> {
-            Err(CacheError::Database("the reader never writes".into()))
-        }
-        async fn sweep_expired(&self, _: u32) -> Result<u64, CacheError> {
-            Err(CacheError::Database("the reader never writes".into()))
-        }
-        async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {
-            Err(CacheError::Database("the reader never asks".into()))
-        }
-    }
-
-    type ReadRecord = (Component, String, ReadOutcome, Option<Duration>);
-
-    #[derive(Debug, Default)]
-    struct RecordingObserver(Mutex<Vec<ReadRecord>>);
-
-    impl ReadObserver for RecordingObserver {
-        fn on_read(
-            &self,
-            component: Component,
-            bot_name: &str,
-            outcome: ReadOutcome,
-            _query_time: Duration,
-            age: Option<Duration>,
-        ) {
-            self.0
-                .lock()
-                .unwrap()
-                .push((component, bot_name.to_string(), outcome, age));
-        }
-    }
-
-    impl RecordingObserver {
-        fn take(&self) -> Vec<ReadRecord> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
-    #[derive(Debug, Default)]
-    struct RecordingSink(Mutex<Vec<(Component, Key, RefreshReason)>>);
-
-    impl RefreshSink for RecordingSink {
-        fn request_refresh(&self, request: RefreshRequest) {
-            self.0
-                .lock()
-                .unwrap()
-                .push((request.component, request.key, request.reason));
-        }
-    }
-
-    impl RecordingSink {
-        fn take(&self) -> Vec<(Component, Key, RefreshReason)> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
+    use crate::test_support::{RecordingObserver, RecordingSink, StubMode, StubRepository};
 
     const MIN: Duration = Duration::from_secs(60);
 
-    fn config(threshold: u32) -> ReaderConfig {
+    /// Settings with a 50 ms budget, a 1 s cooldown and the breaker opening at `threshold`.
+    pub(crate) fn config(threshold: u32) -> ReaderConfig {
         ReaderConfig {
             budget: Duration::from_millis(50),
             breaker_threshold: threshold,
@@ -938,7 +535,8 @@ mod tests {
         }
     }
 
-    fn memory() -> (Arc<MemoryCacheRepository>, ManualClock) {
+    /// An in-memory store on a manual clock.
+    pub(crate) fn memory() -> (Arc<MemoryCacheRepository>, ManualClock) {
         let clock = ManualClock::default();
         (
             Arc::new(MemoryCacheRepository::with_clock(Arc::new(clock.clone()))),
@@ -946,7 +544,8 @@ mod tests {
         )
     }
 
-    fn health() -> MemoryHealth {
+    /// A memory health payload with a snapshot and an age.
+    pub(crate) fn health() -> MemoryHealth {
         MemoryHealth {
             memory_snapshot: serde_json::json!({ "top": ["m1"] }),
             avg_memory_age_hours: Some(3.5),
@@ -957,7 +556,7 @@ mod tests {
     /// A store that always errors gives the bot nothing, and the errors are counted and observed.
     #[tokio::test]
     async fn failing_store_reads_as_nothing() {
-        let repo = FakeRepo::new(Mode::Fail);
+        let repo = StubRepository::new(StubMode::Fail);
         let observer = Arc::new(RecordingObserver::default());
         let reader = CacheReader::new(repo.clone())
             .with_config(config(100))
@@ -995,7 +594,7 @@ mod tests {
     /// A store slower than the budget is abandoned at the budget and the read is a timeout.
     #[tokio::test(start_paused = true)]
     async fn slow_store_is_cut_off_at_the_budget() {
-        let repo = FakeRepo::new(Mode::Slow(Duration::from_secs(30)));
+        let repo = StubRepository::new(StubMode::Slow(Duration::from_secs(30)));
         let reader = CacheReader::new(repo.clone()).with_config(config(100));
 
         let started = tokio::time::Instant::now();
@@ -1011,171 +610,6 @@ mod tests {
 
         let stats = reader.stats();
         assert_eq!((stats.reads, stats.timeouts, stats.errors), (7, 7, 0));
-    }
-
-    /// The breaker opens after `threshold` consecutive failures and the store is not called
-    /// while it is open; those reads are recorded as errors and counted as skips.
-    #[tokio::test(start_paused = true)]
-    async fn breaker_opens_after_threshold() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let observer = Arc::new(RecordingObserver::default());
-        let reader = CacheReader::new(repo.clone())
-            .with_config(config(3))
-            .with_observer(observer.clone());
-
-        for _ in 0..3 {
-            assert_eq!(
-                reader.get(Component::MemoryHealth, "u1", "elena").await,
-                None
-            );
-        }
-        assert_eq!(repo.calls(), 3);
-        assert!(reader.stats().breaker_open);
-        observer.take();
-
-        repo.set(Mode::Answer);
-        for _ in 0..5 {
-            assert_eq!(
-                reader.get(Component::MemoryHealth, "u1", "elena").await,
-                None
-            );
-        }
-        assert!(reader.snapshot("u1", "elena").await.is_empty());
-        assert_eq!(repo.calls(), 3, "no call while open");
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(
-            reader.get(Component::MemoryHealth, "u1", "elena").await,
-            None
-        );
-        assert_eq!(repo.calls(), 3, "still open just before the cooldown ends");
-
-        let stats = reader.stats();
-        assert_eq!((stats.errors, stats.breaker_skips), (3, 12));
-        assert!(observer.take().iter().all(|r| r.2 == ReadOutcome::Error));
-    }
-
-    /// After the cooldown exactly one probe goes through while others still skip; its
-    /// success closes the breaker.
-    #[tokio::test(start_paused = true)]
-    async fn breaker_lets_one_probe_through_and_closes_on_success() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let reader = CacheReader::new(repo.clone()).with_config(config(2));
-        for _ in 0..2 {
-            reader.get(Component::MemoryHealth, "u1", "elena").await;
-        }
-        assert!(reader.stats().breaker_open);
-
-        tokio::time::advance(Duration::from_secs(1)).await;
-        repo.set(Mode::Slow(Duration::from_millis(10)));
-        let (probe, other, third) = tokio::join!(
-            reader.get(Component::MemoryHealth, "u1", "elena"),
-            reader.get(Component::MemoryHealth, "u1", "elena"),
-            reader.get(Component::MemoryHealth, "u1", "elena"),
-        );
-        assert_eq!((probe, other, third), (None, None, None));
-        assert_eq!(repo.calls(), 3, "exactly one probe reached the store");
-        let stats = reader.stats();
-        assert_eq!((stats.misses, stats.breaker_skips), (1, 2));
-        assert!(!stats.breaker_open, "the successful probe closed it");
-
-        repo.set(Mode::Answer);
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        reader.snapshot("u1", "elena").await;
-        assert_eq!(repo.calls(), 5, "closed: every read goes through");
-    }
-
-    /// A failed probe re-opens the breaker for another full cooldown.
-    #[tokio::test(start_paused = true)]
-    async fn failed_probe_reopens_breaker() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let reader = CacheReader::new(repo.clone()).with_config(config(1));
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        tokio::time::advance(Duration::from_secs(1)).await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await; // the probe, failing
-        assert_eq!(repo.calls(), 2);
-
-        repo.set(Mode::Answer);
-        tokio::time::advance(Duration::from_millis(999)).await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        assert_eq!(repo.calls(), 2, "re-opened for a new cooldown");
-        tokio::time::advance(Duration::from_millis(1)).await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        assert_eq!(repo.calls(), 3);
-        assert!(!reader.stats().breaker_open);
-    }
-
-    /// A probe whose read is cancelled by the caller re-opens the breaker instead of leaving
-    /// it waiting forever for a probe that will never finish.
-    #[tokio::test(start_paused = true)]
-    async fn cancelled_probe_does_not_wedge_breaker() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let reader = CacheReader::new(repo.clone()).with_config(config(1));
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        tokio::time::advance(Duration::from_secs(1)).await;
-
-        repo.set(Mode::Slow(Duration::from_millis(40)));
-        let cancelled = tokio::time::timeout(
-            Duration::from_millis(5),
-            reader.get(Component::MemoryHealth, "u1", "elena"),
-        )
-        .await;
-        assert!(cancelled.is_err());
-        assert_eq!(repo.calls(), 2);
-
-        repo.set(Mode::Answer);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        assert_eq!(repo.calls(), 3, "a new probe went through");
-        assert!(!reader.stats().breaker_open);
-    }
-
-    /// Failures within a budget of a success (reads queued behind a burst on a live store)
-    /// do not open the breaker; the same failures a budget later do.
-    #[tokio::test(start_paused = true)]
-    async fn failures_right_after_a_success_do_not_open_breaker() {
-        let repo = FakeRepo::new(Mode::Answer);
-        let reader = CacheReader::new(repo.clone()).with_config(config(2));
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        repo.set(Mode::Fail);
-        for _ in 0..10 {
-            reader.get(Component::MemoryHealth, "u1", "elena").await;
-        }
-        assert!(!reader.stats().breaker_open, "the store answered just now");
-        tokio::time::advance(reader.config().budget).await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        assert!(reader.stats().breaker_open);
-        assert_eq!(reader.stats().errors, 12);
-    }
-
-    /// Any success resets the count of consecutive failures.
-    #[tokio::test]
-    async fn success_resets_failure_count() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let reader = CacheReader::new(repo.clone()).with_config(config(3));
-        for _ in 0..4 {
-            repo.set(Mode::Fail);
-            reader.get(Component::MemoryHealth, "u1", "elena").await;
-            reader.get(Component::MemoryHealth, "u1", "elena").await;
-            repo.set(Mode::Answer);
-            reader.get(Component::MemoryHealth, "u1", "elena").await;
-        }
-        assert!(!reader.stats().breaker_open);
-        assert_eq!(repo.calls(), 12);
-    }
-
-    /// The store rejecting the caller's input is an error for the read but not a database
-    /// failure: the breaker does not open.
-    #[tokio::test]
-    async fn invalid_input_does_not_open_breaker() {
-        let repo = FakeRepo::new(Mode::Reject);
-        let reader = CacheReader::new(repo.clone()).with_config(config(2));
-        for _ in 0..5 {
-            assert_eq!(reader.get(Component::MemoryHealth, "", "elena").await, None);
-        }
-        assert_eq!(repo.calls(), 5);
-        let stats = reader.stats();
-        assert_eq!((stats.errors, stats.breaker_open), (5, false));
     }
 
     /// A hit between the demand point (50%) and the refresh point (80%) tells the worker the
@@ -1405,67 +839,49 @@ mod tests {
         );
     }
 
-    /// An unknown table name is `None`/false without calling the store; a known one returns
-    /// the columns plus timestamps and age.
+    /// Refresh requests go out for exactly the keys the store's own limits accept: a key
+    /// longer than the default limit but within a store's larger one asks for a refresh, and
+    /// one too long for a store with short keys (which could never be written) asks nothing.
     #[tokio::test]
-    async fn table_names_are_checked() {
-        let repo = FakeRepo::new(Mode::Answer);
-        let reader = CacheReader::new(repo.clone());
-        let unknown = "users; DROP TABLE strategic_memory_health";
+    async fn refresh_requests_follow_the_stores_limits() {
+        let store = |max_key_bytes| {
+            let limits = Limits {
+                max_key_bytes,
+                ..Limits::default()
+            };
+            let clock: Arc<dyn crate::clock::Clock> = Arc::new(ManualClock::default());
+            Arc::new(MemoryCacheRepository::new(
+                TtlPolicy::default(),
+                limits,
+                clock,
+            ))
+        };
+        let sink = Arc::new(RecordingSink::default());
+        let long_user = "u".repeat(300);
+
+        let reader = CacheReader::new(store(512)).with_refresh_sink(sink.clone());
         assert_eq!(
             reader
-                .get_cached_strategic_data(unknown, "u1", "elena")
+                .get(Component::MemoryHealth, &long_user, "elena")
                 .await,
             None
         );
-        assert!(!reader.check_cache_freshness(unknown, "u1", "elena").await);
-        assert_eq!(repo.calls(), 0);
-        assert_eq!(reader.stats().reads, 0);
-
-        let (memory, _) = memory();
-        let reader = CacheReader::new(memory.clone());
-        memory
-            .upsert(&NewEntry::new(Key::user_bot("u1", "elena"), health()))
-            .await
-            .unwrap();
-        let object = reader
-            .get_cached_strategic_data("strategic_memory_health", "u1", "elena")
-            .await
-            .unwrap();
-        assert_eq!(object["avg_memory_age_hours"], serde_json::json!(3.5));
-        assert_eq!(object["age_seconds"], serde_json::json!(0.0));
-        assert!(object["computed_at"].is_string() && object["expires_at"].is_string());
-        assert!(
-            reader
-                .check_cache_freshness("memory_health", "u1", "elena")
-                .await
+        assert_eq!(
+            sink.take(),
+            vec![(
+                Component::MemoryHealth,
+                Key::user_bot(long_user, "elena"),
+                RefreshReason::Miss
+            )]
         );
-    }
 
-    /// Warnings are limited to one per interval, and the next one says how many were held back.
-    #[test]
-    fn warnings_are_rate_limited() {
-        let limit = WarnLimit::default();
-        let interval = Duration::from_secs(10);
-        assert_eq!(limit.permit(0, interval), Some(0));
-        assert_eq!(limit.permit(1, interval), None);
-        assert_eq!(limit.permit(9_999, interval), None);
-        assert_eq!(limit.permit(10_000, interval), Some(2));
-        assert_eq!(limit.permit(10_001, interval), None);
-    }
-
-    /// Clones of a reader share the breaker and the counters.
-    #[tokio::test(start_paused = true)]
-    async fn clones_share_breaker_and_counters() {
-        let repo = FakeRepo::new(Mode::Fail);
-        let reader = CacheReader::new(repo.clone()).with_config(config(2));
-        let clone = reader.clone();
-        reader.get(Component::MemoryHealth, "u1", "elena").await;
-        clone.get(Component::MemoryHealth, "u1", "elena").await;
-        assert!(reader.stats().breaker_open);
-        clone.get(Component::MemoryHealth, "u1", "elena").await;
-        assert_eq!(repo.calls(), 2);
-        assert_eq!(reader.stats(), clone.stats());
-        assert_eq!(reader.stats().reads, 3);
+        let reader = CacheReader::new(store(8)).with_refresh_sink(sink.clone());
+        assert_eq!(
+            reader
+                .get(Component::MemoryHealth, "user-0009", "elena")
+                .await,
+            None
+        );
+        assert_eq!(sink.take(), vec![], "a key the store would reject");
     }
 }

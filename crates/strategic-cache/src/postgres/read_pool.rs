@@ -4,8 +4,9 @@
 //! `PoolConnection` dropped spawns a task that sends a `Sync` and waits for the server's
 //! `ReadyForQuery` before the connection can be used again. That "band-aid" (sqlx's own word)
 //! exists because a query future dropped mid-flight can leave a connection in an unknown
-//! state. For a cache read that is a second round trip and a task per read, which on a
-//! 2-core machine costs a third of the throughput at 10 concurrent readers. This pool knows
+//! state. For a cache read that is a second round trip and a task per read, a large share of
+//! the throughput of concurrent readers (measured in `docs/BENCHMARKS.md`, "Figures behind
+//! code comments"). This pool knows
 //! when a connection is in a known state, because it sees the statement finish:
 //!
 //! * a statement that completed (rows or a server-side error such as `statement_timeout`)
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use pg_diagnostics::connection_lost;
 use sea_orm::sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgRow};
 use sea_orm::sqlx::query::Query;
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _, Postgres};
@@ -63,7 +65,9 @@ impl After {
     fn of<T>(result: &Result<T, sqlx::Error>) -> After {
         match result {
             Ok(_) => After::Ready,
-            Err(sqlx::Error::Database(e)) if !connection_lost(e.code().as_deref()) => After::Ready,
+            Err(sqlx::Error::Database(e)) if !e.code().is_some_and(|c| connection_lost(&c)) => {
+                After::Ready
+            }
             Err(_) => After::Broken,
         }
     }
@@ -115,6 +119,7 @@ impl ReadPool {
     }
 
     /// Connections currently idle (for tests and diagnostics).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn idle_count(&self) -> usize {
         self.idle
             .lock()
@@ -158,6 +163,7 @@ impl ReadPool {
     }
 
     /// Statements run so far (for diagnostics and tests).
+    #[cfg(any(test, feature = "test-support"))]
     pub(crate) fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
     }
@@ -218,11 +224,6 @@ async fn connect(options: &PgConnectOptions, bound: Duration) -> Result<Idle, sq
         }),
         Err(_) => Err(sqlx::Error::PoolTimedOut),
     }
-}
-
-/// SQLSTATEs after which the server has closed (or is closing) the session.
-fn connection_lost(code: Option<&str>) -> bool {
-    code.is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
 }
 
 /// A connection checked out with its permit. Dropped without [`Checkout::finish`] (the read

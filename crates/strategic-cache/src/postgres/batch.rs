@@ -2,8 +2,9 @@
 //! component queue up and go to the database together, as one statement, as soon as a
 //! connection is free.
 //!
-//! A burst of 200 reads on 10 connections otherwise waits for 200 round trips, 20 deep: on
-//! this 2-core machine the bare driver itself needs 12 ms for the last of them. A lookup
+//! A burst of 200 reads on 10 connections otherwise waits for 200 round trips, 20 deep, which
+//! even the bare driver cannot serve within a hot-path budget (the measured figures are in
+//! `docs/BENCHMARKS.md`, "Figures behind code comments"). A lookup
 //! that finds a connection free runs alone, exactly as before, so batching costs nothing
 //! when there is no queue; under a queue, one statement answers up to [`MAX_BATCH`] keys
 //! (`unnest` of the keys, one `LATERAL` index lookup each), and as many batches run in
@@ -21,9 +22,9 @@ use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, Row as _};
 use tokio::sync::oneshot;
 
+use super::read_pool::ReadPool;
 use crate::component::Component;
-use crate::read_pool::ReadPool;
-use crate::types::Key;
+use crate::keys::Key;
 
 /// Keys per batch statement at most.
 pub(crate) const MAX_BATCH: usize = 32;

@@ -1,0 +1,122 @@
+//! Maintenance: the tables' dead-row health and `VACUUM`. Every refresh leaves a dead row
+//! version behind; where autovacuum is off or falls behind, the worker reclaims them here.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, RuntimeErr};
+
+use super::statements::{health_sql, sql, stmt};
+use crate::component::Component;
+use crate::error::CacheError;
+
+/// Dead-row housekeeping figures of one table ([`PgCacheRepository::table_health`](super::PgCacheRepository::table_health)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableHealth {
+    /// The table's component.
+    pub component: Component,
+    /// Live rows (`pg_stat_user_tables.n_live_tup`, an estimate).
+    pub live_rows: u64,
+    /// Dead row versions not yet vacuumed (`n_dead_tup`).
+    pub dead_rows: u64,
+    /// Heap, TOAST and indexes, in bytes.
+    pub total_bytes: u64,
+    /// Vacuums so far, manual and automatic.
+    pub vacuums: u64,
+    /// The last one, if any since the statistics were reset.
+    pub last_vacuum: Option<DateTime<Utc>>,
+    /// Whether this connection's role may VACUUM the table (owns it, or is a member of its
+    /// owner; superusers may vacuum anything).
+    pub can_vacuum: bool,
+}
+
+impl TableHealth {
+    /// Autovacuum's default rule: more than 50 + 20 % of the live rows are dead.
+    pub fn needs_vacuum(&self) -> bool {
+        self.dead_rows as f64 > 50.0 + 0.2 * self.live_rows as f64
+    }
+}
+
+/// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
+/// `CacheRepository::vacuum_if_needed` (the worker, or `strategic-cache vacuum`) keeps
+/// the tables from growing with every refresh.
+pub(super) async fn autovacuum_enabled(
+    db: &DatabaseConnection,
+    err: impl Fn(DbErr) -> CacheError,
+) -> Result<bool, CacheError> {
+    let row = db
+        .query_one_raw(stmt(
+            "SELECT current_setting('autovacuum') = 'on' AS on",
+            Vec::new(),
+        ))
+        .await
+        .map_err(&err)?
+        .ok_or_else(|| CacheError::Database("SHOW autovacuum returned no row".into()))?;
+    row.try_get("", "on").map_err(&err)
+}
+
+/// Live and dead row versions, size and vacuums of each table, from the server's
+/// statistics (which lag writes by up to a few seconds).
+pub(super) async fn table_health(
+    db: &DatabaseConnection,
+    err: impl Fn(DbErr) -> CacheError,
+) -> Result<Vec<TableHealth>, CacheError> {
+    let rows = db
+        .query_all_raw(stmt(health_sql(), Vec::new()))
+        .await
+        .map_err(&err)?;
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mut health = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let name: String = row.try_get("", "name").map_err(&err)?;
+        let Ok(component) = Component::from_table_name(&name) else {
+            continue;
+        };
+        let get = |column: &str| row.try_get::<i64>("", column).map_err(&err);
+        health.push(TableHealth {
+            component,
+            live_rows: count(get("live")?),
+            dead_rows: count(get("dead")?),
+            total_bytes: count(get("bytes")?),
+            vacuums: count(get("vacuums")?),
+            last_vacuum: row.try_get("", "last_vacuum").map_err(&err)?,
+            can_vacuum: row.try_get("", "can_vacuum").map_err(&err)?,
+        });
+    }
+    health.sort_by_key(|h| h.component.index());
+    Ok(health)
+}
+
+/// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
+/// skipped). Runs on one connection of the write pool whose statement timeout is lifted
+/// for it, and which is closed afterwards rather than returned with that setting.
+pub(super) async fn vacuum(
+    db: &DatabaseConnection,
+    components: &[Component],
+    err: impl Fn(DbErr) -> CacheError,
+) -> Result<(), CacheError> {
+    if components.is_empty() {
+        return Ok(());
+    }
+    // `ping` fails on a disconnected handle, where asking for the pool would panic; this
+    // crate builds sea-orm for PostgreSQL only, so a connected handle has a PgPool.
+    db.ping().await.map_err(&err)?;
+    let sqlx_err = |e| err(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))));
+    let mut conn = db
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .map_err(sqlx_err)?;
+    conn.close_on_drop();
+    sea_orm::sqlx::raw_sql("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+    for component in components {
+        sea_orm::sqlx::raw_sql(sql(*component).vacuum.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+    }
+    Ok(())
+}

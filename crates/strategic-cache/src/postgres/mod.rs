@@ -1,0 +1,596 @@
+//! PostgreSQL implementation of [`CacheRepository`]: [`PgCacheRepository`].
+//!
+//! Every statement is generated once, from the `entity` crate's `Column` enums, and kept in a
+//! `OnceLock`: no SQL string names a column the entity does not name, so the schema drift
+//! that silently disabled the old platform's readers cannot compile here. Rows are decoded with
+//! the entity `Model`'s `FromQueryResult`, the same decoder `Entity::find()` uses, but through
+//! raw statements with bind parameters, because the query builder costs measurable time on the
+//! hot path.
+//!
+//! Freshness and ages are always computed by the database (`expires_at > now()`,
+//! `now() - computed_at`), so app servers with skewed clocks agree on what is fresh.
+//!
+//! This file holds the repository, its configuration and connect; the rest are private files
+//! named by role, each importing only those below it:
+//! - `tables`: the six tables described once from their entities, with encode and decode;
+//! - `statements`: the SQL generated from those descriptions;
+//! - `errors`: driver errors mapped to [`CacheError`], passwords masked;
+//! - `maintenance`: dead-row health ([`TableHealth`]) and `VACUUM`;
+//! - `read_pool`: the hot path's own connection pool;
+//! - `batch`: merges concurrent lookups of one table into one statement on that pool.
+
+mod batch;
+mod errors;
+mod maintenance;
+mod read_pool;
+mod statements;
+mod tables;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use pg_diagnostics::{redact_url, scrub};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, QueryResult, RuntimeErr,
+    TransactionTrait,
+};
+
+use crate::component::Component;
+use crate::entries::{Freshness, Lookup, NewEntry, Snapshot, TableStats, WriteOutcome};
+use crate::error::CacheError;
+use crate::keys::Key;
+use crate::limits::{Limits, TtlPolicy};
+use crate::repository::CacheRepository;
+use batch::Batcher;
+pub(crate) use errors::map_db_err;
+use errors::{classify, corrupt};
+pub use maintenance::TableHealth;
+use read_pool::ReadPool;
+use statements::{lookup_many_sql, snapshot_sql, sql, stats_sql, stmt, values_tuple};
+use tables::{
+    Arg, decode_entry, decode_parts, entry_row_values, key_args, key_values, secs, ttl_secs,
+};
+
+/// Connection and policy settings of [`PgCacheRepository`].
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    /// Pool size.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// Bound on opening one connection.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout` for every statement; `None` leaves the server's.
+    pub statement_timeout: Option<Duration>,
+    /// TTL per component.
+    pub ttl: TtlPolicy,
+    /// Input limits.
+    pub limits: Limits,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        PgConfig {
+            max_connections: 10,
+            min_connections: 1,
+            connect_timeout: Duration::from_secs(2),
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Some(Duration::from_secs(5)),
+            ttl: TtlPolicy::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The cache in PostgreSQL, through sea-orm and the `entity` crate.
+///
+/// `lookup` and `snapshot` are one statement (one round trip) each; writes are one statement
+/// per component. See the module documentation for how statements are built.
+///
+/// A repository made by [`PgCacheRepository::connect`] holds two pools of up to
+/// `max_connections` each: sea-orm's, for writes and maintenance, and its own for the two
+/// hot-path reads, which hands a connection back without the round trip sqlx's pool spends
+/// testing it on every release (see `read_pool.rs`). A bot that only reads keeps
+/// `min_connections` open in the first. One made by [`PgCacheRepository::from_connection`]
+/// reads through the connection it is given.
+#[derive(Clone)]
+pub struct PgCacheRepository {
+    db: DatabaseConnection,
+    /// The hot-path pool; `None` when wrapping a caller's connection.
+    reads: Option<Arc<ReadPool>>,
+    /// Batches lookups that would wait for a connection of `reads`.
+    batcher: Option<Arc<Batcher>>,
+    ttl: TtlPolicy,
+    limits: Limits,
+    /// The URL connected to, kept only to scrub its password out of error messages.
+    url: Option<String>,
+    /// The configured statement timeout, reported in [`CacheError::Timeout`].
+    statement_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for PgCacheRepository {
+    // Hand-written so that the URL (and its password) is never printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgCacheRepository")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("ttl", &self.ttl)
+            .field("limits", &self.limits)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgCacheRepository {
+    /// Connects a pool with `config`'s bounds.
+    ///
+    /// The URL must be `postgres://` or `postgresql://` ([`CacheError::InvalidInput`]
+    /// otherwise). A failure to connect is [`CacheError::Unavailable`], naming the host and
+    /// database but never the password.
+    pub async fn connect(url: &str, config: PgConfig) -> Result<Self, CacheError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(CacheError::invalid(
+                "url",
+                format!(
+                    "`{}` is not a postgres:// or postgresql:// URL",
+                    redact_url(url)
+                ),
+            ));
+        }
+        let mut options = ConnectOptions::new(url);
+        options
+            .max_connections(config.max_connections)
+            .min_connections(config.min_connections.min(config.max_connections))
+            .connect_timeout(config.connect_timeout)
+            .acquire_timeout(config.acquire_timeout)
+            // A ping on every checkout would double the latency of every hot-path read; a dead
+            // connection shows up as an error on the read instead, which the reader absorbs.
+            .test_before_acquire(false)
+            .sqlx_logging(false);
+        if let Some(timeout) = config.statement_timeout {
+            options.statement_timeout(timeout);
+        }
+        let unavailable = |e: &dyn fmt::Display| {
+            CacheError::Unavailable(format!(
+                "cannot connect to {}: {}",
+                redact_url(url),
+                scrub(&e.to_string(), Some(url))
+            ))
+        };
+        let db = Database::connect(options)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let reads = ReadPool::new(
+            url,
+            config.max_connections,
+            config.connect_timeout,
+            config.acquire_timeout,
+            config.statement_timeout,
+        )
+        .map_err(|e| unavailable(&e))?;
+        reads
+            .warm(config.min_connections.min(config.max_connections))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let reads = Arc::new(reads);
+        Ok(PgCacheRepository {
+            db,
+            batcher: Some(Arc::new(Batcher::new(
+                Arc::clone(&reads),
+                lookup_many_sql,
+                config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
+            ))),
+            reads: Some(reads),
+            ttl: config.ttl,
+            limits: config.limits,
+            url: Some(url.to_owned()),
+            statement_timeout: config.statement_timeout,
+        })
+    }
+
+    /// Wraps an existing connection (pool).
+    pub fn from_connection(db: DatabaseConnection, ttl: TtlPolicy, limits: Limits) -> Self {
+        PgCacheRepository {
+            db,
+            reads: None,
+            batcher: None,
+            ttl,
+            limits,
+            url: None,
+            statement_timeout: None,
+        }
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The SQL text [`CacheRepository::lookup`] runs for `component` (`$1`, `$2`: the key's
+    /// two columns), so that a tool can time the very same statement on another driver (the
+    /// benchmark's bare-driver limit rows) without a copy that could drift.
+    pub fn lookup_statement(component: Component) -> &'static str {
+        &sql(component).lookup
+    }
+
+    /// The SQL text [`CacheRepository::snapshot`] runs (`$1` user, `$2` bot, `$3` window,
+    /// an `int4`); see [`Self::lookup_statement`] for why it is exposed.
+    pub fn snapshot_statement() -> &'static str {
+        snapshot_sql()
+    }
+
+    /// Maps a driver error, scrubbing this repository's password and naming its timeout.
+    fn err(&self, error: DbErr) -> CacheError {
+        let mapped = classify(error, self.statement_timeout);
+        match (&self.url, mapped) {
+            (Some(url), CacheError::Unavailable(m)) => {
+                CacheError::Unavailable(scrub(&m, Some(url)))
+            }
+            (Some(url), CacheError::Database(m)) => CacheError::Database(scrub(&m, Some(url))),
+            (_, other) => other,
+        }
+    }
+
+    /// Maps an error of a statement run on sqlx directly (the read pool, the batcher, the
+    /// vacuum connection) as [`Self::err`] maps sea-orm's.
+    fn sqlx_err(&self, error: Arc<sea_orm::sqlx::Error>) -> CacheError {
+        self.err(DbErr::Query(RuntimeErr::SqlxError(error)))
+    }
+
+    /// Connections idle in the hot-path read pool (`None` without one): for diagnostics and
+    /// tests.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn idle_read_connections(&self) -> Option<usize> {
+        self.reads.as_ref().map(|pool| pool.idle_count())
+    }
+
+    /// Statements the hot-path read pool has run (`None` without one); with batching, fewer
+    /// than the lookups asked for under load. For diagnostics and tests.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn read_statements(&self) -> Option<u64> {
+        self.reads.as_ref().map(|pool| pool.statements())
+    }
+
+    /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
+    /// [`CacheRepository::vacuum_if_needed`] (the worker, or `strategic-cache vacuum`) keeps
+    /// the tables from growing with every refresh.
+    pub async fn autovacuum_enabled(&self) -> Result<bool, CacheError> {
+        maintenance::autovacuum_enabled(&self.db, |e| self.err(e)).await
+    }
+
+    /// Live and dead row versions, size and vacuums of each table, from the server's
+    /// statistics (which lag writes by up to a few seconds).
+    pub async fn table_health(&self) -> Result<Vec<TableHealth>, CacheError> {
+        maintenance::table_health(&self.db, |e| self.err(e)).await
+    }
+
+    /// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
+    /// skipped). Runs on one connection of the write pool whose statement timeout is lifted
+    /// for it, and which is closed afterwards rather than returned with that setting.
+    pub async fn vacuum(&self, components: &[Component]) -> Result<(), CacheError> {
+        maintenance::vacuum(&self.db, components, |e| self.err(e)).await
+    }
+
+    /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row, on the read pool
+    /// if there is one.
+    async fn read_row(
+        &self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Option<QueryResult>, CacheError> {
+        let Some(pool) = &self.reads else {
+            let values = args.iter().map(|a| a.value()).collect();
+            return self
+                .db
+                .query_one_raw(stmt(sql, values))
+                .await
+                .map_err(|e| self.err(e));
+        };
+        let mut query = sea_orm::sqlx::query(sql);
+        for arg in args {
+            query = match *arg {
+                Arg::Text(text) => query.bind(text),
+                Arg::Int(n) => query.bind(n),
+            };
+        }
+        match pool.fetch_optional(query).await {
+            Ok(row) => Ok(row.map(QueryResult::from)),
+            Err(e) => Err(self.sqlx_err(Arc::new(e))),
+        }
+    }
+}
+
+#[async_trait]
+impl CacheRepository for PgCacheRepository {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
+        if self.limits.check_key(component, key).is_err() {
+            // A key that could never have been stored is not there; no round trip.
+            return Ok(Lookup::Missing);
+        }
+        let row = match &self.batcher {
+            Some(batcher) if batcher.should_queue(component) => batcher
+                .lookup(component, key.clone())
+                .await
+                .map(|row| row.map(QueryResult::from))
+                .map_err(|e| self.sqlx_err(e))?,
+            _ => {
+                self.read_row(&sql(component).lookup, &key_args(key))
+                    .await?
+            }
+        };
+        let Some(row) = row else {
+            return Ok(Lookup::Missing);
+        };
+        Ok(match decode_entry(component, &row, "")? {
+            Some((true, entry)) => Lookup::Fresh(entry),
+            Some((false, entry)) => Lookup::Stale(entry),
+            None => Lookup::Missing,
+        })
+    }
+
+    async fn snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+    ) -> Result<Snapshot, CacheError> {
+        let bot_ok = self.limits.check_name("bot_name", bot_name).is_ok();
+        let user_ok = bot_ok && self.limits.check_name("user_id", user_id).is_ok();
+        let window_ok = bot_ok && window_hours > 0;
+        if !user_ok && !window_ok {
+            return Ok(Snapshot::default());
+        }
+        // An invalid part is bound as the empty string, which no stored key can be (keys are
+        // validated non-empty on write), so its components are read as missing; this also
+        // keeps NUL bytes, which PostgreSQL rejects, out of the statement.
+        let user = if user_ok { user_id } else { "" };
+        let bot = if bot_ok { bot_name } else { "" };
+        let args = [Arg::Text(user), Arg::Text(bot), Arg::Int(window_hours)];
+        let row = self.read_row(snapshot_sql(), &args).await?;
+        let mut snapshot = Snapshot::default();
+        let Some(row) = row else {
+            return Ok(snapshot);
+        };
+        for component in Component::ALL {
+            let pre = format!("c{}_", component.index());
+            if let Some((fresh, entry)) = decode_entry(component, &row, &pre)? {
+                let i = component.index();
+                if fresh {
+                    snapshot.freshness[i] = Freshness::Fresh { age: entry.age };
+                    snapshot.entries[i] = Some(entry);
+                } else {
+                    snapshot.freshness[i] = Freshness::Stale { age: entry.age };
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// Upserts one entry in one statement.
+    ///
+    /// A `computed_at` in the future is checked against this process's clock with the
+    /// [`Limits::max_future_skew`] allowance (60 s by default) rather than the database's: the
+    /// allowance exists for exactly that skew, and asking the database would cost a second
+    /// round trip. `computed_at: None` is the database's `now()`, and `expires_at` is always
+    /// computed in SQL from the stored `computed_at`.
+    async fn upsert(&self, entry: &NewEntry) -> Result<WriteOutcome, CacheError> {
+        self.limits.check_entry(entry, Utc::now())?;
+        let component = entry.component();
+        let ttl = entry.ttl.unwrap_or_else(|| self.ttl.ttl(component));
+        self.limits.check_ttl(ttl)?;
+        let mut values = entry_row_values(entry)
+            .ok_or_else(|| CacheError::invalid("key", "does not fit the payload's table"))?;
+        values.push(entry.computed_at.into());
+        values.push(ttl_secs(ttl));
+        let row = self
+            .db
+            .query_one_raw(stmt(&sql(component).upsert_one, values))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(if row.is_some() {
+            WriteOutcome::Written
+        } else {
+            WriteOutcome::Superseded
+        })
+    }
+
+    /// Upserts a batch in one transaction, one multi-row statement per component.
+    ///
+    /// The batch runs in a transaction whose first statement reads the database's `now()`
+    /// (constant for the whole transaction): future `computed_at`s are judged against it, and
+    /// entries without `computed_at` are stamped with it, so same-key entries can be ordered.
+    async fn upsert_many(&self, entries: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Everything that needs no clock first, so an obviously bad batch costs nothing.
+        for entry in entries {
+            self.limits.check_key(entry.component(), &entry.key)?;
+            if let Some(ttl) = entry.ttl {
+                self.limits.check_ttl(ttl)?;
+            }
+            self.limits.check_payload(&entry.payload)?;
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let now_row = tx
+            .query_one_raw(stmt("SELECT now() AS db_now", Vec::new()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let db_now: DateTime<Utc> = match now_row {
+            Some(row) => row.try_get("", "db_now").map_err(map_db_err)?,
+            None => return Err(CacheError::Database("SELECT now() returned no row".into())),
+        };
+        let mut resolved = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // Dropping `tx` on return rolls it back; nothing has been written yet anyway.
+            self.limits.check_entry(entry, db_now)?;
+            let ttl = entry.ttl.unwrap_or_else(|| self.ttl.ttl(entry.component()));
+            self.limits.check_ttl(ttl)?;
+            resolved.push((entry.computed_at.unwrap_or(db_now), ttl));
+        }
+
+        // Same key twice: one statement cannot update a row twice, and the batch must behave
+        // as if written in order, so the later computed_at (ties: the later entry) wins and
+        // the others are Superseded without reaching the database.
+        let mut outcomes = vec![WriteOutcome::Superseded; entries.len()];
+        let mut winner: HashMap<(Component, &Key), usize> = HashMap::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let slot = winner.entry((entry.component(), &entry.key)).or_insert(i);
+            if resolved[i].0 >= resolved[*slot].0 {
+                *slot = i;
+            }
+        }
+        let mut by_component: [Vec<usize>; 6] = Default::default();
+        for (&(component, _), &i) in &winner {
+            by_component[component.index()].push(i);
+        }
+
+        for component in Component::ALL {
+            let rows = &mut by_component[component.index()];
+            if rows.is_empty() {
+                continue;
+            }
+            // A fixed lock order across concurrent batches, so they cannot deadlock.
+            rows.sort_by(|a, b| entries[*a].key.cmp(&entries[*b].key));
+            let table = sql(component);
+            let mut statement = table.insert_head.clone();
+            let mut values = Vec::with_capacity(rows.len() * table.row_width);
+            for (n, &i) in rows.iter().enumerate() {
+                if n > 0 {
+                    statement.push_str(", ");
+                }
+                statement.push_str(&values_tuple(n * table.row_width, table.row_width - 2));
+                values.extend(entry_row_values(&entries[i]).ok_or_else(|| {
+                    CacheError::invalid("key", "does not fit the payload's table")
+                })?);
+                values.push(Some(resolved[i].0).into());
+                values.push(ttl_secs(resolved[i].1));
+            }
+            statement.push_str(&table.insert_tail);
+            let returned = tx
+                .query_all_raw(stmt(&statement, values))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut written: HashSet<Key> = HashSet::with_capacity(returned.len());
+            for row in &returned {
+                let parts = decode_parts(component, row, "").map_err(|e| corrupt(component, e))?;
+                written.insert(parts.key);
+            }
+            for &i in rows.iter() {
+                if written.contains(&entries[i].key) {
+                    outcomes[i] = WriteOutcome::Written;
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(outcomes)
+    }
+
+    async fn invalidate(&self, component: Component, key: &Key) -> Result<bool, CacheError> {
+        self.limits.check_key(component, key)?;
+        let result = self
+            .db
+            .execute_raw(stmt(&sql(component).delete, key_values(key).into()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn sweep_expired(&self, batch: u32) -> Result<u64, CacheError> {
+        if batch == 0 {
+            return Err(CacheError::invalid("batch", "must be positive"));
+        }
+        let mut total = 0u64;
+        for component in Component::ALL {
+            loop {
+                let deleted = self
+                    .db
+                    .execute_raw(stmt(&sql(component).sweep, vec![i64::from(batch).into()]))
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .rows_affected();
+                total += deleted;
+                if deleted < u64::from(batch) {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Vacuums the tables past the threshold that this role may vacuum; the others (a
+    /// worker running as `strategic_cache_writer`, which does not own them) are left, with a
+    /// warning, to autovacuum or the owner's `strategic-cache vacuum`.
+    async fn vacuum_if_needed(&self) -> Result<Vec<Component>, CacheError> {
+        let health = self.table_health().await?;
+        let (due, forbidden): (Vec<&TableHealth>, Vec<&TableHealth>) = health
+            .iter()
+            .filter(|h| h.needs_vacuum())
+            .partition(|h| h.can_vacuum);
+        if !forbidden.is_empty() {
+            let tables: Vec<&str> = forbidden.iter().map(|h| h.component.table_name()).collect();
+            tracing::warn!(
+                ?tables,
+                "cache tables have many dead rows but this role may not VACUUM them; \
+                 run `strategic-cache vacuum` as their owner or turn autovacuum on"
+            );
+        }
+        let due: Vec<Component> = due.iter().map(|h| h.component).collect();
+        self.vacuum(&due).await?;
+        Ok(due)
+    }
+
+    async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(stats_sql(), Vec::new()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut stats: Vec<Option<TableStats>> = vec![None; 6];
+        for row in &rows {
+            let get = |col: &str| -> Result<Option<f64>, CacheError> {
+                row.try_get("", col).map_err(map_db_err)
+            };
+            let count = |col: &str| -> Result<u64, CacheError> {
+                row.try_get::<i64>("", col)
+                    .map(|v| u64::try_from(v).unwrap_or_default())
+                    .map_err(map_db_err)
+            };
+            let idx: i32 = row.try_get("", "idx").map_err(map_db_err)?;
+            let Some(component) = usize::try_from(idx)
+                .ok()
+                .and_then(|i| Component::ALL.get(i).copied())
+            else {
+                continue;
+            };
+            stats[component.index()] = Some(TableStats {
+                component,
+                total: count("total")?,
+                fresh: count("fresh")?,
+                stale: count("stale")?,
+                oldest_age: get("oldest")?.map(secs),
+                newest_age: get("newest")?.map(secs),
+                p50_age: get("p50")?.map(secs),
+                p95_age: get("p95")?.map(secs),
+            });
+        }
+        Component::ALL
+            .iter()
+            .zip(stats)
+            .map(|(c, s)| {
+                s.ok_or_else(|| {
+                    CacheError::Database(format!("no statistics row for {}", c.table_name()))
+                })
+            })
+            .collect()
+    }
+}

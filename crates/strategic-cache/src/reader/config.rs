@@ -1,0 +1,38 @@
+//! The reader's settings.
+
+use std::time::Duration;
+
+/// Settings of [`CacheReader`](super::CacheReader).
+#[derive(Clone, Debug)]
+pub struct ReaderConfig {
+    /// Longest a read may take, pool acquire included; past it the read is a miss.
+    pub budget: Duration,
+    /// Consecutive failures that open the circuit breaker (0 disables the breaker).
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one probe read is let through.
+    pub breaker_cooldown: Duration,
+    /// Fraction of its TTL at which an entry in use should be recomputed (its refresh
+    /// point): the due time of the refresh-ahead requests this reader sends.
+    pub refresh_ahead_fraction: f64,
+    /// Fraction of its TTL after which serving an entry tells the worker it is in use (a
+    /// refresh-ahead request due at the refresh point). Below the refresh point so that an
+    /// entry the worker keeps refreshing ahead is still seen to be read; above zero so that
+    /// most hits send nothing. Set above `refresh_ahead_fraction`'s value of 1.0 or more to
+    /// turn refresh-ahead signals off.
+    pub demand_fraction: f64,
+    /// Least time between two warnings about failing reads.
+    pub warn_interval: Duration,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        ReaderConfig {
+            budget: Duration::from_millis(50),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            refresh_ahead_fraction: 0.8,
+            demand_fraction: 0.5,
+            warn_interval: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The reader's counters: atomics while it runs, [`ReaderStats`] when asked.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of a [`CacheReader`](super::CacheReader) since it was built (clones share them).
+///
+/// Every count is of *component reads*: a snapshot counts as six, so
+/// `reads == hits + misses + stale + errors + timeouts + breaker_skips` always holds once
+/// in-flight reads have finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReaderStats {
+    /// Component reads asked for.
+    pub reads: u64,
+    /// Fresh entries served.
+    pub hits: u64,
+    /// No entry.
+    pub misses: u64,
+    /// An expired entry, not served.
+    pub stale: u64,
+    /// The store returned an error.
+    pub errors: u64,
+    /// The store did not answer within the budget.
+    pub timeouts: u64,
+    /// The breaker was open, so the store was not asked.
+    pub breaker_skips: u64,
+    /// Whether the breaker is open now.
+    pub breaker_open: bool,
+}
+
+/// The live counters behind [`ReaderStats`].
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) reads: AtomicU64,
+    pub(super) hits: AtomicU64,
+    pub(super) misses: AtomicU64,
+    pub(super) stale: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) timeouts: AtomicU64,
+    pub(super) breaker_skips: AtomicU64,
+}
+
+impl Counters {
+    /// Counts `n` component reads. `Relaxed` is enough: counters are statistics, read with no
+    /// other memory depending on them.
+    pub(super) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counts now, with whether the breaker is open.
+    pub(super) fn snapshot(&self, breaker_open: bool) -> ReaderStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ReaderStats {
+            reads: get(&self.reads),
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            stale: get(&self.stale),
+            errors: get(&self.errors),
+            timeouts: get(&self.timeouts),
+            breaker_skips: get(&self.breaker_skips),
+            breaker_open,
+        }
+    }
+}
