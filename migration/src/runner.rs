@@ -84,18 +84,10 @@ pub enum MigrateError {
     /// The URL is not a PostgreSQL URL.
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
-    /// The server could not be reached or refused the connection.
-    #[error(
-        "cannot connect to PostgreSQL at {target} within {timeout:?}: {reason}; check DATABASE_URL and that the server is running"
-    )]
-    Unreachable {
-        /// Host, port and database name, without credentials.
-        target: String,
-        /// The connect timeout that applied.
-        timeout: Duration,
-        /// What the driver said, with any password removed.
-        reason: String,
-    },
+    /// The server could not be reached, refused the connection, or refused this user or
+    /// database. The message is PostgreSQL's (or the network's), with what to do.
+    #[error("{0}")]
+    Unreachable(pg_diagnostics::ConnectFailure),
     /// Another process's run held the migration lock for longer than we were willing to wait.
     #[error(
         "another migration run held the migration lock for more than {0:?}; nothing was changed, retry when it has finished"
@@ -163,6 +155,11 @@ pub async fn connect(
             redact_url(url)
         )));
     }
+    // One direct attempt first: a refusal, a wrong user or a missing database is said at once
+    // and in PostgreSQL's words (the pool would retry until its timeout and say only that).
+    pg_diagnostics::probe(url, options.connect_timeout)
+        .await
+        .map_err(MigrateError::Unreachable)?;
     let mut opts = ConnectOptions::new(url);
     opts.max_connections(2)
         .min_connections(0)
@@ -171,20 +168,14 @@ pub async fn connect(
         .sqlx_logging(false);
     let db = Database::connect(opts)
         .await
-        .map_err(|e| unreachable(url, options.connect_timeout, &e))?;
+        .map_err(|e| unreachable(url, &e))?;
     // sea-orm connects lazily for some errors; a ping makes "unreachable" surface here.
-    db.ping()
-        .await
-        .map_err(|e| unreachable(url, options.connect_timeout, &e))?;
+    db.ping().await.map_err(|e| unreachable(url, &e))?;
     Ok(db)
 }
 
-fn unreachable(url: &str, timeout: Duration, error: &DbErr) -> MigrateError {
-    MigrateError::Unreachable {
-        target: redact_url(url),
-        timeout,
-        reason: scrub(&error.to_string(), Some(url)),
-    }
+fn unreachable(url: &str, error: &DbErr) -> MigrateError {
+    MigrateError::Unreachable(pg_diagnostics::ConnectFailure::from_db_err(url, error))
 }
 
 /// Runs `command` under the migration lock and returns what changed.

@@ -8,6 +8,7 @@
 
 mod bench;
 mod cli;
+mod connect_errors;
 mod contract;
 mod faults;
 mod hostile;

@@ -831,6 +831,7 @@ async fn unreachable_database_is_a_quick_clear_error() {
         "{message}"
     );
     assert!(message.contains("127.0.0.1:9"), "{message}");
+    assert!(message.contains("connection refused"), "{message}");
     assert!(!message.contains("hunter2"), "{message}");
     assert!(!message.contains('\n'), "{message}");
 }

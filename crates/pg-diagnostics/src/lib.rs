@@ -7,6 +7,10 @@
 //!   `Debug`).
 //! - [`sqlstate`] (feature `sea-orm`) and its classes: [`connection_lost`],
 //!   [`QUERY_CANCELED`], [`LOCK_NOT_AVAILABLE`].
+//! - [`ConnectFailure`] and [`probe`] (feature `sea-orm`): why a connection could not be made,
+//!   in PostgreSQL's own words without the driver's wrapping or the server's source location,
+//!   with what to do about it; found by one direct attempt, so that "connection refused" is
+//!   said at once instead of after a pool's acquire timeout.
 //!
 //! It depends on nothing without the `sea-orm` feature, so that the library a bot embeds and
 //! the `migration` crate can share it without one depending on the other.
@@ -122,6 +126,11 @@ pub fn sqlstate(error: &sea_orm::DbErr) -> Option<String> {
         RuntimeErr::Internal(_) => None,
     }
 }
+
+#[cfg(feature = "sea-orm")]
+mod connect;
+#[cfg(feature = "sea-orm")]
+pub use connect::{ConnectFailure, probe};
 
 #[cfg(test)]
 mod tests {

@@ -162,9 +162,17 @@ impl PgCacheRepository {
                 scrub(&e.to_string(), Some(url))
             ))
         };
-        let db = Database::connect(options)
+        // One direct attempt first: a refusal, a wrong user or a missing database is said at
+        // once and in PostgreSQL's words (the pool would retry until its acquire timeout and
+        // then say only that it timed out).
+        pg_diagnostics::probe(url, config.connect_timeout)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|failure| CacheError::Unavailable(failure.to_string()))?;
+        let db = Database::connect(options).await.map_err(|e| {
+            CacheError::Unavailable(
+                pg_diagnostics::ConnectFailure::from_db_err(url, &e).to_string(),
+            )
+        })?;
         let reads = ReadPool::new(
             url,
             config.max_connections,

@@ -1,0 +1,140 @@
+//! Why a connection could not be made, said once, plainly, with what to do.
+
+use std::fmt;
+use std::time::Duration;
+
+use sea_orm::sqlx::{self, Connection as _};
+use sea_orm::{DbErr, RuntimeErr};
+
+use crate::{redact_url, scrub};
+
+/// A failed connection attempt: what happened and what to do, for one line of an error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// The target, without its password.
+    pub target: String,
+    /// What happened: PostgreSQL's message (with its SQLSTATE) or the network's, never the
+    /// driver's wrapping or the server's source location.
+    pub reason: String,
+    /// What to do about it.
+    pub hint: &'static str,
+    /// Whether nothing answered within the bound (as opposed to a refusal or an error).
+    pub timed_out: bool,
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot connect to {}: {}; {}",
+            self.target, self.reason, self.hint
+        )
+    }
+}
+
+impl ConnectFailure {
+    /// Describes `error`, a failure to connect to `url` (sea-orm's, from a pool or a connect).
+    pub fn from_db_err(url: &str, error: &DbErr) -> ConnectFailure {
+        let sqlx_error = match error {
+            DbErr::Conn(RuntimeErr::SqlxError(e))
+            | DbErr::Exec(RuntimeErr::SqlxError(e))
+            | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e.as_ref()),
+            _ => None,
+        };
+        match sqlx_error {
+            Some(e) => Self::from_sqlx(url, e),
+            None => ConnectFailure {
+                target: redact_url(url),
+                reason: scrub(&error.to_string(), Some(url)),
+                hint: "check the URL and that the server is running",
+                timed_out: false,
+            },
+        }
+    }
+
+    /// Describes a driver error met while connecting to `url`.
+    pub fn from_sqlx(url: &str, error: &sqlx::Error) -> ConnectFailure {
+        let (reason, hint, timed_out) = match error {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                let hint = match code.as_str() {
+                    "28000" => "check the user name in the URL, or create that role",
+                    "28P01" => "check the password in the URL",
+                    "3D000" => "create the database, or fix its name in the URL",
+                    "57P03" => "the server is starting up or recovering; retry shortly",
+                    "53300" => {
+                        "the server has no connection slot free; retry, or raise max_connections"
+                    }
+                    "42501" => "this user may not connect to that database; grant CONNECT",
+                    _ => "check the URL and the server's log",
+                };
+                (format!("{} (SQLSTATE {code})", db.message()), hint, false)
+            }
+            sqlx::Error::Io(io) => match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => (
+                    "connection refused".to_owned(),
+                    "nothing listens at that host and port: check them, and that the server is running",
+                    false,
+                ),
+                std::io::ErrorKind::TimedOut => (
+                    "the network did not answer".to_owned(),
+                    "check the host and port, and that no firewall drops the connection",
+                    true,
+                ),
+                _ => (
+                    io.to_string(),
+                    "check the host and port, and that the server is running",
+                    false,
+                ),
+            },
+            sqlx::Error::PoolTimedOut => (
+                "no connection could be opened within the timeout".to_owned(),
+                "check the host and port, and that the server is running",
+                true,
+            ),
+            sqlx::Error::Tls(e) => (
+                format!("TLS failed ({e})"),
+                "check sslmode in the URL and the server's certificate",
+                false,
+            ),
+            sqlx::Error::Configuration(e) => (
+                format!("the URL is not valid ({e})"),
+                "write it as postgres://user@host:port/database",
+                false,
+            ),
+            other => (
+                other.to_string(),
+                "check the URL and that the server is running",
+                false,
+            ),
+        };
+        ConnectFailure {
+            target: redact_url(url),
+            reason: scrub(&reason, Some(url)),
+            hint,
+            timed_out,
+        }
+    }
+}
+
+/// Opens and closes one connection to `url` within `timeout`, so that a refusal, a wrong user
+/// or a missing database is reported at once and in its own words. (A pool retries a refused
+/// connection until its acquire timeout and then reports only that it timed out.)
+pub async fn probe(url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
+    let options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| ConnectFailure::from_sqlx(url, &e))?;
+    match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options)).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(ConnectFailure::from_sqlx(url, &e)),
+        Err(_) => Err(ConnectFailure {
+            target: redact_url(url),
+            reason: format!("no answer within {timeout:?}"),
+            hint: "check the host and port, and that no firewall drops the connection",
+            timed_out: true,
+        }),
+    }
+}

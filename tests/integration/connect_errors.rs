@@ -1,0 +1,86 @@
+//! Connection failures say what happened, in PostgreSQL's or the network's words, at once and
+//! in one line with what to do: never a pool's timeout for a refusal, never the server's source
+//! location, never a password.
+
+use std::time::{Duration, Instant};
+
+use migration::runner::{self, MigrateError, MigrateOptions};
+use strategic_cache::{CacheError, PgCacheRepository, PgConfig};
+
+use crate::support::db::{server_url, url_with_database};
+
+/// `base` with its user replaced by `user:password`.
+fn with_user(base: &str, user: &str) -> String {
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:pw-not-shown@{host}")
+}
+
+fn assert_one_clean_line(message: &str) {
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(
+        !message.contains("pw-not-shown"),
+        "password shown: {message}"
+    );
+    assert!(
+        !message.contains(" at line "),
+        "server source location: {message}"
+    );
+}
+
+/// A closed port is "connection refused" within a second, not a pool timeout seconds later.
+#[tokio::test]
+async fn refused_connection_is_said_at_once() {
+    let url = "postgres://bot:pw-not-shown@127.0.0.1:9/app";
+    let started = Instant::now();
+    let error = PgCacheRepository::connect(url, PgConfig::default())
+        .await
+        .expect_err("nothing listens on port 9");
+    let elapsed = started.elapsed();
+    let message = error.to_string();
+    assert!(matches!(error, CacheError::Unavailable(_)), "{message}");
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}: {message}");
+    assert!(message.contains("connection refused"), "{message}");
+    assert!(
+        message.contains("check them, and that the server is running"),
+        "{message}"
+    );
+    assert!(!message.contains("timed out"), "{message}");
+    assert_one_clean_line(&message);
+}
+
+/// An unknown role is named in PostgreSQL's words with its SQLSTATE and a hint.
+#[tokio::test]
+async fn unknown_role_is_named_without_the_servers_source_location() {
+    let url = with_user(&server_url().await, "no_such_role_sc");
+    let error = PgCacheRepository::connect(&url, PgConfig::default())
+        .await
+        .expect_err("the role does not exist");
+    let message = error.to_string();
+    assert!(
+        message.contains("role \"no_such_role_sc\" does not exist (SQLSTATE 28000)"),
+        "{message}"
+    );
+    assert!(message.contains("check the user name"), "{message}");
+    assert_one_clean_line(&message);
+}
+
+/// A missing database fails `migrate` at once, saying so, and not "within 5s".
+#[tokio::test]
+async fn missing_database_is_named_and_not_called_a_timeout() {
+    let url = url_with_database(&server_url().await, "no_such_database_sc");
+    let started = Instant::now();
+    let error = runner::connect(&url, &MigrateOptions::default())
+        .await
+        .expect_err("the database does not exist");
+    let message = error.to_string();
+    assert!(matches!(error, MigrateError::Unreachable(_)), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(1), "{message}");
+    assert!(
+        message.contains("database \"no_such_database_sc\" does not exist (SQLSTATE 3D000)"),
+        "{message}"
+    );
+    assert!(message.contains("create the database"), "{message}");
+    assert!(!message.contains("within"), "{message}");
+    assert_one_clean_line(&message);
+}
