@@ -45,7 +45,8 @@ impl Run {
         self
     }
 
-    /// Asserts that stderr is exactly one `strategic-cache: ...` line.
+    /// Asserts that stderr is exactly one `strategic-cache: ...` line, and that it says what
+    /// [`MESSAGES`] says the error of case `what` must say.
     pub(crate) fn expect_one_stderr_line(&self, what: &str) -> &Run {
         let lines: Vec<&str> = self.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{what}: stderr is not one line: {self:#?}");
@@ -53,9 +54,201 @@ impl Run {
             lines[0].starts_with("strategic-cache: "),
             "{what}: stderr line lacks the prefix: {self:#?}"
         );
+        let says = MESSAGES
+            .iter()
+            .find(|(case, _)| *case == what)
+            .map(|(_, says)| *says)
+            .unwrap_or_else(|| panic!("case {what} has no expected message in MESSAGES"));
+        assert!(
+            lines[0].contains(says),
+            "{what}: the error does not say `{says}`: {}",
+            lines[0]
+        );
         self
     }
 }
+
+/// What the one-line error of each failing case must say (by the case's name, as the tests
+/// pass it to [`Run::expect_one_stderr_line`]): the field, flag or limit at fault, or what
+/// to do. A "clear error" that named nothing would pass an exit-code check alone.
+const MESSAGES: &[(&str, &str)] = &[
+    (
+        "[\"get\", \"--user\", \"\", \"--bot\", \"seed-bot\"]",
+        "user_id: must not be empty",
+    ),
+    (
+        "[\"get\", \"--user\", \"seed-user\", \"--bot\", \"\"]",
+        "bot_name: must not be empty",
+    ),
+    (
+        "[\"get\", \"--user\", \"\", \"--bot\", \"seed-bot\", \"--component\", \"memory_health\"]",
+        "user_id: must not be empty",
+    ),
+    (
+        "[\"invalidate\", \"--user\", \"\", \"--bot\", \"seed-bot\"]",
+        "user_id: must not be empty",
+    ),
+    (
+        "[\"invalidate\", \"--user\", \"seed-user\", \"--bot\", \"\"]",
+        "bot_name: must not be empty",
+    ),
+    (
+        "[\"invalidate\", \"--bot\", \"seed-bot\", \"--component\", \"memory_health\"]",
+        "--user is required",
+    ),
+    ("unknown field", "unknown field `no_such_column`"),
+    (
+        "[\"get\", \"--bot\", \"seed-bot\", \"--component\", \"character_performance\", \"--window\", \"-1\"]",
+        "time_window_hours: must be positive",
+    ),
+    ("wrong type", "invalid type: string \"old\", expected f64"),
+    ("missing required column", "missing field `memory_snapshot`"),
+    ("invalid UTF-8", "stdin is not UTF-8"),
+    ("not JSON", "stdin is not valid JSON"),
+    ("empty input", "stdin is not valid JSON"),
+    ("JSON array", "expected a JSON object"),
+    ("payload over 1 MiB", "limited to 1048576 bytes"),
+    ("ttl 0", "--ttl must be a positive number of seconds, not 0"),
+    (
+        "negative ttl",
+        "--ttl must be a positive number of seconds, not -5",
+    ),
+    (
+        "ttl beyond a week",
+        "ttl: 999999999s is longer than the 604800s allowed",
+    ),
+    ("missing file", "cannot read /no/such/file.json"),
+    ("unknown component", "unknown cache table `strategic_users`"),
+    ("empty user", "user_id: must not be empty"),
+    ("empty bot", "bot_name: must not be empty"),
+    (
+        "120 kB user",
+        "user_id: is 120000 bytes; at most 256 allowed",
+    ),
+    ("per-user component without --user", "--user is required"),
+    ("character performance with --user", "takes no --user"),
+    (
+        "character performance window 0",
+        "time_window_hours: must be positive",
+    ),
+    ("nothing fresh", "no component is fresh"),
+    ("stale", "is stale"),
+    ("missing", "is missing"),
+    (
+        "stats without a URL",
+        "set DATABASE_URL or pass --database-url",
+    ),
+    ("non-PostgreSQL URL", "expected postgres://"),
+    ("get", "user_id: is 100000 bytes; at most 256 allowed"),
+    (
+        "invalidate",
+        "user_id: is 100000 bytes; at most 256 allowed",
+    ),
+    (
+        "[\"simulate\", \"--speedup\", \"0\"]",
+        "--speedup and --hours must be positive",
+    ),
+    (
+        "[\"simulate\", \"--users\", \"0\"]",
+        "--users and --bots must be positive",
+    ),
+    (
+        "[\"simulate\", \"--hours\", \"-1\"]",
+        "unexpected argument '-1'",
+    ),
+    (
+        "[\"simulate\", \"--warmup-hours\", \"NaN\"]",
+        "--warmup-hours must be a number",
+    ),
+    (
+        "[\"simulate\", \"--workers\", \"0\"]",
+        "--workers must be between 1 and 64",
+    ),
+    (
+        "[\"simulate\", \"--database-url\", \"mysql://x\"]",
+        "expected postgres://",
+    ),
+    ("[]", "a command is required"),
+    ("[\"frobnicate\"]", "unrecognized subcommand 'frobnicate'"),
+    ("[\"get\"]", "not provided: --bot"),
+    ("[\"get\", \"--user\", \"u\"]", "not provided: --bot"),
+    (
+        "[\"get\", \"--bot\", \"b\", \"--unknown-flag\"]",
+        "unexpected argument '--unknown-flag'",
+    ),
+    (
+        "[\"get\", \"--bot\", \"b\", \"--component\", \"no_such_table\"]",
+        "unknown cache table `no_such_table`",
+    ),
+    (
+        "[\"put\", \"--user\", \"u\", \"--bot\", \"b\"]",
+        "not provided: --component",
+    ),
+    (
+        "[\"sweep\", \"--batch\", \"0\"]",
+        "'--batch <N>': 0 is not in 1..=",
+    ),
+    (
+        "[\"sweep\", \"--batch\", \"many\"]",
+        "invalid value 'many' for '--batch <N>'",
+    ),
+    ("[\"migrate\"]", "a command is required"),
+    (
+        "[\"migrate\", \"sideways\"]",
+        "unrecognized subcommand 'sideways'",
+    ),
+    (
+        "[\"migrate\", \"down\", \"x\"]",
+        "invalid value 'x' for '[N]'",
+    ),
+    (
+        "[\"get\", \"--bot\", \"b\", \"--user\", \"u\", \"--window\", \"week\"]",
+        "invalid value 'week' for '--window <H>'",
+    ),
+    ("injection as component", "unknown cache table"),
+    ("JSON nested 10,000 deep", "recursion limit exceeded"),
+    ("NaN literal", "stdin is not valid JSON"),
+    ("Infinity literal", "stdin is not valid JSON"),
+    ("1e999", "number out of range"),
+    (
+        "NUL escape in text",
+        "memory_snapshot: contains a NUL character",
+    ),
+    ("ttl 1e12", "invalid value '1e12' for '--ttl <SECONDS>'"),
+    (
+        "ttl 10^12",
+        "ttl: 1000000000000s is longer than the 604800s allowed",
+    ),
+    ("ttl 2^64", "'--ttl <SECONDS>': number too large"),
+    ("ttl NaN", "invalid value 'NaN' for '--ttl <SECONDS>'"),
+    (
+        "[\"migrate\", \"status\"]",
+        "cannot connect to PostgreSQL at postgres://u:***@127.0.0.1:9/x",
+    ),
+    (
+        "[\"migrate\", \"up\"]",
+        "cannot connect to PostgreSQL at postgres://u:***@127.0.0.1:9/x",
+    ),
+    ("[\"stats\"]", "cache database unavailable"),
+    ("[\"sweep\"]", "cache database unavailable"),
+    (
+        "[\"--json\", \"get\", \"--user\", \"u\", \"--bot\", \"b\"]",
+        "cache database unavailable",
+    ),
+    (
+        "[\"get\", \"--user\", \"u\", \"--bot\", \"b\", \"--component\", \"memory_health\"]",
+        "cache database unavailable",
+    ),
+    (
+        "[\"invalidate\", \"--user\", \"u\", \"--bot\", \"b\"]",
+        "cache database unavailable",
+    ),
+    (
+        "[\"put\", \"--component\", \"personality_profile\", \"--user\", \"u\", \"--bot\", \"b\"]",
+        "cache database unavailable",
+    ),
+    ("put", "permission denied for table strategic_memory_health"),
+];
 
 /// `put --component memory_health` for the seeded key, followed by `extra`.
 pub(crate) fn seed_put(extra: &[&'static str]) -> Vec<&'static str> {

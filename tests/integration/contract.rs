@@ -476,8 +476,9 @@ async fn stats(#[case] backend: Backend) {
     assert_eq!(empty.p50_age, None);
 }
 
-/// Every kind of bad input to a write is InvalidInput, alone or in a batch, and nothing is
-/// written (the tables are read back empty).
+/// Every kind of bad input to a write is InvalidInput whose message names the field and the
+/// limit at fault, alone or in a batch, and nothing is written (the tables are read back
+/// empty).
 #[rstest]
 #[case::postgres(Backend::Postgres)]
 #[case::memory(Backend::Memory)]
@@ -596,12 +597,45 @@ async fn bad_input_writes_nothing(#[case] backend: Backend) {
             base().computed_at(Utc::now() + chrono::Duration::days(1)),
         ),
     ];
+    // What each message must say: the field at fault and, where there is one, the limit.
+    let messages = [
+        "user_id: must not be empty",
+        "user_id: is 257 bytes; at most 256 allowed",
+        "user_id: contains a NUL byte",
+        "bot_name: must not be empty",
+        "bot_name: is 257 bytes; at most 256 allowed",
+        "bot_name: contains a NUL byte",
+        "is keyed by (user_id, bot_name)",
+        "is keyed by (bot_name, time_window_hours)",
+        "time_window_hours: must be positive",
+        "bytes of JSON; at most 1048576 allowed",
+        "avg_memory_age_hours: NaN is not a finite number",
+        "avg_memory_age_hours: inf is not a finite number",
+        "retrieval_frequency_trend: contains a NUL byte",
+        "memory_snapshot: contains a NUL character",
+        "forgetting_risk_memories: contains a NUL character",
+        "memory_snapshot: JSON nested deeper than 64 levels",
+        "ttl: must be positive",
+        "ttl: 604801s is longer than the 604800s allowed",
+        "is in the future",
+    ];
+    assert_eq!(messages.len(), bad.len());
     let good = mh("good", "bot", 1.0, 5);
-    for (what, e) in &bad {
+    for ((what, e), message) in bad.iter().zip(messages) {
         let one = s.repo.upsert(e).await;
         assert!(is_invalid(&one), "{what}: {one:?}");
+        let text = one.unwrap_err().to_string();
+        assert!(
+            text.contains(message),
+            "{what}: the error does not say `{message}`: {text}"
+        );
         let many = s.repo.upsert_many(&[good.clone(), e.clone()]).await;
         assert!(is_invalid(&many), "{what}: {many:?}");
+        let text = many.unwrap_err().to_string();
+        assert!(
+            text.contains(message),
+            "{what}: the batch's error does not say `{message}`: {text}"
+        );
     }
     assert_eq!(total_rows(s.repo.as_ref()).await, 0);
     assert_eq!(
@@ -619,6 +653,74 @@ async fn bad_input_writes_nothing(#[case] backend: Backend) {
             .unwrap(),
         Lookup::Missing
     );
+}
+
+/// Every limit is inclusive: a 256-byte user_id and bot_name, exactly 1 MiB of JSON, a TTL of
+/// exactly 7 days and a `computed_at` 59 s ahead of the store's clock are written and read
+/// back as written.
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::memory(Backend::Memory)]
+#[tokio::test]
+async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
+    let s = backend.open().await;
+    let at_limit = "k".repeat(256);
+    let long_key = mh(&at_limit, &at_limit, 1.0, 5);
+    // A JSON string of n characters serialises to n + 2 bytes (its quotes).
+    let mib = {
+        let mut e = mh("mib", "bot", 1.0, 5);
+        if let Payload::MemoryHealth(p) = &mut e.payload {
+            p.memory_snapshot = json!("y".repeat(1024 * 1024 - 2));
+            p.forgetting_risk_memories = None;
+        }
+        e
+    };
+    let week = mh("week", "bot", 1.0, 5).with_ttl(Duration::from_secs(7 * 24 * 3600));
+    let ahead = mh("ahead", "bot", 1.0, 0).computed_at(ago(-59));
+    for (what, e) in [
+        ("256-byte key", &long_key),
+        ("1 MiB of JSON", &mib),
+        ("7-day TTL", &week),
+        ("59 s ahead", &ahead),
+    ] {
+        assert_eq!(
+            s.repo.upsert(e).await.unwrap(),
+            WriteOutcome::Written,
+            "{what}"
+        );
+        let got = match s
+            .repo
+            .lookup(Component::MemoryHealth, &e.key)
+            .await
+            .unwrap()
+        {
+            Lookup::Fresh(got) => got,
+            other => panic!("{what}: {other:?}"),
+        };
+        assert_eq!(got.payload, e.payload, "{what}");
+        if let Some(at) = e.computed_at {
+            assert_eq!(got.computed_at, at, "{what}");
+        }
+    }
+    let got = s
+        .repo
+        .lookup(Component::MemoryHealth, &week.key)
+        .await
+        .unwrap()
+        .into_fresh()
+        .unwrap();
+    assert_eq!(
+        got.expires_at - got.computed_at,
+        chrono::Duration::days(7),
+        "7-day TTL"
+    );
+    // The same bounds in one batch.
+    let again: Vec<NewEntry> = [&long_key, &mib, &week]
+        .into_iter()
+        .map(|e| e.clone().computed_at(ago(0)))
+        .collect();
+    let outcomes = s.repo.upsert_many(&again).await.unwrap();
+    assert_eq!(outcomes, vec![WriteOutcome::Written; 3]);
 }
 
 /// Reads with a key that could never be stored are misses, not errors.

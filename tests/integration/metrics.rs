@@ -347,7 +347,8 @@ async fn metrics_sink_down_bounds_memory_and_resumes() {
     handle.shutdown().await;
 }
 
-/// A sink that accepts connections and never answers blocks neither recording nor counting.
+/// A sink that accepts connections and never answers blocks neither recording (100,000 reads
+/// finish within 10 s, or the test fails rather than hangs) nor counting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_slow_sink_does_not_block_recording() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -384,6 +385,16 @@ async fn metrics_slow_sink_does_not_block_recording() {
             );
         }
     });
+    // A recorder that blocked would hang the test without this bound; 100,000 reads take
+    // milliseconds.
+    let finished = crate::support::timing::poll_until(Duration::from_secs(10), || async {
+        reads.is_finished()
+    })
+    .await;
+    assert!(
+        finished.is_some(),
+        "recording 100,000 reads did not finish within 10 s while the exporter was stuck"
+    );
     reads.join().unwrap();
     assert_eq!(handle.stats().exported_windows, 0);
     drop(handle);

@@ -65,22 +65,14 @@ impl LoginUser {
 impl Drop for LoginUser {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let admin = connect(&server_url().await).await;
-                let _ = admin
-                    .execute_unprepared(&format!("DROP ROLE IF EXISTS \"{name}\""))
-                    .await;
-                let _ = admin.close().await;
-            });
+        crate::support::db::clean_up(format!("dropping LOGIN role {}", self.name), async move {
+            let admin = connect(&server_url().await).await;
+            let dropped = admin
+                .execute_unprepared(&format!("DROP ROLE IF EXISTS \"{name}\""))
+                .await;
+            let _ = admin.close().await;
+            dropped.map(|_| ()).map_err(|e| e.to_string())
         });
-        let _ = dropper.join();
     }
 }
 

@@ -2,6 +2,7 @@
 //! and batching of lookups queued for a connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
@@ -124,17 +125,21 @@ async fn pg_read_pool_replaces_terminated_connections() {
     assert!(!before.contains(&after[0]));
 }
 
-/// Many concurrent reads over a pool of 3 all succeed, and no more than 3 backends open.
+/// Many concurrent reads over a pool of 3, released together by a barrier, all succeed, and
+/// no more than 3 read backends are ever open: their number is sampled every few milliseconds
+/// while the reads run, and its peak asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_read_pool_is_bounded_under_concurrency() {
     let t = TestDb::migrated().await;
     let repo = Arc::new(pooled(&t, 3).await);
     repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(41));
     let tasks: Vec<_> = (0..40)
         .map(|_| {
-            let repo = repo.clone();
+            let (repo, start) = (repo.clone(), start.clone());
             tokio::spawn(async move {
                 let k = key(Component::MemoryHealth, "u1", "bot");
+                start.wait().await;
                 for _ in 0..20 {
                     let found = repo.lookup(Component::MemoryHealth, &k).await.unwrap();
                     assert!(matches!(found, Lookup::Fresh(_)));
@@ -144,11 +149,35 @@ async fn pg_read_pool_is_bounded_under_concurrency() {
             })
         })
         .collect();
-    for task in tasks {
-        task.await.unwrap();
+    start.wait().await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let readers = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            for task in tasks {
+                task.await.unwrap();
+            }
+            done.store(1, Ordering::Relaxed);
+        })
+    };
+    let (mut peak, mut samples) = (0, 0);
+    while done.load(Ordering::Relaxed) == 0 {
+        peak = peak.max(read_pool_backends(&t).await.len());
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    readers.await.unwrap();
+    eprintln!("peak of {peak} read backends over {samples} samples");
+    assert!(
+        samples >= 3,
+        "the load ended before it was sampled: {samples}"
+    );
+    assert!(
+        peak <= 3,
+        "{peak} read backends at the peak, on a pool of 3"
+    );
+    assert!(peak >= 1, "no read backend seen while reading");
     let backends = read_pool_backends(&t).await;
-    assert!(backends.len() <= 3, "{backends:?}");
     assert_eq!(repo.idle_read_connections(), Some(backends.len()));
 }
 

@@ -740,17 +740,21 @@ async fn up_refuses_a_conflicting_table() {
     );
 }
 
-/// Three `up` runs started together (three bot containers) all succeed and the migration is
-/// applied exactly once.
-#[tokio::test]
+/// Three `up` runs on three threads, connected first and then released together by a
+/// barrier (three bot containers starting at once), all succeed and each migration is applied
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn concurrent_up_applies_once() {
     let t = TestDb::empty().await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(3));
     let mut runs = Vec::new();
     for _ in 0..3 {
         let url = t.url.clone();
+        let start = start.clone();
         runs.push(tokio::spawn(async move {
             let options = MigrateOptions::default();
             let db = runner::connect(&url, &options).await?;
+            start.wait().await;
             runner::run(&db, Command::Up, &options).await
         }));
     }

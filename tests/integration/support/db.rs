@@ -214,26 +214,48 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with a
-        // runtime of its own does the async clean-up and is joined before the test ends.
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
+        clean_up(
+            format!("dropping test database {}", self.name),
+            async move {
                 let admin = connect(&admin_url).await;
-                let _ = admin
+                let dropped = admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .await;
                 let _ = admin.close().await;
-            });
-        });
-        let _ = cleanup.join();
+                dropped.map(|_| ()).map_err(|e| e.to_string())
+            },
+        );
+    }
+}
+
+/// Runs a test's clean-up `work` (dropping a database or a role) to the end and reports its
+/// failure: a panic naming `what`, or, when the test is already panicking (a second panic
+/// would abort the process and hide the first), a line on stderr. A database or a LOGIN role
+/// with a known password left behind on a shared server must not go unnoticed.
+///
+/// Drop runs inside the test's runtime, which cannot be blocked on, so the work runs on a
+/// thread with a runtime of its own, joined before this returns.
+pub fn clean_up<F>(what: String, work: F)
+where
+    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let outcome = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("no runtime for the clean-up: {e}"))?
+            .block_on(work)
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the clean-up panicked (see above)".into()));
+    if let Err(error) = outcome {
+        if std::thread::panicking() {
+            eprintln!("test clean-up failed: {what}: {error}");
+        } else {
+            panic!("test clean-up failed: {what}: {error}");
+        }
     }
 }
 

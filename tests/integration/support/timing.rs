@@ -66,7 +66,7 @@ impl Histogram {
 }
 
 /// A control for scheduling delay: an OS thread of its own that sleeps for `period` over and
-/// over and records how late it wakes. On a loaded 2-core machine the OS alone can delay any
+/// over and records how late it wakes, and how long it is kept off the CPU while runnable. On a loaded 2-core machine the OS alone can delay any
 /// thread by tens of milliseconds; a read late by no more than this timer is late through no
 /// fault of ours. It runs outside the tokio runtime on purpose: a timer task on the tests'
 /// runtime is late by exactly as much as a reader that blocks a worker thread, so a bound
@@ -87,7 +87,18 @@ impl TimerControl {
             while !s.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 std::thread::sleep(period);
-                let late = started.elapsed().saturating_sub(period);
+                let mut late = started.elapsed().saturating_sub(period);
+                // Then a tenth of the period runnable: the longest gap between two readings
+                // of the clock is how long the OS kept a runnable thread off the CPU. A thread
+                // that only sleeps misses that: the OS wakes a sleeper promptly even when every
+                // core is busy (other tests of this process, other builds on the machine).
+                let spin = Instant::now();
+                let mut last = spin;
+                while last.duration_since(spin) < period / 10 {
+                    let now = Instant::now();
+                    late = late.max(now.duration_since(last));
+                    last = now;
+                }
                 m.fetch_max(
                     u64::try_from(late.as_micros()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,

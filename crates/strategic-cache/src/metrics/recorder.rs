@@ -537,9 +537,21 @@ mod tests {
         let first = reads[0];
         assert!(
             first.starts_with(
-                "strategic_cache_reads,bot=elena,table=memory_health hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=1023,"
+                "strategic_cache_reads,bot=elena,table=memory_health hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us="
             ),
             "{first}"
+        );
+        // The true median is 1000 µs; the histogram may report up to √2 above a value (its
+        // bucket's upper bound), never below it.
+        let p50: f64 = first
+            .split("latency_p50_us=")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no latency_p50_us in {first}"));
+        assert!(
+            (1000.0..=1000.0 * std::f64::consts::SQRT_2).contains(&p50),
+            "median {p50} µs for a true 1000 µs: {first}"
         );
         assert!(first.contains(",latency_max_us=8000,age_p50_s=60,age_p95_s=60,age_max_s=60 "));
         let second = reads[1];
