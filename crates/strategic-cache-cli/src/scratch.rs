@@ -87,6 +87,9 @@ where
 {
     let target = runner::redact_url(url);
     let options = MigrateOptions::default();
+    // Listening before anything is created, so that no signal can end the process between
+    // creating the schema and dropping it.
+    let mut signals = Signals::listen()?;
     // Connecting changes nothing, so it comes before the announcement: an unreachable server
     // is still the one-line error of every other command.
     let admin = runner::connect(url, &options).await?;
@@ -95,16 +98,16 @@ where
         "strategic-cache: {}",
         announcement(command, &target, &schema)
     );
-    let scratch = match create(admin, url, &schema).await {
-        Ok(scratch) => scratch,
-        Err(error) => return Err(error),
+    let scratch = tokio::select! {
+        created = create(admin.clone(), url, &schema) => created?,
+        signal = signals.recv() => {
+            drop_schema(&admin, &schema).await?;
+            return Err(interrupted(signal, &schema));
+        }
     };
     let outcome = tokio::select! {
         outcome = body(scratch.scoped.clone()) => outcome,
-        signal = interrupted() => Err(anyhow!(
-            "interrupted by {signal}: the run was stopped and its schema {schema} dropped; \
-             nothing else in the database was changed"
-        )),
+        signal = signals.recv() => Err(interrupted(signal, &schema)),
     };
     let dropped = scratch.drop_schema().await;
     match (outcome, dropped) {
@@ -197,24 +200,53 @@ impl Scratch {
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM, naming which.
-async fn interrupted() -> &'static str {
+/// The error of a run stopped by `signal`, once its schema is dropped.
+fn interrupted(signal: &str, schema: &str) -> anyhow::Error {
+    anyhow!(
+        "interrupted by {signal}: the run was stopped and its schema {schema} dropped; nothing \
+         else in the database was changed"
+    )
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment [`Signals::listen`] returns.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return "Ctrl-C";
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "Ctrl-C",
-            _ = term.recv() => "SIGTERM",
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching the signals (their default action, ending the process, is off).
+    fn listen() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+
+    /// Resolves on the next signal, naming it.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => "Ctrl-C",
+                _ = self.terminate.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
     }
 }
 
