@@ -118,8 +118,12 @@ fn read_input(file: Option<&Path>, max_bytes: usize) -> anyhow::Result<Vec<u8>> 
         .saturating_add(1);
     match file {
         Some(path) => {
-            let handle = std::fs::File::open(path)
-                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
+            let handle = std::fs::File::open(path).map_err(|e| {
+                bad_input(format!(
+                    "cannot read --file {}: {e}; check the path, or pipe the JSON on stdin",
+                    path.display()
+                ))
+            })?;
             handle
                 .take(limit)
                 .read_to_end(&mut bytes)
