@@ -19,3 +19,4 @@ mod reader;
 mod repository;
 mod scheduler;
 mod schema;
+mod simulate;
