@@ -72,9 +72,9 @@ pub async fn command(context: &Context, args: &BenchArgs) -> Result<Outcome> {
 /// `url` with `sslmode=disable` unless it names an sslmode: the bare driver's limit rows run
 /// without TLS (tokio-postgres with `NoTls`), so ours must too for the ratios to compare the
 /// drivers rather than the transports. (PostgreSQL's default `ssl = on` and libpq's default
-/// `sslmode=prefer`, which sqlx follows, would otherwise put our reads, alone, on TLS: about
-/// 10 µs a read on loopback.) A URL that asks for TLS keeps it, and the bare rows then fail
-/// to connect, saying so.
+/// `sslmode=prefer`, which sqlx follows, would otherwise put our reads, alone, on TLS, whose
+/// cost `docs/BENCHMARKS.md` gives.) A URL that asks for TLS keeps it, and the bare rows then
+/// fail to connect, saying so.
 fn plain_transport(url: &str) -> String {
     if url.contains("sslmode=") {
         url.to_owned()
