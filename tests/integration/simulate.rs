@@ -106,7 +106,7 @@ async fn readme_describes_the_default_workload() {
             "a {}-minute TTL",
             d("ttl-secs").parse::<f64>().unwrap() / 60.0
         ),
-        format!("`--speedup` ({} by default)", d("speedup")),
+        format!("`--speedup` ({} by default", d("speedup")),
     ];
     for phrase in expected {
         assert!(readme.contains(&phrase), "README lacks {phrase:?}");

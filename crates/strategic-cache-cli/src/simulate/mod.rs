@@ -51,8 +51,10 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 1.0)]
     pub warmup_hours: f64,
     /// On PostgreSQL, how many times faster than real time the simulation runs (3600 runs an
-    /// hour in a second). The in-memory backend runs on a virtual clock and ignores it.
-    #[arg(long, default_value_t = 240.0)]
+    /// hour in a second). The default is a pace a small machine keeps up with, so that the
+    /// figures are the design's (docs/BENCHMARKS.md); a warning says when the worker fell
+    /// behind. The in-memory backend runs on a virtual clock and ignores it.
+    #[arg(long, default_value_t = 60.0)]
     pub speedup: f64,
     /// Zipf exponent of user activity (higher: a few users do most of the talking).
     #[arg(long, default_value_t = 1.1)]
