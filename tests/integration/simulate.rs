@@ -162,13 +162,19 @@ async fn seed_real_rows(db: &DatabaseConnection) {
     .unwrap_or_else(|e| panic!("seeding real rows: {e}"));
 }
 
+/// A migrated database holding real-looking rows, and its state outside any scratch schema.
+async fn real_database() -> (TestDb, Vec<String>) {
+    let t = TestDb::migrated().await;
+    seed_real_rows(&t.db).await;
+    let before = outside(&t.db).await;
+    (t, before)
+}
+
 /// `simulate` and `bench` given a database with `--database-url` say first what they will do
 /// to it, then change no row outside their own schema, and leave no schema behind.
 #[tokio::test]
 async fn simulate_and_bench_touch_only_their_own_schema_and_drop_it() {
-    let t = TestDb::migrated().await;
-    seed_real_rows(&t.db).await;
-    let before = outside(&t.db).await;
+    let (t, before) = real_database().await;
     let simulate = [
         "--json",
         "simulate",
@@ -210,9 +216,7 @@ async fn simulate_and_bench_touch_only_their_own_schema_and_drop_it() {
 /// refuses (exit 2, one line); neither touches that database.
 #[tokio::test]
 async fn database_url_from_the_environment_is_never_used() {
-    let t = TestDb::migrated().await;
-    seed_real_rows(&t.db).await;
-    let before = outside(&t.db).await;
+    let (t, before) = real_database().await;
     let args = [
         "--json",
         "simulate",

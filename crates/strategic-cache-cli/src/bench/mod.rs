@@ -39,7 +39,7 @@ use self::cases::Bench;
 use self::data::Shape;
 pub use self::report::BenchReport;
 use self::report::{FillReport, ratios, targets, write_plot};
-use crate::commands::{Context, Outcome};
+use crate::commands::{Context, Outcome, progress_bar};
 use crate::scratch::{self, Scoped};
 
 /// Reports progress: a stage name and the fraction of the run done.
@@ -49,11 +49,7 @@ pub type Progress = Arc<dyn Fn(&str, f64) + Send + Sync>;
 /// bar on stderr while it runs (hidden when stderr is not a terminal).
 pub async fn command(context: &Context, args: &BenchArgs) -> Result<Outcome> {
     let url = context.url_from_command_line("bench")?;
-    let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("bench {bar:40} {percent:>3}% {elapsed} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("bench {bar:40} {percent:>3}% {elapsed} {msg}");
     let shown = bar.clone();
     let progress: Progress = Arc::new(move |stage: &str, done: f64| {
         shown.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);

@@ -234,6 +234,17 @@ pub fn parse_component(name: &str) -> Result<Component, String> {
     })
 }
 
+/// A progress bar of 1000 steps on stderr with `template` (indicatif hides it when stderr is
+/// not a terminal), for the long-running `simulate` and `bench`.
+pub fn progress_bar(template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// A duration for people: `850ms`, `42s`, `4m05s`, `2h03m`, `3d04h`.
 pub fn human_duration(duration: Duration) -> String {
     let secs = duration.as_secs();

@@ -32,7 +32,7 @@ use anyhow::Result;
 
 use self::report::After;
 pub use self::report::SimReport;
-use crate::commands::{Context, Outcome};
+use crate::commands::{Context, Outcome, progress_bar};
 
 /// The workload and the system under it.
 #[derive(Clone, Debug, clap::Args)]
@@ -99,11 +99,7 @@ pub struct SimulateArgs {
 pub async fn command(context: &Context, args: &SimulateArgs) -> Result<Outcome> {
     validate::validate(args)?;
     let url = context.optional_url_from_command_line("simulate")?;
-    let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("simulating {bar:40} {percent:>3}% {elapsed} ")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("simulating {bar:40} {percent:>3}% {elapsed} ");
     let shown = bar.clone();
     let progress = move |done: f64| {
         shown.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);
