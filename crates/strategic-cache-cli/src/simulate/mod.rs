@@ -3,13 +3,13 @@
 //!
 //! The model: users with Zipf-distributed activity talk to bots in sessions (bursts of
 //! messages with short gaps, separated by long gaps). Every message reads the snapshot of all
-//! six components through the real [`CacheReader`]; misses and entries in use feed the real
-//! [`RefreshRequester`] and [`RefreshQueue`], and [`Worker`]s recompute entries with a fake
-//! [`InsightEngine`] and write them with the real repository.
+//! six components through the real [`CacheReader`](strategic_cache::CacheReader); misses and entries in use feed the real
+//! [`RefreshRequester`](strategic_cache::scheduler::RefreshRequester) and [`RefreshQueue`](strategic_cache::scheduler::RefreshQueue), and [`Worker`](strategic_cache::scheduler::Worker)s recompute entries with a fake
+//! [`InsightEngine`](strategic_cache::scheduler::InsightEngine) and write them with the real repository.
 //!
 //! Time: on the in-memory backend the simulation runs on tokio's paused clock (the caller
 //! provides a paused runtime, see [`run_in_virtual_time`]) and the store and queue follow it
-//! through a [`TokioClock`]: simulated time passes only as fast as the computation allows, and
+//! through a [`TokioClock`](strategic_cache::TokioClock): simulated time passes only as fast as the computation allows, and
 //! the result does not depend on how busy the machine is. PostgreSQL's `now()` cannot be faked,
 //! so there simulated time is compressed by `speedup` instead: every duration (TTL, gaps,
 //! leases, polls) is divided by it and the run happens in real time, which the machine must
