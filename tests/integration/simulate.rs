@@ -301,3 +301,29 @@ async fn ctrl_c_drops_the_scratch_schema() {
     assert!(rest[0].contains("interrupted by Ctrl-C"), "{rest:?}");
     assert_eq!(scratch_schemas(&t.db).await, Vec::<String>::new());
 }
+
+/// An error after `simulate` created its schema (a malformed `INFLUXDB_URL`, found while it sets
+/// up) still drops the schema, and is one line after the announcement.
+#[tokio::test]
+async fn an_error_inside_the_run_drops_the_scratch_schema() {
+    let (t, before) = real_database().await;
+    let output = tokio::process::Command::new(binary())
+        .args(["simulate", "--database-url", &t.url, "--hours", "0.01"])
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .env("INFLUXDB_URL", "not a url")
+        .env("INFLUXDB_BUCKET", "b")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("will create the schema"), "{stderr}");
+    assert!(lines[1].contains("INFLUXDB_URL"), "{stderr}");
+    assert_eq!(scratch_schemas(&t.db).await, Vec::<String>::new());
+    assert_eq!(outside(&t.db).await, before);
+}
