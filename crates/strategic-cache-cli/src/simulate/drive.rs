@@ -1,8 +1,8 @@
 //! Step 3: the workload. Sessions arrive at random (exponential gaps), each a burst of
 //! messages from one Zipf-picked user to one bot; every message reads the six-component
-//! snapshot through the reader. Reads are tallied from the end of the warm-up on, and the
-//! workers' counters are read at the start and at the end of the measured window, so that
-//! every figure covers that window only.
+//! snapshot through the reader. Reads are tallied from the end of the warm-up on, the workers'
+//! counters are read when the measured window starts, and the workers are stopped when it
+//! ends, so that every figure covers that window only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,7 +53,7 @@ pub(super) struct WorkerTotals {
 
 impl WorkerTotals {
     /// The counters now.
-    fn now(system: &System) -> WorkerTotals {
+    pub(super) fn now(system: &System) -> WorkerTotals {
         let mut totals = WorkerTotals {
             duplicates: system.engine.duplicates.load(Ordering::Relaxed),
             ..WorkerTotals::default()
@@ -69,7 +69,7 @@ impl WorkerTotals {
     }
 
     /// What happened between `earlier` and `self`.
-    fn since(self, earlier: WorkerTotals) -> WorkerTotals {
+    pub(super) fn since(self, earlier: WorkerTotals) -> WorkerTotals {
         WorkerTotals {
             recomputes: self.recomputes.saturating_sub(earlier.recomputes),
             duplicates: self.duplicates.saturating_sub(earlier.duplicates),
@@ -83,14 +83,16 @@ impl WorkerTotals {
 pub(super) struct Driven {
     /// The readers' tally (measured window only).
     pub(super) tally: Tally,
-    /// The workers' counters over the measured window only.
-    pub(super) window: WorkerTotals,
+    /// The workers' counters when the measured window started (all zero without warm-up).
+    pub(super) before: WorkerTotals,
     /// Real time the workload took.
     pub(super) wall: std::time::Duration,
 }
 
 /// Runs the workload on `system`: `warmup` then `measured` (run durations, already scaled),
-/// calling `progress` with the fraction done about ten times a second.
+/// calling `progress` with the fraction done about ten times a second. `stop` is sent when
+/// the measured window ends, which stops the workers: what the last sessions do after it
+/// (they only sleep out their gap) is not part of the run.
 pub(super) async fn drive(
     args: &SimulateArgs,
     system: &Arc<System>,
@@ -98,6 +100,7 @@ pub(super) async fn drive(
     warmup: Duration,
     measured: Duration,
     progress: &(impl Fn(f64) + Send + Sync),
+    stop: tokio::sync::watch::Sender<bool>,
 ) -> Driven {
     let tally = Arc::new(Tally::default());
     let cdf = zipf_cdf(args.users, args.zipf);
@@ -107,15 +110,17 @@ pub(super) async fn drive(
     let wall_started = std::time::Instant::now();
     let measure_from = started + warmup;
     let end = started + total;
-    // The workers' counters at both ends of the measured window, read at those instants
-    // (on the virtual clock exactly; in compressed real time within a poll interval).
+    // The workers' counters when the measured window starts, and their stop when it ends
+    // (on the virtual clock at those instants exactly; in compressed real time within a
+    // scheduler tick).
     let window = {
         let system = system.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from).await;
             let before = WorkerTotals::now(&system);
             tokio::time::sleep_until(end).await;
-            WorkerTotals::now(&system).since(before)
+            let _ = stop.send(true);
+            before
         })
     };
     let mut sessions = Vec::new();
@@ -174,12 +179,12 @@ pub(super) async fn drive(
     for session in sessions {
         let _ = session.await;
     }
-    let window = window.await.unwrap_or_default();
+    let before = window.await.unwrap_or_default();
     progress(1.0);
     let tally = Arc::try_unwrap(tally).unwrap_or_default();
     Driven {
         tally,
-        window,
+        before,
         wall: wall_started.elapsed(),
     }
 }

@@ -178,12 +178,12 @@ pub async fn run(
 
     let warmup = scale(args.warmup_hours * 3600.0);
     let measured = scale(args.hours * 3600.0);
-    let driven = drive::drive(args, &system, scale, warmup, measured, &progress).await;
-
-    let _ = stop_tx.send(true);
+    let driven = drive::drive(args, &system, scale, warmup, measured, &progress, stop_tx).await;
     for task in worker_tasks {
         let _ = task.await;
     }
+    // The workers have stopped: their counters now end the measured window.
+    let window = drive::WorkerTotals::now(&system).since(driven.before);
     let backlog = system.queue.depth().await.map(|d| d.due).unwrap_or(0);
     for worker in &system.workers {
         worker.sample_depth().await;
@@ -203,6 +203,7 @@ pub async fn run(
     };
     let requests = system.requester.stats();
     let after = After {
+        window,
         backlog,
         dropped: requests.dropped_full,
         rejected: requests.rejected_full,

@@ -9,7 +9,7 @@ use strategic_cache::Component;
 use strategic_cache::reader::ReaderStats;
 
 use super::SimulateArgs;
-use super::drive::Driven;
+use super::drive::{Driven, WorkerTotals};
 use crate::workload::quantile;
 
 /// Per-component figures.
@@ -82,6 +82,8 @@ pub struct SimReport {
 
 /// What the system showed after the run, beside the workload's own figures.
 pub(super) struct After {
+    /// The workers' counters over the measured window.
+    pub(super) window: WorkerTotals,
     /// Requests still due in the queue.
     pub(super) backlog: u64,
     /// Requests dropped because the requester's channel was full.
@@ -101,11 +103,8 @@ pub(super) fn report(
     driven: Driven,
     after: After,
 ) -> SimReport {
-    let Driven {
-        tally,
-        window,
-        wall,
-    } = driven;
+    let Driven { tally, wall, .. } = driven;
+    let window = after.window;
     let mut by_component = HashMap::new();
     let (mut reads, mut hits) = (0, 0);
     for component in Component::ALL {
