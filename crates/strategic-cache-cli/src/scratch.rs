@@ -112,8 +112,10 @@ where
     let dropped = scratch.drop_schema().await;
     match (outcome, dropped) {
         (Ok(value), Ok(())) => Ok(value),
-        (Err(error), _) => Err(error),
-        (Ok(_), Err(error)) => Err(error),
+        (Err(error), Ok(())) => Err(error),
+        // Both said in the one line: the run's failure, and that its schema is still there.
+        (Err(error), Err(drop)) => Err(anyhow!("{error:#}; then {drop:#}")),
+        (Ok(_), Err(drop)) => Err(drop),
     }
 }
 
