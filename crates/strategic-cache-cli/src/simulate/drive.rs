@@ -85,6 +85,8 @@ pub(super) struct Driven {
     pub(super) tally: Tally,
     /// The workers' counters when the measured window started (all zero without warm-up).
     pub(super) before: WorkerTotals,
+    /// Requests due in the queue when the measured window ended: the worker's backlog.
+    pub(super) backlog: u64,
     /// Real time the workload took.
     pub(super) wall: std::time::Duration,
 }
@@ -119,8 +121,10 @@ pub(super) async fn drive(
             tokio::time::sleep_until(measure_from).await;
             let before = WorkerTotals::now(&system);
             tokio::time::sleep_until(end).await;
+            // Read before the stop: what the worker had not caught up with while running.
+            let backlog = system.queue.depth().await.map(|d| d.due).unwrap_or(0);
             let _ = stop.send(true);
-            before
+            (before, backlog)
         })
     };
     let mut sessions = Vec::new();
@@ -179,12 +183,13 @@ pub(super) async fn drive(
     for session in sessions {
         let _ = session.await;
     }
-    let before = window.await.unwrap_or_default();
+    let (before, backlog) = window.await.unwrap_or_default();
     progress(1.0);
     let tally = Arc::try_unwrap(tally).unwrap_or_default();
     Driven {
         tally,
         before,
+        backlog,
         wall: wall_started.elapsed(),
     }
 }

@@ -184,7 +184,6 @@ pub async fn run(
     }
     // The workers have stopped: their counters now end the measured window.
     let window = drive::WorkerTotals::now(&system).since(driven.before);
-    let backlog = system.queue.depth().await.map(|d| d.due).unwrap_or(0);
     for worker in &system.workers {
         worker.sample_depth().await;
     }
@@ -204,7 +203,7 @@ pub async fn run(
     let requests = system.requester.stats();
     let after = After {
         window,
-        backlog,
+        backlog: driven.backlog,
         dropped: requests.dropped_full,
         rejected: requests.rejected_full,
         reader: system.reader.stats(),
