@@ -336,3 +336,31 @@ async fn an_error_inside_the_run_drops_the_scratch_schema() {
     assert_eq!(scratch_schemas(&t.db).await, Vec::<String>::new());
     assert_eq!(outside(&t.db).await, before);
 }
+
+/// On PostgreSQL at a pace no machine keeps up with (`--speedup 3000`: a 5-minute TTL lasts
+/// 0.1 s), the report says the worker fell behind, with the warning line.
+#[tokio::test]
+async fn a_pace_the_database_cannot_keep_up_with_is_warned_about() {
+    let t = TestDb::empty().await;
+    let args = [
+        "--json",
+        "simulate",
+        "--database-url",
+        &t.url,
+        "--speedup",
+        "3000",
+        "--hours",
+        "0.5",
+        "--warmup-hours",
+        "0.1",
+    ];
+    let result = run(None, &args, b"").await;
+    result.expect_code(0, "simulate --speedup 3000");
+    let report = result.json();
+    assert_eq!(report["fell_behind"], true, "{report}");
+    let text = run(None, &args[1..], b"").await;
+    assert!(
+        text.stdout.contains("warning: ") && text.stdout.contains("fell behind"),
+        "{text:#?}"
+    );
+}
