@@ -21,5 +21,6 @@ mod repository;
 mod roles;
 mod scheduler;
 mod schema;
+mod simulate;
 mod support;
 mod worker_outage;

@@ -11,7 +11,8 @@ use strategic_cache::CacheError;
 
 /// Success; for `get`, the entry is fresh.
 pub const OK: u8 = 0;
-/// Any failure that is not the caller's input: database unreachable, database error, I/O.
+/// Any failure that is not the caller's input: database unreachable, database error, output
+/// that cannot be written.
 pub const FAILURE: u8 = 1;
 /// Bad usage or bad input; nothing was written.
 pub const USAGE: u8 = 2;

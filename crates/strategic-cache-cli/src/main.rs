@@ -2,11 +2,14 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line ([`cli::Cli`], [`cli::Command`]); parsing only.
-//! - [`commands`]: one module per subcommand; each returns an [`commands::Outcome`].
+//! - [`commands`]: one module per operator command, each owning its arguments and body and
+//!   returning an [`commands::Outcome`].
 //! - [`exit`]: exit codes, and every error as exactly one line on stderr.
-//! - [`simulate`]: the `simulate` command's traffic model and report.
-//! - [`mod@bench`]: the `bench` command: fill a scratch database, measure, compare with the bare
-//!   driver.
+//! - [`simulate`]: the `simulate` command in steps: validate, set up, drive, report.
+//! - [`mod@bench`]: the `bench` command: arguments, cases, report, and the data set.
+//! - [`workload`]: payloads, Zipf ranks and quantiles, shared by `simulate` and `bench`.
+//! - [`scratch`]: the schema of their own that `simulate` and `bench` write into, dropped at
+//!   the end.
 //!
 //! This file only parses, sets up logging and the runtime, prints and exits.
 
@@ -14,13 +17,16 @@ mod bench;
 mod cli;
 mod commands;
 mod exit;
+mod scratch;
 mod simulate;
+mod workload;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::Cli;
 
@@ -31,10 +37,18 @@ fn main() -> ExitCode {
         eprintln!("strategic-cache: internal error (please report): {message}");
         std::process::exit(i32::from(exit::FAILURE));
     }));
-    let cli = match Cli::try_parse() {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(error) => return usage_error(&error),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
+    // A global option given after the subcommand is recorded in the subcommand's matches.
+    let url_on_command_line = std::iter::once(&matches)
+        .chain(matches.subcommand().map(|(_, sub)| sub))
+        .any(|m| m.value_source("database_url") == Some(ValueSource::CommandLine));
     init_logging();
     let database_url = cli.database_url.clone();
     let json = cli.json;
@@ -49,7 +63,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::run(cli, url_on_command_line)) {
         Ok(outcome) => {
             let printed = if json {
                 serde_json::to_string_pretty(&outcome.json).unwrap_or_default() + "\n"

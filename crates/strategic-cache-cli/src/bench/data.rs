@@ -6,16 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::Utc;
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use serde_json::json;
-use strategic_cache::{
-    CacheRepository, CharacterPerformance, Component, ConversationPatterns,
-    EngagementOpportunities, Key, MemoryBehavior, MemoryHealth, NewEntry, Payload,
-    PersonalityProfile, PgCacheRepository,
-};
+use strategic_cache::{CacheRepository, Component, Key, NewEntry, PgCacheRepository};
 
-/// Fresh rows live this long, so that a filled database can be reused by later runs
-/// (`--reuse`) without its rows going stale in between.
+use crate::workload::{mix, payload};
+
+/// Fresh rows live this long, so that none of them expires during a run, however long a soak
+/// lasts: a read of a fresh key is always a hit.
 pub const FRESH_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Stale rows were computed this long ago...
@@ -79,72 +75,6 @@ impl Shape {
     }
 }
 
-/// SplitMix64: cheap, well-spread pseudo-random keys without shared RNG state across tasks.
-pub fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// A payload of roughly 1 to 2 KB (JSON text), its size varying with `variant`.
-pub fn payload(component: Component, bot: &str, variant: u32) -> Payload {
-    let count = 6 + (variant % 8) as usize;
-    let memories: Vec<serde_json::Value> = (0..count)
-        .map(|i| json!({"id": format!("mem-{variant}-{i}"), "age_hours": i * 7, "summary": "the user mentioned their sister's wedding in June"}))
-        .collect();
-    match component {
-        Component::MemoryHealth => MemoryHealth {
-            memory_snapshot: json!({"stale": memories, "bot": bot}),
-            avg_memory_age_hours: Some(31.5),
-            retrieval_frequency_trend: Some("stable".into()),
-            forgetting_risk_memories: Some(json!(["mem-6", "mem-7"])),
-        }
-        .into(),
-        Component::CharacterPerformance => CharacterPerformance {
-            engagement_score_avg: Some(0.82),
-            satisfaction_score_avg: Some(0.77),
-            coherence_score_avg: Some(0.91),
-            personality_consistency_index: Some(0.88),
-            quality_trend: Some("improving".into()),
-            recent_anomalies: Some(json!(memories)),
-        }
-        .into(),
-        Component::PersonalityProfile => PersonalityProfile {
-            dominant_traits: Some(
-                json!([{"trait": "curious", "frequency": 0.4, "effectiveness": 0.8}]),
-            ),
-            user_response_patterns: Some(json!({"humor": "positive", "formality": "neutral"})),
-            adaptation_suggestions: Some(json!(memories)),
-            trait_evolution_history: Some(json!({"curious": [0.3, 0.35, 0.4]})),
-        }
-        .into(),
-        Component::ConversationPatterns => ConversationPatterns {
-            recent_topics: Some(json!(memories)),
-            avg_topic_duration_minutes: Some(6.5),
-            context_switch_frequency: Some(2.1),
-            predicted_switch_likelihood: Some(0.35),
-            topic_transition_graph: Some(json!({"work": {"family": 3, "travel": 1}})),
-        }
-        .into(),
-        Component::MemoryBehavior => MemoryBehavior {
-            forgetting_curve_params: Some(json!({"half_life_hours": 72, "floor": 0.1})),
-            high_retention_memories: Some(json!(memories)),
-            low_retention_memories: Some(json!(["mem-7"])),
-            recall_simulation_score: Some(0.64),
-        }
-        .into(),
-        Component::EngagementOpportunities => EngagementOpportunities {
-            optimal_timing_hours: Some(20.0),
-            receptivity_score: Some(0.7),
-            suggested_topics: Some(json!(memories)),
-            last_engagement_gap_hours: Some(18.5),
-            proactive_success_rate: Some(0.42),
-        }
-        .into(),
-    }
-}
-
 /// The five per-user entries of (`user`, `bot`), fresh (computed now) or stale.
 pub fn user_entries(shape: &Shape, user: u32, bot: u32, stale: bool, out: &mut Vec<NewEntry>) {
     let (user_id, bot_name) = (Shape::user(user), Shape::bot(bot));
@@ -166,58 +96,12 @@ pub fn user_entries(shape: &Shape, user: u32, bot: u32, stale: bool, out: &mut V
     let _ = shape;
 }
 
-/// Row counts of the six tables: (all rows, fresh rows). On a connection without the
-/// repository's statement timeout: the first scan after a large fill sets hint bits and takes
-/// longer than it.
-pub async fn counts(db: &impl ConnectionTrait) -> Result<(u64, u64)> {
-    let sql = Component::ALL
-        .iter()
-        .map(|c| {
-            format!(
-                "SELECT count(*) AS total, count(*) FILTER (WHERE expires_at > now()) AS fresh FROM {}",
-                c.table_name()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let sql = format!("SELECT sum(total)::int8 AS total, sum(fresh)::int8 AS fresh FROM ({sql}) s");
-    let row = db
-        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
-        .await?
-        .context("count returned no row")?;
-    let total: i64 = row.try_get("", "total")?;
-    let fresh: i64 = row.try_get("", "fresh")?;
-    Ok((
-        u64::try_from(total).unwrap_or(0),
-        u64::try_from(fresh).unwrap_or(0),
-    ))
-}
-
-/// Whether the database holds exactly this shape's rows with the stale share expected, so
-/// that a run can reuse it instead of filling again.
-pub async fn matches(db: &impl ConnectionTrait, shape: &Shape) -> Result<bool> {
-    let (total, fresh) = counts(db).await?;
-    let stale_users = (0..shape.users).filter(|&i| shape.is_stale(i)).count() as u64;
-    let stale_rows = stale_users * u64::from(shape.bots) * 5;
-    Ok(total == shape.rows() && total - fresh == stale_rows)
-}
-
-/// Empties the six tables.
-pub async fn truncate(db: &impl ConnectionTrait) -> Result<()> {
-    let tables: Vec<&str> = Component::ALL.iter().map(|c| c.table_name()).collect();
-    db.execute_unprepared(&format!("TRUNCATE {}", tables.join(", ")))
-        .await?;
-    Ok(())
-}
-
 /// Fills users `users` (a range) for every bot with `upsert_many` batches of about `batch`
-/// entries from `tasks` concurrent writers; `stale_only` writes only the stale users (to put
-/// back what a sweep deleted). Calls `progress` with the rows written so far. Returns the
-/// rows written.
+/// entries from `tasks` concurrent writers, then the per-bot rows. Calls `progress` with
+/// the rows written so far. Returns the rows written.
 pub async fn fill(
     repo: Arc<PgCacheRepository>,
     shape: Shape,
-    stale_only: bool,
     batch: usize,
     tasks: u32,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
@@ -235,9 +119,6 @@ pub async fn fill(
                 entries.clear();
                 for user in start..end {
                     let stale = shape.is_stale(user);
-                    if stale_only && !stale {
-                        continue;
-                    }
                     for bot in 0..shape.bots {
                         user_entries(&shape, user, bot, stale, &mut entries);
                     }
@@ -256,19 +137,17 @@ pub async fn fill(
     for handle in handles {
         handle.await.context("fill task panicked")??;
     }
-    if !stale_only {
-        let entries: Vec<NewEntry> = (0..shape.bots)
-            .map(|bot| {
-                let name = Shape::bot(bot);
-                NewEntry::new(
-                    Key::bot_window(name.clone(), strategic_cache::DEFAULT_WINDOW_HOURS),
-                    payload(Component::CharacterPerformance, &name, bot),
-                )
-                .with_ttl(FRESH_TTL)
-            })
-            .collect();
-        repo.upsert_many(&entries).await?;
-        written.fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
+    let entries: Vec<NewEntry> = (0..shape.bots)
+        .map(|bot| {
+            let name = Shape::bot(bot);
+            NewEntry::new(
+                Key::bot_window(name.clone(), strategic_cache::DEFAULT_WINDOW_HOURS),
+                payload(Component::CharacterPerformance, &name, bot),
+            )
+            .with_ttl(FRESH_TTL)
+        })
+        .collect();
+    repo.upsert_many(&entries).await?;
+    written.fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(written.load(std::sync::atomic::Ordering::Relaxed))
 }

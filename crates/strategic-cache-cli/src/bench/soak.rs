@@ -78,14 +78,16 @@ pub struct SoakReport {
 async fn sizes(repo: &PgCacheRepository) -> Result<Sizes> {
     let tables: Vec<String> = Component::ALL
         .iter()
-        .map(|c| format!("'{}'", c.table_name()))
+        // Resolved through the search path: the scratch schema's tables, not others of the
+        // same name elsewhere in the database.
+        .map(|c| format!("'{}'::regclass", c.table_name()))
         .collect();
     let list = tables.join(", ");
     let sql = format!(
         "SELECT sum(pg_total_relation_size(relid))::float8 AS total, \
          sum(pg_indexes_size(relid))::float8 AS idx, sum(n_dead_tup)::float8 AS dead, \
          sum(autovacuum_count)::float8 AS av, sum(vacuum_count)::float8 AS v \
-         FROM pg_stat_user_tables WHERE relname IN ({list})"
+         FROM pg_stat_user_tables WHERE relid = ANY(ARRAY[{list}])"
     );
     let v = query_f64s(repo, &sql, &["total", "idx", "dead", "av", "v"]).await?;
     Ok(Sizes {
@@ -174,7 +176,7 @@ pub async fn run(
         readers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let k = (data::mix(t * 1_000_003 + n) % u64::from(keys)) as u32;
+                let k = (crate::workload::mix(t * 1_000_003 + n) % u64::from(keys)) as u32;
                 let (user, bot) = (k / shape.bots, k % shape.bots);
                 let begun = Instant::now();
                 reader.snapshot(&Shape::user(user), &Shape::bot(bot)).await;

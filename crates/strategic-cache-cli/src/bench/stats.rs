@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::workload::quantile;
+
 /// Raw results of one case, before summarising.
 #[derive(Debug, Default)]
 pub struct Samples {
@@ -53,15 +55,6 @@ pub struct Case {
     /// printed in JSON.
     #[serde(skip)]
     pub cdf_us: Vec<(f64, f64)>,
-}
-
-/// The `q`-quantile of sorted values (nearest rank).
-pub(crate) fn quantile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn us(ns: u64) -> f64 {

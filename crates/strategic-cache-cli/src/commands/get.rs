@@ -5,12 +5,19 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 use strategic_cache::{CacheRepository, CachedEntry, Component, Freshness, Key, Lookup};
 
-use super::{Context, Outcome, human_duration, key_json, key_text};
-use crate::cli::GetArgs;
+use super::{Context, KeyArgs, Outcome, UserForPerBot, human_duration, key_json, key_text};
 use crate::exit::bad_input;
 
+/// Arguments of `get`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// The entry or entries to show.
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
 /// Exit 0 when the asked entry is fresh (for a snapshot: when at least one is), 3 otherwise.
-pub async fn run(context: &Context, args: GetArgs) -> anyhow::Result<Outcome> {
+pub async fn run(context: &Context, GetArgs { key: args }: GetArgs) -> anyhow::Result<Outcome> {
     context.check_name("bot_name", &args.bot)?;
     match args.component {
         Some(component) => {
@@ -19,7 +26,7 @@ pub async fn run(context: &Context, args: GetArgs) -> anyhow::Result<Outcome> {
                 args.user.as_deref(),
                 &args.bot,
                 args.window,
-                false,
+                UserForPerBot::Ignored,
             )?;
             let repository = context.repository().await?;
             let lookup = repository.lookup(component, &key).await?;
@@ -31,7 +38,13 @@ pub async fn run(context: &Context, args: GetArgs) -> anyhow::Result<Outcome> {
             })?;
             // Validate every key the snapshot reads, so bad input is exit 2, not a miss.
             for component in Component::ALL {
-                context.key(component, Some(user), &args.bot, args.window, false)?;
+                context.key(
+                    component,
+                    Some(user),
+                    &args.bot,
+                    args.window,
+                    UserForPerBot::Ignored,
+                )?;
             }
             let repository = context.repository().await?;
             let snapshot = repository.snapshot(user, &args.bot, args.window).await?;

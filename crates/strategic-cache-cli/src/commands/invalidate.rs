@@ -5,11 +5,21 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 use strategic_cache::{CacheRepository, Component};
 
-use super::{Context, Outcome, key_json, key_text};
-use crate::cli::InvalidateArgs;
+use super::{Context, KeyArgs, Outcome, UserForPerBot, key_json, key_text};
+
+/// Arguments of `invalidate`.
+#[derive(Debug, clap::Args)]
+pub struct InvalidateArgs {
+    /// The entry or entries to remove.
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
 
 /// Exit 0 whether or not there was an entry: afterwards there is none either way.
-pub async fn run(context: &Context, args: InvalidateArgs) -> anyhow::Result<Outcome> {
+pub async fn run(
+    context: &Context,
+    InvalidateArgs { key: args }: InvalidateArgs,
+) -> anyhow::Result<Outcome> {
     context.check_name("bot_name", &args.bot)?;
     let components: Vec<Component> = match args.component {
         Some(component) => vec![component],
@@ -22,7 +32,7 @@ pub async fn run(context: &Context, args: InvalidateArgs) -> anyhow::Result<Outc
             args.user.as_deref(),
             &args.bot,
             args.window,
-            false,
+            UserForPerBot::Ignored,
         )?);
     }
     let repository = context.repository().await?;

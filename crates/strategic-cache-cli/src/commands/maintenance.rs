@@ -3,11 +3,28 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use clap::Args;
 use serde_json::{Value, json};
 use strategic_cache::{CacheRepository, Component, TableHealth};
 
 use super::{Context, Outcome, human_duration};
-use crate::cli::{SweepArgs, VacuumArgs};
+
+/// Arguments of `sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Most rows deleted per statement (bounds how long row locks are held).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+}
+
+/// Arguments of `vacuum`.
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Vacuum every table, not only those past autovacuum's threshold (50 + 20 % of the
+    /// live rows dead).
+    #[arg(long)]
+    pub all: bool,
+}
 
 /// Deletes expired entries of every table, `--batch` rows per statement.
 pub async fn sweep(context: &Context, args: SweepArgs) -> anyhow::Result<Outcome> {

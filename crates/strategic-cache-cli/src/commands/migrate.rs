@@ -3,8 +3,26 @@
 use migration::runner::{self, Command, MigrateOptions, Report};
 use serde_json::{Value, json};
 
+use clap::Subcommand;
+
 use super::{Context, Outcome};
-use crate::cli::MigrateAction;
+
+/// `migrate` actions; the same runner as the `migration` binary and `cargo xtask migrate`.
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Roll back the last N applied migrations (default 1).
+    Down {
+        /// How many migrations to roll back.
+        #[arg(value_name = "N", default_value_t = 1)]
+        steps: u32,
+    },
+    /// List the migrations and whether each is applied.
+    Status,
+    /// Roll back every migration of ours, then apply them all again (drops cached data).
+    Fresh,
+}
 
 /// Runs one migration action and reports every migration's state afterwards.
 pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Outcome> {

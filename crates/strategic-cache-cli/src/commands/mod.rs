@@ -6,18 +6,19 @@
 //! before it connects, so bad input is reported (exit 2) even when the database is away, and
 //! never reaches it.
 
-mod get;
-mod invalidate;
-mod maintenance;
-mod migrate;
-mod put;
+pub mod get;
+pub mod invalidate;
+pub mod maintenance;
+pub mod migrate;
+pub mod put;
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Args;
 use migration::runner;
 use serde_json::Value;
-use strategic_cache::{Component, Key, Limits, PgCacheRepository, PgConfig};
+use strategic_cache::{Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig};
 
 use crate::cli::{Cli, Command};
 use crate::exit::{self, bad_input};
@@ -61,7 +62,18 @@ impl Outcome {
 #[derive(Debug)]
 pub struct Context {
     database_url: Option<String>,
+    /// Whether `database_url` came from the command line (rather than `DATABASE_URL`).
+    url_on_command_line: bool,
     limits: Limits,
+}
+
+/// What [`Context::key`] does with `--user` for the per-bot component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserForPerBot {
+    /// Ignore it: reading or removing "all six" for a (user, bot) includes the bot's row.
+    Ignored,
+    /// Reject it (for `put`, where it would suggest a per-user write that does not exist).
+    Rejected,
 }
 
 /// A bound on connecting, over the repository's own timeouts, so that no command can hang on
@@ -82,6 +94,35 @@ impl Context {
             )));
         }
         Ok(url)
+    }
+
+    /// The URL given with `--database-url` on the command line, validated; `None` when there
+    /// is none. `DATABASE_URL` is never used: `command` (`simulate`, `bench`) writes, and a
+    /// production URL exported for the other commands must not be picked up by accident.
+    pub fn optional_url_from_command_line(&self, command: &str) -> anyhow::Result<Option<&str>> {
+        if !self.url_on_command_line {
+            if self.database_url.is_some() {
+                eprintln!(
+                    "strategic-cache: DATABASE_URL is ignored: {command} uses a database only \
+                     when given --database-url on its own command line"
+                );
+            }
+            return Ok(None);
+        }
+        self.url().map(Some)
+    }
+
+    /// The URL given with `--database-url` on the command line, validated, or a usage error
+    /// saying that `command` needs one (see [`Context::optional_url_from_command_line`]).
+    pub fn url_from_command_line(&self, command: &str) -> anyhow::Result<&str> {
+        if !self.url_on_command_line {
+            return Err(bad_input(format!(
+                "{command} needs a database given on its own command line: pass --database-url \
+                 URL (it never uses DATABASE_URL; it works in a schema of its own there and \
+                 drops it at the end)"
+            )));
+        }
+        self.url()
     }
 
     /// Connects the cache repository. The error names the database without its password.
@@ -111,18 +152,17 @@ impl Context {
     }
 
     /// The key of `component` from the command line's `--user`, `--bot` and `--window`,
-    /// validated. `strict` rejects `--user` for the per-bot component (for `put`, where it
-    /// would suggest a per-user write that does not exist).
+    /// validated; `user_for_per_bot` says what `--user` means for the per-bot component.
     fn key(
         &self,
         component: Component,
         user: Option<&str>,
         bot: &str,
         window: i32,
-        strict: bool,
+        user_for_per_bot: UserForPerBot,
     ) -> anyhow::Result<Key> {
         let key = if component.is_per_bot() {
-            if strict && user.is_some() {
+            if user_for_per_bot == UserForPerBot::Rejected && user.is_some() {
                 return Err(bad_input(format!(
                     "{component} is kept per bot: it is keyed by --bot and --window and takes no --user"
                 )));
@@ -141,10 +181,12 @@ impl Context {
     }
 }
 
-/// Runs the parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+/// Runs the parsed command line. `url_on_command_line` says whether `--database-url` was
+/// given there (rather than through `DATABASE_URL`).
+pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome> {
     let context = Context {
         database_url: cli.database_url,
+        url_on_command_line,
         limits: Limits::default(),
     };
     match cli.command {
@@ -155,69 +197,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Sweep(args) => maintenance::sweep(&context, args).await,
         Command::Stats => maintenance::stats(&context).await,
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
-        Command::Simulate(args) => simulate(&context, &args).await,
-        Command::Bench(args) => bench(&context, &args).await,
+        Command::Simulate(args) => crate::simulate::command(&context, &args).await,
+        Command::Bench(args) => crate::bench::command(&context, &args).await,
     }
 }
 
-/// `bench`: needs a (scratch) database; a progress bar on stderr while it runs (hidden when
-/// stderr is not a terminal).
-async fn bench(context: &Context, args: &crate::bench::BenchArgs) -> anyhow::Result<Outcome> {
-    let url = context.url()?;
-    let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("bench {bar:40} {percent:>3}% {elapsed} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let shown = bar.clone();
-    let progress: crate::bench::Progress = std::sync::Arc::new(move |stage: &str, done: f64| {
-        shown.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);
-        shown.set_message(stage.to_owned());
-    });
-    let report = crate::bench::run(args, url, progress).await;
-    bar.finish_and_clear();
-    let report = report?;
-    if let Some(path) = &args.plot {
-        crate::bench::write_plot(&report, path)?;
-    }
-    Ok(Outcome::ok(report.render(), serde_json::to_value(&report)?))
+/// The key arguments `get` and `invalidate` share: one component, or all six when omitted.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The user (not needed with `--component character_performance`).
+    #[arg(long, value_name = "U")]
+    pub user: Option<String>,
+    /// The bot (character).
+    #[arg(long, value_name = "B")]
+    pub bot: String,
+    /// One component (table name or short name); all six when omitted.
+    #[arg(long, value_name = "C", value_parser = parse_component)]
+    pub component: Option<Component>,
+    /// Character performance window in hours.
+    #[arg(long, value_name = "H", default_value_t = DEFAULT_WINDOW_HOURS, allow_negative_numbers = true)]
+    pub window: i32,
 }
 
-/// `simulate`: in memory unless a database is given; a progress bar on stderr while it runs
-/// (hidden when stderr is not a terminal).
-async fn simulate(
-    context: &Context,
-    args: &crate::simulate::SimulateArgs,
-) -> anyhow::Result<Outcome> {
-    let url = match context.database_url {
-        Some(_) => Some(context.url()?),
-        None => None,
-    };
+/// Accepts table names and short names; the error lists both.
+pub fn parse_component(name: &str) -> Result<Component, String> {
+    Component::from_table_name(name).map_err(|_| {
+        let names: Vec<String> = Component::ALL
+            .iter()
+            .map(|c| format!("{} ({})", c.short_name(), c.table_name()))
+            .collect();
+        format!(
+            "unknown component `{}`; use one of: {}",
+            crate::exit::flatten(name),
+            names.join(", ")
+        )
+    })
+}
+
+/// A progress bar of 1000 steps on stderr with `template` (indicatif hides it when stderr is
+/// not a terminal), for the long-running `simulate` and `bench`.
+pub fn progress_bar(template: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(1000);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("simulating {bar:40} {percent:>3}% {elapsed} ")
+        indicatif::ProgressStyle::with_template(template)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let shown = bar.clone();
-    let progress = move |done: f64| {
-        shown.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);
-    };
-    let report = match url {
-        Some(url) => crate::simulate::run(args, Some(url), progress).await,
-        None => {
-            let args = args.clone();
-            // Off this runtime's threads: the virtual-time simulation blocks its own thread.
-            tokio::task::spawn_blocking(move || {
-                crate::simulate::run_in_virtual_time(args, progress)
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("the simulation thread panicked"))
-            .and_then(|report| report)
-        }
-    };
-    bar.finish_and_clear();
-    let report = report?;
-    Ok(Outcome::ok(report.render(), serde_json::to_value(&report)?))
+    bar
 }
 
 /// A duration for people: `850ms`, `42s`, `4m05s`, `2h03m`, `3d04h`.

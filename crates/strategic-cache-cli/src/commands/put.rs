@@ -4,16 +4,41 @@
 //! TTL, the cache's limits), so bad input exits 2 and never reaches the database.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Args;
 use serde_json::{Value, json};
-use strategic_cache::{CacheRepository, NewEntry, Payload, TtlPolicy, WriteOutcome};
+use strategic_cache::{
+    CacheRepository, Component, DEFAULT_WINDOW_HOURS, NewEntry, Payload, TtlPolicy, WriteOutcome,
+};
 
-use super::{Context, Outcome, key_json, key_text};
-use crate::cli::PutArgs;
+use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};
 use crate::exit::bad_input;
+
+/// Arguments of `put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The component (table name or short name).
+    #[arg(long, value_name = "C", value_parser = parse_component)]
+    pub component: Component,
+    /// The user (every component but character_performance, which is per bot).
+    #[arg(long, value_name = "U")]
+    pub user: Option<String>,
+    /// The bot (character).
+    #[arg(long, value_name = "B")]
+    pub bot: String,
+    /// Character performance window in hours.
+    #[arg(long, value_name = "H", default_value_t = DEFAULT_WINDOW_HOURS, allow_negative_numbers = true)]
+    pub window: i32,
+    /// How long the entry stays fresh, in seconds (default: the 5-minute policy).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub ttl: Option<i64>,
+    /// Read the JSON object from this file instead of stdin.
+    #[arg(long, value_name = "F")]
+    pub file: Option<PathBuf>,
+}
 
 /// Prints `written` or `superseded` (a stored entry was computed later; nothing changed).
 pub async fn run(context: &Context, args: PutArgs) -> anyhow::Result<Outcome> {
@@ -24,7 +49,7 @@ pub async fn run(context: &Context, args: PutArgs) -> anyhow::Result<Outcome> {
         args.user.as_deref(),
         &args.bot,
         args.window,
-        true,
+        UserForPerBot::Rejected,
     )?;
     let ttl = match args.ttl {
         None => None,
@@ -93,8 +118,12 @@ fn read_input(file: Option<&Path>, max_bytes: usize) -> anyhow::Result<Vec<u8>> 
         .saturating_add(1);
     match file {
         Some(path) => {
-            let handle = std::fs::File::open(path)
-                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
+            let handle = std::fs::File::open(path).map_err(|e| {
+                bad_input(format!(
+                    "cannot read --file {}: {e}; check the path, or pipe the JSON on stdin",
+                    path.display()
+                ))
+            })?;
             handle
                 .take(limit)
                 .read_to_end(&mut bytes)

@@ -17,8 +17,8 @@ pub struct ReaderConfig {
     /// Fraction of its TTL after which serving an entry tells the worker it is in use (a
     /// refresh-ahead request due at the refresh point). Below the refresh point so that an
     /// entry the worker keeps refreshing ahead is still seen to be read; above zero so that
-    /// most hits send nothing. Set above `refresh_ahead_fraction`'s value of 1.0 or more to
-    /// turn refresh-ahead signals off.
+    /// most hits send nothing. Set it above 1.0 (`f64::INFINITY`, as `simulate
+    /// --no-refresh-ahead` does) to turn refresh-ahead signals off.
     pub demand_fraction: f64,
     /// Least time between two warnings about failing reads.
     pub warn_interval: Duration,

@@ -1,0 +1,283 @@
+//! A schema of a command's own inside the database it was given: what `simulate` and `bench`
+//! write into, so that they never change or delete a row they did not write, and leave
+//! nothing behind.
+//!
+//! [`with_scratch`] connects, says on stderr what it will do, creates the schema, applies the
+//! migrations the command needs inside it, runs the command on a URL whose every connection
+//! has `search_path` set to that schema only, and drops the schema at the end: after success,
+//! after an error, and on Ctrl-C or SIGTERM.
+//!
+//! Only the first two migrations run (the six cache tables and `strategic_refresh_queue`). The
+//! third creates the cluster-wide roles `strategic_cache_reader` and `strategic_cache_writer`,
+//! which would outlive the schema (and even `dropdb`), needs `CREATEROLE`, and is not needed:
+//! the command connects as the given user, which owns the schema and everything in it.
+
+use std::future::Future;
+
+use anyhow::{Context as _, Result, anyhow};
+use migration::MigratorTrait as _;
+use migration::runner::{self, MigrateOptions};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+
+/// Migrations applied in the scratch schema: the tables and the refresh queue, not the roles.
+const MIGRATIONS: u32 = 2;
+
+/// Prefix of every scratch schema's name, so that a left-over one (a killed run) is easy to
+/// recognise and drop by hand.
+pub const SCHEMA_PREFIX: &str = "strategic_cache_scratch_";
+
+/// What a command gets to work with: its schema, reached through a URL and a connection.
+#[derive(Clone, Debug)]
+pub struct Scoped {
+    /// The given URL with `search_path` set to the schema only, for every connection.
+    pub url: String,
+    /// A connection on `url` without a statement timeout, for maintenance (VACUUM).
+    pub db: DatabaseConnection,
+}
+
+/// A schema of the command's own, and the connections to manage it.
+struct Scratch {
+    /// The schema's name (a plain lowercase identifier).
+    schema: String,
+    /// The command's side.
+    scoped: Scoped,
+    /// The connection the schema was created on; it drops the schema.
+    admin: DatabaseConnection,
+}
+
+/// `url` with `options=-c search_path=<schema>` added, which PostgreSQL applies to every
+/// connection opened with it (sqlx, sea-orm and tokio-postgres all pass `options` on).
+pub fn scoped_url(url: &str, schema: &str) -> String {
+    let option = format!("options=-c%20search_path%3D{schema}");
+    if url.contains('?') {
+        format!("{url}&{option}")
+    } else {
+        format!("{url}?{option}")
+    }
+}
+
+/// A fresh schema name for `command`: the prefix, the command, the process id and the clock,
+/// so that concurrent runs on one database never share one.
+fn schema_name(command: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{SCHEMA_PREFIX}{command}_{}_{nanos:08x}",
+        std::process::id()
+    )
+}
+
+/// The one line said before anything is done to the database.
+pub fn announcement(command: &str, target: &str, schema: &str) -> String {
+    format!(
+        "{command} will create the schema {schema} in {target}, create the six cache tables and \
+         strategic_refresh_queue in it (migrations 1 and 2, not the cluster-wide roles), write \
+         only there, and drop the schema when it ends; nothing outside it is read or changed"
+    )
+}
+
+/// Runs `body` with the URL of a fresh scratch schema in the database at `url`, and drops the
+/// schema afterwards whatever happened. `url` must already be validated.
+pub async fn with_scratch<F, Fut, T>(command: &str, url: &str, body: F) -> Result<T>
+where
+    F: FnOnce(Scoped) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let target = runner::redact_url(url);
+    let options = MigrateOptions::default();
+    // Listening before anything is created, so that no signal can end the process between
+    // creating the schema and dropping it.
+    let mut signals = Signals::listen()?;
+    // Connecting changes nothing, so it comes before the announcement: an unreachable server
+    // is still the one-line error of every other command.
+    let admin = runner::connect(url, &options).await?;
+    let schema = schema_name(command);
+    eprintln!(
+        "strategic-cache: {}",
+        announcement(command, &target, &schema)
+    );
+    let scratch = tokio::select! {
+        created = create(admin.clone(), url, &schema) => created?,
+        signal = signals.recv() => {
+            drop_schema(&admin, &schema).await?;
+            return Err(interrupted(signal, &schema));
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = body(scratch.scoped.clone()) => outcome,
+        signal = signals.recv() => Err(interrupted(signal, &schema)),
+    };
+    let dropped = scratch.drop_schema().await;
+    match (outcome, dropped) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Err(error), Ok(())) => Err(error),
+        // Both said in the one line: the run's failure, and that its schema is still there.
+        (Err(error), Err(drop)) => Err(anyhow!("{error:#}; then {drop:#}")),
+        (Ok(_), Err(drop)) => Err(drop),
+    }
+}
+
+/// Creates the schema on `admin`, connects to it and migrates it. On any failure after the
+/// schema exists it is dropped again before the error is returned.
+async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Scratch> {
+    let target = runner::redact_url(url);
+    admin
+        .execute_unprepared(&format!("CREATE SCHEMA \"{schema}\""))
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot create the schema {schema} in {target}: {}; the user needs the CREATE \
+                 privilege on that database (GRANT CREATE ON DATABASE ... TO ...), or give a \
+                 scratch database",
+                runner::scrub(&e.to_string(), Some(url))
+            )
+        })?;
+    let scoped_url = scoped_url(url, schema);
+    let migrated = async {
+        let scoped = runner::connect(&scoped_url, &MigrateOptions::default()).await?;
+        let current = current_schema(&scoped).await?;
+        if current.as_deref() != Some(schema) {
+            return Err(anyhow!(
+                "the connection's search_path is {current:?}, not the schema {schema}: the URL's \
+                 own `options` override it; remove `options` from the URL"
+            ));
+        }
+        migration::Migrator::up(&scoped, Some(MIGRATIONS))
+            .await
+            .map_err(|e| anyhow!("cannot create the cache tables in the schema {schema}: {e}"))?;
+        anyhow::Ok(scoped)
+    }
+    .await;
+    let scratch = |db| Scratch {
+        schema: schema.to_owned(),
+        scoped: Scoped {
+            url: scoped_url.clone(),
+            db,
+        },
+        admin: admin.clone(),
+    };
+    match migrated {
+        Ok(scoped) => Ok(scratch(scoped)),
+        Err(error) => {
+            let _ = drop_schema(&admin, schema).await;
+            Err(error)
+        }
+    }
+}
+
+/// The schema unqualified names resolve to on `db`.
+async fn current_schema(db: &DatabaseConnection) -> Result<Option<String>> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT current_schema()::text AS s".to_owned(),
+        ))
+        .await?
+        .context("SELECT current_schema() returned no row")?;
+    Ok(row.try_get::<Option<String>>("", "s")?)
+}
+
+/// `DROP SCHEMA ... CASCADE`, waiting at most a few seconds for the run's last statements.
+async fn drop_schema(admin: &DatabaseConnection, schema: &str) -> Result<()> {
+    let sql = format!(
+        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; RESET lock_timeout"
+    );
+    admin.execute_unprepared(&sql).await.map_err(|e| {
+        anyhow!(
+            "cannot drop the scratch schema {schema} ({e}); drop it by hand: DROP SCHEMA \"{schema}\" CASCADE"
+        )
+    })?;
+    Ok(())
+}
+
+impl Scratch {
+    /// Closes the scoped connection and drops the schema with everything in it.
+    async fn drop_schema(self) -> Result<()> {
+        let _ = self.scoped.db.close().await;
+        let result = drop_schema(&self.admin, &self.schema).await;
+        let _ = self.admin.close().await;
+        result
+    }
+}
+
+/// The error of a run stopped by `signal`, once its schema is dropped.
+fn interrupted(signal: &str, schema: &str) -> anyhow::Error {
+    anyhow!(
+        "interrupted by {signal}: the run was stopped and its schema {schema} dropped; nothing \
+         else in the database was changed"
+    )
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment [`Signals::listen`] returns.
+struct Signals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching the signals (their default action, ending the process, is off).
+    fn listen() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
+    }
+
+    /// Resolves on the next signal, naming it.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => "Ctrl-C",
+                _ = self.terminate.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scoped URL keeps the caller's parameters and adds the search path.
+    #[test]
+    fn scoped_url_adds_the_search_path() {
+        assert_eq!(
+            scoped_url("postgres://u@h/db", "s1"),
+            "postgres://u@h/db?options=-c%20search_path%3Ds1"
+        );
+        assert_eq!(
+            scoped_url("postgres://u@h/db?sslmode=disable", "s1"),
+            "postgres://u@h/db?sslmode=disable&options=-c%20search_path%3Ds1"
+        );
+    }
+
+    /// Schema names are plain identifiers with the recognisable prefix.
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        let name = schema_name("bench");
+        assert!(name.starts_with("strategic_cache_scratch_bench_"), "{name}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{name}"
+        );
+    }
+}
