@@ -84,3 +84,26 @@ async fn missing_database_is_named_and_not_called_a_timeout() {
     assert!(!message.contains("within"), "{message}");
     assert_one_clean_line(&message);
 }
+
+/// Through the command line, a wrong user is one line on stderr, exit 1, naming the database
+/// once (without the password) and the role in PostgreSQL's words.
+#[tokio::test]
+async fn cli_names_the_database_once_and_the_role() {
+    let url = with_user(&server_url().await, "no_such_role_cli");
+    let result = crate::cli::run(
+        None,
+        &["get", "--database-url", &url, "--user", "u", "--bot", "b"],
+        b"",
+    )
+    .await;
+    assert_eq!(result.code, 1, "{result:#?}");
+    let stderr = result.stderr.trim_end();
+    assert_one_clean_line(stderr);
+    let target = url.replace("pw-not-shown", "***");
+    let target = target.split('?').next().unwrap();
+    assert_eq!(stderr.matches(target).count(), 1, "the URL once: {stderr}");
+    assert!(
+        stderr.contains("role \"no_such_role_cli\" does not exist"),
+        "{stderr}"
+    );
+}

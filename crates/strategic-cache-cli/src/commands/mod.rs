@@ -14,7 +14,6 @@ pub mod put;
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 use migration::runner;
 use serde_json::Value;
@@ -138,7 +137,9 @@ impl Context {
         let target = runner::redact_url(url);
         match tokio::time::timeout(CONNECT_DEADLINE, PgCacheRepository::connect(url, config)).await
         {
-            Ok(result) => result.with_context(|| format!("cannot use the cache database {target}")),
+            // The library's error already names the database (without its password), says
+            // what happened and what to do: adding context would print the URL twice.
+            Ok(result) => Ok(result?),
             Err(_) => Err(anyhow::anyhow!(
                 "cannot connect to the cache database {target} within {CONNECT_DEADLINE:?}; \
                  check DATABASE_URL and that the server is running"
