@@ -1,6 +1,6 @@
 //! sea-orm entity models of the six strategic cache tables.
 //!
-//! These structs are the one typed definition of the schema in `shared/spec/SCHEMA.md`. Every
+//! These structs are the one typed definition of the schema in `docs/SCHEMA.md`. Every
 //! reader and writer in the workspace goes through them (or through a hand-written statement
 //! that a test proves equal to them), and the migration builds its tables from their `Column`
 //! enums, so a renamed or retyped column fails to compile rather than failing silently at run

@@ -1,4 +1,4 @@
-//! Creates the six strategic cache tables exactly as `shared/spec/SCHEMA.md` gives them.
+//! Creates the six strategic cache tables exactly as `docs/SCHEMA.md` gives them.
 //!
 //! The tables are built from the entities' `Column` enums, so a column the entity does not name
 //! cannot be created here, and the schema test compares the result with the contract column by

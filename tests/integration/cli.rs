@@ -120,6 +120,10 @@ const MESSAGES: &[(&str, &str)] = &[
     ),
     ("missing file", "cannot read --file /no/such/file.json"),
     ("missing --file", "cannot read --file /no/such/file.json"),
+    (
+        "bench with DATABASE_URL only",
+        "bench needs a database given on its own command line: pass --database-url URL",
+    ),
     ("unknown component", "unknown component `strategic_users`"),
     ("empty user", "user_id: must not be empty"),
     ("empty bot", "bot_name: must not be empty"),

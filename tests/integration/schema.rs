@@ -1,4 +1,4 @@
-//! The migration against the contract in `shared/spec/SCHEMA.md`, read back from the catalog.
+//! The migration against the contract in `docs/SCHEMA.md`, read back from the catalog.
 
 use std::time::{Duration, Instant};
 
@@ -838,4 +838,35 @@ async fn unreachable_database_is_a_quick_clear_error() {
     assert!(message.contains("connection refused"), "{message}");
     assert!(!message.contains("hunter2"), "{message}");
     assert!(!message.contains('\n'), "{message}");
+}
+
+/// The documentation describes the schema inside the repository: `docs/SCHEMA.md` exists and
+/// names every table and role, and no document points at a file outside the repository.
+#[test]
+fn docs_describe_the_schema_inside_the_repository() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let schema = std::fs::read_to_string(format!("{root}/docs/SCHEMA.md")).unwrap();
+    for name in migration::CACHE_TABLES.iter().chain([
+        &migration::REFRESH_QUEUE_TABLE,
+        &migration::READER_ROLE,
+        &migration::WRITER_ROLE,
+    ]) {
+        assert!(schema.contains(name), "docs/SCHEMA.md does not name {name}");
+    }
+    let mut docs = vec![format!("{root}/README.md")];
+    for entry in std::fs::read_dir(format!("{root}/docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            docs.push(path.display().to_string());
+        }
+    }
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for outside in ["shared/spec", "/work/"] {
+            assert!(
+                !text.contains(outside),
+                "{doc} points outside the repository ({outside})"
+            );
+        }
+    }
 }
