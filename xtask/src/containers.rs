@@ -264,21 +264,10 @@ fn build_image_in(work: &Path, version: &str, tag: &str) -> Result<()> {
     for library in shared_libraries(&copied_lib)? {
         copy_with_parents(&["-L"], &library, &rootfs)?;
     }
-    let dash = if Path::new("/bin/dash").exists() {
-        "/bin/dash"
-    } else {
-        "/usr/bin/dash"
-    };
-    copy_with_parents(&["-L"], dash, &rootfs)?;
-    let dash_dir = rootfs.join(
-        Path::new(dash)
-            .parent()
-            .and_then(|p| p.strip_prefix("/").ok())
-            .unwrap_or(Path::new("bin")),
-    );
-    if !dash_dir.join("sh").exists() {
-        std::os::unix::fs::symlink("dash", dash_dir.join("sh"))?;
-    }
+    // `/bin/sh` for the commands initdb and the server run: the host's dash.
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy("/bin/dash", rootfs.join("bin/dash")).context("cannot copy /bin/dash")?;
+    std::os::unix::fs::symlink("dash", rootfs.join("bin/sh"))?;
 
     let (as_postgres, uid, gid) = cluster_owner()?;
     for dir in ["etc", "tmp", "var/run/postgresql", "var/lib/postgresql"] {
