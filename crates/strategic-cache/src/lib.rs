@@ -14,6 +14,8 @@
 //! - [`memory`]: [`MemoryCacheRepository`], in-process with an injected [`Clock`].
 //! - [`reader`]: [`CacheReader`], the facade bot code holds: time budget, circuit breaker,
 //!   errors turned into misses; never fails the bot.
+//! - [`near`]: the reader's near tier (issue 14): entries in memory, coherent with
+//!   PostgreSQL within a lease through a listening connection.
 //! - [`observe`]: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - [`scheduler`]: refresh-ahead and on-demand scheduling for the enrichment worker.
 //! - [`metrics`]: in-process aggregation of reads and export as InfluxDB line protocol.
@@ -26,6 +28,7 @@ pub mod component;
 pub mod error;
 pub mod memory;
 pub mod metrics;
+pub mod near;
 pub mod observe;
 pub mod payload;
 pub mod postgres;
@@ -39,6 +42,7 @@ pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use component::Component;
 pub use error::CacheError;
 pub use memory::MemoryCacheRepository;
+pub use near::{NearConfig, NearStats, NearTier};
 pub use observe::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
 pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,

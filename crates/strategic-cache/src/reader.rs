@@ -41,6 +41,9 @@ pub struct ReaderConfig {
     pub demand_fraction: f64,
     /// Least time between two warnings about failing reads.
     pub warn_interval: Duration,
+    /// The near tier (issue 14; see `crate::near`): used only by a reader given a database
+    /// URL through [`CacheReader::with_near_tier`].
+    pub near: crate::near::NearConfig,
 }
 
 impl Default for ReaderConfig {
@@ -52,6 +55,7 @@ impl Default for ReaderConfig {
             refresh_ahead_fraction: 0.8,
             demand_fraction: 0.5,
             warn_interval: Duration::from_secs(10),
+            near: crate::near::NearConfig::default(),
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct ReaderStats {
     pub breaker_skips: u64,
     /// Whether the breaker is open now.
     pub breaker_open: bool,
+    /// Of the `hits`, those served from the near tier's memory (no store call).
+    pub near_hits: u64,
 }
 
 /// The facade bot code holds: never fails, never panics.
@@ -137,6 +143,8 @@ pub struct CacheReader {
     config: ReaderConfig,
     observer: Option<Arc<dyn ReadObserver>>,
     refresh: Option<Arc<dyn RefreshSink>>,
+    /// The near tier, if on (issue 14, `crate::near`); `None` reads the store every time.
+    near: Option<crate::near::NearTier>,
     /// Breaker, counters and warning limits, behind an `Arc` so that clones of one reader
     /// (one per bot task, say) agree on whether the store is failing.
     shared: Arc<Shared>,
@@ -184,6 +192,7 @@ struct Counters {
     errors: AtomicU64,
     timeouts: AtomicU64,
     breaker_skips: AtomicU64,
+    near_hits: AtomicU64,
 }
 
 impl Counters {
@@ -385,6 +394,7 @@ impl CacheReader {
             config: ReaderConfig::default(),
             observer: None,
             refresh: None,
+            near: None,
             shared: Arc::new(Shared::new()),
         }
     }
@@ -407,6 +417,31 @@ impl CacheReader {
         self
     }
 
+    // ---- Near tier hook (issue 14): the tier itself lives in `crate::near`. ----
+
+    /// Serves reads from an in-process near tier kept coherent with the database at
+    /// `database_url` (one listening connection), if `config().near.enabled`; call after
+    /// [`CacheReader::with_config`]. Within a Tokio runtime. If the tier cannot start (a URL
+    /// that does not parse, no runtime) it warns and the reader reads the store as before.
+    pub fn with_near_tier(mut self, database_url: &str) -> Self {
+        if !self.config.near.enabled {
+            self.near = None;
+            return self;
+        }
+        match crate::near::NearTier::start(database_url, &self.config.near) {
+            Ok(tier) => self.near = Some(tier),
+            Err(error) => tracing::warn!(%error, "strategic cache near tier not started: {error}"),
+        }
+        self
+    }
+
+    /// The near tier's state, if the reader has one.
+    pub fn near_stats(&self) -> Option<crate::near::NearStats> {
+        self.near.as_ref().map(|n| n.stats())
+    }
+
+    // ---- end of the near tier hook ----
+
     /// The settings in use.
     pub fn config(&self) -> &ReaderConfig {
         &self.config
@@ -425,6 +460,7 @@ impl CacheReader {
             timeouts: get(&c.timeouts),
             breaker_skips: get(&c.breaker_skips),
             breaker_open: self.shared.breaker.is_open(),
+            near_hits: get(&c.near_hits),
         }
     }
 
@@ -445,11 +481,28 @@ impl CacheReader {
     pub async fn get_key(&self, component: Component, key: &Key) -> Option<CachedEntry> {
         let started = std::time::Instant::now();
         Counters::add(&self.shared.counters.reads, 1);
-        let result = self.guarded(self.repo.lookup(component, key), 1).await;
+        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        let mut near_hit = false;
+        let result = match &self.near {
+            Some(near) => match near.lookup_hit(component, key) {
+                Some(lookup) => {
+                    near_hit = true;
+                    Ok(lookup)
+                }
+                None => {
+                    let call = near.lookup_fill(component, key, self.repo.lookup(component, key));
+                    self.guarded(call, 1).await
+                }
+            },
+            None => self.guarded(self.repo.lookup(component, key), 1).await,
+        };
         let query_time = started.elapsed();
         let (outcome, served) = match result {
             Ok(Lookup::Fresh(entry)) => {
                 Counters::add(&self.shared.counters.hits, 1);
+                if near_hit {
+                    Counters::add(&self.shared.counters.near_hits, 1);
+                }
                 if let Some(due_at) = self.refresh_ahead_due(&entry) {
                     self.request_refresh(component, key, RefreshReason::RefreshAhead, due_at);
                 }
@@ -513,12 +566,22 @@ impl CacheReader {
         let started = std::time::Instant::now();
         let parts = Component::ALL.len() as u64;
         Counters::add(&self.shared.counters.reads, parts);
-        let result = self
-            .guarded(
-                self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS),
-                parts,
-            )
-            .await;
+        let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
+        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        let result = match &self.near {
+            Some(near) => match near.snapshot_hit(user_id, bot_name) {
+                Some(snapshot) => {
+                    let fresh = snapshot.freshness.iter().filter(|f| f.is_fresh()).count();
+                    Counters::add(&self.shared.counters.near_hits, fresh as u64);
+                    Ok(snapshot)
+                }
+                None => {
+                    let call = near.snapshot_fill(user_id, bot_name, call);
+                    self.guarded(call, parts).await
+                }
+            },
+            None => self.guarded(call, parts).await,
+        };
         let query_time = started.elapsed();
         let snapshot = match result {
             Ok(snapshot) => {
