@@ -12,6 +12,9 @@ mod helpers;
 mod hostile;
 mod load;
 mod metrics;
+// The reader's near tier (issue 14).
+mod near;
+mod near_faults;
 mod pgcluster;
 mod privileges;
 mod races;
