@@ -624,3 +624,48 @@ async fn memory_stays_within_the_bound() {
         "the bound was not used: {stats:?}"
     );
 }
+
+/// The near tier never extends a TTL: an entry is not served once its `expires_at` has
+/// passed (judged by the database's clock, here the same machine's), though it was hit from
+/// memory until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_hits_end_at_expires_at() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
+        .await
+        .unwrap();
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    warm(&reader, "warm").await;
+    repo.upsert(
+        &NewEntry::new(Key::user_bot("short", BOT), versioned(2))
+            .with_ttl(Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    let near_before = reader.stats().near_hits;
+    let mut served_after_expiry = Vec::new();
+    let mut hits = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let asked = chrono::Utc::now();
+        if let Some(entry) = reader.get(Component::MemoryHealth, "short", BOT).await {
+            hits += 1;
+            if asked >= entry.expires_at {
+                served_after_expiry.push((asked, entry.expires_at));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(hits > 50, "{hits} hits");
+    assert!(
+        reader.stats().near_hits - near_before > 50,
+        "{:?}",
+        reader.stats()
+    );
+    assert!(served_after_expiry.is_empty(), "{served_after_expiry:?}");
+}

@@ -1,5 +1,5 @@
 //! The near tier: an in-process copy of recently read entries in front of the store, coherent
-//! with PostgreSQL within [`NearConfig::lease`] (900 ms by default) of any commit, whoever the
+//! with PostgreSQL within [`NearConfig::lease`] (800 ms by default) of any commit, whoever the
 //! writer.
 //!
 //! # Layout
@@ -56,7 +56,7 @@ impl Default for NearConfig {
         NearConfig {
             enabled: true,
             max_bytes: 64 * 1024 * 1024,
-            lease: Duration::from_millis(900),
+            lease: Duration::from_millis(800),
             probe_interval: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(2),
             application_name: "strategic-cache-near".to_string(),
