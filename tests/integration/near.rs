@@ -594,7 +594,7 @@ async fn memory_stays_within_the_bound() {
     let max_bytes = 64 * 1024;
     let users = 1_000; // ~600 bytes a value: about 100 fit.
     let entries: Vec<NewEntry> = (0..users)
-        .map(|i| NewEntry::new(Key::user_bot(&user(i), BOT), versioned(i as u64)))
+        .map(|i| NewEntry::new(Key::user_bot(user(i), BOT), versioned(i as u64)))
         .collect();
     repo.upsert_many(&entries).await.unwrap();
     let reader = CacheReader::new(repo.clone())
