@@ -669,3 +669,45 @@ async fn near_hits_end_at_expires_at() {
     );
     assert!(served_after_expiry.is_empty(), "{served_after_expiry:?}");
 }
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// The notify migration adds four statement-level triggers to each of the six tables and two
+/// functions; its `down` removes all of them and leaves the tables.
+#[tokio::test]
+async fn notify_triggers_migrate_up_and_down() {
+    use migration::runner::{self, Command, MigrateOptions};
+    let t = TestDb::migrated().await;
+    let triggers = "SELECT count(*)::bigint AS n FROM pg_trigger \
+                    WHERE tgname LIKE 'strategic_cache_notify_%' AND NOT tgisinternal";
+    let functions = "SELECT count(*)::bigint AS n FROM pg_proc \
+                     WHERE proname IN ('strategic_cache_notify', 'strategic_cache_channel')";
+    assert_eq!(count(&t.db, triggers).await, 24);
+    assert_eq!(count(&t.db, functions).await, 2);
+    let options = MigrateOptions::default();
+    runner::run(&t.db, Command::Down { steps: Some(1) }, &options)
+        .await
+        .unwrap();
+    assert_eq!(count(&t.db, triggers).await, 0);
+    assert_eq!(count(&t.db, functions).await, 0);
+    assert_eq!(
+        count(
+            &t.db,
+            "SELECT count(*)::bigint AS n FROM strategic_memory_health"
+        )
+        .await,
+        0
+    );
+    runner::run(&t.db, Command::Up, &options).await.unwrap();
+    assert_eq!(count(&t.db, triggers).await, 24);
+}
