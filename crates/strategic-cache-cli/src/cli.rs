@@ -72,6 +72,9 @@ pub enum Command {
     /// Fill a SCRATCH database (its six tables are emptied) and measure reads and writes
     /// against the bare driver; `--soak` for a long refresh run, `--plot` for an SVG.
     Bench(crate::bench::BenchArgs),
+    /// Read a (user, bot) through the near tier at every interval and print, per component,
+    /// the computed_at served and whether it came from memory or the database (until Ctrl-C).
+    Watch(crate::commands::watch::WatchArgs),
 }
 
 /// `migrate` actions; the same runner as the `migration` binary and `cargo xtask migrate`.

@@ -11,6 +11,8 @@ mod invalidate;
 mod maintenance;
 mod migrate;
 mod put;
+// `watch` (issue 14): the near tier as the bot sees it.
+pub mod watch;
 
 use std::time::Duration;
 
@@ -143,6 +145,7 @@ impl Context {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let json = cli.json;
     let context = Context {
         database_url: cli.database_url,
         limits: Limits::default(),
@@ -157,6 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
         Command::Simulate(args) => simulate(&context, &args).await,
         Command::Bench(args) => bench(&context, &args).await,
+        Command::Watch(args) => watch::run(&context, args, json).await,
     }
 }
 
