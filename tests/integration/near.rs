@@ -106,9 +106,13 @@ pub struct Coherence {
     /// Reads that returned a value replaced or removed by a write that had returned before
     /// the read began.
     pub stale_reads: usize,
-    /// The longest time from the beginning of such a write to the end of such a read: an
-    /// upper bound of commit → last stale read.
+    /// The longest time from the beginning of such a write to the beginning of such a read:
+    /// an upper bound of commit → the last read that decided to serve the old value. (A read's
+    /// own duration is not the near tier's: a database read slowed down by a loaded machine
+    /// returns its snapshot late too.)
     pub max_staleness: Duration,
+    /// The same to the *end* of such a read (includes the read's duration).
+    pub max_staleness_to_read_end: Duration,
     /// Near hits over all readers.
     pub near_hits: u64,
     /// Listener connections over all readers' tiers.
@@ -339,7 +343,9 @@ pub async fn coherence(
                 .min()
             {
                 out.stale_reads += 1;
-                out.max_staleness = out.max_staleness.max(read.done - begun);
+                out.max_staleness = out.max_staleness.max(read.begun - begun);
+                out.max_staleness_to_read_end =
+                    out.max_staleness_to_read_end.max(read.done - begun);
             }
             continue;
         };
@@ -354,7 +360,8 @@ pub async fn coherence(
         });
         if let Some(begun) = first_newer {
             out.stale_reads += 1;
-            out.max_staleness = out.max_staleness.max(read.done - begun);
+            out.max_staleness = out.max_staleness.max(read.begun - begun);
+            out.max_staleness_to_read_end = out.max_staleness_to_read_end.max(read.done - begun);
         }
     }
     for reader in &readers {
@@ -710,4 +717,121 @@ async fn notify_triggers_migrate_up_and_down() {
     );
     runner::run(&t.db, Command::Up, &options).await.unwrap();
     assert_eq!(count(&t.db, triggers).await, 24);
+}
+
+/// A separate process running `strategic-cache watch --json` (its own near tier) never shows
+/// a `computed_at` replaced by a write that had returned before its read began, for longer
+/// than the bound; and it serves from memory between writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_process_is_coherent_within_the_bound() {
+    use tokio::io::AsyncBufReadExt;
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    repo.upsert(&NewEntry::new(Key::user_bot("watched", BOT), versioned(0)))
+        .await
+        .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("strategic-cache");
+    let mut child = tokio::process::Command::new(binary)
+        .args([
+            "--json",
+            "watch",
+            "--user",
+            "watched",
+            "--bot",
+            BOT,
+            "--interval-ms",
+            "20",
+        ])
+        .env("DATABASE_URL", &t.url)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // (received, read began at the latest, computed_at served, source)
+    let seen: Arc<Mutex<Vec<(Instant, Instant, String, String)>>> = Arc::default();
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let received = Instant::now();
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let read = Duration::from_micros(v["read_us"].as_u64().unwrap_or(0));
+                let mh = &v["components"]["memory_health"];
+                if let (Some(c), Some(src)) = (mh["computed_at"].as_str(), mh["source"].as_str()) {
+                    seen.lock().unwrap().push((
+                        received,
+                        received - read - Duration::from_millis(5),
+                        c.to_owned(),
+                        src.to_owned(),
+                    ));
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Writes through SQL and the repository; each one's computed_at as the database has it.
+    let mut writes: Vec<(chrono::DateTime<chrono::Utc>, Instant, Instant)> = Vec::new();
+    let mut rng = Rng::new(7);
+    for i in 1..=20u64 {
+        let begun = Instant::now();
+        if i % 2 == 0 {
+            assert!(sql_upsert(&t.db, &["watched".to_string()], i).await);
+        } else {
+            repo.upsert(&NewEntry::new(Key::user_bot("watched", BOT), versioned(i)))
+                .await
+                .unwrap();
+        }
+        let done = Instant::now();
+        let c = repo
+            .lookup(Component::MemoryHealth, &Key::user_bot("watched", BOT))
+            .await
+            .unwrap()
+            .into_fresh()
+            .unwrap()
+            .computed_at;
+        writes.push((c, begun, done));
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    child.kill().await.unwrap();
+    collector.await.unwrap();
+
+    let seen = seen.lock().unwrap();
+    let mut max_staleness = Duration::ZERO;
+    for (_, began, computed_at, _) in seen.iter() {
+        let served = chrono::DateTime::parse_from_rfc3339(computed_at).unwrap();
+        let first_newer = writes
+            .iter()
+            .filter(|(c, _, done)| *c > served && done < began)
+            .map(|(_, begun, _)| *begun)
+            .min();
+        if let Some(begun) = first_newer {
+            max_staleness = max_staleness.max(*began - begun);
+        }
+    }
+    let near = seen.iter().filter(|s| s.3 == "near").count();
+    println!(
+        "watch: {} lines, {near} from memory, max staleness {max_staleness:?}",
+        seen.len()
+    );
+    assert!(seen.len() > 100, "{} lines", seen.len());
+    assert!(
+        near > seen.len() / 2,
+        "{near} of {} from memory",
+        seen.len()
+    );
+    assert!(max_staleness <= BOUND, "{max_staleness:?}");
 }

@@ -66,7 +66,9 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         // This process reads nothing else: a statement counted during the snapshot means
         // it came from the database, none means from memory.
         let statements = repo.read_statements().unwrap_or(0);
+        let started = std::time::Instant::now();
         let snapshot = reader.snapshot(&args.user, &args.bot).await;
+        let read_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let source = if repo.read_statements().unwrap_or(0) > statements {
             "db"
         } else {
@@ -96,7 +98,13 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
             }
         }
         let line = if json {
-            json!({ "at": at, "lease": lease, "components": Value::Object(components) }).to_string()
+            json!({
+                "at": at,
+                "read_us": read_us,
+                "lease": lease,
+                "components": Value::Object(components),
+            })
+            .to_string()
         } else {
             text
         };

@@ -439,7 +439,11 @@ impl NearState {
             // Bounded: a value that keeps being invalidated as it arrives is read directly.
             for _ in 0..3 {
                 match self.cache.get_value_or_guard_async(&owned).await {
-                    Ok(item) if self.servable(&item) => return Ok(item),
+                    // A waiter gets the value of a read that may have begun long before it
+                    // did: it is servable only if, now, the lease vouches that no change of
+                    // its key committed up to `lease` ago has been missed.
+                    Ok(item) if self.lease_valid() && self.servable(&item) => return Ok(item),
+                    Ok(_) if !self.lease_valid() => break,
                     Ok(item) => {
                         self.cache.remove_if(&owned, |v| Arc::ptr_eq(v, &item));
                     }
