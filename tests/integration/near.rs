@@ -759,7 +759,8 @@ async fn watch_process_is_coherent_within_the_bound() {
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     // (received, read began at the latest, computed_at served, source)
-    let seen: Arc<Mutex<Vec<(Instant, Instant, String, String)>>> = Arc::default();
+    type Line = (Instant, Instant, String, String);
+    let seen: Arc<Mutex<Vec<Line>>> = Arc::default();
     let collector = {
         let seen = seen.clone();
         tokio::spawn(async move {
