@@ -836,3 +836,33 @@ async fn watch_process_is_coherent_within_the_bound() {
     );
     assert!(max_staleness <= BOUND, "{max_staleness:?}");
 }
+
+/// `snapshot_shared` serves a near hit as the shared value itself (the same `Arc` twice), and
+/// a change is still seen: the next read after it is a different value with the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_snapshot_hits_are_pointer_clones_and_still_coherent() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    for u in ["warm", "shared"] {
+        repo.upsert(&NewEntry::new(Key::user_bot(u, BOT), versioned(1)))
+            .await
+            .unwrap();
+    }
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    warm(&reader, "warm").await;
+    reader.snapshot("shared", BOT).await; // fills the snapshot
+    let a = reader.snapshot_shared("shared", BOT).await;
+    let b = reader.snapshot_shared("shared", BOT).await;
+    assert!(Arc::ptr_eq(&a, &b), "{:?}", reader.near_stats());
+    assert!(sql_upsert(&t.db, &["shared".to_string()], 2).await);
+    let seen = poll_until(BOUND, || async {
+        let s = reader.snapshot_shared("shared", BOT).await;
+        s.memory_health().and_then(|p| p.avg_memory_age_hours) == Some(2.0)
+    })
+    .await;
+    assert!(seen.is_some(), "the change was not seen within the bound");
+}

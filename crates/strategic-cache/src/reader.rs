@@ -440,6 +440,28 @@ impl CacheReader {
         self.near.as_ref().map(|n| n.stats())
     }
 
+    /// [`CacheReader::snapshot`] for callers that can hold a shared value: a near-tier hit
+    /// returns the value in memory itself (a pointer clone; no JSON is copied). Such a hit
+    /// is given only while every entry in it is younger than `demand_fraction` of its
+    /// lifetime, and its ages are as of the database read that filled it (`computed_at` and
+    /// `expires_at` are exact); otherwise this is `Arc::new(self.snapshot(..))`, with the
+    /// same counters, observer calls and refresh signals either way.
+    pub async fn snapshot_shared(&self, user_id: &str, bot_name: &str) -> Arc<Snapshot> {
+        if let Some(near) = &self.near
+            && let Some(shared) =
+                near.snapshot_hit_shared(user_id, bot_name, self.config.demand_fraction)
+        {
+            let started = std::time::Instant::now();
+            let counters = &self.shared.counters;
+            Counters::add(&counters.reads, Component::ALL.len() as u64);
+            let fresh = shared.freshness.iter().filter(|f| f.is_fresh()).count();
+            Counters::add(&counters.near_hits, fresh as u64);
+            self.account_snapshot(&shared, user_id, bot_name, started.elapsed());
+            return shared;
+        }
+        Arc::new(self.snapshot(user_id, bot_name).await)
+    }
+
     // ---- end of the near tier hook ----
 
     /// The settings in use.

@@ -164,6 +164,21 @@ impl NearTier {
         Some(item.snapshot_at(self.state.server_now()))
     }
 
+    /// A servable snapshot from memory as the shared value itself, if no entry in it has
+    /// reached `demand_fraction` of its lifetime (see `NearItem::shared_snapshot_below`).
+    pub(crate) fn snapshot_hit_shared(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        demand_fraction: f64,
+    ) -> Option<Arc<Snapshot>> {
+        let item = self.state.get(NearKeyRef::Snapshot {
+            user: user_id,
+            bot: bot_name,
+        })?;
+        item.shared_snapshot_below(self.state.server_now(), demand_fraction)
+    }
+
     /// The snapshot through the tier: `call` is the store's snapshot, run by one caller per
     /// key at a time.
     pub(crate) async fn snapshot_fill(
@@ -178,7 +193,9 @@ impl NearTier {
         };
         let item = self
             .state
-            .fill(key, async { call.await.map(NearData::Snapshot) })
+            .fill(key, async {
+                call.await.map(|s| NearData::Snapshot(Arc::new(s)))
+            })
             .await?;
         Ok(item.snapshot_at(self.state.server_now()))
     }

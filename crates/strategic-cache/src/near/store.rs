@@ -140,13 +140,13 @@ struct Tag {
 }
 
 /// The data of a near value, as the store returned it.
-// Boxing the snapshot would add an allocation per fill for nothing: the value already lives
-// behind the item's `Arc`.
+// The lookup stays inline: the whole value already lives behind the item's `Arc`.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum NearData {
-    /// A snapshot (`CacheRepository::snapshot`).
-    Snapshot(Snapshot),
+    /// A snapshot (`CacheRepository::snapshot`), shared as is by
+    /// `CacheReader::snapshot_shared`.
+    Snapshot(Arc<Snapshot>),
     /// One entry (`CacheRepository::lookup`).
     Lookup(Lookup),
 }
@@ -526,6 +526,25 @@ impl NearItem {
             }
             NearData::Lookup(_) => Snapshot::default(),
         }
+    }
+
+    /// The snapshot itself (a pointer clone), if every fresh entry in it is younger than
+    /// `fraction` of its lifetime at `now`: its stored ages are then too young by the time since
+    /// it was read, which changes no refresh-ahead decision (none is due below the fraction).
+    pub(crate) fn shared_snapshot_below(
+        &self,
+        now: DateTime<Utc>,
+        fraction: f64,
+    ) -> Option<Arc<Snapshot>> {
+        let NearData::Snapshot(s) = &self.data else {
+            return None;
+        };
+        let young = s.entries.iter().flatten().all(|e| {
+            let lifetime = (e.expires_at - e.computed_at).num_milliseconds();
+            let age = (now - e.computed_at).num_milliseconds();
+            lifetime > 0 && (age as f64) < fraction * lifetime as f64
+        });
+        young.then(|| s.clone())
     }
 
     /// The lookup, with its age as of `now`.
