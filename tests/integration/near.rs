@@ -87,6 +87,24 @@ struct Write {
     done: Instant,
 }
 
+/// Writes that took longer than this (hung across a fault, or a large batch on a loaded
+/// machine) have a commit time known only within their duration; shorter ones are taken to
+/// commit at their start, which overstates staleness by at most this much.
+const SLOW_WRITE: Duration = Duration::from_millis(100);
+
+impl Write {
+    /// When the write is taken to have committed: its start (an upper bound on staleness),
+    /// except for a slow write, whose commit may be anywhere in its duration, judged from its
+    /// return instead.
+    fn commit_bound(&self) -> Instant {
+        if self.done - self.begun > SLOW_WRITE {
+            self.done
+        } else {
+            self.begun
+        }
+    }
+}
+
 /// One read: what it returned and when.
 #[derive(Clone, Copy, Debug)]
 struct Read {
@@ -113,6 +131,10 @@ pub struct Coherence {
     pub max_staleness: Duration,
     /// The same to the *end* of such a read (includes the read's duration).
     pub max_staleness_to_read_end: Duration,
+    /// Of `max_staleness`, the part due to reads that returned nothing.
+    pub max_staleness_of_misses: Duration,
+    /// Failed reads (errors and timeouts) over all readers: "no data", never stale data.
+    pub failed_reads: u64,
     /// Near hits over all readers.
     pub near_hits: u64,
     /// Listener connections over all readers' tiers.
@@ -324,26 +346,25 @@ pub async fn coherence(
             if !mix.judge_misses {
                 continue;
             }
-            // Nothing was served: stale if a value was written after the last deletion (or
-            // ever, without one) and had returned before the read began.
-            let committed: Vec<&Write> = history
-                .get(&read.user)
-                .map(|w| w.iter().filter(|w| w.done < read.begun).collect())
-                .unwrap_or_default();
-            let last_delete = committed
+            // Nothing was served: stale if a value was written after the last deletion that
+            // may have committed before the read ended (one in flight during the read counts:
+            // the read may rightly see it), and had returned before the read began.
+            let writes: &[Write] = history.get(&read.user).map_or(&[], Vec::as_slice);
+            let last_delete = writes
                 .iter()
-                .filter(|w| w.deleted)
+                .filter(|w| w.deleted && w.begun < read.done)
                 .map(|w| w.version)
                 .max()
                 .unwrap_or(0);
-            if let Some(begun) = committed
+            if let Some(begun) = writes
                 .iter()
-                .filter(|w| !w.deleted && w.version > last_delete)
-                .map(|w| w.begun)
+                .filter(|w| !w.deleted && w.version > last_delete && w.done < read.begun)
+                .map(|w| w.commit_bound())
                 .min()
             {
                 out.stale_reads += 1;
                 out.max_staleness = out.max_staleness.max(read.begun - begun);
+                out.max_staleness_of_misses = out.max_staleness_of_misses.max(read.begun - begun);
                 out.max_staleness_to_read_end =
                     out.max_staleness_to_read_end.max(read.done - begun);
             }
@@ -355,7 +376,7 @@ pub async fn coherence(
             writes
                 .iter()
                 .filter(|w| w.version > seen && w.done < read.begun)
-                .map(|w| w.begun)
+                .map(|w| w.commit_bound())
                 .min()
         });
         if let Some(begun) = first_newer {
@@ -366,6 +387,7 @@ pub async fn coherence(
     }
     for reader in &readers {
         out.near_hits += reader.stats().near_hits;
+        out.failed_reads += reader.stats().errors + reader.stats().timeouts;
         out.connects += reader.near_stats().map_or(0, |s| s.connects);
     }
     out
