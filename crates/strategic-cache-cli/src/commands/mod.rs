@@ -11,6 +11,7 @@ pub mod invalidate;
 pub mod maintenance;
 pub mod migrate;
 pub mod put;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -184,6 +185,7 @@ impl Context {
 /// Runs the parsed command line. `url_on_command_line` says whether `--database-url` was
 /// given there (rather than through `DATABASE_URL`).
 pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome> {
+    let json = cli.json;
     let context = Context {
         database_url: cli.database_url,
         url_on_command_line,
@@ -199,6 +201,7 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
         Command::Simulate(args) => crate::simulate::command(&context, &args).await,
         Command::Bench(args) => crate::bench::command(&context, &args).await,
+        Command::Watch(args) => watch::run(&context, args, json).await,
     }
 }
 
