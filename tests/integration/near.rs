@@ -699,6 +699,65 @@ async fn near_hits_end_at_expires_at() {
     assert!(served_after_expiry.is_empty(), "{served_after_expiry:?}");
 }
 
+/// A read the near tier answers from memory reaches the observer as `NearHit` (a database
+/// read as `Hit`), and the exported `strategic_cache_reads` line counts it in `near_hit` and
+/// in `hit` both, keeping `reads = hit + miss + stale + error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_hits_reach_the_observer_and_metrics_apart() {
+    use strategic_cache::metrics::MetricsRecorder;
+    use strategic_cache::test_support::RecordingObserver;
+    use strategic_cache::{ReadObserver, ReadOutcome};
+
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
+        .await
+        .unwrap();
+    let recorder = Arc::new(MetricsRecorder::default());
+    let recording = Arc::new(RecordingObserver::default());
+    // Both observers see every read: the recorder through a fan-out of two.
+    #[derive(Debug)]
+    struct Both(Arc<MetricsRecorder>, Arc<RecordingObserver>);
+    impl ReadObserver for Both {
+        fn on_read(
+            &self,
+            component: Component,
+            bot: &str,
+            outcome: ReadOutcome,
+            query_time: Duration,
+            age: Option<Duration>,
+        ) {
+            self.0.on_read(component, bot, outcome, query_time, age);
+            self.1.on_read(component, bot, outcome, query_time, age);
+        }
+    }
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5))
+        .with_observer(Arc::new(Both(recorder.clone(), recording.clone())));
+    warm(&reader, "warm").await;
+    let _ = recording.take();
+    let _ = recorder.take_window();
+    // The first read of "warm" after warming was kept, so this one is served from memory.
+    let found = reader.get(Component::MemoryHealth, "warm", BOT).await;
+    assert!(found.is_some());
+    let seen: Vec<ReadOutcome> = recording.take().into_iter().map(|r| r.2).collect();
+    assert_eq!(seen, vec![ReadOutcome::NearHit], "{:?}", reader.stats());
+    assert!(reader.stats().near_hits >= 1, "{:?}", reader.stats());
+    let mut out = String::new();
+    recorder.take_window().render(&mut out);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("strategic_cache_reads,"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" hit=1i,near_hit=1i,miss=0i,stale=0i,error=0i,reads=1i,"),
+        "{line}"
+    );
+}
+
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(

@@ -211,11 +211,8 @@ impl CacheReader {
                 near.snapshot_hit_shared(user_id, bot_name, self.config.demand_fraction)
         {
             let started = std::time::Instant::now();
-            let counters = &self.shared.counters;
-            Counters::add(&counters.reads, Component::ALL.len() as u64);
-            let fresh = shared.freshness.iter().filter(|f| f.is_fresh()).count();
-            Counters::add(&counters.near_hits, fresh as u64);
-            self.account_snapshot(&shared, user_id, bot_name, started.elapsed());
+            Counters::add(&self.shared.counters.reads, Component::ALL.len() as u64);
+            self.account_snapshot(&shared, user_id, bot_name, started.elapsed(), true);
             return shared;
         }
         Arc::new(self.snapshot(user_id, bot_name).await)
@@ -269,20 +266,23 @@ impl CacheReader {
         let (outcome, served) = match result {
             Ok(Lookup::Fresh(entry)) => {
                 Counters::add(&self.shared.counters.hits, 1);
-                if near_hit {
+                let outcome = if near_hit {
                     Counters::add(&self.shared.counters.near_hits, 1);
-                }
+                    ReadOutcome::NearHit
+                } else {
+                    ReadOutcome::Hit
+                };
                 if let Some(due_at) = self.refresh_ahead_due(&entry) {
                     self.request_refresh(component, key, RefreshReason::RefreshAhead, due_at);
                 }
                 self.observe(
                     component,
                     key.bot_name(),
-                    ReadOutcome::Hit,
+                    outcome,
                     query_time,
                     Some(entry.age),
                 );
-                (ReadOutcome::Hit, Some(entry))
+                (outcome, Some(entry))
             }
             Ok(Lookup::Stale(entry)) => {
                 Counters::add(&self.shared.counters.stale, 1);
@@ -336,12 +336,12 @@ impl CacheReader {
         let parts = Component::ALL.len() as u64;
         Counters::add(&self.shared.counters.reads, parts);
         let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
+        let mut near_hit = false;
         // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
         let result = match &self.near {
             Some(near) => match near.snapshot_hit(user_id, bot_name) {
                 Some(snapshot) => {
-                    let fresh = snapshot.freshness.iter().filter(|f| f.is_fresh()).count();
-                    Counters::add(&self.shared.counters.near_hits, fresh as u64);
+                    near_hit = true;
                     Ok(snapshot)
                 }
                 None => {
@@ -354,7 +354,7 @@ impl CacheReader {
         let query_time = started.elapsed();
         let snapshot = match result {
             Ok(snapshot) => {
-                self.account_snapshot(&snapshot, user_id, bot_name, query_time);
+                self.account_snapshot(&snapshot, user_id, bot_name, query_time, near_hit);
                 snapshot
             }
             Err(_) => {
@@ -372,13 +372,15 @@ impl CacheReader {
         snapshot
     }
 
-    /// Counts, observes and signals each component of a snapshot the store returned.
+    /// Counts, observes and signals each component of a snapshot the store returned, or the
+    /// near tier if `near` (its fresh components are then near hits).
     fn account_snapshot(
         &self,
         snapshot: &Snapshot,
         user_id: &str,
         bot_name: &str,
         query_time: Duration,
+        near: bool,
     ) {
         let counters = &self.shared.counters;
         for (component, (entry, freshness)) in Component::ALL
@@ -390,9 +392,15 @@ impl CacheReader {
             let (outcome, age, reason) = match (freshness, entry) {
                 (Freshness::Fresh { age }, entry) => {
                     Counters::add(&counters.hits, 1);
+                    let outcome = if near {
+                        Counters::add(&counters.near_hits, 1);
+                        ReadOutcome::NearHit
+                    } else {
+                        ReadOutcome::Hit
+                    };
                     let ahead = entry.as_ref().and_then(|e| self.refresh_ahead_due(e));
                     (
-                        ReadOutcome::Hit,
+                        outcome,
                         Some(*age),
                         ahead.map(|due_at| (RefreshReason::RefreshAhead, due_at)),
                     )
