@@ -32,6 +32,21 @@ pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
 // Near tier (issue 14).
 pub use m20251130_000004_create_notify_triggers::{FLUSH_ALL_CHANNEL, MAX_PAYLOAD_BYTES};
 
+/// Creates the near tier's notify triggers (migration 4's `up`) on `db` without recording the
+/// migration: for a scratch schema (`simulate`, `bench`) that applies the first two migrations
+/// but not the third, whose cluster-wide roles would outlive it, and whose readers still need
+/// the triggers to keep a near tier coherent.
+pub async fn create_notify_triggers(
+    db: &sea_orm_migration::sea_orm::DatabaseConnection,
+) -> Result<(), DbErr> {
+    let manager = SchemaManager::new(db);
+    MigrationTrait::up(
+        &m20251130_000004_create_notify_triggers::Migration,
+        &manager,
+    )
+    .await
+}
+
 /// The workspace's migrator: every migration, oldest first.
 pub struct Migrator;
 
