@@ -8,7 +8,9 @@
 //!   hears only the bots it serves. `TRUNCATE` has no rows, so it goes to
 //!   [`FLUSH_ALL_CHANNEL`], which every listener hears.
 //! - The payload is JSON: `{"c": component index, "b": bot, "k": [keys]}` (user ids, or time
-//!   windows for character performance). When that would exceed [`MAX_PAYLOAD_BYTES`] (NOTIFY
+//!   windows for character performance). For an insert or update of a per-user table it also
+//!   carries the new rows, `"r": [row_to_json(row), ...]`, when they fit (issue 14: the near
+//!   tier then applies the change without reading the database); otherwise keys only. When that would exceed [`MAX_PAYLOAD_BYTES`] (NOTIFY
 //!   refuses 8,000 bytes) it becomes `{"c": .., "b": .., "f": true}`, "flush this bot's table".
 //! - `INSERT ... ON CONFLICT` fires both the insert and the update statement triggers; each sends
 //!   only the rows its own part touched (an empty transition table sends nothing).
@@ -65,6 +67,7 @@ DECLARE
   rows_sql text;
   r record;
   payload text;
+  rows_json text;
 BEGIN
   IF TG_OP = 'TRUNCATE' THEN
     PERFORM pg_notify('{FLUSH_ALL_CHANNEL}', '{{\"c\":' || comp || ',\"f\":true}}');
@@ -81,6 +84,16 @@ BEGIN
       'SELECT b, json_agg(DISTINCT k)::text AS keys FROM (%s) s(b, k) GROUP BY b', rows_sql)
   LOOP
     payload := '{{\"c\":' || comp || ',\"b\":' || to_json(r.b)::text || ',\"k\":' || r.keys || '}}';
+    -- The new rows too, when they fit: the near tier then applies the change without a read.
+    -- Per-user tables only (a bot's character performance is in every snapshot of the bot).
+    IF TG_OP IN ('INSERT', 'UPDATE') AND key_col = 'user_id' THEN
+      EXECUTE 'SELECT json_agg(row_to_json(n))::text FROM sc_new n WHERE n.bot_name = $1'
+        INTO rows_json USING r.b;
+      IF rows_json IS NOT NULL
+         AND octet_length(payload) + octet_length(rows_json) + 6 <= {MAX_PAYLOAD_BYTES} THEN
+        payload := left(payload, -1) || ',\"r\":' || rows_json || '}}';
+      END IF;
+    END IF;
     IF octet_length(payload) > {MAX_PAYLOAD_BYTES} THEN
       payload := '{{\"c\":' || comp || ',\"b\":' || to_json(r.b)::text || ',\"f\":true}}';
     END IF;

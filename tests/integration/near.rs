@@ -758,6 +758,67 @@ async fn near_hits_reach_the_observer_and_metrics_apart() {
     );
 }
 
+/// A change whose new row fits its notification refreshes the near tier with no database
+/// read: after a repository upsert of one component, the next snapshot reads serve the new
+/// value from memory, with the row's own `computed_at` and `expires_at`, and the read pool
+/// runs no statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_in_the_notification_is_applied_without_a_read() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
+        .await
+        .unwrap();
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    warm(&reader, "warm").await;
+    // Fill the snapshot and see it served from memory.
+    reader.snapshot("warm", BOT).await;
+    let near_before = reader.stats().near_hits;
+    reader.snapshot("warm", BOT).await;
+    assert!(
+        reader.stats().near_hits > near_before,
+        "{:?}",
+        reader.stats()
+    );
+
+    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(2)))
+        .await
+        .unwrap();
+    let written = match repo
+        .lookup(Component::MemoryHealth, &Key::user_bot("warm", BOT))
+        .await
+        .unwrap()
+    {
+        Lookup::Fresh(entry) => entry,
+        other => panic!("{other:?}"),
+    };
+    let statements = repo.read_statements().unwrap();
+    let seen = poll_until(BOUND, || async {
+        reader.near_stats().unwrap().rows_applied > 0
+    })
+    .await;
+    assert!(seen.is_some(), "no row applied: {:?}", reader.near_stats());
+    for _ in 0..10 {
+        let snapshot = reader.snapshot("warm", BOT).await;
+        let entry = snapshot.entries[Component::MemoryHealth.index()]
+            .as_ref()
+            .expect("the new row is served");
+        assert_eq!(version_of(Some(entry.clone())), Some(2));
+        assert_eq!(entry.computed_at, written.computed_at);
+        assert_eq!(entry.expires_at, written.expires_at);
+    }
+    assert_eq!(
+        repo.read_statements().unwrap(),
+        statements,
+        "the applied row was read again: {:?}",
+        reader.near_stats()
+    );
+}
+
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use super::NearConfig;
 use super::store::NearState;
 use crate::component::Component;
+use crate::keys::Key;
 
 /// Why a listening session ended.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,10 @@ struct Change {
     /// "Flush this table" (the keys did not fit).
     #[serde(default)]
     f: bool,
+    /// The new rows (`row_to_json`) of an insert or update of a per-user table, when they fit
+    /// beside the keys; a key without a row here is invalidated.
+    #[serde(default)]
+    r: Vec<serde_json::Value>,
 }
 
 /// Applies one notification. Anything not understood flushes everything: wrong is worse
@@ -76,8 +81,27 @@ fn apply(state: &NearState, channel: &str, payload: &str) {
         state.invalidate_bot(&bot);
         return;
     }
+    let Some(component) = Component::ALL.get(component).copied() else {
+        return state.flush();
+    };
+    // Rows first, each replacing its key's snapshot (and invalidating everything else of that
+    // key); then the keys that came without a row are invalidated. A row that does not
+    // decode flushes everything: wrong is worse than a re-read.
+    let mut applied = Vec::with_capacity(change.r.len());
+    for row in change.r {
+        match crate::postgres::decode_json_row(component, row) {
+            Some(entry) if entry.key.bot_name() == bot => {
+                if let Key::UserBot { user_id, .. } = &entry.key {
+                    applied.push(user_id.clone());
+                }
+                state.apply_row(entry);
+            }
+            _ => return state.flush(),
+        }
+    }
     for key in &change.k {
         match key.as_str() {
+            Some(user) if applied.iter().any(|a| a == user) => {}
             Some(user) => state.invalidate_user(user, &bot),
             None => return state.flush(),
         }

@@ -84,6 +84,9 @@ pub struct NearStats {
     pub invalidations: u64,
     /// Notifications received.
     pub notifications: u64,
+    /// Rows carried by notifications and installed in memory (a change applied without a
+    /// database read; each is also counted in `invalidations`).
+    pub rows_applied: u64,
     /// Connections the listener has made.
     pub connects: u64,
     /// Lease renewals.
@@ -146,6 +149,7 @@ impl NearTier {
             flushes: get(&c.flushes),
             invalidations: get(&c.invalidations),
             notifications: get(&c.notifications),
+            rows_applied: get(&c.rows_applied),
             connects: get(&c.connects),
             lease_renewals: get(&c.lease_renewals),
         }

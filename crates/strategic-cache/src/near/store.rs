@@ -228,6 +228,7 @@ pub(crate) struct NearCounters {
     pub(crate) flushes: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) notifications: AtomicU64,
+    pub(crate) rows_applied: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
 }
@@ -352,6 +353,63 @@ impl NearState {
         let stripe = self.stripe_of(Some(user), bot) as usize;
         self.generations[stripe].fetch_add(1, Ordering::AcqRel);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A per-user component's new row, carried by its notification: the (user, bot)
+    /// snapshot in memory is replaced by one with that row, so the change costs no database
+    /// read. Everything else a change would invalidate is invalidated first, as
+    /// [`NearState::invalidate_user`] does (fills in flight and single entries included).
+    ///
+    /// Installed only over a snapshot that is servable now (so it held every change of its
+    /// key committed since its read, the one this row belongs to aside) and whose entry of
+    /// that component is not newer than the row: an applied row is never older than what is
+    /// cached. The row's own `computed_at` and `expires_at` (the database's) are kept, and an
+    /// already expired row installs nothing. Called by the listener only, in commit order.
+    pub(crate) fn apply_row(&self, entry: CachedEntry) {
+        let Key::UserBot { user_id, bot_name } = &entry.key else {
+            return self.flush();
+        };
+        let key = NearKeyRef::Snapshot {
+            user: user_id,
+            bot: bot_name,
+        };
+        // Read before the invalidation, which makes it unservable.
+        let current = self.cache.get(&key).filter(|item| self.servable(item));
+        self.invalidate_user(user_id, bot_name);
+        let owned = key.to_owned_key();
+        let Some(item) = current else { return };
+        let NearData::Snapshot(snapshot) = &item.data else {
+            return;
+        };
+        let i = entry.component().index();
+        if snapshot.entries[i]
+            .as_ref()
+            .is_some_and(|cached| cached.computed_at > entry.computed_at)
+        {
+            return;
+        }
+        let now = self.server_now();
+        if entry.expires_at <= now {
+            return;
+        }
+        let mut replaced = (**snapshot).clone();
+        let age = (now - entry.computed_at).to_std().unwrap_or(Duration::ZERO);
+        replaced.freshness[i] = Freshness::Fresh { age };
+        replaced.entries[i] = Some(CachedEntry { age, ..entry });
+        let data = NearData::Snapshot(Arc::new(replaced));
+        let (user_stripe, bot_stripe) = (item.user_stripe, item.bot_stripe);
+        let updated = Arc::new(NearItem {
+            // The tag after the invalidation: a later change of the key bumps it again.
+            tag: self.tag(user_stripe, bot_stripe),
+            user_stripe,
+            bot_stripe,
+            valid_until: data.valid_until(),
+            read_at: now,
+            weight: data.weight(),
+            data,
+        });
+        self.cache.insert(owned, updated);
+        self.counters.rows_applied.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A change to a bot's character performance (any window).
