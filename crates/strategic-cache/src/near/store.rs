@@ -615,3 +615,104 @@ impl NearItem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{MemoryHealth, Payload};
+
+    const MH: usize = 0;
+
+    /// A memory-health entry of ("u", "elena") computed `ago` seconds ago, valid for
+    /// `ttl` seconds from then, whose `avg_memory_age_hours` is `version`.
+    fn entry(ago: i64, ttl: i64, version: f64) -> CachedEntry {
+        let computed_at = Utc::now() - chrono::Duration::seconds(ago);
+        CachedEntry {
+            key: Key::user_bot("u", "elena"),
+            payload: Payload::MemoryHealth(MemoryHealth {
+                avg_memory_age_hours: Some(version),
+                ..MemoryHealth::default()
+            }),
+            computed_at,
+            expires_at: computed_at + chrono::Duration::seconds(ttl),
+            age: Duration::ZERO,
+        }
+    }
+
+    const KEY: NearKeyRef<'static> = NearKeyRef::Snapshot {
+        user: "u",
+        bot: "elena",
+    };
+
+    /// A state under a lease holding the snapshot of ("u", "elena") with `cached` in it.
+    async fn state_holding(cached: CachedEntry) -> NearState {
+        let (tx, _rx) = mpsc::channel(16);
+        let state = NearState::new(1 << 20, tx);
+        state.renew_lease(Instant::now() + Duration::from_secs(60));
+        state.mark_subscribed("elena".into());
+        let mut snapshot = Snapshot::default();
+        assert_eq!(Component::MemoryHealth.index(), MH);
+        snapshot.freshness[MH] = Freshness::Fresh { age: cached.age };
+        snapshot.entries[MH] = Some(cached);
+        let data = NearData::Snapshot(Arc::new(snapshot));
+        let filled = state.fill(KEY, async { Ok::<_, ()>(data) }).await;
+        assert!(filled.is_ok());
+        assert!(state.get(KEY).is_some(), "the snapshot was not kept");
+        state
+    }
+
+    fn served_version(state: &NearState) -> Option<f64> {
+        let item = state.get(KEY)?;
+        let NearData::Snapshot(s) = &item.data else {
+            return None;
+        };
+        match &s.entries[MH].as_ref()?.payload {
+            Payload::MemoryHealth(p) => p.avg_memory_age_hours,
+            _ => None,
+        }
+    }
+
+    /// A newer row replaces the cached entry, with its own `computed_at` and `expires_at`.
+    #[tokio::test]
+    async fn a_newer_row_is_installed_with_its_own_timestamps() {
+        let state = state_holding(entry(60, 300, 1.0)).await;
+        let newer = entry(1, 300, 2.0);
+        let (computed_at, expires_at) = (newer.computed_at, newer.expires_at);
+        state.apply_row(newer);
+        assert_eq!(served_version(&state), Some(2.0));
+        let item = state.get(KEY).unwrap();
+        let NearData::Snapshot(s) = &item.data else {
+            panic!("not a snapshot")
+        };
+        let e = s.entries[MH].as_ref().unwrap();
+        assert_eq!((e.computed_at, e.expires_at), (computed_at, expires_at));
+    }
+
+    /// A row older than the cached entry is never installed: the key is invalidated instead
+    /// (the next read goes to the database).
+    #[tokio::test]
+    async fn an_older_row_is_never_installed() {
+        let state = state_holding(entry(1, 300, 2.0)).await;
+        state.apply_row(entry(60, 300, 1.0));
+        assert_eq!(served_version(&state), None);
+        assert_eq!(state.counters.rows_applied.load(Ordering::Relaxed), 0);
+    }
+
+    /// A row already expired by the database's clock is not installed.
+    #[tokio::test]
+    async fn an_expired_row_is_not_installed() {
+        let state = state_holding(entry(60, 300, 1.0)).await;
+        state.apply_row(entry(10, 5, 2.0));
+        assert_eq!(served_version(&state), None);
+    }
+
+    /// A row for a key with no servable snapshot installs nothing (a snapshot needs all six
+    /// components), and a fill that began before it is never served.
+    #[tokio::test]
+    async fn a_row_without_a_servable_snapshot_only_invalidates() {
+        let state = state_holding(entry(60, 300, 1.0)).await;
+        state.flush();
+        state.apply_row(entry(1, 300, 2.0));
+        assert_eq!(served_version(&state), None);
+    }
+}
