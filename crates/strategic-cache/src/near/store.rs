@@ -698,12 +698,14 @@ mod tests {
         assert_eq!(state.counters.rows_applied.load(Ordering::Relaxed), 0);
     }
 
-    /// A row already expired by the database's clock is not installed.
+    /// A row already expired by the database's clock is not installed (nor, were it held,
+    /// would it be served: an entry is served only before its `expires_at`).
     #[tokio::test]
     async fn an_expired_row_is_not_installed() {
         let state = state_holding(entry(60, 300, 1.0)).await;
         state.apply_row(entry(10, 5, 2.0));
         assert_eq!(served_version(&state), None);
+        assert_eq!(state.counters.rows_applied.load(Ordering::Relaxed), 0);
     }
 
     /// A row for a key with no servable snapshot installs nothing (a snapshot needs all six
