@@ -756,6 +756,14 @@ async fn near_hits_reach_the_observer_and_metrics_apart() {
         line.contains(" hit=1i,near_hit=1i,miss=0i,stale=0i,error=0i,reads=1i,"),
         "{line}"
     );
+    // A snapshot too: the first fills it from the database, the second is served from memory.
+    reader.snapshot("warm", BOT).await;
+    let first: Vec<ReadOutcome> = recording.take().into_iter().map(|r| r.2).collect();
+    reader.snapshot("warm", BOT).await;
+    let second: Vec<ReadOutcome> = recording.take().into_iter().map(|r| r.2).collect();
+    let mh = Component::MemoryHealth.index();
+    assert_eq!(first[mh], ReadOutcome::Hit, "{first:?}");
+    assert_eq!(second[mh], ReadOutcome::NearHit, "{second:?}");
 }
 
 /// A change whose new row fits its notification refreshes the near tier with no database
