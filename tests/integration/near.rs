@@ -1016,3 +1016,39 @@ async fn shared_snapshot_hits_are_pointer_clones_and_still_coherent() {
     .await;
     assert!(seen.is_some(), "the change was not seen within the bound");
 }
+
+/// `watch --json --count N` prints JSON Lines only: N reads and the closing summary, each one
+/// object on one line (the summary was a pretty-printed object over many lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_count_prints_one_object_a_line() {
+    let t = TestDb::migrated().await;
+    let result = crate::cli::run(
+        Some(&t.url),
+        &[
+            "--json",
+            "watch",
+            "--user",
+            "watched",
+            "--bot",
+            BOT,
+            "--interval-ms",
+            "10",
+            "--count",
+            "3",
+        ],
+        b"",
+    )
+    .await;
+    result.expect_code(0, "watch --json --count 3");
+    let lines: Vec<serde_json::Value> = result
+        .stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:?}"))
+        })
+        .collect();
+    assert_eq!(lines.len(), 4, "{}", result.stdout);
+    assert!(lines[..3].iter().all(|l| l["components"].is_object()));
+    assert_eq!(lines[3]["reads"], 3, "{}", result.stdout);
+}

@@ -35,6 +35,9 @@ pub struct Outcome {
     pub code: u8,
     /// For a miss, the one line explaining it on stderr.
     pub note: Option<String>,
+    /// Whether `json` is printed on one line: the last object of a command that streamed
+    /// JSON Lines as it ran (`watch`), so that every line of its output is one object.
+    pub json_line: bool,
 }
 
 impl Outcome {
@@ -45,6 +48,15 @@ impl Outcome {
             json,
             code: exit::OK,
             note: None,
+            json_line: false,
+        }
+    }
+
+    /// A successful outcome whose JSON ends a stream of JSON Lines (printed on one line).
+    pub fn ok_line(text: String, json: Value) -> Outcome {
+        Outcome {
+            json_line: true,
+            ..Outcome::ok(text, json)
         }
     }
 
@@ -55,6 +67,7 @@ impl Outcome {
             json,
             code: exit::MISS,
             note: Some(note),
+            json_line: false,
         }
     }
 }

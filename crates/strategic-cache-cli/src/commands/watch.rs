@@ -2,7 +2,8 @@
 //! sees right now. Reads through a `CacheReader` with the near tier (issue 14) at every
 //! interval and prints one line per read, as it goes (this is the one command that prints
 //! before it returns): for each component the `computed_at` served and where it came from
-//! (`near`, `db`, or `missing`), and the lease state. With `--json`, one JSON object a line.
+//! (`near`, `db`, or `missing`), and the lease state. With `--json`, one JSON object a line,
+//! the closing summary (`reads`, `stats`) included.
 //! Runs until interrupted (Ctrl-C), or for `--count` reads.
 
 use std::io::Write as _;
@@ -119,7 +120,8 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         }
     }
     let stats = reader.stats();
-    Ok(Outcome::ok(
+    // With --json the summary is one more line of the JSON Lines stream, not a pretty object.
+    Ok(Outcome::ok_line(
         format!(
             "{reads} reads, {} component hits of which {} from memory\n",
             stats.hits, stats.near_hits
