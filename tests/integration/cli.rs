@@ -118,8 +118,9 @@ const MESSAGES: &[(&str, &str)] = &[
         "ttl beyond a week",
         "ttl: 999999999s is longer than the 604800s allowed",
     ),
-    ("missing file", "cannot read /no/such/file.json"),
-    ("unknown component", "unknown cache table `strategic_users`"),
+    ("missing file", "cannot read --file /no/such/file.json"),
+    ("missing --file", "cannot read --file /no/such/file.json"),
+    ("unknown component", "unknown component `strategic_users`"),
     ("empty user", "user_id: must not be empty"),
     ("empty bot", "bot_name: must not be empty"),
     (
@@ -179,7 +180,7 @@ const MESSAGES: &[(&str, &str)] = &[
     ),
     (
         "[\"get\", \"--bot\", \"b\", \"--component\", \"no_such_table\"]",
-        "unknown cache table `no_such_table`",
+        "unknown component `no_such_table`",
     ),
     (
         "[\"put\", \"--user\", \"u\", \"--bot\", \"b\"]",
@@ -195,6 +196,10 @@ const MESSAGES: &[(&str, &str)] = &[
     ),
     ("[\"migrate\"]", "a command is required"),
     (
+        "bench with DATABASE_URL only",
+        "bench needs a database given on its own command line: pass --database-url URL",
+    ),
+    (
         "[\"migrate\", \"sideways\"]",
         "unrecognized subcommand 'sideways'",
     ),
@@ -206,7 +211,7 @@ const MESSAGES: &[(&str, &str)] = &[
         "[\"get\", \"--bot\", \"b\", \"--user\", \"u\", \"--window\", \"week\"]",
         "invalid value 'week' for '--window <H>'",
     ),
-    ("injection as component", "unknown cache table"),
+    ("injection as component", "unknown component"),
     ("JSON nested 10,000 deep", "recursion limit exceeded"),
     ("NaN literal", "stdin is not valid JSON"),
     ("Infinity literal", "stdin is not valid JSON"),
@@ -224,11 +229,11 @@ const MESSAGES: &[(&str, &str)] = &[
     ("ttl NaN", "invalid value 'NaN' for '--ttl <SECONDS>'"),
     (
         "[\"migrate\", \"status\"]",
-        "cannot connect to PostgreSQL at postgres://u:***@127.0.0.1:9/x",
+        "cannot connect to postgres://u:***@127.0.0.1:9/x",
     ),
     (
         "[\"migrate\", \"up\"]",
-        "cannot connect to PostgreSQL at postgres://u:***@127.0.0.1:9/x",
+        "cannot connect to postgres://u:***@127.0.0.1:9/x",
     ),
     ("[\"stats\"]", "cache database unavailable"),
     ("[\"sweep\"]", "cache database unavailable"),
