@@ -89,9 +89,14 @@ BEGIN
     IF TG_OP IN ('INSERT', 'UPDATE') AND key_col = 'user_id' THEN
       EXECUTE 'SELECT json_agg(row_to_json(n))::text FROM sc_new n WHERE n.bot_name = $1'
         INTO rows_json USING r.b;
+      -- \"t\" makes every such payload unique: PostgreSQL delivers only the first of identical
+      -- payloads sent in one transaction, so a key written A, B, then A again would
+      -- otherwise arrive as A, B and leave B in memory. clock_timestamp() moves between two
+      -- statements of one backend.
       IF rows_json IS NOT NULL
-         AND octet_length(payload) + octet_length(rows_json) + 6 <= {MAX_PAYLOAD_BYTES} THEN
-        payload := left(payload, -1) || ',\"r\":' || rows_json || '}}';
+         AND octet_length(payload) + octet_length(rows_json) + 50 <= {MAX_PAYLOAD_BYTES} THEN
+        payload := left(payload, -1) || ',\"r\":' || rows_json
+                   || ',\"t\":\"' || clock_timestamp()::text || '\"}}';
       END IF;
     END IF;
     IF octet_length(payload) > {MAX_PAYLOAD_BYTES} THEN

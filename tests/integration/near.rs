@@ -827,6 +827,50 @@ async fn a_row_in_the_notification_is_applied_without_a_read() {
     );
 }
 
+/// One transaction that writes a key A, then B, then A again (identical rows: `now()` is the
+/// transaction's time) leaves A in memory, not B: PostgreSQL drops a notification identical to
+/// one already sent in the transaction, so the rows' payloads must differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_a_b_a_in_one_transaction_serves_a() {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    repo.upsert(&NewEntry::new(Key::user_bot("aba", BOT), versioned(0)))
+        .await
+        .unwrap();
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    warm(&reader, "aba").await;
+    reader.snapshot("aba", BOT).await;
+    let applied = reader.near_stats().unwrap().rows_applied;
+    let one = |version: u64| {
+        format!(
+            "INSERT INTO strategic_memory_health \
+               (user_id, bot_name, memory_snapshot, avg_memory_age_hours, computed_at, expires_at) \
+             VALUES ('aba', '{BOT}', '{{\"version\": {version}}}', {version}, now(), \
+               now() + interval '5 minutes') \
+             ON CONFLICT (user_id, bot_name) DO UPDATE SET \
+               memory_snapshot = EXCLUDED.memory_snapshot, \
+               avg_memory_age_hours = EXCLUDED.avg_memory_age_hours, \
+               computed_at = EXCLUDED.computed_at, expires_at = EXCLUDED.expires_at;"
+        )
+    };
+    let sql = format!("BEGIN; {} {} {} COMMIT;", one(1), one(2), one(1));
+    t.db.execute_unprepared(&sql).await.unwrap();
+    let seen = poll_until(BOUND, || async {
+        reader.near_stats().unwrap().rows_applied > applied
+    })
+    .await;
+    assert!(seen.is_some(), "no row applied: {:?}", reader.near_stats());
+    // Past the bound every notification of the transaction has been applied.
+    tokio::time::sleep(BOUND).await;
+    let snapshot = reader.snapshot("aba", BOT).await;
+    let served = version_of(snapshot.entries[Component::MemoryHealth.index()].clone());
+    assert_eq!(served, Some(1), "{:?}", reader.near_stats());
+}
+
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(
