@@ -357,8 +357,9 @@ impl NearState {
 
     /// A per-user component's new row, carried by its notification: the (user, bot)
     /// snapshot in memory is replaced by one with that row, so the change costs no database
-    /// read. Everything else a change would invalidate is invalidated first, as
-    /// [`NearState::invalidate_user`] does (fills in flight and single entries included).
+    /// read. Everything else a change would invalidate is invalidated as
+    /// [`NearState::invalidate_user`] does (fills in flight and single entries included),
+    /// right after the replacement is inserted under the tag that invalidation leaves.
     ///
     /// Installed only over a snapshot that is servable now (so it held every change of its
     /// key committed since its read, the one this row belongs to aside) and whose entry of
@@ -366,31 +367,42 @@ impl NearState {
     /// cached. The row's own `computed_at` and `expires_at` (the database's) are kept, and an
     /// already expired row installs nothing. Called by the listener only, in commit order.
     pub(crate) fn apply_row(&self, entry: CachedEntry) {
-        let Key::UserBot { user_id, bot_name } = &entry.key else {
+        let Key::UserBot { user_id, bot_name } = entry.key.clone() else {
             return self.flush();
         };
         let key = NearKeyRef::Snapshot {
-            user: user_id,
-            bot: bot_name,
+            user: &user_id,
+            bot: &bot_name,
         };
-        // Read before the invalidation, which makes it unservable.
-        let current = self.cache.get(&key).filter(|item| self.servable(item));
-        self.invalidate_user(user_id, bot_name);
-        let owned = key.to_owned_key();
-        let Some(item) = current else { return };
+        if let Some(updated) = self.with_row(key, entry) {
+            // Inserted *before* the invalidation, under the tag the invalidation will leave:
+            // until then it is not servable; a fill that began earlier is never served and
+            // may only overwrite it (a re-read); a fill that begins after the invalidation
+            // read a database at least as new as this row, and may overwrite it too. So no
+            // newer value in memory is ever replaced by this row.
+            self.cache.insert(key.to_owned_key(), updated);
+            self.counters.rows_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.invalidate_user(&user_id, &bot_name);
+    }
+
+    /// The (user, bot) snapshot servable now with `entry` in it, tagged as it will be once
+    /// that key's user stripe is bumped, or `None` when the row is not to be installed.
+    fn with_row(&self, key: NearKeyRef<'_>, entry: CachedEntry) -> Option<Arc<NearItem>> {
+        let item = self.cache.get(&key).filter(|item| self.servable(item))?;
         let NearData::Snapshot(snapshot) = &item.data else {
-            return;
+            return None;
         };
         let i = entry.component().index();
         if snapshot.entries[i]
             .as_ref()
             .is_some_and(|cached| cached.computed_at > entry.computed_at)
         {
-            return;
+            return None;
         }
         let now = self.server_now();
         if entry.expires_at <= now {
-            return;
+            return None;
         }
         let mut replaced = (**snapshot).clone();
         let age = (now - entry.computed_at).to_std().unwrap_or(Duration::ZERO);
@@ -398,18 +410,23 @@ impl NearState {
         replaced.entries[i] = Some(CachedEntry { age, ..entry });
         let data = NearData::Snapshot(Arc::new(replaced));
         let (user_stripe, bot_stripe) = (item.user_stripe, item.bot_stripe);
-        let updated = Arc::new(NearItem {
-            // The tag after the invalidation: a later change of the key bumps it again.
-            tag: self.tag(user_stripe, bot_stripe),
+        // Only the listener (the caller) bumps generations and the epoch, so the tag after
+        // the coming bump of the user stripe is known exactly (the bot's stripe may be the
+        // same one).
+        let mut tag = self.tag(user_stripe, bot_stripe);
+        tag.user_generation += 1;
+        if bot_stripe == user_stripe {
+            tag.bot_generation += 1;
+        }
+        Some(Arc::new(NearItem {
+            tag,
             user_stripe,
             bot_stripe,
             valid_until: data.valid_until(),
             read_at: now,
             weight: data.weight(),
             data,
-        });
-        self.cache.insert(owned, updated);
-        self.counters.rows_applied.fetch_add(1, Ordering::Relaxed);
+        }))
     }
 
     /// A change to a bot's character performance (any window).
