@@ -12,6 +12,8 @@
 //!   per table, each with `Model`, `ActiveModel`, `Entity` and `Column`.
 //! - [`refresh_queue`]: the worker scheduler's queue (not part of the old platform's schema).
 //! - [`prelude`]: the entities under short names.
+//! - [`FLUSH_ALL_CHANNEL`]: the one change-notification name both the migration's triggers and
+//!   the readers' near tier use.
 
 pub mod character_performance;
 pub mod conversation_patterns;
@@ -21,3 +23,9 @@ pub mod memory_health;
 pub mod personality_profiles;
 pub mod prelude;
 pub mod refresh_queue;
+
+/// The `NOTIFY` channel every near-tier listener hears: changes that concern every bot (a
+/// `TRUNCATE`). Defined here, beside the tables, because both the migration (which sends on
+/// it) and the `strategic-cache` reader (which listens) need it, and the reader must not
+/// depend on the migration crate.
+pub const FLUSH_ALL_CHANNEL: &str = "strategic_cache_all";

@@ -21,12 +21,31 @@ pub use sea_orm_migration::prelude::*;
 mod m20251124_000001_create_strategic_cache_tables;
 mod m20251124_000002_create_refresh_queue;
 mod m20251124_000003_create_roles;
+// Near tier (issue 14): change notifications.
+mod m20251130_000004_create_notify_triggers;
 pub mod runner;
 
 pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_existing};
 
 /// The name of the migration that creates the roles.
 pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
+// Near tier (issue 14).
+pub use m20251130_000004_create_notify_triggers::{FLUSH_ALL_CHANNEL, MAX_PAYLOAD_BYTES};
+
+/// Creates the near tier's notify triggers (migration 4's `up`) on `db` without recording the
+/// migration: for a scratch schema (`simulate`, `bench`) that applies the first two migrations
+/// but not the third, whose cluster-wide roles would outlive it, and whose readers still need
+/// the triggers to keep a near tier coherent.
+pub async fn create_notify_triggers(
+    db: &sea_orm_migration::sea_orm::DatabaseConnection,
+) -> Result<(), DbErr> {
+    let manager = SchemaManager::new(db);
+    MigrationTrait::up(
+        &m20251130_000004_create_notify_triggers::Migration,
+        &manager,
+    )
+    .await
+}
 
 /// The workspace's migrator: every migration, oldest first.
 pub struct Migrator;
@@ -38,6 +57,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251124_000001_create_strategic_cache_tables::Migration),
             Box::new(m20251124_000002_create_refresh_queue::Migration),
             Box::new(m20251124_000003_create_roles::Migration),
+            Box::new(m20251130_000004_create_notify_triggers::Migration),
         ]
     }
 }

@@ -31,6 +31,10 @@ const REQUIRED: &[&str] = &[
     "bare_single_read_10",
     "bare_snapshot",
     "bare_snapshot_10",
+    "near_snapshot",
+    "near_snapshot_10",
+    "near_single_read",
+    "near_single_read_10",
 ];
 
 /// The built binary, next to the test executable's `deps` directory.
@@ -122,6 +126,8 @@ async fn quick_bench_reports_every_case_without_errors() {
     };
     assert_eq!(hit_rate("single_read"), 1.0);
     assert_eq!(hit_rate("bare_single_read"), 1.0);
+    assert_eq!(hit_rate("near_single_read"), 1.0);
+    assert_eq!(hit_rate("near_single_read_10"), 1.0);
     assert_eq!(hit_rate("cold_read"), 0.0);
     assert_eq!(hit_rate("stale_read"), 0.0);
     assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));

@@ -14,6 +14,9 @@ mod faults;
 mod hostile;
 mod load;
 mod metrics;
+// The reader's near tier (issue 14).
+mod near;
+mod near_faults;
 mod privileges;
 mod races;
 mod read_pool;

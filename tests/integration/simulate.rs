@@ -364,3 +364,66 @@ async fn a_pace_the_database_cannot_keep_up_with_is_warned_about() {
         "{text:#?}"
     );
 }
+
+/// On PostgreSQL `simulate` reports the database read statements per bot message and the
+/// near tier's share of component reads: with the near tier (the default) most reads are
+/// served from memory and fewer statements are run per message than with `--no-near`, where
+/// every message reads the database; in memory neither figure applies and both are null.
+#[tokio::test]
+async fn simulate_reports_database_reads_per_message_and_the_near_share() {
+    let t = TestDb::empty().await;
+    let base = [
+        "--json",
+        "simulate",
+        "--database-url",
+        &t.url,
+        "--hours",
+        "0.1",
+        "--warmup-hours",
+        "0.05",
+        "--users",
+        "20",
+        "--speedup",
+        "120",
+    ];
+    let near = run(None, &base, b"").await;
+    near.expect_code(0, "simulate with the near tier");
+    let near = near.json();
+    let mut args = base.to_vec();
+    args.push("--no-near");
+    let direct = run(None, &args, b"").await;
+    direct.expect_code(0, "simulate --no-near");
+    let direct = direct.json();
+
+    assert_eq!(near["near_tier"], true, "{near}");
+    assert_eq!(direct["near_tier"], false, "{direct}");
+    assert!(direct["near_hit_share"].is_null(), "{direct}");
+    let per_message = |r: &Value| r["db_read_statements_per_message"].as_f64().unwrap();
+    let share = near["near_hit_share"].as_f64().unwrap();
+    assert!(share > 0.5, "near share {share}: {near}");
+    assert!(
+        (0.5..=1.05).contains(&per_message(&direct)),
+        "without a near tier a message is about one statement: {direct}"
+    );
+    assert!(
+        per_message(&near) < 0.5 * per_message(&direct),
+        "the near tier did not save reads: {} vs {}",
+        per_message(&near),
+        per_message(&direct)
+    );
+
+    let memory = run(
+        None,
+        &["--json", "simulate", "--hours", "0.1", "--users", "20"],
+        b"",
+    )
+    .await;
+    memory.expect_code(0, "simulate in memory");
+    let memory = memory.json();
+    assert_eq!(memory["near_tier"], false, "{memory}");
+    assert!(
+        memory["db_read_statements_per_message"].is_null(),
+        "{memory}"
+    );
+    assert!(memory["near_hit_share"].is_null(), "{memory}");
+}

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::{
     get::GetArgs, invalidate::InvalidateArgs, maintenance::SweepArgs, maintenance::VacuumArgs,
-    migrate::MigrateAction, put::PutArgs,
+    migrate::MigrateAction, put::PutArgs, watch::WatchArgs,
 };
 
 /// Shown at the end of `--help`, so that scripts' authors find the exit codes without docs.
@@ -81,4 +81,7 @@ pub enum Command {
     /// database given with --database-url (dropped at the end); `--soak` for a long refresh
     /// run, `--plot` for an SVG.
     Bench(crate::bench::BenchArgs),
+    /// Read a (user, bot) through the near tier at every interval and print, per component,
+    /// the computed_at served and whether it came from memory or the database (until Ctrl-C).
+    Watch(WatchArgs),
 }

@@ -65,7 +65,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli, url_on_command_line)) {
         Ok(outcome) => {
-            let printed = if json {
+            let printed = if json && outcome.json_line {
+                serde_json::to_string(&outcome.json).unwrap_or_default() + "\n"
+            } else if json {
                 serde_json::to_string_pretty(&outcome.json).unwrap_or_default() + "\n"
             } else {
                 outcome.text

@@ -7,7 +7,8 @@
 //! has `search_path` set to that schema only, and drops the schema at the end: after success,
 //! after an error, and on Ctrl-C or SIGTERM.
 //!
-//! Only the first two migrations run (the six cache tables and `strategic_refresh_queue`). The
+//! Only the first two migrations run (the six cache tables and `strategic_refresh_queue`), and
+//! the fourth's notify triggers for the near tier (issue 14), not recorded as applied. The
 //! third creates the cluster-wide roles `strategic_cache_reader` and `strategic_cache_writer`,
 //! which would outlive the schema (and even `dropdb`), needs `CREATEROLE`, and is not needed:
 //! the command connects as the given user, which owns the schema and everything in it.
@@ -73,8 +74,9 @@ fn schema_name(command: &str) -> String {
 pub fn announcement(command: &str, target: &str, schema: &str) -> String {
     format!(
         "{command} will create the schema {schema} in {target}, create the six cache tables and \
-         strategic_refresh_queue in it (migrations 1 and 2, not the cluster-wide roles), write \
-         only there, and drop the schema when it ends; nothing outside it is read or changed"
+         strategic_refresh_queue in it (migrations 1 and 2, and the near tier's notify triggers; \
+         not the cluster-wide roles), write only there, and drop the schema when it ends; \
+         nothing outside it is read or changed"
     )
 }
 
@@ -147,6 +149,13 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         migration::Migrator::up(&scoped, Some(MIGRATIONS))
             .await
             .map_err(|e| anyhow!("cannot create the cache tables in the schema {schema}: {e}"))?;
+        // The near tier's notify triggers (migration 4), so that a reader with a near tier in
+        // the schema sees every write; they go with the schema when it is dropped.
+        migration::create_notify_triggers(&scoped)
+            .await
+            .map_err(|e| {
+                anyhow!("cannot create the notify triggers in the schema {schema}: {e}")
+            })?;
         anyhow::Ok(scoped)
     }
     .await;

@@ -16,8 +16,12 @@ use crate::keys::Key;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadOutcome {
-    /// A fresh entry was served.
+    /// A fresh entry was served, read from the store.
     Hit,
+    /// A fresh entry was served from the reader's near tier (issue 14): memory only, no
+    /// database read. A hit like [`ReadOutcome::Hit`] in every other respect (refresh-ahead
+    /// signals, age); told apart so that metrics can show what the near tier saves.
+    NearHit,
     /// There was no entry.
     Miss,
     /// There was an entry but it had expired; nothing was served.
@@ -28,17 +32,24 @@ pub enum ReadOutcome {
 
 impl ReadOutcome {
     /// All outcomes, for per-outcome arrays.
-    pub const ALL: [ReadOutcome; 4] = [
+    pub const ALL: [ReadOutcome; 5] = [
         ReadOutcome::Hit,
+        ReadOutcome::NearHit,
         ReadOutcome::Miss,
         ReadOutcome::Stale,
         ReadOutcome::Error,
     ];
 
+    /// Whether a fresh entry was served (from the store or the near tier).
+    pub const fn is_hit(self) -> bool {
+        matches!(self, ReadOutcome::Hit | ReadOutcome::NearHit)
+    }
+
     /// The lowercase name used in metrics.
     pub const fn as_str(self) -> &'static str {
         match self {
             ReadOutcome::Hit => "hit",
+            ReadOutcome::NearHit => "near_hit",
             ReadOutcome::Miss => "miss",
             ReadOutcome::Stale => "stale",
             ReadOutcome::Error => "error",

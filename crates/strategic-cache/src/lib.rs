@@ -34,6 +34,8 @@
 //!   - `stats`: [`ReaderStats`] and its counters;
 //!   - `breaker`: the circuit breaker;
 //!   - `warn_limit`: the rate limit of its warnings.
+//! - `near/`: the reader's near tier (issue 14): entries in memory, coherent with
+//!   PostgreSQL within a lease through a listening connection.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - [`scheduler`]: refresh-ahead and on-demand scheduling for the enrichment worker.
 //! - [`metrics`]: in-process aggregation of reads and export as InfluxDB line protocol.
@@ -50,6 +52,7 @@ mod keys;
 mod limits;
 mod memory;
 pub mod metrics;
+mod near;
 mod payload;
 mod postgres;
 mod reader;
@@ -67,6 +70,7 @@ pub use hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, Refres
 pub use keys::{DEFAULT_WINDOW_HOURS, Key};
 pub use limits::{Limits, TtlPolicy};
 pub use memory::MemoryCacheRepository;
+pub use near::{NearConfig, NearStats, NearTier};
 pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,
     MemoryHealth, Payload, PersonalityProfile,

@@ -86,7 +86,7 @@ fn bool_hit(found: bool) -> f64 {
 }
 
 /// Stages of a default run, for the progress bar.
-const STAGES: f64 = 24.0;
+const STAGES: f64 = 28.0;
 
 impl Bench {
     /// A reader as a bot builds it: default budget and breaker, a metrics observer.
@@ -264,7 +264,73 @@ impl Bench {
         let secs = Duration::from_secs_f64(self.args.sustained_secs.max(0.1));
         self.reader_snapshots("sustained", CONCURRENCY, u64::MAX, Some(secs), 700)
             .await;
+        self.near_cases(url).await;
         Ok(())
+    }
+
+    /// Keys the near cases read over and over: a conversation's working set, small enough
+    /// that after the warm-up every read is a hit from memory.
+    const NEAR_KEYS: u64 = 100;
+
+    /// Snapshots and single reads through a reader with its near tier (issue 14) on a warm
+    /// working set, from one stream and from ten: what a bot's message costs once the tier
+    /// holds its (user, bot). The rows beside them (`snapshot`, `single_read`) are the same
+    /// reads from the database.
+    async fn near_cases(&mut self, url: &str) {
+        let reader = self.reader().with_near_tier(url);
+        let shape = self.shape;
+        // Until the listener holds its lease and has subscribed the bots, nothing is kept.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            for k in 0..Self::NEAR_KEYS {
+                let (u, b) = shape.fresh_key(900, k);
+                reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
+                reader
+                    .get(Component::MemoryHealth, &Shape::user(u), &Shape::bot(b))
+                    .await;
+            }
+            let held = reader.stats().near_hits;
+            if held > 0 && reader.near_stats().is_some_and(|s| s.lease_valid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reads = self.args.reads;
+        for (name, tasks) in [("near_snapshot", 1), ("near_snapshot_10", CONCURRENCY)] {
+            self.step(name);
+            let r = reader.clone();
+            let mut samples = drive(tasks, reads, None, move |_, k| {
+                let reader = r.clone();
+                let (u, b) = shape.fresh_key(900, k % Self::NEAR_KEYS);
+                async move {
+                    let snapshot = reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
+                    Ok(snapshot.len() as f64 / 6.0)
+                }
+            })
+            .await;
+            samples.errors += reader_errors(&reader, 6);
+            self.push(name, "snapshot", samples, 1.0);
+        }
+        for (name, tasks) in [
+            ("near_single_read", 1),
+            ("near_single_read_10", CONCURRENCY),
+        ] {
+            self.step(name);
+            let r = reader.clone();
+            let mut samples = drive(tasks, reads, None, move |_, k| {
+                let reader = r.clone();
+                let (u, b) = shape.fresh_key(900, k % Self::NEAR_KEYS);
+                async move {
+                    let found = reader
+                        .get(Component::MemoryHealth, &Shape::user(u), &Shape::bot(b))
+                        .await;
+                    Ok(bool_hit(found.is_some()))
+                }
+            })
+            .await;
+            samples.errors += reader_errors(&reader, 1);
+            self.push(name, "read", samples, 1.0);
+        }
     }
 
     /// The repository without the reader: one memory-health lookup at a time.

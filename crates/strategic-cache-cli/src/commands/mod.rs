@@ -11,6 +11,7 @@ pub mod invalidate;
 pub mod maintenance;
 pub mod migrate;
 pub mod put;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ pub struct Outcome {
     pub code: u8,
     /// For a miss, the one line explaining it on stderr.
     pub note: Option<String>,
+    /// Whether `json` is printed on one line: the last object of a command that streamed
+    /// JSON Lines as it ran (`watch`), so that every line of its output is one object.
+    pub json_line: bool,
 }
 
 impl Outcome {
@@ -43,6 +47,15 @@ impl Outcome {
             json,
             code: exit::OK,
             note: None,
+            json_line: false,
+        }
+    }
+
+    /// A successful outcome whose JSON ends a stream of JSON Lines (printed on one line).
+    pub fn ok_line(text: String, json: Value) -> Outcome {
+        Outcome {
+            json_line: true,
+            ..Outcome::ok(text, json)
         }
     }
 
@@ -53,6 +66,7 @@ impl Outcome {
             json,
             code: exit::MISS,
             note: Some(note),
+            json_line: false,
         }
     }
 }
@@ -185,6 +199,7 @@ impl Context {
 /// Runs the parsed command line. `url_on_command_line` says whether `--database-url` was
 /// given there (rather than through `DATABASE_URL`).
 pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome> {
+    let json = cli.json;
     let context = Context {
         database_url: cli.database_url,
         url_on_command_line,
@@ -200,6 +215,7 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
         Command::Simulate(args) => crate::simulate::command(&context, &args).await,
         Command::Bench(args) => crate::bench::command(&context, &args).await,
+        Command::Watch(args) => watch::run(&context, args, json).await,
     }
 }
 

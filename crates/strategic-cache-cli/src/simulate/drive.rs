@@ -38,7 +38,8 @@ pub(super) struct Tally {
     pub(super) latencies_us: Mutex<Vec<u64>>,
 }
 
-/// The workers' counters summed over all workers and the engine.
+/// The workers' counters summed over all workers and the engine, and the bot side's read
+/// counters (the reader's and its database pool's).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct WorkerTotals {
     /// Entries recomputed.
@@ -49,6 +50,13 @@ pub(super) struct WorkerTotals {
     pub(super) skipped_fresh: u64,
     /// Requests given up on.
     pub(super) abandoned: u64,
+    /// Statements the bot side's read pool ran (PostgreSQL only): the database reads the
+    /// messages cost, near-tier refills included.
+    pub(super) read_statements: u64,
+    /// Component reads the reader was asked for.
+    pub(super) reader_reads: u64,
+    /// Of those, fresh entries served from the near tier's memory.
+    pub(super) near_hits: u64,
 }
 
 impl WorkerTotals {
@@ -58,6 +66,14 @@ impl WorkerTotals {
             duplicates: system.engine.duplicates.load(Ordering::Relaxed),
             ..WorkerTotals::default()
         };
+        let reader = system.reader.stats();
+        totals.reader_reads = reader.reads;
+        totals.near_hits = reader.near_hits;
+        totals.read_statements = system
+            .bot_pg
+            .as_ref()
+            .and_then(|pg| pg.read_statements())
+            .unwrap_or(0);
         for worker in &system.workers {
             let s = worker.stats();
             totals.recomputes += s.recomputes;
@@ -75,6 +91,9 @@ impl WorkerTotals {
             duplicates: self.duplicates.saturating_sub(earlier.duplicates),
             skipped_fresh: self.skipped_fresh.saturating_sub(earlier.skipped_fresh),
             abandoned: self.abandoned.saturating_sub(earlier.abandoned),
+            read_statements: self.read_statements.saturating_sub(earlier.read_statements),
+            reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
+            near_hits: self.near_hits.saturating_sub(earlier.near_hits),
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct SimulateArgs {
     /// Turn refresh-ahead off: recompute only on a miss (the design we replace).
     #[arg(long)]
     pub no_refresh_ahead: bool,
+    /// On PostgreSQL, read without the reader's near tier (issue 14), as before it: every
+    /// message then reads the database. The near tier is on by default there, as it is in
+    /// `ReaderConfig`; the in-memory backend has no near tier (its store is already memory).
+    #[arg(long)]
+    pub no_near: bool,
     /// Worker processes sharing the queue.
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
@@ -208,6 +213,7 @@ pub async fn run(
         rejected: requests.rejected_full,
         reader: system.reader.stats(),
         exported,
+        near: system.near,
     };
     Ok(report::report(args, system.backend, driven, after))
 }

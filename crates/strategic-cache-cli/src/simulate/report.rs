@@ -77,6 +77,19 @@ pub struct SimReport {
     pub dropped_requests: u64,
     /// Requests for new keys refused because the queue was full.
     pub rejected_requests: u64,
+    /// Whether the reader had a near tier (issue 14): PostgreSQL without `--no-near`. The
+    /// in-memory backend has none: its store is already process memory, so a near tier
+    /// would save no database read and its coherence (LISTEN/NOTIFY) has nothing to listen to.
+    pub near_tier: bool,
+    /// Database read statements the bot side ran in the measured window (its hot-path read
+    /// pool: single reads, snapshots and the near tier's refills; `None` in memory).
+    pub db_read_statements: Option<u64>,
+    /// `db_read_statements / messages` (`None` in memory). Without a near tier about 1.0:
+    /// every message's snapshot is one statement.
+    pub db_read_statements_per_message: Option<f64>,
+    /// Share of the component reads of the measured window served from the near tier's
+    /// memory (`None` without a near tier).
+    pub near_hit_share: Option<f64>,
     /// What the reader saw, all reads included (warm-up too): errors, timeouts and reads
     /// skipped by the circuit breaker are misses the database caused, not the cache.
     pub reader: ReaderStats,
@@ -98,6 +111,8 @@ pub(super) struct After {
     pub(super) rejected: u64,
     /// The reader's own counters.
     pub(super) reader: ReaderStats,
+    /// Whether the reader had a near tier.
+    pub(super) near: bool,
     /// Metrics windows exported and failed POSTs, when exporting.
     pub(super) exported: Option<(u64, u64)>,
 }
@@ -110,6 +125,7 @@ pub(super) fn report(
     after: After,
 ) -> SimReport {
     let Driven { tally, wall, .. } = driven;
+    let messages = tally.messages.load(Ordering::Relaxed);
     let window = after.window;
     let mut by_component = HashMap::new();
     let (mut reads, mut hits) = (0, 0);
@@ -149,7 +165,7 @@ pub(super) fn report(
         warmup_hours: args.warmup_hours,
         wall_secs: wall.as_secs_f64(),
         sessions: tally.first_reads.load(Ordering::Relaxed) / 6,
-        messages: tally.messages.load(Ordering::Relaxed),
+        messages,
         reads,
         hits,
         hit_rate: ratio(hits, reads),
@@ -173,6 +189,13 @@ pub(super) fn report(
         fell_behind: after.backlog > BACKLOG_WARNING && backlog_secs > 0.5 * 0.2 * args.ttl_secs,
         dropped_requests: after.dropped,
         rejected_requests: after.rejected,
+        near_tier: after.near,
+        db_read_statements: (backend == "postgres").then_some(window.read_statements),
+        db_read_statements_per_message: (backend == "postgres")
+            .then(|| ratio(window.read_statements, messages)),
+        near_hit_share: after
+            .near
+            .then(|| ratio(window.near_hits, window.reader_reads)),
         reader: after.reader,
         metrics_windows_exported: after.exported.map(|e| e.0),
         metrics_export_failures: after.exported.map(|e| e.1),
@@ -221,6 +244,26 @@ impl SimReport {
         components.sort_by_key(|(name, _)| name.as_str());
         for (name, figures) in components {
             out.push_str(&format!("  {name:<26}{}\n", pct(figures.hit_rate)));
+        }
+        match (self.db_read_statements, self.db_read_statements_per_message) {
+            (Some(statements), Some(per_message)) => {
+                out.push_str(&format!(
+                    "database reads         {statements} statements, {per_message:.3} per message (hot path and near-tier refills)\n"
+                ));
+            }
+            _ => out.push_str(
+                "database reads         none: the in-memory backend has no database (and so no near tier)\n",
+            ),
+        }
+        match self.near_hit_share {
+            Some(share) => out.push_str(&format!(
+                "near tier              on, {} of component reads served from memory\n",
+                pct(share)
+            )),
+            None if self.backend == "postgres" => {
+                out.push_str("near tier              off (--no-near, or it could not start)\n")
+            }
+            None => {}
         }
         let [p50, p95, p99, max] = self.read_latency_us;
         out.push_str(&format!(

@@ -59,6 +59,8 @@ impl InsightEngine for SimEngine {
 /// The stores the bot side and the worker side use (the same ones in memory).
 pub(super) struct Backends {
     repo: Arc<dyn CacheRepository>,
+    /// The bot side's PostgreSQL repository, for its read-statement count.
+    bot_pg: Option<Arc<PgCacheRepository>>,
     worker_repo: Arc<dyn CacheRepository>,
     queue: Arc<dyn RefreshQueue>,
     worker_queue: Arc<dyn RefreshQueue>,
@@ -87,6 +89,11 @@ pub(super) struct System {
     pub(super) exporter: Option<Exporter>,
     /// `memory` or `postgres`.
     pub(super) backend: &'static str,
+    /// On PostgreSQL, the bot side's repository: its read pool counts the statements the
+    /// bot's reads cost (hot path and near-tier refills; the worker has a pool of its own).
+    pub(super) bot_pg: Option<Arc<PgCacheRepository>>,
+    /// Whether the reader has a near tier.
+    pub(super) near: bool,
 }
 
 /// Builds the system. `database_url` (a scratch schema's) selects PostgreSQL; `scale` turns
@@ -105,6 +112,7 @@ pub(super) async fn set_up(
     // pool: sharing one here would let the workers' writes starve the bot's reads.
     let Backends {
         repo,
+        bot_pg,
         worker_repo,
         queue,
         worker_queue,
@@ -124,8 +132,10 @@ pub(super) async fn set_up(
                 .context("connecting the worker's cache repository")?;
             let bot_queue = PgRefreshQueue::new(bot.connection().clone(), 100_000);
             let worker_queue = PgRefreshQueue::new(worker.connection().clone(), 100_000);
+            let bot = Arc::new(bot);
             Backends {
-                repo: Arc::new(bot),
+                repo: bot.clone(),
+                bot_pg: Some(bot),
                 worker_repo: Arc::new(worker),
                 queue: Arc::new(bot_queue),
                 worker_queue: Arc::new(worker_queue),
@@ -142,6 +152,7 @@ pub(super) async fn set_up(
             let queue: Arc<dyn RefreshQueue> = Arc::new(MemoryRefreshQueue::new(100_000, clock));
             Backends {
                 repo: repo.clone(),
+                bot_pg: None,
                 worker_repo: repo,
                 queue: queue.clone(),
                 worker_queue: queue,
@@ -169,6 +180,14 @@ pub(super) async fn set_up(
     let mut reader = CacheReader::new(repo.clone())
         .with_config(reader_config)
         .with_refresh_sink(requester.clone());
+    // The near tier (issue 14) needs PostgreSQL's LISTEN; on by default there, as in a bot.
+    let near = match database_url {
+        Some(url) if !args.no_near => {
+            reader = reader.with_near_tier(url);
+            reader.near_stats().is_some()
+        }
+        _ => false,
+    };
     let influx = InfluxConfig::from_env();
     if influx.is_some() {
         reader = reader.with_observer(recorder.clone());
@@ -244,5 +263,7 @@ pub(super) async fn set_up(
         engine,
         exporter,
         backend,
+        bot_pg,
+        near,
     })
 }

@@ -21,7 +21,7 @@
 //! One point per `(table, bot)` with at least one read in the window:
 //!
 //! ```text
-//! strategic_cache_reads,table=memory_health,bot=elena hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=181,latency_p95_us=362,latency_p99_us=362,latency_max_us=340,age_p50_s=63,age_p95_s=191,age_max_s=170 1700000000000000000
+//! strategic_cache_reads,table=memory_health,bot=elena hit=9i,near_hit=0i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=181,latency_p95_us=362,latency_p99_us=362,latency_max_us=340,age_p50_s=63,age_p95_s=191,age_max_s=170 1700000000000000000
 //! strategic_cache_exporter dropped_windows=0i,overflow_bots=0i,export_failures=0i,pending_windows=0i 1700000000000000000
 //! ```
 //!
@@ -64,8 +64,11 @@ pub const TAG_TABLE: &str = "table";
 /// Tag: the bot name, sanitised (see [`line_protocol::sanitize_tag_value`]).
 pub const TAG_BOT: &str = "bot";
 
-/// Field: reads that served a fresh entry (integer).
+/// Field: reads that served a fresh entry, from the store or the near tier (integer).
 pub const FIELD_HIT: &str = "hit";
+/// Field: of the `hit` reads, those served from the reader's near tier without a database read
+/// (integer; 0 without a near tier).
+pub const FIELD_NEAR_HIT: &str = "near_hit";
 /// Field: reads that found no entry (integer).
 pub const FIELD_MISS: &str = "miss";
 /// Field: reads that found an expired entry (integer).
@@ -101,8 +104,9 @@ pub const FIELD_EXPORT_FAILURES: &str = "export_failures";
 pub const FIELD_PENDING_WINDOWS: &str = "pending_windows";
 
 /// Every field of [`MEASUREMENT_READS`].
-pub const READ_FIELDS: [&str; 13] = [
+pub const READ_FIELDS: [&str; 14] = [
     FIELD_HIT,
+    FIELD_NEAR_HIT,
     FIELD_MISS,
     FIELD_STALE,
     FIELD_ERROR,

@@ -41,7 +41,7 @@ impl Default for RecorderConfig {
 /// Counters and histograms of one `(table, bot)`.
 #[derive(Debug)]
 struct Cell {
-    outcomes: [AtomicU64; 4],
+    outcomes: [AtomicU64; ReadOutcome::ALL.len()],
     latency_us: AtomicHistogram<LATENCY_BUCKETS>,
     age_s: AtomicHistogram<AGE_BUCKETS>,
 }
@@ -84,6 +84,7 @@ const fn outcome_index(outcome: ReadOutcome) -> usize {
         ReadOutcome::Miss => 1,
         ReadOutcome::Stale => 2,
         ReadOutcome::Error => 3,
+        ReadOutcome::NearHit => 4,
     }
 }
 
@@ -110,15 +111,19 @@ impl BotCells {
 /// What one `(table, bot)` saw in one window.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CellStats {
-    counts: [u64; 4],
+    counts: [u64; ReadOutcome::ALL.len()],
     latency_us: HistogramSnapshot<LATENCY_BUCKETS>,
     age_s: HistogramSnapshot<AGE_BUCKETS>,
 }
 
 impl CellStats {
-    /// Reads with `outcome`.
+    /// Reads with exactly `outcome` (`Hit` counts store hits only; see [`CellStats::hits`]).
     pub fn count(&self, outcome: ReadOutcome) -> u64 {
         self.counts[outcome_index(outcome)]
+    }
+    /// Reads that served a fresh entry, from the store or the near tier: the exported `hit`.
+    pub fn hits(&self) -> u64 {
+        self.count(ReadOutcome::Hit) + self.count(ReadOutcome::NearHit)
     }
     /// All reads.
     pub fn reads(&self) -> u64 {
@@ -174,15 +179,17 @@ impl Window {
             let mut line = LineBuilder::new(out, MEASUREMENT_READS)
                 .tag(TAG_BOT, &row.bot)
                 .tag(TAG_TABLE, row.component.short_name())
-                .int(FIELD_HIT, s.count(ReadOutcome::Hit))
+                // `hit` includes the near tier's hits, so that `reads = hit + miss + stale +
+                // error` and `hit_rate` mean what they meant before the near tier; `near_hit`
+                // is the part of `hit` that cost no database read (always written, 0 without
+                // a near tier, so that queries never find the field missing).
+                .int(FIELD_HIT, s.hits())
+                .int(FIELD_NEAR_HIT, s.count(ReadOutcome::NearHit))
                 .int(FIELD_MISS, s.count(ReadOutcome::Miss))
                 .int(FIELD_STALE, s.count(ReadOutcome::Stale))
                 .int(FIELD_ERROR, s.count(ReadOutcome::Error))
                 .int(FIELD_READS, reads)
-                .float(
-                    FIELD_HIT_RATE,
-                    s.count(ReadOutcome::Hit) as f64 / reads as f64,
-                );
+                .float(FIELD_HIT_RATE, s.hits() as f64 / reads as f64);
             let lat = &s.latency_us;
             for (field, q) in [
                 (FIELD_LATENCY_P50, 0.5),
@@ -490,6 +497,35 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Near-tier hits are exported apart (`near_hit`) and inside `hit`, so that `reads = hit +
+    /// miss + stale + error` still holds and `hit_rate` counts both kinds of hit.
+    #[test]
+    fn metrics_recorder_counts_near_hits_apart_and_within_hits() {
+        let r = MetricsRecorder::default();
+        for outcome in [
+            ReadOutcome::NearHit,
+            ReadOutcome::NearHit,
+            ReadOutcome::NearHit,
+            ReadOutcome::Hit,
+            ReadOutcome::Miss,
+        ] {
+            r.on_read(Component::MemoryHealth, "elena", outcome, ms(1), None);
+        }
+        let w = r.take_window();
+        let stats = &w.rows[0].stats;
+        assert_eq!(stats.count(ReadOutcome::NearHit), 3);
+        assert_eq!(stats.count(ReadOutcome::Hit), 1);
+        assert_eq!(stats.hits(), 4);
+        assert_eq!(stats.reads(), 5);
+        let mut out = String::new();
+        w.render(&mut out);
+        let line = out.lines().next().unwrap_or_default();
+        assert!(
+            line.contains(" hit=4i,near_hit=3i,miss=1i,stale=0i,error=0i,reads=5i,hit_rate=0.8,"),
+            "{line}"
+        );
+    }
+
     /// Counts, hit rate, percentiles and ages come out per (table, bot), and the window resets.
     #[test]
     fn metrics_recorder_aggregates_per_table_and_bot() {
@@ -537,7 +573,7 @@ mod tests {
         let first = reads[0];
         assert!(
             first.starts_with(
-                "strategic_cache_reads,bot=elena,table=memory_health hit=9i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us="
+                "strategic_cache_reads,bot=elena,table=memory_health hit=9i,near_hit=0i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us="
             ),
             "{first}"
         );
@@ -555,9 +591,9 @@ mod tests {
         );
         assert!(first.contains(",latency_max_us=8000,age_p50_s=60,age_p95_s=60,age_max_s=60 "));
         let second = reads[1];
-        assert!(
-            second.contains("bot=marcus,table=memory_behavior hit=0i,miss=0i,stale=0i,error=1i")
-        );
+        assert!(second.contains(
+            "bot=marcus,table=memory_behavior hit=0i,near_hit=0i,miss=0i,stale=0i,error=1i"
+        ));
         assert!(
             !second.contains("age_"),
             "no age without an entry: {second}"

@@ -26,6 +26,8 @@ mod read_pool;
 mod statements;
 mod tables;
 
+pub(crate) use tables::decode_json_row;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;

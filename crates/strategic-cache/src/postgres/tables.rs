@@ -348,3 +348,32 @@ pub(super) fn decode_entry(
 pub(super) fn ttl_secs(ttl: Duration) -> Value {
     ttl.as_secs_f64().into()
 }
+
+/// A row of `component`'s table as `row_to_json` renders it (what the near tier's notify
+/// triggers carry), decoded through the entity `Model`'s own serde, the same typed definition
+/// every other reader uses; `None` if it does not decode. Its `age` is left at zero.
+pub(crate) fn decode_json_row(component: Component, row: serde_json::Value) -> Option<CachedEntry> {
+    fn parts<E: CacheTable>(row: serde_json::Value) -> Option<Parts>
+    where
+        E::Model: serde::de::DeserializeOwned,
+    {
+        serde_json::from_value::<E::Model>(row)
+            .ok()
+            .map(E::into_parts)
+    }
+    let parts = match component {
+        Component::MemoryHealth => parts::<mh::Entity>(row),
+        Component::CharacterPerformance => parts::<cp::Entity>(row),
+        Component::PersonalityProfile => parts::<pp::Entity>(row),
+        Component::ConversationPatterns => parts::<cv::Entity>(row),
+        Component::MemoryBehavior => parts::<mb::Entity>(row),
+        Component::EngagementOpportunities => parts::<eo::Entity>(row),
+    }?;
+    Some(CachedEntry {
+        key: parts.key,
+        payload: parts.payload,
+        computed_at: parts.computed_at,
+        expires_at: parts.expires_at,
+        age: Duration::ZERO,
+    })
+}

@@ -22,6 +22,10 @@ pub struct ReaderConfig {
     pub demand_fraction: f64,
     /// Least time between two warnings about failing reads.
     pub warn_interval: Duration,
+    /// The near tier (issue 14; see [`NearConfig`](crate::NearConfig)): used only by a reader
+    /// given a database URL through
+    /// [`CacheReader::with_near_tier`](super::CacheReader::with_near_tier).
+    pub near: crate::near::NearConfig,
 }
 
 impl Default for ReaderConfig {
@@ -33,6 +37,7 @@ impl Default for ReaderConfig {
             refresh_ahead_fraction: 0.8,
             demand_fraction: 0.5,
             warn_interval: Duration::from_secs(10),
+            near: crate::near::NearConfig::default(),
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct CacheReader {
     config: ReaderConfig,
     observer: Option<Arc<dyn ReadObserver>>,
     refresh: Option<Arc<dyn RefreshSink>>,
+    /// The near tier, if on (issue 14, `crate::near`); `None` reads the store every time.
+    near: Option<crate::near::NearTier>,
     /// Breaker, counters and warning limits, behind an `Arc` so that clones of one reader
     /// (one per bot task, say) agree on whether the store is failing.
     shared: Arc<Shared>,
@@ -151,6 +153,7 @@ impl CacheReader {
             config: ReaderConfig::default(),
             observer: None,
             refresh: None,
+            near: None,
             shared: Arc::new(Shared::new()),
         }
     }
@@ -172,6 +175,50 @@ impl CacheReader {
         self.refresh = Some(sink);
         self
     }
+
+    // ---- Near tier hook (issue 14): the tier itself lives in `crate::near`. ----
+
+    /// Serves reads from an in-process near tier kept coherent with the database at
+    /// `database_url` (one listening connection), if `config().near.enabled`; call after
+    /// [`CacheReader::with_config`]. Within a Tokio runtime. If the tier cannot start (a URL
+    /// that does not parse, no runtime) it warns and the reader reads the store as before.
+    pub fn with_near_tier(mut self, database_url: &str) -> Self {
+        if !self.config.near.enabled {
+            self.near = None;
+            return self;
+        }
+        match crate::near::NearTier::start(database_url, &self.config.near) {
+            Ok(tier) => self.near = Some(tier),
+            Err(error) => tracing::warn!(%error, "strategic cache near tier not started: {error}"),
+        }
+        self
+    }
+
+    /// The near tier's state, if the reader has one.
+    pub fn near_stats(&self) -> Option<crate::near::NearStats> {
+        self.near.as_ref().map(|n| n.stats())
+    }
+
+    /// [`CacheReader::snapshot`] for callers that can hold a shared value: a near-tier hit
+    /// returns the value in memory itself (a pointer clone; no JSON is copied). Such a hit
+    /// is given only while every entry in it is younger than `demand_fraction` of its
+    /// lifetime, and its ages are as of the database read that filled it (`computed_at` and
+    /// `expires_at` are exact); otherwise this is `Arc::new(self.snapshot(..))`, with the
+    /// same counters, observer calls and refresh signals either way.
+    pub async fn snapshot_shared(&self, user_id: &str, bot_name: &str) -> Arc<Snapshot> {
+        if let Some(near) = &self.near
+            && let Some(shared) =
+                near.snapshot_hit_shared(user_id, bot_name, self.config.demand_fraction)
+        {
+            let started = std::time::Instant::now();
+            Counters::add(&self.shared.counters.reads, Component::ALL.len() as u64);
+            self.account_snapshot(&shared, user_id, bot_name, started.elapsed(), true);
+            return shared;
+        }
+        Arc::new(self.snapshot(user_id, bot_name).await)
+    }
+
+    // ---- end of the near tier hook ----
 
     /// The settings in use.
     pub fn config(&self) -> &ReaderConfig {
@@ -200,22 +247,42 @@ impl CacheReader {
     pub async fn get_key(&self, component: Component, key: &Key) -> Option<CachedEntry> {
         let started = std::time::Instant::now();
         Counters::add(&self.shared.counters.reads, 1);
-        let result = self.guarded(self.repo.lookup(component, key), 1).await;
+        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        let mut near_hit = false;
+        let result = match &self.near {
+            Some(near) => match near.lookup_hit(component, key) {
+                Some(lookup) => {
+                    near_hit = true;
+                    Ok(lookup)
+                }
+                None => {
+                    let call = near.lookup_fill(component, key, self.repo.lookup(component, key));
+                    self.guarded(call, 1).await
+                }
+            },
+            None => self.guarded(self.repo.lookup(component, key), 1).await,
+        };
         let query_time = started.elapsed();
         let (outcome, served) = match result {
             Ok(Lookup::Fresh(entry)) => {
                 Counters::add(&self.shared.counters.hits, 1);
+                let outcome = if near_hit {
+                    Counters::add(&self.shared.counters.near_hits, 1);
+                    ReadOutcome::NearHit
+                } else {
+                    ReadOutcome::Hit
+                };
                 if let Some(due_at) = self.refresh_ahead_due(&entry) {
                     self.request_refresh(component, key, RefreshReason::RefreshAhead, due_at);
                 }
                 self.observe(
                     component,
                     key.bot_name(),
-                    ReadOutcome::Hit,
+                    outcome,
                     query_time,
                     Some(entry.age),
                 );
-                (ReadOutcome::Hit, Some(entry))
+                (outcome, Some(entry))
             }
             Ok(Lookup::Stale(entry)) => {
                 Counters::add(&self.shared.counters.stale, 1);
@@ -268,16 +335,26 @@ impl CacheReader {
         let started = std::time::Instant::now();
         let parts = Component::ALL.len() as u64;
         Counters::add(&self.shared.counters.reads, parts);
-        let result = self
-            .guarded(
-                self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS),
-                parts,
-            )
-            .await;
+        let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
+        let mut near_hit = false;
+        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        let result = match &self.near {
+            Some(near) => match near.snapshot_hit(user_id, bot_name) {
+                Some(snapshot) => {
+                    near_hit = true;
+                    Ok(snapshot)
+                }
+                None => {
+                    let call = near.snapshot_fill(user_id, bot_name, call);
+                    self.guarded(call, parts).await
+                }
+            },
+            None => self.guarded(call, parts).await,
+        };
         let query_time = started.elapsed();
         let snapshot = match result {
             Ok(snapshot) => {
-                self.account_snapshot(&snapshot, user_id, bot_name, query_time);
+                self.account_snapshot(&snapshot, user_id, bot_name, query_time, near_hit);
                 snapshot
             }
             Err(_) => {
@@ -295,13 +372,15 @@ impl CacheReader {
         snapshot
     }
 
-    /// Counts, observes and signals each component of a snapshot the store returned.
+    /// Counts, observes and signals each component of a snapshot the store returned, or the
+    /// near tier if `near` (its fresh components are then near hits).
     fn account_snapshot(
         &self,
         snapshot: &Snapshot,
         user_id: &str,
         bot_name: &str,
         query_time: Duration,
+        near: bool,
     ) {
         let counters = &self.shared.counters;
         for (component, (entry, freshness)) in Component::ALL
@@ -313,9 +392,15 @@ impl CacheReader {
             let (outcome, age, reason) = match (freshness, entry) {
                 (Freshness::Fresh { age }, entry) => {
                     Counters::add(&counters.hits, 1);
+                    let outcome = if near {
+                        Counters::add(&counters.near_hits, 1);
+                        ReadOutcome::NearHit
+                    } else {
+                        ReadOutcome::Hit
+                    };
                     let ahead = entry.as_ref().and_then(|e| self.refresh_ahead_due(e));
                     (
-                        ReadOutcome::Hit,
+                        outcome,
                         Some(*age),
                         ahead.map(|due_at| (RefreshReason::RefreshAhead, due_at)),
                     )

@@ -25,6 +25,8 @@ pub struct ReaderStats {
     pub breaker_skips: u64,
     /// Whether the breaker is open now.
     pub breaker_open: bool,
+    /// Of the `hits`, those served from the near tier's memory (no store call).
+    pub near_hits: u64,
 }
 
 /// The live counters behind [`ReaderStats`].
@@ -37,6 +39,7 @@ pub(super) struct Counters {
     pub(super) errors: AtomicU64,
     pub(super) timeouts: AtomicU64,
     pub(super) breaker_skips: AtomicU64,
+    pub(super) near_hits: AtomicU64,
 }
 
 impl Counters {
@@ -58,6 +61,7 @@ impl Counters {
             timeouts: get(&self.timeouts),
             breaker_skips: get(&self.breaker_skips),
             breaker_open,
+            near_hits: get(&self.near_hits),
         }
     }
 }

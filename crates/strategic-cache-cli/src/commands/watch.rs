@@ -1,0 +1,131 @@
+//! `watch --user U --bot B [--interval-ms N] [--count N]`: the operator's view of what the bot
+//! sees right now. Reads through a `CacheReader` with the near tier (issue 14) at every
+//! interval and prints one line per read, as it goes (this is the one command that prints
+//! before it returns): for each component the `computed_at` served and where it came from
+//! (`near`, `db`, or `missing`), and the lease state. With `--json`, one JSON object a line,
+//! the closing summary (`reads`, `stats`) included.
+//! Runs until interrupted (Ctrl-C), or for `--count` reads.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Value, json};
+use strategic_cache::{
+    CacheReader, CacheRepository, Component, Freshness, PgCacheRepository, PgConfig, ReaderConfig,
+};
+
+use super::{Context, Outcome};
+
+/// Arguments of `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The user.
+    #[arg(long, value_name = "U")]
+    pub user: String,
+    /// The bot (character).
+    #[arg(long, value_name = "B")]
+    pub bot: String,
+    /// Time between two reads, in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Stop after this many reads (default: run until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// Runs `watch`; `json` is the global `--json`.
+pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Result<Outcome> {
+    context.check_name("user", &args.user)?;
+    context.check_name("bot", &args.bot)?;
+    let url = context.url()?.to_owned();
+    let repo = Arc::new(
+        PgCacheRepository::connect(
+            &url,
+            PgConfig {
+                max_connections: 2,
+                min_connections: 1,
+                limits: context.limits.clone(),
+                ..PgConfig::default()
+            },
+        )
+        .await?,
+    );
+    let reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>)
+        .with_config(ReaderConfig::default())
+        .with_near_tier(&url);
+    let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reads = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        // This process reads nothing else: a statement counted during the snapshot means
+        // it came from the database, none means from memory.
+        let statements = repo.read_statements().unwrap_or(0);
+        let started = std::time::Instant::now();
+        let snapshot = reader.snapshot(&args.user, &args.bot).await;
+        let read_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let source = if repo.read_statements().unwrap_or(0) > statements {
+            "db"
+        } else {
+            "near"
+        };
+        let lease = reader.near_stats().is_some_and(|s| s.lease_valid);
+        let at = chrono::Utc::now();
+        let mut components = serde_json::Map::new();
+        let mut text = format!(
+            "{} lease={}",
+            at.format("%H:%M:%S%.3f"),
+            if lease { "held" } else { "lapsed" }
+        );
+        for component in Component::ALL {
+            let i = component.index();
+            let (from, computed_at) = match (&snapshot.entries[i], snapshot.freshness[i]) {
+                (Some(entry), Freshness::Fresh { .. }) => (source, Some(entry.computed_at)),
+                _ => ("missing", None),
+            };
+            components.insert(
+                component.short_name().to_owned(),
+                json!({ "source": from, "computed_at": computed_at }),
+            );
+            text.push_str(&format!(" {}={from}", component.short_name()));
+            if let Some(c) = computed_at {
+                text.push_str(&format!("@{}", c.format("%H:%M:%S%.3f")));
+            }
+        }
+        let line = if json {
+            json!({
+                "at": at,
+                "read_us": read_us,
+                "lease": lease,
+                "components": Value::Object(components),
+            })
+            .to_string()
+        } else {
+            text
+        };
+        let mut out = stdout.lock();
+        // A closed stdout (the operator's pipe went away) ends the watch.
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+        reads += 1;
+        if args.count.is_some_and(|n| reads >= n) {
+            break;
+        }
+    }
+    let stats = reader.stats();
+    // With --json the summary is one more line of the JSON Lines stream, not a pretty object.
+    Ok(Outcome::ok_line(
+        format!(
+            "{reads} reads, {} component hits of which {} from memory\n",
+            stats.hits, stats.near_hits
+        ),
+        json!({ "reads": reads, "stats": stats }),
+    ))
+}

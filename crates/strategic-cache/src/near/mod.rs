@@ -1,0 +1,239 @@
+//! The near tier: an in-process copy of recently read entries in front of the store, coherent
+//! with PostgreSQL within [`NearConfig::lease`] (800 ms by default) of any commit, whoever the
+//! writer.
+//!
+//! # Layout
+//! - `store`: the byte-bounded `quick_cache` of shared values, the epoch (O(1) flush), the
+//!   striped generations (a fill that started before an invalidation is never served after
+//!   it), the lease and the database clock's offset.
+//! - `listener`: the one listening connection per tier: applies the triggers' notifications
+//!   and renews the lease by a round trip on that connection.
+//!
+//! Bot code does not use this module directly: it turns the tier on through
+//! [`ReaderConfig::near`](crate::ReaderConfig) and
+//! [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier). The migration
+//! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`).
+
+mod listener;
+mod store;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::PgConnectOptions;
+use tokio::sync::mpsc;
+
+use crate::component::Component;
+use crate::entries::{Lookup, Snapshot};
+use crate::error::CacheError;
+use crate::keys::Key;
+
+use store::{NearData, NearKeyRef, NearState};
+
+/// Settings of the near tier (part of [`ReaderConfig`](crate::ReaderConfig)).
+#[derive(Clone, Debug)]
+pub struct NearConfig {
+    /// Whether a reader given a database URL by
+    /// [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier) keeps a near tier.
+    /// Off: the reader reads the store on every call, exactly as without a near tier.
+    pub enabled: bool,
+    /// Bound on the memory the values take, in bytes (estimated per value as its payloads'
+    /// JSON size plus a fixed overhead). Least recently useful values are evicted past it.
+    pub max_bytes: u64,
+    /// How long a lease round trip lets the tier serve from memory: the staleness bound.
+    pub lease: Duration,
+    /// How often the listener renews the lease (and so how soon a change is applied).
+    pub probe_interval: Duration,
+    /// Longest the listener waits to connect.
+    pub connect_timeout: Duration,
+    /// `application_name` of the listening connection (visible in `pg_stat_activity`).
+    pub application_name: String,
+}
+
+impl Default for NearConfig {
+    fn default() -> Self {
+        NearConfig {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+            lease: Duration::from_millis(800),
+            probe_interval: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(2),
+            application_name: "strategic-cache-near".to_string(),
+        }
+    }
+}
+
+/// The state of the near tier now (for operators and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NearStats {
+    /// Whether the lease is held: reads may be served from memory.
+    pub lease_valid: bool,
+    /// Bytes held, by the weigher's estimate.
+    pub bytes: u64,
+    /// The bound on `bytes`.
+    pub max_bytes: u64,
+    /// Values held (including ones made unservable by a flush, until replaced or evicted).
+    pub entries: u64,
+    /// Store reads made through the tier (single-flight leaders).
+    pub fills: u64,
+    /// Flushes (connects, lapses, "flush" notifications).
+    pub flushes: u64,
+    /// Keys invalidated by notifications.
+    pub invalidations: u64,
+    /// Notifications received.
+    pub notifications: u64,
+    /// Rows carried by notifications and installed in memory (a change applied without a
+    /// database read; each is also counted in `invalidations`).
+    pub rows_applied: u64,
+    /// Connections the listener has made.
+    pub connects: u64,
+    /// Lease renewals.
+    pub lease_renewals: u64,
+}
+
+/// Aborts the listener task when the last handle goes.
+#[derive(Debug)]
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running near tier: the memory and its listener task. Cheap to clone; the listener stops
+/// when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct NearTier {
+    state: Arc<NearState>,
+    _task: Arc<TaskGuard>,
+}
+
+impl NearTier {
+    /// Starts a near tier listening on `database_url`. Must be called within a Tokio runtime.
+    /// Never fails: until the listener has connected and proved itself, reads go to the store.
+    pub fn start(database_url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
+        let options = PgConnectOptions::from_str(database_url)
+            .map_err(|e| CacheError::InvalidInput {
+                field: "database_url",
+                reason: format!("not a PostgreSQL URL: {}", redact(&e.to_string())),
+            })?
+            .application_name(&config.application_name);
+        let handle =
+            tokio::runtime::Handle::try_current().map_err(|_| CacheError::InvalidInput {
+                field: "runtime",
+                reason: "the near tier must be started within a Tokio runtime".into(),
+            })?;
+        let (tx, rx) = mpsc::channel(1024);
+        let state = Arc::new(NearState::new(config.max_bytes, tx));
+        let task = handle.spawn(listener::run(state.clone(), options, config.clone(), rx));
+        Ok(NearTier {
+            state,
+            _task: Arc::new(TaskGuard(task.abort_handle())),
+        })
+    }
+
+    /// The state now.
+    pub fn stats(&self) -> NearStats {
+        let c = &self.state.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (bytes, max_bytes) = self.state.weight();
+        NearStats {
+            lease_valid: self.state.lease_valid(),
+            bytes,
+            max_bytes,
+            entries: self.state.len() as u64,
+            fills: get(&c.fills),
+            flushes: get(&c.flushes),
+            invalidations: get(&c.invalidations),
+            notifications: get(&c.notifications),
+            rows_applied: get(&c.rows_applied),
+            connects: get(&c.connects),
+            lease_renewals: get(&c.lease_renewals),
+        }
+    }
+
+    /// Whether reads may be served from memory now.
+    pub fn lease_valid(&self) -> bool {
+        self.state.lease_valid()
+    }
+
+    /// A servable snapshot from memory, aged to now.
+    pub(crate) fn snapshot_hit(&self, user_id: &str, bot_name: &str) -> Option<Snapshot> {
+        let item = self.state.get(NearKeyRef::Snapshot {
+            user: user_id,
+            bot: bot_name,
+        })?;
+        Some(item.snapshot_at(self.state.server_now()))
+    }
+
+    /// A servable snapshot from memory as the shared value itself, if no entry in it has
+    /// reached `demand_fraction` of its lifetime (see `NearItem::shared_snapshot_below`).
+    pub(crate) fn snapshot_hit_shared(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        demand_fraction: f64,
+    ) -> Option<Arc<Snapshot>> {
+        let item = self.state.get(NearKeyRef::Snapshot {
+            user: user_id,
+            bot: bot_name,
+        })?;
+        item.shared_snapshot_below(self.state.server_now(), demand_fraction)
+    }
+
+    /// The snapshot through the tier: `call` is the store's snapshot, run by one caller per
+    /// key at a time.
+    pub(crate) async fn snapshot_fill(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        call: impl Future<Output = Result<Snapshot, CacheError>>,
+    ) -> Result<Snapshot, CacheError> {
+        let key = NearKeyRef::Snapshot {
+            user: user_id,
+            bot: bot_name,
+        };
+        let item = self
+            .state
+            .fill(key, async {
+                call.await.map(|s| NearData::Snapshot(Arc::new(s)))
+            })
+            .await?;
+        Ok(item.snapshot_at(self.state.server_now()))
+    }
+
+    /// A servable lookup from memory, aged to now.
+    pub(crate) fn lookup_hit(&self, component: Component, key: &Key) -> Option<Lookup> {
+        let item = self.state.get(NearKeyRef::Entry { component, key })?;
+        Some(item.lookup_at(self.state.server_now()))
+    }
+
+    /// The lookup through the tier (single flight, as [`NearTier::snapshot_fill`]).
+    pub(crate) async fn lookup_fill(
+        &self,
+        component: Component,
+        key: &Key,
+        call: impl Future<Output = Result<Lookup, CacheError>>,
+    ) -> Result<Lookup, CacheError> {
+        let item = self
+            .state
+            .fill(NearKeyRef::Entry { component, key }, async {
+                call.await.map(NearData::Lookup)
+            })
+            .await?;
+        Ok(item.lookup_at(self.state.server_now()))
+    }
+}
+
+/// Drops anything after `@` up to the next `/` in an error message quoting a URL (a password).
+fn redact(message: &str) -> String {
+    match (message.find("://"), message.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &message[..scheme], &message[at..])
+        }
+        _ => message.to_string(),
+    }
+}
