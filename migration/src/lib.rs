@@ -21,7 +21,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20251124_000001_create_strategic_cache_tables;
 mod m20251124_000002_create_refresh_queue;
 mod m20251124_000003_create_roles;
-// Near tier (issue 14): change notifications.
+// Near tier: change notifications.
 mod m20251130_000004_create_notify_triggers;
 pub mod runner;
 
@@ -29,7 +29,7 @@ pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_exist
 
 /// The name of the migration that creates the roles.
 pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
-// Near tier (issue 14).
+// Near tier.
 pub use m20251130_000004_create_notify_triggers::{FLUSH_ALL_CHANNEL, MAX_PAYLOAD_BYTES};
 
 /// Creates the near tier's notify triggers (migration 4's `up`) on `db` without recording the

@@ -9,9 +9,10 @@
 //!   [`FLUSH_ALL_CHANNEL`], which every listener hears.
 //! - The payload is JSON: `{"c": component index, "b": bot, "k": [keys]}` (user ids, or time
 //!   windows for character performance). For an insert or update of a per-user table it also
-//!   carries the new rows, `"r": [row_to_json(row), ...]`, when they fit (issue 14: the near
-//!   tier then applies the change without reading the database); otherwise keys only. When that would exceed [`MAX_PAYLOAD_BYTES`] (NOTIFY
-//!   refuses 8,000 bytes) it becomes `{"c": .., "b": .., "f": true}`, "flush this bot's table".
+//!   carries the new rows, `"r": [row_to_json(row), ...]`, when they fit (so that the near
+//!   tier then applies the change without reading the database); otherwise keys only. When
+//!   that would exceed [`MAX_PAYLOAD_BYTES`] (NOTIFY refuses 8,000 bytes) it becomes
+//!   `{"c": .., "b": .., "f": true}`, "flush this bot's table".
 //! - `INSERT ... ON CONFLICT` fires both the insert and the update statement triggers; each sends
 //!   only the rows its own part touched (an empty transition table sends nothing).
 //!

@@ -14,7 +14,7 @@ mod faults;
 mod hostile;
 mod load;
 mod metrics;
-// The reader's near tier (issue 14).
+// The reader's near tier.
 mod near;
 mod near_faults;
 mod privileges;

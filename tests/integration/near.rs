@@ -1,4 +1,4 @@
-//! The reader's near tier (issue 14) against a real PostgreSQL: coherence with every writer
+//! The reader's near tier against a real PostgreSQL: coherence with every writer
 //! within the lease under random writes, single flight, the fill-versus-invalidation race and
 //! the memory bound. The same coherence run under faults is in `near_faults.rs`.
 

@@ -22,7 +22,7 @@ const ALL_MIGRATIONS: [&str; 4] = [
     "m20251124_000001_create_strategic_cache_tables",
     "m20251124_000002_create_refresh_queue",
     "m20251124_000003_create_roles",
-    // The near tier's triggers (issue 14): functions and triggers only, outside the catalog
+    // The near tier's triggers: functions and triggers only, outside the catalog
     // compared here.
     "m20251130_000004_create_notify_triggers",
 ];

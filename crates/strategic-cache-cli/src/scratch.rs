@@ -8,7 +8,7 @@
 //! after an error, and on Ctrl-C or SIGTERM.
 //!
 //! Only the first two migrations run (the six cache tables and `strategic_refresh_queue`), and
-//! the fourth's notify triggers for the near tier (issue 14), not recorded as applied. The
+//! the fourth's notify triggers for the near tier, not recorded as applied. The
 //! third creates the cluster-wide roles `strategic_cache_reader` and `strategic_cache_writer`,
 //! which would outlive the schema (and even `dropdb`), needs `CREATEROLE`, and is not needed:
 //! the command connects as the given user, which owns the schema and everything in it.

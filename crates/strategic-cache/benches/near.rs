@@ -1,4 +1,4 @@
-//! The near tier (issue 14) against PostgreSQL at `DATABASE_URL` (a base URL; a scratch
+//! The near tier against PostgreSQL at `DATABASE_URL` (a base URL; a scratch
 //! database is created and dropped): a near snapshot hit and a near single-entry hit against
 //! the database snapshot of the same run, a warm burst of 200 concurrent snapshots, and a
 //! 1,000-row `upsert_many` of 1.2 KB rows with the notify triggers against the same without

@@ -18,7 +18,7 @@ use crate::keys::Key;
 pub enum ReadOutcome {
     /// A fresh entry was served, read from the store.
     Hit,
-    /// A fresh entry was served from the reader's near tier (issue 14): memory only, no
+    /// A fresh entry was served from the reader's near tier: memory only, no
     /// database read. A hit like [`ReadOutcome::Hit`] in every other respect (refresh-ahead
     /// signals, age); told apart so that metrics can show what the near tier saves.
     NearHit,

@@ -34,7 +34,7 @@
 //!   - `stats`: [`ReaderStats`] and its counters;
 //!   - `breaker`: the circuit breaker;
 //!   - `warn_limit`: the rate limit of its warnings.
-//! - `near/`: the reader's near tier (issue 14): entries in memory, coherent with
+//! - `near/`: the reader's near tier: entries in memory, coherent with
 //!   PostgreSQL within a lease through a listening connection.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - [`scheduler`]: refresh-ahead and on-demand scheduling for the enrichment worker.

@@ -272,7 +272,7 @@ impl Bench {
     /// that after the warm-up every read is a hit from memory.
     const NEAR_KEYS: u64 = 100;
 
-    /// Snapshots and single reads through a reader with its near tier (issue 14) on a warm
+    /// Snapshots and single reads through a reader with its near tier on a warm
     /// working set, from one stream and from ten: what a bot's message costs once the tier
     /// holds its (user, bot). The rows beside them (`snapshot`, `single_read`) are the same
     /// reads from the database.

@@ -1,5 +1,5 @@
 //! `watch --user U --bot B [--interval-ms N] [--count N]`: the operator's view of what the bot
-//! sees right now. Reads through a `CacheReader` with the near tier (issue 14) at every
+//! sees right now. Reads through a `CacheReader` with the near tier at every
 //! interval and prints one line per read, as it goes (this is the one command that prints
 //! before it returns): for each component the `computed_at` served and where it came from
 //! (`near`, `db`, or `missing`), and the lease state. With `--json`, one JSON object a line,

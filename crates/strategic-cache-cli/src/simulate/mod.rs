@@ -77,7 +77,7 @@ pub struct SimulateArgs {
     /// Turn refresh-ahead off: recompute only on a miss (the design we replace).
     #[arg(long)]
     pub no_refresh_ahead: bool,
-    /// On PostgreSQL, read without the reader's near tier (issue 14), as before it: every
+    /// On PostgreSQL, read without the reader's near tier, as before it: every
     /// message then reads the database. The near tier is on by default there, as it is in
     /// `ReaderConfig`; the in-memory backend has no near tier (its store is already memory).
     #[arg(long)]

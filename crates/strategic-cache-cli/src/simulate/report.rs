@@ -77,7 +77,7 @@ pub struct SimReport {
     pub dropped_requests: u64,
     /// Requests for new keys refused because the queue was full.
     pub rejected_requests: u64,
-    /// Whether the reader had a near tier (issue 14): PostgreSQL without `--no-near`. The
+    /// Whether the reader had a near tier: PostgreSQL without `--no-near`. The
     /// in-memory backend has none: its store is already process memory, so a near tier
     /// would save no database read and its coherence (LISTEN/NOTIFY) has nothing to listen to.
     pub near_tier: bool,

@@ -180,7 +180,7 @@ pub(super) async fn set_up(
     let mut reader = CacheReader::new(repo.clone())
         .with_config(reader_config)
         .with_refresh_sink(requester.clone());
-    // The near tier (issue 14) needs PostgreSQL's LISTEN; on by default there, as in a bot.
+    // The near tier needs PostgreSQL's LISTEN; on by default there, as in a bot.
     let near = match database_url {
         Some(url) if !args.no_near => {
             reader = reader.with_near_tier(url);

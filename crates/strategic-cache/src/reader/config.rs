@@ -22,7 +22,7 @@ pub struct ReaderConfig {
     pub demand_fraction: f64,
     /// Least time between two warnings about failing reads.
     pub warn_interval: Duration,
-    /// The near tier (issue 14; see [`NearConfig`](crate::NearConfig)): used only by a reader
+    /// The near tier (see [`NearConfig`](crate::NearConfig)): used only by a reader
     /// given a database URL through
     /// [`CacheReader::with_near_tier`](super::CacheReader::with_near_tier).
     pub near: crate::near::NearConfig,

@@ -94,7 +94,7 @@ pub struct CacheReader {
     config: ReaderConfig,
     observer: Option<Arc<dyn ReadObserver>>,
     refresh: Option<Arc<dyn RefreshSink>>,
-    /// The near tier, if on (issue 14, `crate::near`); `None` reads the store every time.
+    /// The near tier, if on (`crate::near`); `None` reads the store every time.
     near: Option<crate::near::NearTier>,
     /// Breaker, counters and warning limits, behind an `Arc` so that clones of one reader
     /// (one per bot task, say) agree on whether the store is failing.
@@ -176,8 +176,6 @@ impl CacheReader {
         self
     }
 
-    // ---- Near tier hook (issue 14): the tier itself lives in `crate::near`. ----
-
     /// Serves reads from an in-process near tier kept coherent with the database at
     /// `database_url` (one listening connection), if `config().near.enabled`; call after
     /// [`CacheReader::with_config`]. Within a Tokio runtime. If the tier cannot start (a URL
@@ -218,8 +216,6 @@ impl CacheReader {
         Arc::new(self.snapshot(user_id, bot_name).await)
     }
 
-    // ---- end of the near tier hook ----
-
     /// The settings in use.
     pub fn config(&self) -> &ReaderConfig {
         &self.config
@@ -247,7 +243,7 @@ impl CacheReader {
     pub async fn get_key(&self, component: Component, key: &Key) -> Option<CachedEntry> {
         let started = std::time::Instant::now();
         Counters::add(&self.shared.counters.reads, 1);
-        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        // With a near tier: a hit from memory, else a single-flight read through it.
         let mut near_hit = false;
         let result = match &self.near {
             Some(near) => match near.lookup_hit(component, key) {
@@ -337,7 +333,7 @@ impl CacheReader {
         Counters::add(&self.shared.counters.reads, parts);
         let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
         let mut near_hit = false;
-        // Near tier hook (issue 14): a hit from memory, else a single-flight read through it.
+        // With a near tier: a hit from memory, else a single-flight read through it.
         let result = match &self.near {
             Some(near) => match near.snapshot_hit(user_id, bot_name) {
                 Some(snapshot) => {
