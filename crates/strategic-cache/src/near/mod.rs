@@ -118,7 +118,10 @@ impl NearTier {
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| CacheError::InvalidInput {
                 field: "database_url",
-                reason: format!("not a PostgreSQL URL: {}", redact(&e.to_string())),
+                reason: format!(
+                    "not a PostgreSQL URL: {}",
+                    pg_diagnostics::scrub(&e.to_string(), Some(database_url))
+                ),
             })?
             .application_name(&config.application_name);
         let handle =
@@ -225,15 +228,5 @@ impl NearTier {
             })
             .await?;
         Ok(item.lookup_at(self.state.server_now()))
-    }
-}
-
-/// Drops anything after `@` up to the next `/` in an error message quoting a URL (a password).
-fn redact(message: &str) -> String {
-    match (message.find("://"), message.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &message[..scheme], &message[at..])
-        }
-        _ => message.to_string(),
     }
 }
