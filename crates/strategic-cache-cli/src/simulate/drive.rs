@@ -146,7 +146,8 @@ pub(super) async fn drive(
             (before, backlog)
         })
     };
-    let mut sessions = Vec::new();
+    // Aborted if the run is dropped (Ctrl-C): see `AbortOnDrop`.
+    let mut sessions = super::AbortOnDrop(Vec::new());
     let mut at = 0.0f64;
     let mut last_progress = Instant::now();
     loop {
@@ -175,7 +176,7 @@ pub(super) async fn drive(
         }
         let system = system.clone();
         let tally = tally.clone();
-        sessions.push(tokio::spawn(async move {
+        sessions.0.push(tokio::spawn(async move {
             let user_id = format!("sim-user-{user}");
             let bot_name = format!("sim-bot-{bot}");
             for (i, gap) in gaps.into_iter().enumerate() {
@@ -199,7 +200,7 @@ pub(super) async fn drive(
             }
         }));
     }
-    for session in sessions {
+    for session in std::mem::take(&mut sessions.0) {
         let _ = session.await;
     }
     let (before, backlog) = window.await.unwrap_or_default();

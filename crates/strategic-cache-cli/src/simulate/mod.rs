@@ -165,7 +165,8 @@ pub async fn run(
     let system = Arc::new(setup::set_up(args, database_url, speedup, scale).await?);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker_tasks: Vec<_> = system
+    let mut worker_tasks = AbortOnDrop(Vec::new());
+    worker_tasks.0 = system
         .workers
         .iter()
         .map(|worker| {
@@ -184,7 +185,7 @@ pub async fn run(
     let warmup = scale(args.warmup_hours * 3600.0);
     let measured = scale(args.hours * 3600.0);
     let driven = drive::drive(args, &system, scale, warmup, measured, &progress, stop_tx).await;
-    for task in worker_tasks {
+    for task in std::mem::take(&mut worker_tasks.0) {
         let _ = task.await;
     }
     // The workers have stopped: their counters now end the measured window.
@@ -216,4 +217,17 @@ pub async fn run(
         near: system.near,
     };
     Ok(report::report(args, system.backend, driven, after))
+}
+
+/// Tasks of a run (its workers, its sessions), aborted if the run is dropped before it ends: a
+/// run stopped by Ctrl-C is dropped and its schema dropped next, so a task left running would
+/// read or write a schema that no longer exists, and log that it could not.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
