@@ -14,6 +14,7 @@
 //! the command connects as the given user, which owns the schema and everything in it.
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use migration::MigratorTrait as _;
@@ -109,7 +110,14 @@ where
     };
     let outcome = tokio::select! {
         outcome = body(scratch.scoped.clone()) => outcome,
-        signal = signals.recv() => Err(interrupted(signal, &schema)),
+        signal = signals.recv() => {
+            // The run was dropped here, which aborts its tasks; they are cancelled the next
+            // time the runtime gets to them, and the last one drops what they share (the
+            // reader's near-tier listener, say). Dropping the schema under them first would
+            // make them log failures into the one line this run promises: give them a moment.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err(interrupted(signal, &schema))
+        }
     };
     let dropped = scratch.drop_schema().await;
     match (outcome, dropped) {

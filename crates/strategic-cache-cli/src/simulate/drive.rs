@@ -134,7 +134,7 @@ pub(super) async fn drive(
     // The workers' counters when the measured window starts, and their stop when it ends
     // (on the virtual clock at those instants exactly; in compressed real time within a
     // scheduler tick).
-    let window = {
+    let mut window = super::AbortOnDrop(vec![{
         let system = system.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from).await;
@@ -145,7 +145,7 @@ pub(super) async fn drive(
             let _ = stop.send(true);
             (before, backlog)
         })
-    };
+    }]);
     // Aborted if the run is dropped (Ctrl-C): see `AbortOnDrop`.
     let mut sessions = super::AbortOnDrop(Vec::new());
     let mut at = 0.0f64;
@@ -203,7 +203,10 @@ pub(super) async fn drive(
     for session in std::mem::take(&mut sessions.0) {
         let _ = session.await;
     }
-    let (before, backlog) = window.await.unwrap_or_default();
+    let (before, backlog) = match window.0.pop() {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Default::default(),
+    };
     progress(1.0);
     let tally = Arc::try_unwrap(tally).unwrap_or_default();
     Driven {

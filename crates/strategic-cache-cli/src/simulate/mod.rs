@@ -222,9 +222,9 @@ pub async fn run(
 /// Tasks of a run (its workers, its sessions), aborted if the run is dropped before it ends: a
 /// run stopped by Ctrl-C is dropped and its schema dropped next, so a task left running would
 /// read or write a schema that no longer exists, and log that it could not.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+struct AbortOnDrop<T = ()>(Vec<tokio::task::JoinHandle<T>>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();
