@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`Migrator`]: the sea-orm-migration migrator, one file per migration (`m*.rs`).
+//! - [`citus`]: `migrate distribute` (the cache tables distributed by `user_id` on a Citus
+//!   coordinator; not a migration, applied only on request) and where the tables are now.
 //! - [`runner`]: what the CLI, `cargo xtask migrate` and the tests call: a bounded connect, an
 //!   advisory lock around the whole run, a short `lock_timeout`, and errors a caller can act on.
 //!   Use it instead of `sea_orm_migration::cli::run_cli`, which panics when it cannot connect.
@@ -17,6 +19,8 @@
 //! ```
 
 pub use sea_orm_migration::prelude::*;
+
+pub mod citus;
 
 mod m20251124_000001_create_strategic_cache_tables;
 mod m20251124_000002_create_refresh_queue;

@@ -20,6 +20,7 @@
 //! column or index), so the old platform's schema is unchanged; `down` drops them.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 use crate::CACHE_TABLES;
 
@@ -151,13 +152,27 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let db = manager.get_connection();
-        for table in CACHE_TABLES {
-            for op in ["ins", "upd", "del", "trunc"] {
-                db.execute_unprepared(&format!(
-                    "DROP TRIGGER IF EXISTS strategic_cache_notify_{op} ON {table}"
-                ))
-                .await?;
-            }
+        // Only the triggers that exist: on tables distributed by Citus (`migrate distribute`
+        // dropped the triggers there), Citus refuses even `DROP TRIGGER IF EXISTS`.
+        let existing = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT c.relname::text AS t, g.tgname::text AS g FROM pg_catalog.pg_trigger g \
+                 JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid \
+                 WHERE NOT g.tgisinternal AND g.tgname LIKE 'strategic\\_cache\\_notify\\_%' \
+                 AND c.oid IN (SELECT to_regclass(n) FROM unnest(ARRAY["
+                    .to_owned()
+                    + &CACHE_TABLES.map(|t| format!("'{t}'")).join(", ")
+                    + "]) n)",
+            ))
+            .await?;
+        for row in existing {
+            let table: String = row.try_get("", "t")?;
+            let trigger: String = row.try_get("", "g")?;
+            db.execute_unprepared(&format!(
+                "DROP TRIGGER IF EXISTS \"{trigger}\" ON \"{table}\""
+            ))
+            .await?;
         }
         db.execute_unprepared("DROP FUNCTION IF EXISTS strategic_cache_notify()")
             .await?;

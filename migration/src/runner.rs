@@ -105,6 +105,15 @@ pub enum MigrateError {
     /// Any other database error.
     #[error("database error: {0}")]
     Database(String),
+    /// `migrate distribute` where the `citus` extension is not installed in the database.
+    #[error(
+        "the citus extension is not installed in this database (CREATE EXTENSION citus on the \
+         coordinator first); nothing was changed"
+    )]
+    CitusMissing,
+    /// `migrate distribute --shards N` with N out of range.
+    #[error("--shards must be between 1 and {max}, got {0}", max = crate::citus::MAX_SHARDS)]
+    InvalidShardCount(u32),
 }
 
 /// The outcome of a run, printable for a person.
@@ -285,7 +294,7 @@ fn transitions(before: &[(String, bool)], after: &[(String, bool)], down: bool) 
 
 /// Waits for the migration advisory lock, polling rather than blocking so that the wait is
 /// bounded by `advisory_lock_wait` and not by `lock_timeout` (which bounds table locks only).
-async fn acquire_lock(
+pub(crate) async fn acquire_lock(
     txn: &impl ConnectionTrait,
     options: &MigrateOptions,
 ) -> Result<(), MigrateError> {
@@ -315,7 +324,7 @@ async fn acquire_lock(
     }
 }
 
-fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
+pub(crate) fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
     match sqlstate(&error).as_deref() {
         // lock_not_available: lock_timeout fired.
         Some(LOCK_NOT_AVAILABLE) => MigrateError::LockTimeout(options.lock_timeout),

@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod bench;
+// Citus (issue 15): distributed tables and `migrate distribute`.
+mod citus;
 mod cli;
 mod connect_errors;
 mod contract;

@@ -49,7 +49,9 @@ pub fn code_of(error: &anyhow::Error) -> u8 {
         {
             return USAGE;
         }
-        if let Some(MigrateError::InvalidUrl(_)) = cause.downcast_ref::<MigrateError>() {
+        if let Some(MigrateError::InvalidUrl(_) | MigrateError::InvalidShardCount(_)) =
+            cause.downcast_ref::<MigrateError>()
+        {
             return USAGE;
         }
     }

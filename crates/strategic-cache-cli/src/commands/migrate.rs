@@ -1,5 +1,7 @@
-//! `migrate up|down [N]|status|fresh`: the deploy-safe runner of the `migration` crate.
+//! `migrate up|down [N]|status|fresh|distribute [--shards N]`: the deploy-safe runner of the
+//! `migration` crate, and the distribution of the cache tables on a Citus coordinator.
 
+use migration::citus::{self, DEFAULT_SHARDS, Distribution};
 use migration::runner::{self, Command, MigrateOptions, Report};
 use serde_json::{Value, json};
 
@@ -22,24 +24,91 @@ pub enum MigrateAction {
     Status,
     /// Roll back every migration of ours, then apply them all again (drops cached data).
     Fresh,
+    /// On a Citus coordinator: distribute the five per-user tables by user_id (colocated),
+    /// make the per-bot table a reference table, leave the refresh queue local. Refuses where
+    /// the citus extension is not installed; a second run changes nothing.
+    Distribute {
+        /// Shards of the per-user tables.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_SHARDS)]
+        shards: u32,
+    },
 }
 
 /// Runs one migration action and reports every migration's state afterwards.
 pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Outcome> {
+    if let MigrateAction::Distribute { shards } = action {
+        return distribute(context, shards).await;
+    }
     let command = match action {
         MigrateAction::Up => Command::Up,
         MigrateAction::Down { steps } => Command::Down { steps: Some(steps) },
         MigrateAction::Status => Command::Status,
         MigrateAction::Fresh => Command::Fresh,
+        MigrateAction::Distribute { .. } => unreachable!("handled above"),
     };
     let url = context.url()?;
     let options = MigrateOptions::default();
     let db = runner::connect(url, &options).await?;
     let result = runner::run(&db, command, &options).await;
+    // Where the tables are, after the run: `status` shows it (read-only, any role).
+    let placement = match (&result, command) {
+        (Ok(_), Command::Status) => Some(citus::distribution(&db).await),
+        _ => None,
+    };
     // Close before reporting, so the server sees a clean disconnect either way.
     let _ = db.close().await;
     let report = result?;
-    Ok(Outcome::ok(text(&report), report_json(&report)))
+    let mut text = text(&report);
+    let mut json = report_json(&report);
+    if let Some(distribution) = placement {
+        let distribution = distribution?;
+        text.push_str(&distribution.to_string());
+        json["distribution"] = distribution_json(&distribution);
+    }
+    Ok(Outcome::ok(text, json))
+}
+
+/// `migrate distribute`: one transaction under the migration lock (see `migration::citus`).
+async fn distribute(context: &Context, shards: u32) -> anyhow::Result<Outcome> {
+    if !(1..=citus::MAX_SHARDS).contains(&shards) {
+        return Err(crate::exit::bad_input(format!(
+            "--shards must be between 1 and {}, got {shards}",
+            citus::MAX_SHARDS
+        )));
+    }
+    let url = context.url()?;
+    let options = MigrateOptions::default();
+    let db = runner::connect(url, &options).await?;
+    let result = citus::distribute(&db, shards, &options).await;
+    let _ = db.close().await;
+    let report = result?;
+    let json = json!({
+        "command": "distribute",
+        "changed": report.changed,
+        "distribution": distribution_json(&report.distribution),
+    });
+    Ok(Outcome::ok(report.to_string(), json))
+}
+
+fn distribution_json(distribution: &Distribution) -> Value {
+    let tables: Vec<Value> = distribution
+        .tables
+        .iter()
+        .map(|(name, placement)| {
+            let (kind, shards) = match placement {
+                citus::Placement::Local => ("local", None),
+                citus::Placement::Distributed { shards } => ("distributed", Some(*shards)),
+                citus::Placement::Reference => ("reference", None),
+                citus::Placement::Other(_) => ("other", None),
+            };
+            json!({ "name": name, "placement": kind, "shards": shards })
+        })
+        .collect();
+    json!({
+        "citus_version": distribution.citus_version,
+        "distributed": distribution.is_distributed(),
+        "tables": tables,
+    })
 }
 
 fn text(report: &Report) -> String {

@@ -19,6 +19,17 @@
 //! within `lease` of it. If the probe does not come back by `sent + lease` (a silently
 //! partitioned connection, a stalled server), the lease has already lapsed; the connection is
 //! dropped and the loop starts again, and any error does the same.
+//!
+//! Where Citus distributes the cache tables, the tier never takes the lease. Writes there run
+//! on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
+//! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
+//! on, and even then they fire on the workers, whose notifications a listener on the
+//! coordinator never hears). Serving from memory without invalidations would break the bound
+//! above, so each session first asks whether the tables are distributed (one statement,
+//! `distributed_tables_sql`) and, if so, ends without a lease, says why once, and asks again a
+//! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
+//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`, which ends a running session, so a
+//! tier that held a lease when the tables moved stops serving from memory at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +56,16 @@ enum SessionError {
     ConnectTimeout(Duration),
     #[error("the listening connection was lost")]
     Lost,
+    #[error("the cache tables are distributed by Citus")]
+    Distributed,
 }
+
+/// How long a tier that found the tables distributed waits before asking again.
+const DISTRIBUTED_RECHECK: Duration = Duration::from_secs(60);
+
+/// The payload `migrate distribute` sends on the flush-all channel (the `migration` crate's
+/// `citus::DISTRIBUTED_PAYLOAD`; the library does not depend on that crate).
+const DISTRIBUTED_PAYLOAD: &str = "{\"distributed\":true}";
 
 /// A change as the triggers send it (`m20251130_000004_create_notify_triggers`).
 #[derive(Debug, serde::Deserialize)]
@@ -119,6 +139,7 @@ pub(crate) async fn run(
     let mut channels: HashMap<Box<str>, String> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
+    let mut told_distributed = false;
     loop {
         let started = Instant::now();
         let result = session(
@@ -134,6 +155,18 @@ pub(crate) async fn run(
         state.lapse();
         state.flush();
         state.clear();
+        if let Err(SessionError::Distributed) = result {
+            if !told_distributed {
+                told_distributed = true;
+                tracing::warn!(
+                    "strategic cache near tier: off, the cache tables are distributed by Citus \
+                     (writes on the workers send no change notifications the tier could hear); \
+                     every read goes to the database"
+                );
+            }
+            tokio::time::sleep(DISTRIBUTED_RECHECK).await;
+            continue;
+        }
         if let Err(error) = result
             && last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
         {
@@ -182,6 +215,12 @@ async fn session(
         .await
         .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
     state.counters.connects.fetch_add(1, Ordering::Relaxed);
+    let distributed: i32 = sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
+        .fetch_one(&mut listener)
+        .await?;
+    if distributed > 0 {
+        return Err(SessionError::Distributed);
+    }
 
     let mut seq: u64 = 0;
     let mut held = false;
@@ -239,6 +278,13 @@ async fn session(
                     break;
                 }
                 continue;
+            }
+            if notification.channel() == entity::FLUSH_ALL_CHANNEL
+                && notification.payload() == DISTRIBUTED_PAYLOAD
+            {
+                // The tables were just distributed: end the session before renewing the
+                // lease; the next one finds them distributed.
+                return Err(SessionError::Distributed);
             }
             apply(state, notification.channel(), notification.payload());
         }

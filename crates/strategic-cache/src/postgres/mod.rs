@@ -18,6 +18,11 @@
 //! - `maintenance`: dead-row health ([`TableHealth`]) and `VACUUM`;
 //! - `read_pool`: the hot path's own connection pool;
 //! - `batch`: merges concurrent lookups of one table into one statement on that pool.
+//!
+//! On a Citus coordinator whose cache tables are distributed (`migrate distribute`), connect
+//! finds so in one statement and the repository then uses the forms Citus runs: the sweep
+//! without row locks, no batched lookups, table health read from the shards (see
+//! [`PgCacheRepository::distributed`]). On plain PostgreSQL nothing changes.
 
 mod batch;
 mod errors;
@@ -52,6 +57,7 @@ pub(crate) use errors::map_db_err;
 use errors::{classify, corrupt};
 pub use maintenance::TableHealth;
 use read_pool::ReadPool;
+pub(crate) use statements::distributed_tables_sql;
 use statements::{lookup_many_sql, snapshot_sql, sql, stats_sql, stmt, values_tuple};
 use tables::{
     Arg, decode_entry, decode_parts, entry_row_values, key_args, key_values, secs, ttl_secs,
@@ -114,6 +120,8 @@ pub struct PgCacheRepository {
     url: Option<String>,
     /// The configured statement timeout, reported in [`CacheError::Timeout`].
     statement_timeout: Option<Duration>,
+    /// Whether Citus distributes the cache tables (found at connect).
+    distributed: bool,
 }
 
 impl fmt::Debug for PgCacheRepository {
@@ -124,6 +132,7 @@ impl fmt::Debug for PgCacheRepository {
             .field("ttl", &self.ttl)
             .field("limits", &self.limits)
             .field("statement_timeout", &self.statement_timeout)
+            .field("distributed", &self.distributed)
             .finish_non_exhaustive()
     }
 }
@@ -188,7 +197,15 @@ impl PgCacheRepository {
             .await
             .map_err(|e| unavailable(&e))?;
         let reads = Arc::new(reads);
-        Ok(PgCacheRepository {
+        let distributed = detect_distributed(&db).await.map_err(|e| {
+            let mapped = classify(e, config.statement_timeout);
+            match mapped {
+                CacheError::Unavailable(m) => CacheError::Unavailable(scrub(&m, Some(url))),
+                CacheError::Database(m) => CacheError::Database(scrub(&m, Some(url))),
+                other => other,
+            }
+        })?;
+        let repository = PgCacheRepository {
             db,
             batcher: Some(Arc::new(Batcher::new(
                 Arc::clone(&reads),
@@ -200,7 +217,40 @@ impl PgCacheRepository {
             limits: config.limits,
             url: Some(url.to_owned()),
             statement_timeout: config.statement_timeout,
-        })
+            distributed: false,
+        };
+        Ok(repository.with_distributed(distributed))
+    }
+
+    /// Switches the statements that Citus runs differently: on distributed tables the sweep
+    /// takes no row locks, lookups are never batched (a batch of keys of many users fans out
+    /// to every shard, and Citus cannot push the batched form down at all: "cannot push down
+    /// this subquery", issue 15), and table health is read from the shards.
+    fn with_distributed(mut self, distributed: bool) -> Self {
+        self.distributed = distributed;
+        if distributed {
+            self.batcher = None;
+            tracing::info!(
+                "strategic cache: the cache tables are distributed by Citus; sweeping without \
+                 row locks, lookups unbatched, table health read from the shards"
+            );
+        }
+        self
+    }
+
+    /// Whether the cache tables are distributed by Citus, as found at connect (by
+    /// [`PgCacheRepository::connect`]; a repository made by
+    /// [`PgCacheRepository::from_connection`] assumes plain PostgreSQL).
+    pub fn distributed(&self) -> bool {
+        self.distributed
+    }
+
+    /// This repository with the statements of distributed tables on plain PostgreSQL, so that
+    /// tests can run every statement Citus gets on a server without Citus (table health
+    /// excepted: it calls Citus's own functions).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn assume_distributed(self) -> Self {
+        self.with_distributed(true)
     }
 
     /// Wraps an existing connection (pool).
@@ -213,6 +263,7 @@ impl PgCacheRepository {
             limits,
             url: None,
             statement_timeout: None,
+            distributed: false,
         }
     }
 
@@ -276,7 +327,7 @@ impl PgCacheRepository {
     /// Live and dead row versions, size and vacuums of each table, from the server's
     /// statistics (which lag writes by up to a few seconds).
     pub async fn table_health(&self) -> Result<Vec<TableHealth>, CacheError> {
-        maintenance::table_health(&self.db, |e| self.err(e)).await
+        maintenance::table_health(&self.db, self.distributed, |e| self.err(e)).await
     }
 
     /// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
@@ -521,10 +572,16 @@ impl CacheRepository for PgCacheRepository {
         }
         let mut total = 0u64;
         for component in Component::ALL {
+            let table = sql(component);
+            let statement = if self.distributed {
+                &table.sweep_distributed
+            } else {
+                &table.sweep
+            };
             loop {
                 let deleted = self
                     .db
-                    .execute_raw(stmt(&sql(component).sweep, vec![i64::from(batch).into()]))
+                    .execute_raw(stmt(statement, vec![i64::from(batch).into()]))
                     .await
                     .map_err(|e| self.err(e))?
                     .rows_affected();
@@ -603,4 +660,17 @@ impl CacheRepository for PgCacheRepository {
             })
             .collect()
     }
+}
+
+/// The number of cache tables Citus distributes, in one statement (see
+/// `statements::distributed_tables_sql`); 0 on plain PostgreSQL.
+async fn detect_distributed(db: &DatabaseConnection) -> Result<bool, DbErr> {
+    let row = db
+        .query_one_raw(stmt(distributed_tables_sql(), Vec::new()))
+        .await?;
+    let count: i32 = match row {
+        Some(row) => row.try_get("", "distributed")?,
+        None => 0,
+    };
+    Ok(count > 0)
 }

@@ -34,6 +34,9 @@ pub(super) struct TableSql {
     pub(super) delete: String,
     /// One batch of the sweep: `$1` is the batch size.
     pub(super) sweep: String,
+    /// The sweep where the tables are distributed by Citus, which refuses row locks in a
+    /// multi-shard query: the same batch without `FOR UPDATE SKIP LOCKED`.
+    pub(super) sweep_distributed: String,
     /// One row of counts and ages (for the `UNION ALL` of all six).
     pub(super) stats: String,
     /// `VACUUM (ANALYZE, SKIP_LOCKED)` of the table.
@@ -135,6 +138,17 @@ pub(super) fn build<E: CacheTable>() -> TableSql {
     let sweep = format!(
         "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} WHERE {expires_at} <= now() LIMIT $1 FOR UPDATE SKIP LOCKED) AND {expires_at} <= now()"
     );
+    // On Citus (issue 15, measured on 13.0.5: "could not run distributed query with FOR
+    // UPDATE/SHARE commands"; this form runs): the subquery with its LIMIT is planned
+    // recursively (its ids collected on the coordinator first), so each statement still
+    // deletes at most `$1` rows. Without SKIP LOCKED a row being refreshed is waited for rather
+    // than skipped, and the outer recheck keeps it: under READ COMMITTED the DELETE re-evaluates
+    // `expires_at <= now()` on the row version the refresh committed, which is fresh. `id`
+    // need not be unique (the key change drops its primary key): a duplicate could only be
+    // another expired row.
+    let sweep_distributed = format!(
+        "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} WHERE {expires_at} <= now() LIMIT $1) AND {expires_at} <= now()"
+    );
     let stats = format!(
         "SELECT {index}::int4 AS idx, count(*) AS total, \
          count(*) FILTER (WHERE s.fresh) AS fresh, \
@@ -158,6 +172,7 @@ pub(super) fn build<E: CacheTable>() -> TableSql {
         upsert_one,
         delete,
         sweep,
+        sweep_distributed,
         stats,
     }
 }
@@ -235,6 +250,64 @@ pub(super) fn health_sql() -> &'static str {
              FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
              WHERE s.relid = ANY(ARRAY[{tables}])"
         )
+    })
+}
+
+/// The number of cache tables Citus distributes (listed in `pg_dist_partition`), in one
+/// statement that also runs where Citus is not installed: the catalog is named only inside
+/// `query_to_xml`'s text, which is planned only when that branch runs. `pg_dist_partition` is
+/// found through the search path (Citus keeps it in `pg_catalog`, searched first).
+pub(crate) fn distributed_tables_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = Component::ALL
+            .iter()
+            .map(|c| format!("''{}''", c.table_name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT CASE WHEN to_regclass('pg_dist_partition') IS NULL THEN 0 ELSE \
+             COALESCE(substring(query_to_xml('SELECT count(*) AS n FROM pg_dist_partition \
+             WHERE logicalrelid IN (SELECT to_regclass(t) FROM unnest(ARRAY[{tables}]) t)', \
+             false, true, '')::text FROM '<n>([0-9]+)</n>')::int4, 0) END AS distributed"
+        )
+    })
+}
+
+/// [`health_sql`] where the tables are distributed by Citus: the coordinator's tables are
+/// empty shells (`stats` showed 0 dead rows and 0 MiB there, issue 15), so each figure is
+/// summed over the shards, read on the workers through `run_command_on_shards` (which puts
+/// each shard's name where the command says `%s`, Citus's "Manual Query Propagation"). Sizes
+/// are read the same way rather than with `citus_total_relation_size`, which Citus documents
+/// for tables with `citus.shard_replication_factor = 1`, and the per-bot table is a reference
+/// table, replicated to every node; its figures are those of one copy.
+pub(super) fn health_distributed_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        Component::ALL
+            .iter()
+            .map(|c| {
+                let name = c.table_name();
+                let table = quote(name);
+                format!(
+                    "SELECT '{name}'::text AS name, \
+                     COALESCE(sum(split_part(r.result, ' ', 1)::int8), 0)::int8 AS live, \
+                     COALESCE(sum(split_part(r.result, ' ', 2)::int8), 0)::int8 AS dead, \
+                     COALESCE(sum(split_part(r.result, ' ', 5)::int8), 0)::int8 AS bytes, \
+                     COALESCE(sum(split_part(r.result, ' ', 3)::int8), 0)::int8 AS vacuums, \
+                     max(to_timestamp(NULLIF(split_part(r.result, ' ', 4), '')::float8)) \
+                     AS last_vacuum, \
+                     (SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c \
+                     WHERE c.oid = '{table}'::regclass) AS can_vacuum \
+                     FROM run_command_on_shards('{table}', $sc$SELECT n_live_tup || ' ' || \
+                     n_dead_tup || ' ' || (vacuum_count + autovacuum_count) || ' ' || \
+                     COALESCE(extract(epoch FROM GREATEST(last_vacuum, last_autovacuum))::text, '') \
+                     || ' ' || pg_total_relation_size(relid) \
+                     FROM pg_stat_user_tables WHERE relid = '%s'::regclass$sc$) r WHERE r.success"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
     })
 }
 
