@@ -217,9 +217,9 @@ pub async fn distribution(db: &impl ConnectionTrait) -> Result<Distribution, Mig
         format!(
             "SELECT c.relname::text AS name, p.partmethod::text AS method, \
              (SELECT count(*) FROM pg_catalog.pg_dist_shard s \
-              WHERE s.logicalrelid = c.oid)::int8 AS shards \
+              WHERE s.logicalrelid::oid = c.oid)::int8 AS shards \
              FROM pg_catalog.pg_class c \
-             LEFT JOIN pg_catalog.pg_dist_partition p ON p.logicalrelid = c.oid \
+             LEFT JOIN pg_catalog.pg_dist_partition p ON p.logicalrelid::oid = c.oid \
              WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(ARRAY[{list}]) n)"
         )
     } else {

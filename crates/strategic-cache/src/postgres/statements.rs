@@ -145,10 +145,16 @@ pub(super) fn build<E: CacheTable>() -> TableSql {
     // than skipped, and the outer recheck keeps it: under READ COMMITTED the DELETE re-evaluates
     // `expires_at <= now()` on the row version the refresh committed, which is fresh. `id`
     // need not be unique (the key change drops its primary key): a duplicate could only be
-    // another expired row.
-    let sweep_distributed = format!(
-        "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} WHERE {expires_at} <= now() LIMIT $1) AND {expires_at} <= now()"
-    );
+    // another expired row. The per-bot table is a reference table there, whose modifications
+    // run as they are on every copy: a LIMIT without ORDER BY could pick different rows on
+    // each, so it is swept whole (it holds one row per bot and window); `$1` is still bound.
+    let sweep_distributed = if E::COMPONENT.is_per_bot() {
+        format!("DELETE FROM {table} WHERE {expires_at} <= now() AND $1::int8 > 0")
+    } else {
+        format!(
+            "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} WHERE {expires_at} <= now() LIMIT $1) AND {expires_at} <= now()"
+        )
+    };
     let stats = format!(
         "SELECT {index}::int4 AS idx, count(*) AS total, \
          count(*) FILTER (WHERE s.fresh) AS fresh, \
