@@ -291,6 +291,20 @@ pub async fn distribute(
             missing.join(", ")
         )));
     }
+    // A migration applied after distribution would meet distributed tables (migration 4's
+    // CREATE TRIGGER is refused on them): every one must be applied first.
+    let pending: Vec<String> = crate::runner::status(&txn)
+        .await?
+        .into_iter()
+        .filter(|(_, applied)| !applied)
+        .map(|(name, _)| name)
+        .collect();
+    if !pending.is_empty() {
+        return Err(MigrateError::Migration(format!(
+            "migration(s) {} pending: run `migrate up` first; nothing was changed",
+            pending.join(", ")
+        )));
+    }
     if before.is_distributed() {
         return Ok(DistributeReport {
             changed: false,
