@@ -536,6 +536,20 @@ async fn citus_cli_distributes_and_every_command_works() {
     let cluster = CitusCluster::start().await;
     let url = cluster.url();
     let url = Some(url.as_str());
+    // Before the schema, and with a migration pending: refused, nothing changed.
+    let early = run(url, &["migrate", "distribute"], b"").await;
+    early.expect_code(1, "distribute before migrate up");
+    assert!(
+        early.stderr.contains("run `migrate up` first"),
+        "{early:#?}"
+    );
+    run(url, &["migrate", "up"], b"").await.expect_code(0, "up");
+    run(url, &["migrate", "down"], b"")
+        .await
+        .expect_code(0, "down 1");
+    let pending = run(url, &["migrate", "distribute"], b"").await;
+    pending.expect_code(1, "distribute with a migration pending");
+    assert!(pending.stderr.contains("pending"), "{pending:#?}");
     run(url, &["migrate", "up"], b"").await.expect_code(0, "up");
     let put = |user: &'static str, n: f64| async move {
         run(
