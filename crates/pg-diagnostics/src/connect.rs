@@ -95,9 +95,9 @@ impl ConnectFailure {
             sqlx::Error::Tls(e) => {
                 let reason = openssl_reasons(&e.to_string());
                 let hint = if reason.contains("certificate verify failed") {
-                    "the certificate is not trusted for this host: name its CA with sslrootcert, \
-                     connect by a name it was issued for, or encrypt without checking it with \
-                     sslmode=require"
+                    "the certificate is not trusted for this host: name its CA with sslrootcert \
+                     and connect by a name it was issued for (sslmode=require encrypts without \
+                     checking it)"
                 } else {
                     "check sslmode in the URL and the server's certificate"
                 };
