@@ -28,4 +28,6 @@ mod scheduler;
 mod schema;
 mod simulate;
 mod support;
+// sslmode against servers with version 1 and 3 certificates.
+mod tls;
 mod worker_outage;

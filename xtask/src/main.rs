@@ -5,8 +5,9 @@
 //!
 //! # Layout
 //! - `main.rs`: argument dispatch and the few helpers every task uses (`cargo()`, `run()`).
-//! - [`prereq`]: what the tests need (a PostgreSQL or a container engine, the line-protocol
-//!   server, PostgreSQL's programs), provided where it can be and reported where not.
+//! - [`prereq`]: what the build needs (OpenSSL's development files) and what the tests need
+//!   (a PostgreSQL or a container engine, the line-protocol server, PostgreSQL's programs),
+//!   provided where it can be and reported where not.
 //! - [`containers`]: the container engine and the local PostgreSQL image of the
 //!   testcontainers path, and removing the test containers by label.
 //! - [`system`]: running programs and installing Debian packages.
@@ -18,7 +19,7 @@ mod system;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -72,7 +73,13 @@ fn cargo() -> Command {
     cmd
 }
 
+/// Fails with one `missing: ...` line when the workspace cannot be built here.
+fn build_tools() -> Result<()> {
+    prereq::build_tools().map_err(|line| anyhow!("missing: {line}"))
+}
+
 fn migrate(args: &[String]) -> Result<()> {
+    build_tools()?;
     let mut cmd = cargo();
     cmd.args(["run", "--quiet", "--package", "migration", "--"])
         .args(args);
@@ -102,6 +109,7 @@ fn ci() -> Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     system::run(fmt)?;
+    build_tools()?;
     let mut clippy = cargo();
     clippy.args([
         "clippy",
@@ -120,6 +128,7 @@ fn ci() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    build_tools()?;
     let mut cmd = cargo();
     cmd.args([
         "run",

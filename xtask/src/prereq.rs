@@ -1,7 +1,8 @@
-//! What the tests need, checked before anything is built: a PostgreSQL server (the one
-//! `DATABASE_URL` names, or a container engine for testcontainers), PostgreSQL's own programs
-//! (the fault tests run private clusters), and `victoria-metrics` (the metrics tests' real
-//! line-protocol server).
+//! What the tests need, checked before anything is built: OpenSSL's development files (every
+//! build needs them: the PostgreSQL driver's TLS links the system OpenSSL), a PostgreSQL
+//! server (the one `DATABASE_URL` names, or a container engine for testcontainers),
+//! PostgreSQL's own programs (the fault tests run private clusters), and `victoria-metrics`
+//! (the metrics tests' real line-protocol server).
 //!
 //! Whatever can be provided is provided: on Debian as root, packages are installed and the
 //! engine started, as on CI. Whatever cannot is reported in one line each, saying how to get
@@ -27,6 +28,10 @@ pub struct Ready {
 pub fn prepare() -> Result<Ready> {
     let mut missing = Vec::new();
     let mut ready = Ready::default();
+
+    if let Err(line) = build_tools() {
+        missing.push(line);
+    }
 
     if containers::host_postgres().is_none() {
         if system::can_install() {
@@ -82,6 +87,30 @@ pub fn prepare() -> Result<Ready> {
         );
     }
     Ok(ready)
+}
+
+/// What building the workspace needs besides Rust and a C linker: OpenSSL's development
+/// files, which `openssl-sys` finds through `pkg-config` (or `OPENSSL_DIR`). Installed on
+/// Debian as root; otherwise `Err` with the one line saying what to install.
+pub fn build_tools() -> Result<(), String> {
+    let found = || {
+        std::env::var_os("OPENSSL_DIR").is_some()
+            || system::succeeds("pkg-config", &["--exists", "openssl"])
+    };
+    if found() {
+        return Ok(());
+    }
+    if system::can_install() {
+        system::apt_install(&["libssl-dev", "pkg-config"]).map_err(|e| format!("{e:#}"))?;
+        if found() {
+            return Ok(());
+        }
+    }
+    Err(
+        "OpenSSL's development files: the PostgreSQL driver's TLS links the system OpenSSL; \
+         install them (Debian: apt-get install libssl-dev pkg-config)"
+            .to_owned(),
+    )
 }
 
 /// Whether a TCP connection to the server of `url` succeeds within 3 s. URLs naming a Unix

@@ -92,11 +92,17 @@ impl ConnectFailure {
                 "check the host and port, and that the server is running",
                 true,
             ),
-            sqlx::Error::Tls(e) => (
-                format!("TLS failed ({e})"),
-                "check sslmode in the URL and the server's certificate",
-                false,
-            ),
+            sqlx::Error::Tls(e) => {
+                let reason = openssl_reasons(&e.to_string());
+                let hint = if reason.contains("certificate verify failed") {
+                    "the certificate is not trusted for this host: name its CA with sslrootcert \
+                     and connect by a name it was issued for (sslmode=require encrypts without \
+                     checking it)"
+                } else {
+                    "check sslmode in the URL and the server's certificate"
+                };
+                (format!("TLS failed ({reason})"), hint, false)
+            }
             sqlx::Error::Configuration(e) => (
                 format!("the URL is not valid ({e})"),
                 "write it as postgres://user@host:port/database",
@@ -115,6 +121,45 @@ impl ConnectFailure {
             timed_out,
         }
     }
+}
+
+/// OpenSSL's errors (`error:0A000086:SSL routines:function:reason:file.c:1889:data`, a stack
+/// of them joined by `, `, with the certificate check's verdict in parentheses after them)
+/// reduced to their reasons and the verdict: `certificate verify failed: hostname mismatch`.
+/// Anything else is kept as it is.
+fn openssl_reasons(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("error:") {
+        let after = &rest[start + "error:".len()..];
+        let fields: Vec<&str> = after.splitn(7, ':').collect();
+        let is_code = |f: &str| f.len() == 8 && f.chars().all(|c| c.is_ascii_hexdigit());
+        if fields.len() < 6 || !is_code(fields[0]) {
+            out.push_str(&rest[..start + "error:".len()]);
+            rest = after;
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        out.push_str(fields[3]);
+        // Then the error's data (up to the next error or the verdict), without the location.
+        let tail = fields.get(6).copied().unwrap_or("");
+        let data_end = [tail.find(", error:"), tail.find(" (")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(tail.len());
+        if !tail[..data_end].trim().is_empty() {
+            out.push_str(": ");
+            out.push_str(tail[..data_end].trim());
+        }
+        rest = &tail[data_end..];
+    }
+    let rest = match rest.strip_prefix(" (").and_then(|r| r.strip_suffix(')')) {
+        Some(verdict) if !out.is_empty() => format!(": {verdict}"),
+        _ => rest.to_owned(),
+    };
+    out.push_str(&rest);
+    out
 }
 
 /// Opens and closes one connection to `url` within `timeout`, so that a refusal, a wrong user
@@ -136,5 +181,43 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
             hint: "check the host and port, and that no firewall drops the connection",
             timed_out: true,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openssl_reasons;
+
+    /// OpenSSL's codes and source locations go; its reasons and the certificate verdict stay.
+    #[test]
+    fn openssl_errors_are_reduced_to_their_reasons() {
+        let cases = [
+            (
+                "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate \
+                 verify failed:../ssl/statem/statem_clnt.c:1889: (hostname mismatch)",
+                "certificate verify failed: hostname mismatch",
+            ),
+            (
+                "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate \
+                 verify failed:../ssl/statem/statem_clnt.c:1889: (self-signed certificate)",
+                "certificate verify failed: self-signed certificate",
+            ),
+            (
+                "error:0A00010B:SSL routines:ssl3_get_record:wrong version number:\
+                 ../ssl/record/ssl3_record.c:354:, error:0A000197:SSL routines:\
+                 SSL_shutdown:shutdown while in init:../ssl/ssl_lib.c:2244:",
+                "wrong version number, shutdown while in init",
+            ),
+            (
+                "error:80000002:system library:file_open:reason(2):providers/file.c:42:\
+                 calling fopen(/nope.pem, r)",
+                "reason(2): calling fopen(/nope.pem, r)",
+            ),
+            ("server does not support TLS", "server does not support TLS"),
+            ("error: something else (x)", "error: something else (x)"),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(openssl_reasons(message), expected, "{message}");
+        }
     }
 }

@@ -147,6 +147,45 @@ impl PgCluster {
         }
     }
 
+    /// Turns TLS on with `cert_pem` and `key_pem` as the server's certificate and key, refuses
+    /// connections without TLS except to the database `postgres` (the harness's own), and
+    /// restarts the server so that both take effect.
+    pub async fn require_tls(&self, cert_pem: &[u8], key_pem: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.dir.join("server.crt");
+        let key = self.dir.join("server.key");
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        // The server refuses a key that others may read.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if self.as_postgres {
+            let status = std::process::Command::new("chown")
+                .arg("postgres:postgres")
+                .args([&cert, &key])
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown of the certificate failed");
+        }
+        let data = self.data_dir();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        // First match wins: a connection without TLS skips the `hostssl` line.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             host postgres all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        self.stop_immediate().await;
+        self.start_server().await;
+    }
+
     /// `pg_ctl stop -m immediate`: every backend is killed, no checkpoint.
     pub async fn stop_immediate(&self) {
         let out = self
