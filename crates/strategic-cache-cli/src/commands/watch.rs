@@ -2,7 +2,7 @@
 //! sees right now. Reads through a `CacheReader` with the near tier at every
 //! interval and prints one line per read, as it goes (this is the one command that prints
 //! before it returns): for each component the `computed_at` served and where it came from
-//! (`near`, `primary`, `replica host:port/database`, or `missing`), the lease state and, with
+//! (`near`, `primary`, `replica host:port/database`, `error`, or `missing`), the lease state and, with
 //! replicas (`--replica`), each replica's measured lag and whether it may be read. With
 //! `--json`, one JSON object a line, the closing summary (`reads`, `stats`, `servers`)
 //! included.
@@ -70,8 +70,10 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         let snapshot = reader.snapshot(&args.user, &args.bot).await;
         let read_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let servers = repo.servers();
+        let failed = |list: &[ServerStats]| list.iter().map(|s| s.errors).sum::<u64>();
         let source = match served_by(&before, &servers) {
             Some(server) => server_label(&server),
+            None if failed(&servers) > failed(&before) => "error".to_owned(),
             None => "near".to_owned(),
         };
         let lease = reader.near_stats().is_some_and(|s| s.lease_valid);

@@ -206,9 +206,7 @@ impl NearTier {
         let item = self
             .state
             .fill(key, |after| async move {
-                call(after)
-                    .await
-                    .map(|s| NearData::Snapshot(Arc::new(s)))
+                call(after).await.map(|s| NearData::Snapshot(Arc::new(s)))
             })
             .await?;
         Ok(item.snapshot_at(self.state.server_now()))

@@ -811,7 +811,11 @@ mod tests {
             component: Component::MemoryHealth,
             key: &entry_key,
         };
-        assert_eq!(after_of(&state, KEY).await, None, "nothing was invalidated yet");
+        assert_eq!(
+            after_of(&state, KEY).await,
+            None,
+            "nothing was invalidated yet"
+        );
         let before = Instant::now();
         state.invalidate_user("u", "elena");
         assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
