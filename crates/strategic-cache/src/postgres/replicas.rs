@@ -41,8 +41,8 @@
 
 use std::collections::VecDeque;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pg_diagnostics::{connection_lost, redact_url};
@@ -345,14 +345,18 @@ pub(super) fn server_name(url: &str) -> String {
     }
 }
 
-/// The monitor's own connections and its ring of primary samples. Runs on one task, so it
-/// needs no lock.
+/// The monitor's own connections and its ring of primary samples.
+///
+/// The primary is sampled, and each replica probed, by a loop of its own (all in one task),
+/// so that a replica that hangs until its timeout delays neither the primary's samples nor
+/// the other replicas' coverage.
 pub(super) struct Monitor {
     servers: Arc<Servers>,
     primary: Probe,
     replicas: Vec<Probe>,
-    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first.
-    samples: VecDeque<(u64, u64)>,
+    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first. Locked briefly by
+    /// the loops of one task, never across an await.
+    samples: Mutex<VecDeque<(u64, u64)>>,
     capacity: usize,
     interval: Duration,
     timeout: Duration,
@@ -454,7 +458,7 @@ impl Monitor {
                 .iter()
                 .map(|u| Probe::new(u))
                 .collect::<Result<_, _>>()?,
-            samples: VecDeque::new(),
+            samples: Mutex::new(VecDeque::new()),
             capacity: usize::try_from(span).unwrap_or(4096).clamp(4, 4096),
             interval,
             timeout: (max_lag / 2).max(Duration::from_millis(1)),
@@ -462,94 +466,153 @@ impl Monitor {
         })
     }
 
-    /// One round: a primary sample, then every replica, concurrently.
+    /// One round (at connect): a primary sample, then every replica, concurrently.
     pub(super) async fn round(&mut self) {
-        let servers = &*self.servers;
-        let t = Instant::now();
-        match self
-            .primary
-            .query::<(i64, i64, i64)>(PRIMARY_SQL, self.timeout)
-            .await
-        {
-            Ok((lsn, block, segment)) => {
-                let t = servers.ns(t);
-                if self.samples.len() == self.capacity {
-                    self.samples.pop_front();
-                }
-                let [lsn, block, segment] =
-                    [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
-                self.samples
-                    .push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
-                servers.last_good.store(t, Ordering::Release);
-                servers.primary_down.store(false, Ordering::Release);
-                if std::mem::take(&mut self.primary.failing) {
-                    tracing::info!(
-                        server = %servers.primary.name,
-                        "strategic cache: the primary answers the replica monitor again"
-                    );
-                }
-            }
-            Err(error) => {
-                if servers.last_good.load(Ordering::Acquire) != 0 {
-                    servers.primary_down.store(true, Ordering::Release);
-                }
-                if !std::mem::replace(&mut self.primary.failing, true) {
-                    tracing::warn!(
-                        server = %servers.primary.name,
-                        %error,
-                        "strategic cache: the primary is unreachable ({error}); reads go to \
-                         the replicas that have replayed its last known position"
-                    );
-                }
-            }
-        }
-        let samples = &self.samples;
-        let timeout = self.timeout;
-        let probes = self.replicas.iter_mut().zip(servers.replicas.iter()).map(
-            |(probe, replica)| async move {
-                let result = probe
-                    .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
-                    .await
-                    .and_then(|row| match row {
-                        (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
-                        _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
-                    });
-                match result {
-                    Ok(replay) => {
-                        replica
-                            .coverage
-                            .store(coverage_of(samples, replay), Ordering::Release);
-                        if std::mem::take(&mut probe.failing) {
-                            tracing::info!(
-                                server = %replica.server.name,
-                                "strategic cache: replica reachable again"
-                            );
-                        }
-                    }
-                    Err(error) => {
-                        replica.coverage.store(0, Ordering::Release);
-                        if !std::mem::replace(&mut probe.failing, true) {
-                            tracing::warn!(
-                                server = %replica.server.name,
-                                %error,
-                                "strategic cache: replica not used ({error}); reads go to the \
-                                 primary or the other replicas"
-                            );
-                        }
-                    }
-                }
-            },
-        );
+        let Monitor {
+            servers,
+            primary,
+            replicas,
+            samples,
+            capacity,
+            timeout,
+            ..
+        } = self;
+        sample_primary(servers, primary, samples, *capacity, *timeout).await;
+        let probes = replicas
+            .iter_mut()
+            .zip(servers.replicas.iter())
+            .map(|(probe, replica)| probe_replica(replica, probe, samples, *timeout));
         futures_util::future::join_all(probes).await;
     }
 
-    /// Probes every `interval` until the task is aborted.
-    pub(super) async fn run(mut self) {
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            self.round().await;
+    /// Samples the primary and probes each replica every `interval`, each on its own loop,
+    /// until the task is aborted.
+    pub(super) async fn run(self) {
+        let Monitor {
+            servers,
+            mut primary,
+            replicas,
+            samples,
+            capacity,
+            interval,
+            timeout,
+        } = self;
+        let (servers, samples) = (&*servers, &samples);
+        let primary_loop = async move {
+            let mut ticks = ticker(interval);
+            loop {
+                ticks.tick().await;
+                sample_primary(servers, &mut primary, samples, capacity, timeout).await;
+            }
+        };
+        let replica_loops = replicas.into_iter().zip(servers.replicas.iter()).map(
+            |(mut probe, replica)| async move {
+                let mut ticks = ticker(interval);
+                loop {
+                    ticks.tick().await;
+                    probe_replica(replica, &mut probe, samples, timeout).await;
+                }
+            },
+        );
+        futures_util::future::join(primary_loop, futures_util::future::join_all(replica_loops))
+            .await;
+    }
+}
+
+/// An interval whose first tick is one `interval` away (the round at connect came first), and
+/// that does not hurry to catch up after a slow probe.
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+/// One sample of the primary's insert position into `samples`; a failure marks the primary
+/// unreachable (logged once per outage).
+async fn sample_primary(
+    servers: &Servers,
+    probe: &mut Probe,
+    samples: &Mutex<VecDeque<(u64, u64)>>,
+    capacity: usize,
+    timeout: Duration,
+) {
+    let t = Instant::now();
+    match probe.query::<(i64, i64, i64)>(PRIMARY_SQL, timeout).await {
+        Ok((lsn, block, segment)) => {
+            let t = servers.ns(t);
+            let [lsn, block, segment] =
+                [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
+            {
+                let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
+                if samples.len() >= capacity {
+                    samples.pop_front();
+                }
+                samples.push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
+            }
+            servers.last_good.store(t, Ordering::Release);
+            servers.primary_down.store(false, Ordering::Release);
+            if std::mem::take(&mut probe.failing) {
+                tracing::info!(
+                    server = %servers.primary.name,
+                    "strategic cache: the primary answers the replica monitor again"
+                );
+            }
+        }
+        Err(error) => {
+            if servers.last_good.load(Ordering::Acquire) != 0 {
+                servers.primary_down.store(true, Ordering::Release);
+            }
+            if !std::mem::replace(&mut probe.failing, true) {
+                tracing::warn!(
+                    server = %servers.primary.name,
+                    %error,
+                    "strategic cache: the primary is unreachable ({error}); reads go to the \
+                     replicas that have replayed its last known position"
+                );
+            }
+        }
+    }
+}
+
+/// One probe of a replica: its coverage from its replay position and `samples`, or none
+/// (logged once per outage).
+async fn probe_replica(
+    replica: &Replica,
+    probe: &mut Probe,
+    samples: &Mutex<VecDeque<(u64, u64)>>,
+    timeout: Duration,
+) {
+    let result = probe
+        .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
+        .await
+        .and_then(|row| match row {
+            (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
+            _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
+        });
+    match result {
+        Ok(replay) => {
+            let coverage = coverage_of(
+                &samples.lock().unwrap_or_else(PoisonError::into_inner),
+                replay,
+            );
+            replica.coverage.store(coverage, Ordering::Release);
+            if std::mem::take(&mut probe.failing) {
+                tracing::info!(
+                    server = %replica.server.name,
+                    "strategic cache: replica reachable again"
+                );
+            }
+        }
+        Err(error) => {
+            replica.coverage.store(0, Ordering::Release);
+            if !std::mem::replace(&mut probe.failing, true) {
+                tracing::warn!(
+                    server = %replica.server.name,
+                    %error,
+                    "strategic cache: replica not used ({error}); reads go to the primary or \
+                     the other replicas"
+                );
+            }
         }
     }
 }
