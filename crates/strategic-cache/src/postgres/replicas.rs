@@ -84,6 +84,26 @@ struct Replica {
     /// The latest primary sample this replica has replayed, as [`Servers::ns`] of its time;
     /// 0: none (down, lagging past the ring, promoted, or dropped after a failed read).
     coverage: AtomicU64,
+    /// Its replay position at the last probe (0: unknown, or dropped with `coverage`).
+    replay: AtomicU64,
+}
+
+/// What the monitor knows of a replica, as one value for [`eligible`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Measured {
+    /// The latest primary sample time it has replayed, or 0.
+    pub(super) coverage: u64,
+    /// Its replay position at the last probe, or 0.
+    pub(super) replay: u64,
+}
+
+/// The primary's last good sample, while the primary is unreachable.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Down {
+    /// Its time.
+    pub(super) at: u64,
+    /// Its insert position.
+    pub(super) lsn: u64,
 }
 
 /// Where a read goes.
@@ -105,8 +125,11 @@ pub(super) struct Servers {
     next: AtomicUsize,
     /// Whether the primary is unreachable (see the module documentation).
     primary_down: AtomicBool,
-    /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet).
+    /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet). Stored
+    /// after `last_good_lsn`, loaded before it.
     last_good: AtomicU64,
+    /// The insert position of the last good primary sample.
+    last_good_lsn: AtomicU64,
 }
 
 impl Servers {
@@ -119,12 +142,14 @@ impl Servers {
                 .map(|server| Replica {
                     server,
                     coverage: AtomicU64::new(0),
+                    replay: AtomicU64::new(0),
                 })
                 .collect(),
             max_lag_ns: duration_ns(max_lag),
             next: AtomicUsize::new(0),
             primary_down: AtomicBool::new(false),
             last_good: AtomicU64::new(0),
+            last_good_lsn: AtomicU64::new(0),
         }
     }
 
@@ -149,24 +174,30 @@ impl Servers {
     }
 
     /// The primary's last good sample while it is unreachable, else `None`.
-    fn down_since(&self) -> Option<u64> {
-        if self.primary_down.load(Ordering::Acquire) {
-            Some(self.last_good.load(Ordering::Acquire))
-        } else {
-            None
+    fn down_since(&self) -> Option<Down> {
+        if !self.primary_down.load(Ordering::Acquire) {
+            return None;
         }
+        let at = self.last_good.load(Ordering::Acquire);
+        let lsn = self.last_good_lsn.load(Ordering::Acquire);
+        Some(Down { at, lsn })
+    }
+
+    /// Records a good primary sample.
+    fn sampled(&self, at: u64, lsn: u64) {
+        self.last_good_lsn.store(lsn, Ordering::Release);
+        self.last_good.store(at, Ordering::Release);
+        self.primary_down.store(false, Ordering::Release);
     }
 
     /// Whether replica `i` may serve a read that must reflect every commit before `after`.
-    fn replica_eligible(&self, i: usize, now: u64, after: Option<u64>, down: Option<u64>) -> bool {
+    fn replica_eligible(&self, i: usize, now: u64, after: Option<u64>, down: Option<Down>) -> bool {
         self.replicas.get(i).is_some_and(|r| {
-            eligible(
-                r.coverage.load(Ordering::Acquire),
-                now,
-                after,
-                self.max_lag_ns,
-                down,
-            )
+            let measured = Measured {
+                coverage: r.coverage.load(Ordering::Acquire),
+                replay: r.replay.load(Ordering::Acquire),
+            };
+            eligible(measured, now, after, self.max_lag_ns, down)
         })
     }
 
@@ -210,6 +241,7 @@ impl Servers {
                 // good sample of it.
                 if let Some(r) = self.replicas.get(i) {
                     r.coverage.store(0, Ordering::Release);
+                    r.replay.store(0, Ordering::Release);
                 }
                 if retried {
                     return None;
@@ -274,24 +306,30 @@ impl Servers {
     }
 }
 
-/// Whether a replica whose coverage is `coverage` (0: none) may serve, at `now`, a read that
-/// must reflect every commit before `after`; `down` is the last good primary sample while
-/// the primary is unreachable. All values are on one time base, in nanoseconds.
+/// Whether a replica `measured` so may serve, at `now`, a read that must reflect every commit
+/// before `after`; `down` is the primary's last good sample while it is unreachable. Times are
+/// on one base, in nanoseconds.
 pub(super) fn eligible(
-    coverage: u64,
+    measured: Measured,
     now: u64,
     after: Option<u64>,
     max_lag: u64,
-    down: Option<u64>,
+    down: Option<Down>,
 ) -> bool {
-    if coverage == 0 || after.is_some_and(|a| coverage < a) {
-        return false;
-    }
     match down {
         // Nothing can commit on a primary that is down: having replayed its last known
-        // position is enough, whatever the age.
-        Some(last_good) => coverage >= last_good,
-        None => now.saturating_sub(coverage) <= max_lag,
+        // position is enough, whatever the age; a read must still follow `after`, which
+        // only that sample's time can vouch for.
+        Some(down) => {
+            measured.replay != 0
+                && measured.replay >= down.lsn
+                && after.is_none_or(|a| down.at >= a)
+        }
+        None => {
+            measured.coverage != 0
+                && after.is_none_or(|a| measured.coverage >= a)
+                && now.saturating_sub(measured.coverage) <= max_lag
+        }
     }
 }
 
@@ -549,8 +587,7 @@ async fn sample_primary(
                 }
                 samples.push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
             }
-            servers.last_good.store(t, Ordering::Release);
-            servers.primary_down.store(false, Ordering::Release);
+            servers.sampled(t, insert_lsn_as_replayed(lsn, block, segment));
             if std::mem::take(&mut probe.failing) {
                 tracing::info!(
                     server = %servers.primary.name,
@@ -595,6 +632,7 @@ async fn probe_replica(
                 &samples.lock().unwrap_or_else(PoisonError::into_inner),
                 replay,
             );
+            replica.replay.store(replay, Ordering::Release);
             replica.coverage.store(coverage, Ordering::Release);
             if std::mem::take(&mut probe.failing) {
                 tracing::info!(
@@ -605,6 +643,7 @@ async fn probe_replica(
         }
         Err(error) => {
             replica.coverage.store(0, Ordering::Release);
+            replica.replay.store(0, Ordering::Release);
             if !std::mem::replace(&mut probe.failing, true) {
                 tracing::warn!(
                     server = %replica.server.name,
@@ -628,37 +667,67 @@ mod tests {
     /// never without coverage.
     #[test]
     fn eligible_within_the_bound_only() {
-        assert!(eligible(5000 * MS, 5000 * MS, None, LAG, None));
-        assert!(eligible(4000 * MS, 5000 * MS, None, LAG, None));
-        assert!(!eligible(4000 * MS - 1, 5000 * MS, None, LAG, None));
-        assert!(!eligible(0, 5000 * MS, None, LAG, None));
+        assert!(eligible(cov(5000 * MS), 5000 * MS, None, LAG, None));
+        assert!(eligible(cov(4000 * MS), 5000 * MS, None, LAG, None));
+        assert!(!eligible(cov(4000 * MS - 1), 5000 * MS, None, LAG, None));
+        assert!(!eligible(cov(0), 5000 * MS, None, LAG, None));
     }
 
     /// With `after`, a replica must cover it, however fresh it is otherwise.
     #[test]
     fn after_needs_coverage_past_it() {
         let now = 5000 * MS;
-        assert!(eligible(4990 * MS, now, Some(4990 * MS), LAG, None));
-        assert!(!eligible(4990 * MS, now, Some(4991 * MS), LAG, None));
-        assert!(eligible(4995 * MS, now, Some(4991 * MS), LAG, None));
+        assert!(eligible(cov(4990 * MS), now, Some(4990 * MS), LAG, None));
+        assert!(!eligible(cov(4990 * MS), now, Some(4991 * MS), LAG, None));
+        assert!(eligible(cov(4995 * MS), now, Some(4991 * MS), LAG, None));
     }
 
-    /// With the primary down, a replica that replayed its last good sample stays eligible
-    /// whatever the age; one behind it does not; `after` still applies.
+    /// A replica measured with this coverage and any replay position.
+    fn cov(coverage: u64) -> Measured {
+        Measured {
+            coverage,
+            replay: 1,
+        }
+    }
+
+    /// With the primary down, a replica that replayed its last good sample's position stays
+    /// eligible whatever the age, even if its coverage predates that sample (it was probed
+    /// just before the sample was taken); one behind it, or unknown, does not; `after` must
+    /// not be past the sample.
     #[test]
     fn primary_down_mode() {
-        let last_good = 1000 * MS;
+        let down = Down {
+            at: 1000 * MS,
+            lsn: 500,
+        };
         let now = 60_000 * MS;
-        assert!(eligible(last_good, now, None, LAG, Some(last_good)));
-        assert!(!eligible(last_good - 1, now, None, LAG, Some(last_good)));
-        assert!(!eligible(
-            last_good,
+        let replayed = |replay| Measured {
+            coverage: 900 * MS,
+            replay,
+        };
+        assert!(eligible(replayed(500), now, None, LAG, Some(down)));
+        assert!(eligible(
+            replayed(600),
             now,
-            Some(last_good + 1),
+            Some(1000 * MS),
             LAG,
-            Some(last_good)
+            Some(down)
         ));
-        assert!(!eligible(0, now, None, LAG, Some(last_good)));
+        assert!(!eligible(replayed(499), now, None, LAG, Some(down)));
+        assert!(!eligible(
+            replayed(500),
+            now,
+            Some(1000 * MS + 1),
+            LAG,
+            Some(down)
+        ));
+        assert!(!eligible(
+            replayed(0),
+            now,
+            None,
+            LAG,
+            Some(Down { at: 1, lsn: 0 })
+        ));
     }
 
     /// Round-robin: each start gives the next eligible candidate, skipping the excluded one.
@@ -767,8 +836,9 @@ mod tests {
     fn a_failed_primary_read_goes_to_a_caught_up_replica() {
         let s = servers(1);
         // Caught up to the last sample, taken at the time base: older than a zero bound.
-        s.last_good.store(1, Ordering::Release);
+        s.sampled(1, 100);
         s.replicas[0].coverage.store(1, Ordering::Release);
+        s.replicas[0].replay.store(100, Ordering::Release);
         let stale = Servers { max_lag_ns: 0, ..s };
         assert_eq!(stale.choose(None), Target::Primary);
         assert_eq!(
