@@ -49,8 +49,16 @@ use pg_diagnostics::{connection_lost, redact_url};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 
+use sea_orm::sqlx::postgres::PgRow;
+
 use super::batch::Batcher;
 use super::read_pool::ReadPool;
+use super::statements::{lookup_many_sql, sql};
+use super::tables::{Arg, key_args};
+use super::{PgConfig, invalid_url};
+use crate::component::Component;
+use crate::error::CacheError;
+use crate::keys::Key;
 use crate::repository::{ServerRole, ServerStats};
 
 /// One server the hot-path reads may go to: its pool, its batcher and its counters.
@@ -220,6 +228,32 @@ impl Servers {
         })
     }
 
+    /// Runs `read` where [`Servers::choose`] says, and once more where [`Servers::settle`]
+    /// says if it fails there. A failure is returned with the URL of the server it came
+    /// from (to scrub its password).
+    pub(super) async fn read(
+        &self,
+        read: Read<'_>,
+        after: Option<Instant>,
+    ) -> Result<Option<PgRow>, (Arc<sqlx::Error>, &str)> {
+        let mut target = self.choose(after);
+        let mut retried = false;
+        loop {
+            let server = self.server(target);
+            let result = read_on(server, read).await;
+            if result.is_ok() && target == Target::Primary {
+                self.primary_answered();
+            }
+            match self.settle(target, after, result.as_ref().err().map(|e| &**e), retried) {
+                Some(next) => {
+                    target = next;
+                    retried = true;
+                }
+                None => return result.map_err(|e| (e, server.url.as_str())),
+            }
+        }
+    }
+
     /// Counts the outcome of a read on `target` and says where to retry it, if anywhere
     /// (`retried`: this was already the retry, so there is no other).
     pub(super) fn settle(
@@ -304,6 +338,104 @@ impl Servers {
         }
         out
     }
+}
+
+/// Builds the servers of a repository connected to `url` (whose read pool, warmed, is
+/// `primary`) and `config.replicas`, and starts the lag monitor when there are replicas
+/// (after one round, so that caught-up replicas serve the first reads). A replica that
+/// cannot be reached does not fail this: the monitor logs it and it is not read.
+pub(super) async fn start(
+    url: &str,
+    primary: ReadPool,
+    config: &PgConfig,
+) -> Result<(Arc<Servers>, Option<TaskGuard>), CacheError> {
+    let server = |url: &str, pool: ReadPool| {
+        let pool = Arc::new(pool);
+        let batcher = Batcher::new(
+            Arc::clone(&pool),
+            lookup_many_sql,
+            config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
+        );
+        Server::new(url, pool, Arc::new(batcher))
+    };
+    let primary = server(url, primary);
+    let mut replicas = Vec::with_capacity(config.replicas.len());
+    for replica in &config.replicas {
+        let pool = ReadPool::new(
+            replica,
+            config.max_connections,
+            config.connect_timeout,
+            config.acquire_timeout,
+            config.statement_timeout,
+        )
+        .map_err(|e| invalid_url("replicas", replica, &e))?;
+        replicas.push(server(replica, pool));
+    }
+    // Warm the replicas' pools; one that fails is left to the monitor, which logs it.
+    let warm = config.min_connections.min(config.max_connections);
+    futures_util::future::join_all(replicas.iter().map(|r| r.pool.warm(warm))).await;
+    let servers = Arc::new(Servers::new(primary, replicas, config.max_replica_lag));
+    if config.replicas.is_empty() {
+        return Ok((servers, None));
+    }
+    let mut monitor = Monitor::new(
+        Arc::clone(&servers),
+        url,
+        &config.replicas,
+        config.replica_probe_interval,
+    )
+    .map_err(|e| invalid_url("url", url, &e))?;
+    monitor.round().await;
+    let task = tokio::spawn(monitor.run());
+    Ok((servers, Some(TaskGuard(task.abort_handle()))))
+}
+
+/// Aborts a background task when dropped.
+pub(super) struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A hot-path read: a lookup (which may be batched) or a single-row statement.
+#[derive(Clone, Copy)]
+pub(super) enum Read<'a> {
+    Lookup(Component, &'a Key),
+    Row(&'static str, &'a [Arg<'a>]),
+}
+
+/// Runs `read` on `server`: a lookup through its batcher when every connection is busy,
+/// anything else as one statement on its pool.
+pub(super) async fn read_on(
+    server: &Server,
+    read: Read<'_>,
+) -> Result<Option<sea_orm::sqlx::postgres::PgRow>, Arc<sea_orm::sqlx::Error>> {
+    let query = match read {
+        Read::Lookup(component, key) if server.batcher.should_queue(component) => {
+            return server.batcher.lookup(component, key.clone()).await;
+        }
+        Read::Lookup(component, key) => bind(&sql(component).lookup, &key_args(key)),
+        Read::Row(sql, args) => bind(sql, args),
+    };
+    server.pool.fetch_optional(query).await.map_err(Arc::new)
+}
+
+/// `sql` with `args` bound.
+fn bind<'q>(
+    sql: &'static str,
+    args: &[Arg<'q>],
+) -> sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>
+{
+    let mut query = sea_orm::sqlx::query(sql);
+    for arg in args {
+        query = match *arg {
+            Arg::Text(text) => query.bind(text),
+            Arg::Int(n) => query.bind(n),
+        };
+    }
+    query
 }
 
 /// Whether a replica `measured` so may serve, at `now`, a read that must reflect every commit
