@@ -278,11 +278,12 @@ impl PgCacheRepository {
         self.servers.as_ref().map(|s| s.primary().pool.idle_count())
     }
 
-    /// Statements the hot-path read pool has run (`None` without one); with batching, fewer
-    /// than the lookups asked for under load. For diagnostics and tests.
+    /// Statements the hot-path read pools have run, the primary's and the replicas'
+    /// together (`None` without one); with batching, fewer than the lookups asked for under
+    /// load. For diagnostics and tests.
     #[cfg(any(test, feature = "test-support"))]
     pub fn read_statements(&self) -> Option<u64> {
-        self.servers.as_ref().map(|s| s.primary().pool.statements())
+        self.servers.as_ref().map(|s| s.read_statements())
     }
 
     /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only

@@ -173,6 +173,17 @@ impl Servers {
         &self.primary
     }
 
+    /// Statements every read pool has run.
+    #[cfg(any(test, feature = "test-support"))]
+    pub(super) fn read_statements(&self) -> u64 {
+        self.primary.pool.statements()
+            + self
+                .replicas
+                .iter()
+                .map(|r| r.server.pool.statements())
+                .sum::<u64>()
+    }
+
     /// The server of `target`.
     pub(super) fn server(&self, target: Target) -> &Server {
         match target {
