@@ -439,7 +439,10 @@ mod tests {
         after[0].reads = 4;
         assert_eq!(served_by(&before, &after), None);
         after[1].reads = 7;
-        assert_eq!(server_label(&served_by(&before, &after).unwrap()), "primary");
+        assert_eq!(
+            server_label(&served_by(&before, &after).unwrap()),
+            "primary"
+        );
     }
 
     /// A replica URL that is not postgres:// is a usage error (exit 2) naming it without its
