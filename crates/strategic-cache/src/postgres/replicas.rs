@@ -1037,6 +1037,36 @@ mod tests {
         );
     }
 
+    /// A bad replica URL is invalid input, found before anything connects: the primary here
+    /// is a closed local port, which would otherwise make it `Unavailable`.
+    #[tokio::test]
+    async fn a_bad_replica_url_is_refused_before_connecting() {
+        for bad in [
+            "mysql://u:pw@127.0.0.1/db",
+            "postgres://u@127.0.0.1:notaport/db",
+        ] {
+            let config = PgConfig {
+                replicas: vec![bad.into()],
+                ..PgConfig::default()
+            };
+            let error =
+                super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", config)
+                    .await
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    CacheError::InvalidInput {
+                        field: "replicas",
+                        ..
+                    }
+                ),
+                "{bad}: {error:?}"
+            );
+            assert!(!error.to_string().contains("pw"), "{error}");
+        }
+    }
+
     /// The name shows host, port and database, never the user or password.
     #[test]
     fn names_hide_credentials() {
