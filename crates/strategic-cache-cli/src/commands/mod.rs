@@ -18,7 +18,10 @@ use std::time::Duration;
 use clap::Args;
 use migration::runner;
 use serde_json::Value;
-use strategic_cache::{Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig};
+use strategic_cache::{
+    Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig, ServerRole,
+    ServerStats,
+};
 
 use crate::cli::{Cli, Command};
 use crate::exit::{self, bad_input};
@@ -71,13 +74,50 @@ impl Outcome {
     }
 }
 
-/// What every command may need: the database URL and the input limits.
+/// What every command may need: the database URL, its replicas and the input limits.
 #[derive(Debug)]
 pub struct Context {
     database_url: Option<String>,
     /// Whether `database_url` came from the command line (rather than `DATABASE_URL`).
     url_on_command_line: bool,
+    /// `--replica` URLs (or `STRATEGIC_CACHE_REPLICAS`), not yet validated.
+    replicas: Vec<String>,
+    /// `--max-replica-lag-ms`.
+    max_replica_lag: Duration,
     limits: Limits,
+}
+
+/// The replicas `simulate` and `bench` read from (validated; `--replica` and
+/// `--max-replica-lag-ms`), carried in their arguments to where they connect.
+#[derive(Clone, Debug, Default)]
+pub struct Replicas {
+    /// Validated URLs, not yet scoped to a scratch schema.
+    pub urls: Vec<String>,
+    /// `--max-replica-lag-ms`.
+    pub max_lag: Duration,
+}
+
+impl Replicas {
+    /// These replicas with `search_path` set to the scratch `schema`, as the primary's URL.
+    pub fn scoped(&self, schema: &str) -> Replicas {
+        Replicas {
+            urls: self
+                .urls
+                .iter()
+                .map(|url| crate::scratch::scoped_url(url, schema))
+                .collect(),
+            max_lag: self.max_lag,
+        }
+    }
+
+    /// `config` reading from these replicas.
+    pub fn config(&self, config: PgConfig) -> PgConfig {
+        PgConfig {
+            replicas: self.urls.clone(),
+            max_replica_lag: self.max_lag,
+            ..config
+        }
+    }
 }
 
 /// What [`Context::key`] does with `--user` for the per-bot component.
@@ -138,16 +178,77 @@ impl Context {
         self.url()
     }
 
-    /// Connects the cache repository. The error names the database without its password.
+    /// The replica URLs, validated: a usage error naming the first bad one, without its
+    /// password. (The library checks them again, as it checks the primary's.)
+    pub fn replicas(&self) -> anyhow::Result<Vec<String>> {
+        self.replicas
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(bad_input(format!(
+                        "invalid replica URL `{}`: expected postgres://user@host:port/database",
+                        runner::redact_url(url)
+                    )));
+                }
+                Ok(url.to_owned())
+            })
+            .collect()
+    }
+
+    /// The replicas, validated, for `simulate` and `bench` (and `get` and `watch`).
+    pub fn replica_set(&self) -> anyhow::Result<Replicas> {
+        let urls = self.replicas()?;
+        let probe = PgConfig::default().replica_probe_interval;
+        if !urls.is_empty() && self.max_replica_lag < probe * 2 {
+            return Err(bad_input(format!(
+                "--max-replica-lag-ms must be at least {} (twice the {} ms interval at which \
+                 replica lag is measured)",
+                (probe * 2).as_millis(),
+                probe.as_millis()
+            )));
+        }
+        Ok(Replicas {
+            urls,
+            max_lag: self.max_replica_lag,
+        })
+    }
+
+    /// Whether replicas were given.
+    pub fn has_replicas(&self) -> bool {
+        self.replicas.iter().any(|r| !r.trim().is_empty())
+    }
+
+    /// `config` reading from the replicas too (see [`Context::replicas`]).
+    pub fn with_replicas(&self, config: PgConfig) -> anyhow::Result<PgConfig> {
+        Ok(self.replica_set()?.config(config))
+    }
+
+    /// Connects the cache repository for writes and maintenance (never on a replica). The
+    /// error names the database without its password.
     async fn repository(&self) -> anyhow::Result<PgCacheRepository> {
-        let url = self.url()?;
-        let config = PgConfig {
-            // One command, one statement at a time: a small pool opened on demand.
+        self.connect(self.small_config()).await
+    }
+
+    /// Connects the cache repository for reads: with the replicas.
+    async fn read_repository(&self) -> anyhow::Result<PgCacheRepository> {
+        let config = self.with_replicas(self.small_config())?;
+        self.connect(config).await
+    }
+
+    /// One command, one statement at a time: a small pool opened on demand.
+    fn small_config(&self) -> PgConfig {
+        PgConfig {
             max_connections: 2,
             min_connections: 0,
             limits: self.limits.clone(),
             ..PgConfig::default()
-        };
+        }
+    }
+
+    async fn connect(&self, config: PgConfig) -> anyhow::Result<PgCacheRepository> {
+        let url = self.url()?;
         let target = runner::redact_url(url);
         match tokio::time::timeout(CONNECT_DEADLINE, PgCacheRepository::connect(url, config)).await
         {
@@ -203,6 +304,8 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
     let context = Context {
         database_url: cli.database_url,
         url_on_command_line,
+        replicas: cli.replicas,
+        max_replica_lag: Duration::from_millis(cli.max_replica_lag_ms),
         limits: Limits::default(),
     };
     match cli.command {
@@ -213,8 +316,14 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
         Command::Sweep(args) => maintenance::sweep(&context, args).await,
         Command::Stats => maintenance::stats(&context).await,
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
-        Command::Simulate(args) => crate::simulate::command(&context, &args).await,
-        Command::Bench(args) => crate::bench::command(&context, &args).await,
+        Command::Simulate(mut args) => {
+            args.replicas = context.replica_set()?;
+            crate::simulate::command(&context, &args).await
+        }
+        Command::Bench(mut args) => {
+            args.replicas = context.replica_set()?;
+            crate::bench::command(&context, &args).await
+        }
         Command::Watch(args) => watch::run(&context, args, json).await,
     }
 }
@@ -274,6 +383,25 @@ pub fn human_duration(duration: Duration) -> String {
     }
 }
 
+/// The server whose read counter grew between two `servers()` readings around one read, if
+/// exactly one did (a process that reads nothing else knows so which server answered).
+pub fn served_by(before: &[ServerStats], after: &[ServerStats]) -> Option<ServerStats> {
+    let mut grown = after.iter().filter(|a| {
+        let previous = before.iter().find(|b| b.name == a.name && b.role == a.role);
+        a.reads > previous.map_or(0, |b| b.reads)
+    });
+    let one = grown.next()?;
+    grown.next().is_none().then(|| one.clone())
+}
+
+/// `primary` or `replica host:port/database`.
+pub fn server_label(server: &ServerStats) -> String {
+    match server.role {
+        ServerRole::Replica => format!("replica {}", server.name),
+        _ => "primary".to_owned(),
+    }
+}
+
 /// The key as a JSON object (`user_id` and `bot_name`, or `bot_name` and `time_window_hours`).
 pub fn key_json(key: &Key) -> Value {
     serde_json::to_value(key).unwrap_or(Value::Null)
@@ -293,6 +421,67 @@ pub fn key_text(key: &Key) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(name: &str, role: ServerRole, reads: u64) -> ServerStats {
+        ServerStats {
+            name: name.into(),
+            role,
+            reads,
+            errors: 0,
+            lag: None,
+            eligible: true,
+        }
+    }
+
+    /// The server whose read counter grew across one read answered it; none grew: memory;
+    /// two grew: unknown.
+    #[test]
+    fn served_by_is_the_server_whose_reads_grew() {
+        let before = [
+            server("p:5432/db", ServerRole::Primary, 3),
+            server("r:5432/db", ServerRole::Replica, 7),
+        ];
+        let mut after = before.clone();
+        assert_eq!(served_by(&before, &after), None);
+        after[1].reads = 8;
+        let served = served_by(&before, &after).unwrap();
+        assert_eq!(server_label(&served), "replica r:5432/db");
+        after[0].reads = 4;
+        assert_eq!(served_by(&before, &after), None);
+        after[1].reads = 7;
+        assert_eq!(
+            server_label(&served_by(&before, &after).unwrap()),
+            "primary"
+        );
+    }
+
+    /// A replica URL that is not postgres:// is a usage error (exit 2) naming it without its
+    /// password; blanks (a trailing comma in STRATEGIC_CACHE_REPLICAS) are skipped; a lag
+    /// bound under two probe intervals is a usage error too.
+    #[test]
+    fn bad_replica_urls_are_usage_errors() {
+        let context = |replicas: &[&str]| Context {
+            database_url: None,
+            url_on_command_line: false,
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            max_replica_lag: Duration::from_secs(1),
+            limits: Limits::default(),
+        };
+        let error = context(&["mysql://u:secret@h/db"]).replicas().unwrap_err();
+        assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE);
+        let message = error.to_string();
+        assert!(message.contains("invalid replica URL"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+        let ok = context(&["postgres://u@h/db", " "]).replicas().unwrap();
+        assert_eq!(ok, vec!["postgres://u@h/db".to_string()]);
+        let too_tight = Context {
+            max_replica_lag: Duration::from_millis(150),
+            ..context(&["postgres://u@h/db"])
+        };
+        let error = too_tight.replica_set().unwrap_err();
+        assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE, "{error}");
+        assert!(context(&["postgres://u@h/db"]).replica_set().is_ok());
+    }
 
     /// Ages read naturally at every scale.
     #[test]

@@ -30,6 +30,11 @@
 //! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
 //! channel with `migration::citus::DISTRIBUTED_PAYLOAD`, which ends a running session, so a
 //! tier that held a lease when the tables moved stops serving from memory at once.
+//!
+//! Every invalidation and flush applied here records its instant before it bumps a generation
+//! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
+//! latest one of its key: with streaming replicas, a fill never reads a replica that has not
+//! replayed a change this listener has applied (see `NearState::fill`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
