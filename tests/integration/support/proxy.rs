@@ -41,9 +41,9 @@ impl Proxy {
         Proxy { addr, state, task }
     }
 
-    /// A URL of database `name` through the proxy.
+    /// A URL of database `name` through the proxy, without TLS as `db::server_url` has it.
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://postgres@{}/{name}", self.addr)
+        format!("postgres://postgres@{}/{name}?sslmode=disable", self.addr)
     }
 
     /// Adds `latency` to every chunk forwarded.
