@@ -200,16 +200,36 @@ async fn current_schema(db: &DatabaseConnection) -> Result<Option<String>> {
 }
 
 /// `DROP SCHEMA ... CASCADE`, waiting at most a few seconds for the run's last statements.
+///
+/// The drop locks the schema's tables one by one, so a statement of the run still finishing
+/// (a worker's write, a listener's probe) can make a lock cycle with it; PostgreSQL then
+/// cancels one of the two ("deadlock detected", 40P01). When that is the drop, it is tried
+/// again: the other statement has finished by then.
 async fn drop_schema(admin: &DatabaseConnection, schema: &str) -> Result<()> {
+    const DEADLOCK: &str = "40P01";
     let sql = format!(
         "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; RESET lock_timeout"
     );
-    admin.execute_unprepared(&sql).await.map_err(|e| {
-        anyhow!(
-            "cannot drop the scratch schema {schema} ({e}); drop it by hand: DROP SCHEMA \"{schema}\" CASCADE"
-        )
-    })?;
-    Ok(())
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match admin.execute_unprepared(&sql).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempts < 5 && pg_diagnostics::sqlstate(&e).as_deref() == Some(DEADLOCK) => {
+                tracing::debug!(
+                    schema,
+                    attempts,
+                    "dropping the scratch schema deadlocked; again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(anyhow!(
+                    "cannot drop the scratch schema {schema} ({e}); drop it by hand: DROP SCHEMA \"{schema}\" CASCADE"
+                ));
+            }
+        }
+    }
 }
 
 impl Scratch {
