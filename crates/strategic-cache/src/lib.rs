@@ -77,7 +77,7 @@ pub use payload::{
 };
 pub use postgres::{PgCacheRepository, PgConfig, TableHealth};
 pub use reader::{CacheReader, ReaderConfig, ReaderStats};
-pub use repository::CacheRepository;
+pub use repository::{CacheRepository, ServerRole, ServerStats};
 pub use seed::SeedHelpers;
 
 /// The usage document's examples, compiled as doctests so that it stays accurate to the code.

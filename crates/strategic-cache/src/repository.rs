@@ -1,5 +1,7 @@
 //! The [`CacheRepository`] trait: what every cache store can do.
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 
 use crate::component::Component;
@@ -28,6 +30,40 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// clock. One round trip on PostgreSQL. The building block of [`Self::get`] and
     /// [`Self::freshness`], and what the reader uses to tell a stale entry from a missing one.
     async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError>;
+
+    /// As [`Self::lookup`], but the answer reflects every change committed before `after` (a
+    /// point in this process's monotonic time). A store with streaming replicas reads a
+    /// replica only if it has replayed everything committed before `after`; others simply
+    /// look up. The near tier passes the instant of the last invalidation it applied for the
+    /// key, so that a fill never reads a replica that has not seen it.
+    async fn lookup_after(
+        &self,
+        component: Component,
+        key: &Key,
+        after: Instant,
+    ) -> Result<Lookup, CacheError> {
+        let _ = after;
+        self.lookup(component, key).await
+    }
+
+    /// As [`Self::snapshot`], but reflecting every change committed before `after` (see
+    /// [`Self::lookup_after`]).
+    async fn snapshot_after(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+        after: Instant,
+    ) -> Result<Snapshot, CacheError> {
+        let _ = after;
+        self.snapshot(user_id, bot_name, window_hours).await
+    }
+
+    /// The servers this store reads from, with their counters and state (empty for stores
+    /// that are not database servers).
+    fn servers(&self) -> Vec<ServerStats> {
+        Vec::new()
+    }
 
     /// The fresh entry (`expires_at > now`) of `component` at `key`, or `None`.
     async fn get(
@@ -91,5 +127,56 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// store never disagree on which keys a worker could write.
     fn limits(&self) -> &Limits {
         &Limits::DEFAULT
+    }
+}
+
+/// What a server is to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ServerRole {
+    /// The primary: every write, and the reads no replica may serve.
+    Primary,
+    /// A streaming replica: hot-path reads while its measured lag is within the bound.
+    Replica,
+}
+
+impl ServerRole {
+    /// `primary` or `replica` (the metrics' `role` tag).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerRole::Primary => "primary",
+            ServerRole::Replica => "replica",
+        }
+    }
+}
+
+/// One server of a store and what it has done ([`CacheRepository::servers`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    /// `host:port/database`; never the user or the password.
+    pub name: String,
+    /// Primary or replica.
+    pub role: ServerRole,
+    /// Hot-path reads (`lookup` and `snapshot` statements) this server answered, since the
+    /// store connected.
+    pub reads: u64,
+    /// Hot-path reads that failed on it (each retried once elsewhere where possible).
+    pub errors: u64,
+    /// Replicas: the measured staleness bound now (how long ago the latest primary position
+    /// it has replayed was sampled); `None` when unknown (down, too far behind, not yet
+    /// measured) and for the primary.
+    #[serde(rename = "lag_ms", serialize_with = "ms_opt")]
+    pub lag: Option<Duration>,
+    /// Replicas: whether a read may go to it now. The primary: whether it answered its last
+    /// probe (or read).
+    pub eligible: bool,
+}
+
+/// A duration as milliseconds (float) in JSON.
+fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1000.0)),
+        None => s.serialize_none(),
     }
 }

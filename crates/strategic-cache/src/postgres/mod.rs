@@ -17,12 +17,15 @@
 //! - `errors`: driver errors mapped to [`CacheError`], passwords masked;
 //! - `maintenance`: dead-row health ([`TableHealth`]) and `VACUUM`;
 //! - `read_pool`: the hot path's own connection pool;
-//! - `batch`: merges concurrent lookups of one table into one statement on that pool.
+//! - `batch`: merges concurrent lookups of one table into one statement on that pool;
+//! - `replicas`: the servers hot-path reads go to (the primary and its streaming replicas,
+//!   each with its own pool and batcher), the lag monitor and the routing of each read.
 
 mod batch;
 mod errors;
 mod maintenance;
 mod read_pool;
+mod replicas;
 mod statements;
 mod tables;
 
@@ -30,12 +33,14 @@ pub(crate) use tables::decode_json_row;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use pg_diagnostics::{redact_url, scrub};
+use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, QueryResult, RuntimeErr,
     TransactionTrait,
@@ -46,12 +51,13 @@ use crate::entries::{Freshness, Lookup, NewEntry, Snapshot, TableStats, WriteOut
 use crate::error::CacheError;
 use crate::keys::Key;
 use crate::limits::{Limits, TtlPolicy};
-use crate::repository::CacheRepository;
+use crate::repository::{CacheRepository, ServerStats};
 use batch::Batcher;
 pub(crate) use errors::map_db_err;
 use errors::{classify, corrupt};
 pub use maintenance::TableHealth;
 use read_pool::ReadPool;
+use replicas::{Monitor, Server, Servers, Target};
 use statements::{lookup_many_sql, snapshot_sql, sql, stats_sql, stmt, values_tuple};
 use tables::{
     Arg, decode_entry, decode_parts, entry_row_values, key_args, key_values, secs, ttl_secs,
@@ -74,6 +80,15 @@ pub struct PgConfig {
     pub ttl: TtlPolicy,
     /// Input limits.
     pub limits: Limits,
+    /// Streaming replicas (`postgres://` URLs) that serve `lookup` and `snapshot` while their
+    /// measured lag is within [`PgConfig::max_replica_lag`]. Empty (the default): every read
+    /// goes to the primary, exactly as without replicas. Writes never go to a replica.
+    pub replicas: Vec<String>,
+    /// Longest a replica may be behind the primary and still be read, as measured by the
+    /// lag monitor (see `docs/STRATEGIC_CACHE_USAGE.md`, "Replicas"). Default 1 s.
+    pub max_replica_lag: Duration,
+    /// How often the lag monitor samples the primary and the replicas. Default 100 ms.
+    pub replica_probe_interval: Duration,
 }
 
 impl Default for PgConfig {
@@ -86,6 +101,9 @@ impl Default for PgConfig {
             statement_timeout: Some(Duration::from_secs(5)),
             ttl: TtlPolicy::default(),
             limits: Limits::default(),
+            replicas: Vec::new(),
+            max_replica_lag: Duration::from_secs(1),
+            replica_probe_interval: Duration::from_millis(100),
         }
     }
 }
@@ -101,19 +119,40 @@ impl Default for PgConfig {
 /// testing it on every release (see `read_pool.rs`). A bot that only reads keeps
 /// `min_connections` open in the first. One made by [`PgCacheRepository::from_connection`]
 /// reads through the connection it is given.
+///
+/// With [`PgConfig::replicas`], each replica gets a read pool of its own, and `lookup` and
+/// `snapshot` go to a replica whose measured lag is within [`PgConfig::max_replica_lag`],
+/// falling back to the primary (see `replicas.rs` and [`PgCacheRepository::servers`]).
 #[derive(Clone)]
 pub struct PgCacheRepository {
     db: DatabaseConnection,
-    /// The hot-path pool; `None` when wrapping a caller's connection.
-    reads: Option<Arc<ReadPool>>,
-    /// Batches lookups that would wait for a connection of `reads`.
-    batcher: Option<Arc<Batcher>>,
+    /// The servers of the hot-path reads, each with its pool and batcher; `None` when
+    /// wrapping a caller's connection.
+    servers: Option<Arc<Servers>>,
+    /// Aborts the lag monitor when the last clone goes (`None` without replicas).
+    _monitor: Option<Arc<TaskGuard>>,
     ttl: TtlPolicy,
     limits: Limits,
     /// The URL connected to, kept only to scrub its password out of error messages.
     url: Option<String>,
     /// The configured statement timeout, reported in [`CacheError::Timeout`].
     statement_timeout: Option<Duration>,
+}
+
+/// Aborts a background task when dropped.
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A hot-path read: a lookup (which may be batched) or a single-row statement.
+#[derive(Clone, Copy)]
+enum Read<'a> {
+    Lookup(Component, &'a Key),
+    Row(&'static str, &'a [Arg<'a>]),
 }
 
 impl fmt::Debug for PgCacheRepository {
@@ -134,15 +173,15 @@ impl PgCacheRepository {
     /// The URL must be `postgres://` or `postgresql://` ([`CacheError::InvalidInput`]
     /// otherwise). A failure to connect is [`CacheError::Unavailable`], naming the host and
     /// database but never the password.
+    ///
+    /// Every replica URL is validated like the primary's (nothing is started if one is
+    /// wrong), but a replica that cannot be reached does not fail `connect`: it is not read
+    /// until the lag monitor reaches it, and it is logged once at `warn`.
     pub async fn connect(url: &str, config: PgConfig) -> Result<Self, CacheError> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(CacheError::invalid(
-                "url",
-                format!(
-                    "`{}` is not a postgres:// or postgresql:// URL",
-                    redact_url(url)
-                ),
-            ));
+        check_url("url", url)?;
+        for replica in &config.replicas {
+            check_url("replicas", replica)?;
+            PgConnectOptions::from_str(replica).map_err(|e| invalid_url("replicas", replica, &e))?;
         }
         let mut options = ConnectOptions::new(url);
         options
@@ -187,15 +226,54 @@ impl PgCacheRepository {
             .warm(config.min_connections.min(config.max_connections))
             .await
             .map_err(|e| unavailable(&e))?;
-        let reads = Arc::new(reads);
-        Ok(PgCacheRepository {
-            db,
-            batcher: Some(Arc::new(Batcher::new(
-                Arc::clone(&reads),
+        let server = |url: &str, pool: ReadPool| {
+            let pool = Arc::new(pool);
+            let batcher = Batcher::new(
+                Arc::clone(&pool),
                 lookup_many_sql,
                 config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
-            ))),
-            reads: Some(reads),
+            );
+            Server::new(url, pool, Arc::new(batcher))
+        };
+        let primary = server(url, reads);
+        let mut replicas = Vec::with_capacity(config.replicas.len());
+        for replica in &config.replicas {
+            let pool = ReadPool::new(
+                replica,
+                config.max_connections,
+                config.connect_timeout,
+                config.acquire_timeout,
+                config.statement_timeout,
+            )
+            .map_err(|e| invalid_url("replicas", replica, &e))?;
+            replicas.push(server(replica, pool));
+        }
+        // Warm the replicas' pools; one that fails is left to the monitor, which logs it.
+        futures_util::future::join_all(replicas.iter().map(|r| {
+            r.pool
+                .warm(config.min_connections.min(config.max_connections))
+        }))
+        .await;
+        let servers = Arc::new(Servers::new(primary, replicas, config.max_replica_lag));
+        let monitor = if config.replicas.is_empty() {
+            None
+        } else {
+            let mut monitor = Monitor::new(
+                Arc::clone(&servers),
+                url,
+                &config.replicas,
+                config.replica_probe_interval,
+            )
+            .map_err(|e| invalid_url("replicas", url, &e))?;
+            // One round before returning, so that caught-up replicas serve the first reads.
+            monitor.round().await;
+            let task = tokio::spawn(monitor.run());
+            Some(Arc::new(TaskGuard(task.abort_handle())))
+        };
+        Ok(PgCacheRepository {
+            db,
+            servers: Some(servers),
+            _monitor: monitor,
             ttl: config.ttl,
             limits: config.limits,
             url: Some(url.to_owned()),
@@ -207,8 +285,8 @@ impl PgCacheRepository {
     pub fn from_connection(db: DatabaseConnection, ttl: TtlPolicy, limits: Limits) -> Self {
         PgCacheRepository {
             db,
-            reads: None,
-            batcher: None,
+            servers: None,
+            _monitor: None,
             ttl,
             limits,
             url: None,
@@ -256,14 +334,14 @@ impl PgCacheRepository {
     /// tests.
     #[cfg(any(test, feature = "test-support"))]
     pub fn idle_read_connections(&self) -> Option<usize> {
-        self.reads.as_ref().map(|pool| pool.idle_count())
+        self.servers.as_ref().map(|s| s.primary().pool.idle_count())
     }
 
     /// Statements the hot-path read pool has run (`None` without one); with batching, fewer
     /// than the lookups asked for under load. For diagnostics and tests.
     #[cfg(any(test, feature = "test-support"))]
     pub fn read_statements(&self) -> Option<u64> {
-        self.reads.as_ref().map(|pool| pool.statements())
+        self.servers.as_ref().map(|s| s.primary().pool.statements())
     }
 
     /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
@@ -286,58 +364,79 @@ impl PgCacheRepository {
         maintenance::vacuum(&self.db, components, |e| self.err(e)).await
     }
 
-    /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row, on the read pool
-    /// if there is one.
+    /// The servers of the hot-path reads: the primary first, then each replica, with the
+    /// reads each answered, the errors, and each replica's measured lag and eligibility.
+    /// Empty for a repository made by [`PgCacheRepository::from_connection`].
+    pub fn servers(&self) -> Vec<ServerStats> {
+        self.servers.as_ref().map_or_else(Vec::new, |s| s.stats())
+    }
+
+    /// Runs a hot-path read (`lookup` or `snapshot`) and returns its row: on the server the
+    /// routing chooses (a replica that has replayed everything committed before `after`, or
+    /// the primary), retried once elsewhere if it fails there (see `replicas.rs`).
     async fn read_row(
         &self,
-        sql: &'static str,
-        args: &[Arg<'_>],
+        read: Read<'_>,
+        after: Option<Instant>,
     ) -> Result<Option<QueryResult>, CacheError> {
-        let Some(pool) = &self.reads else {
-            let values = args.iter().map(|a| a.value()).collect();
+        let Some(servers) = &self.servers else {
+            let (sql, values) = match read {
+                Read::Lookup(component, key) => (
+                    &*sql(component).lookup,
+                    key_args(key).iter().map(|a| a.value()).collect(),
+                ),
+                Read::Row(sql, args) => (sql, args.iter().map(|a| a.value()).collect()),
+            };
             return self
                 .db
                 .query_one_raw(stmt(sql, values))
                 .await
                 .map_err(|e| self.err(e));
         };
-        let mut query = sea_orm::sqlx::query(sql);
-        for arg in args {
-            query = match *arg {
-                Arg::Text(text) => query.bind(text),
-                Arg::Int(n) => query.bind(n),
-            };
-        }
-        match pool.fetch_optional(query).await {
-            Ok(row) => Ok(row.map(QueryResult::from)),
-            Err(e) => Err(self.sqlx_err(Arc::new(e))),
+        let mut target = servers.choose(after);
+        let mut retried = false;
+        loop {
+            let server = servers.server(target);
+            let result = read_on(server, read).await;
+            if result.is_ok() && target == Target::Primary {
+                servers.primary_answered();
+            }
+            match servers.settle(target, after, result.as_ref().err().map(|e| &**e), retried) {
+                Some(next) => {
+                    target = next;
+                    retried = true;
+                }
+                None => {
+                    return result
+                        .map(|row| row.map(QueryResult::from))
+                        .map_err(|e| self.sqlx_err_at(e, &server.url));
+                }
+            }
         }
     }
-}
 
-#[async_trait]
-impl CacheRepository for PgCacheRepository {
-    fn limits(&self) -> &Limits {
-        &self.limits
+    /// As [`Self::sqlx_err`], for an error of the server at `url` (a replica's password is
+    /// scrubbed as the primary's is).
+    fn sqlx_err_at(&self, error: Arc<sea_orm::sqlx::Error>, url: &str) -> CacheError {
+        match self.sqlx_err(error) {
+            CacheError::Unavailable(m) => CacheError::Unavailable(scrub(&m, Some(url))),
+            CacheError::Database(m) => CacheError::Database(scrub(&m, Some(url))),
+            other => other,
+        }
     }
 
-    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
+    /// The lookup of `component` at `key`, reflecting every commit before `after` if given.
+    async fn lookup_at(
+        &self,
+        component: Component,
+        key: &Key,
+        after: Option<Instant>,
+    ) -> Result<Lookup, CacheError> {
         if self.limits.check_key(component, key).is_err() {
             // A key that could never have been stored is not there; no round trip.
             return Ok(Lookup::Missing);
         }
-        let row = match &self.batcher {
-            Some(batcher) if batcher.should_queue(component) => batcher
-                .lookup(component, key.clone())
-                .await
-                .map(|row| row.map(QueryResult::from))
-                .map_err(|e| self.sqlx_err(e))?,
-            _ => {
-                self.read_row(&sql(component).lookup, &key_args(key))
-                    .await?
-            }
-        };
-        let Some(row) = row else {
+        let Some(row) = self.read_row(Read::Lookup(component, key), after).await? else {
             return Ok(Lookup::Missing);
         };
         Ok(match decode_entry(component, &row, "")? {
@@ -347,11 +446,13 @@ impl CacheRepository for PgCacheRepository {
         })
     }
 
-    async fn snapshot(
+    /// The snapshot, reflecting every commit before `after` if given.
+    async fn snapshot_at(
         &self,
         user_id: &str,
         bot_name: &str,
         window_hours: i32,
+        after: Option<Instant>,
     ) -> Result<Snapshot, CacheError> {
         let bot_ok = self.limits.check_name("bot_name", bot_name).is_ok();
         let user_ok = bot_ok && self.limits.check_name("user_id", user_id).is_ok();
@@ -365,7 +466,7 @@ impl CacheRepository for PgCacheRepository {
         let user = if user_ok { user_id } else { "" };
         let bot = if bot_ok { bot_name } else { "" };
         let args = [Arg::Text(user), Arg::Text(bot), Arg::Int(window_hours)];
-        let row = self.read_row(snapshot_sql(), &args).await?;
+        let row = self.read_row(Read::Row(snapshot_sql(), &args), after).await?;
         let mut snapshot = Snapshot::default();
         let Some(row) = row else {
             return Ok(snapshot);
@@ -383,6 +484,109 @@ impl CacheRepository for PgCacheRepository {
             }
         }
         Ok(snapshot)
+    }
+}
+
+/// Runs `read` on `server`: a lookup through its batcher when every connection is busy,
+/// anything else as one statement on its pool.
+async fn read_on(
+    server: &Server,
+    read: Read<'_>,
+) -> Result<Option<sea_orm::sqlx::postgres::PgRow>, Arc<sea_orm::sqlx::Error>> {
+    let query = match read {
+        Read::Lookup(component, key) if server.batcher.should_queue(component) => {
+            return server.batcher.lookup(component, key.clone()).await;
+        }
+        Read::Lookup(component, key) => bind(&sql(component).lookup, &key_args(key)),
+        Read::Row(sql, args) => bind(sql, args),
+    };
+    server.pool.fetch_optional(query).await.map_err(Arc::new)
+}
+
+/// `sql` with `args` bound.
+fn bind<'q>(
+    sql: &'static str,
+    args: &[Arg<'q>],
+) -> sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>
+{
+    let mut query = sea_orm::sqlx::query(sql);
+    for arg in args {
+        query = match *arg {
+            Arg::Text(text) => query.bind(text),
+            Arg::Int(n) => query.bind(n),
+        };
+    }
+    query
+}
+
+/// Checks that `url` is a `postgres://` or `postgresql://` URL.
+fn check_url(field: &'static str, url: &str) -> Result<(), CacheError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(());
+    }
+    Err(CacheError::invalid(
+        field,
+        format!(
+            "`{}` is not a postgres:// or postgresql:// URL",
+            redact_url(url)
+        ),
+    ))
+}
+
+/// A URL the driver cannot parse, named without its password.
+fn invalid_url(field: &'static str, url: &str, error: &dyn fmt::Display) -> CacheError {
+    CacheError::invalid(
+        field,
+        format!(
+            "`{}` is not a valid PostgreSQL URL: {}",
+            redact_url(url),
+            scrub(&error.to_string(), Some(url))
+        ),
+    )
+}
+
+#[async_trait]
+impl CacheRepository for PgCacheRepository {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
+        self.lookup_at(component, key, None).await
+    }
+
+    async fn lookup_after(
+        &self,
+        component: Component,
+        key: &Key,
+        after: Instant,
+    ) -> Result<Lookup, CacheError> {
+        self.lookup_at(component, key, Some(after)).await
+    }
+
+    async fn snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+    ) -> Result<Snapshot, CacheError> {
+        self.snapshot_at(user_id, bot_name, window_hours, None)
+            .await
+    }
+
+    async fn snapshot_after(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+        after: Instant,
+    ) -> Result<Snapshot, CacheError> {
+        self.snapshot_at(user_id, bot_name, window_hours, Some(after))
+            .await
+    }
+
+    fn servers(&self) -> Vec<ServerStats> {
+        PgCacheRepository::servers(self)
     }
 
     /// Upserts one entry in one statement.

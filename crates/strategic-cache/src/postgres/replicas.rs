@@ -1,0 +1,701 @@
+//! The servers the hot-path reads go to: the primary and its streaming replicas, the lag
+//! monitor that decides which replicas may be read, and the routing of each read.
+//!
+//! # Measuring lag (measured, not assumed)
+//! A monitor task (spawned at connect when replicas are configured, aborted when the last
+//! clone of the repository drops) samples, every `replica_probe_interval` and on connections
+//! of its own:
+//! 1. the primary's `pg_current_wal_insert_lsn()` at local time `t`, into a ring of recent
+//!    samples. *Insert*, not write or flush: with `synchronous_commit = off` a commit is
+//!    acknowledged once its record is inserted, before it is written;
+//! 2. each replica's `pg_is_in_recovery(), pg_last_wal_replay_lsn()`, concurrently, each
+//!    bounded by half of `max_replica_lag`.
+//!
+//! A replica's *coverage* is the latest primary sample time `t_k` with `lsn_k <= replay_lsn`:
+//! every commit acknowledged on the primary before `t_k` is visible on the replica (replay is
+//! monotonic, so this stays true until the next sample). Its staleness bound at read time is
+//! `now - coverage`, which grows by itself between samples: a replica whose samples stop
+//! (replay paused, server hung or partitioned) falls out of `max_replica_lag` without anyone
+//! deciding it. A replica not in recovery (promoted, or the primary's own URL) or whose probe
+//! failed has no coverage.
+//!
+//! When the primary's sample fails (or a hot-path read on it fails at the connection level),
+//! the primary is *unreachable*: a replica that has replayed the last good sample stays
+//! eligible whatever its age, since no write can commit on a primary that is down (the
+//! exception, a primary this process cannot reach while writers can, is documented in
+//! `docs/STRATEGIC_CACHE_USAGE.md`; TTLs still bound what is served). The next good sample
+//! ends that mode.
+//!
+//! # Routing
+//! [`Servers::choose`] picks an eligible replica, round-robin; with `after` (the near tier's
+//! last invalidation of the key, see `near/store.rs`) only one whose coverage is at least
+//! `after`; otherwise the primary. [`Servers::settle`] counts the outcome and says where to
+//! retry once: a failed replica read loses that replica's coverage (until its next good
+//! sample) and is retried on the primary (or, with the primary unreachable, on another
+//! eligible replica); a failed primary read is retried on a replica eligible in the
+//! unreachable mode. The decisions themselves are pure functions ([`eligible`], [`pick`]),
+//! unit-tested below.
+//!
+//! Each server has its own read pool and its own batcher (`batch.rs`), so batching works the
+//! same on every server.
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pg_diagnostics::{connection_lost, redact_url};
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
+
+use super::batch::Batcher;
+use super::read_pool::ReadPool;
+use crate::repository::{ServerRole, ServerStats};
+
+/// One server the hot-path reads may go to: its pool, its batcher and its counters.
+pub(super) struct Server {
+    /// `host:port/database`: no user, no password.
+    pub(super) name: String,
+    /// The URL, kept only to scrub its password out of error messages.
+    pub(super) url: String,
+    pub(super) pool: Arc<ReadPool>,
+    pub(super) batcher: Arc<Batcher>,
+    reads: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Server {
+    pub(super) fn new(url: &str, pool: Arc<ReadPool>, batcher: Arc<Batcher>) -> Server {
+        Server {
+            name: server_name(url),
+            url: url.to_owned(),
+            pool,
+            batcher,
+            reads: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A replica and what the monitor last measured of it.
+struct Replica {
+    server: Server,
+    /// The latest primary sample this replica has replayed, as [`Servers::ns`] of its time;
+    /// 0: none (down, lagging past the ring, promoted, or dropped after a failed read).
+    coverage: AtomicU64,
+}
+
+/// Where a read goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    Primary,
+    Replica(usize),
+}
+
+/// The primary, the replicas and the monitor's shared state. Shared by every clone of the
+/// repository and by the monitor task.
+pub(super) struct Servers {
+    /// The time base of every `*_ns` value (monotonic).
+    base: Instant,
+    primary: Server,
+    replicas: Box<[Replica]>,
+    max_lag_ns: u64,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    /// Whether the primary is unreachable (see the module documentation).
+    primary_down: AtomicBool,
+    /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet).
+    last_good: AtomicU64,
+}
+
+impl Servers {
+    pub(super) fn new(primary: Server, replicas: Vec<Server>, max_lag: Duration) -> Servers {
+        Servers {
+            base: Instant::now(),
+            primary,
+            replicas: replicas
+                .into_iter()
+                .map(|server| Replica {
+                    server,
+                    coverage: AtomicU64::new(0),
+                })
+                .collect(),
+            max_lag_ns: duration_ns(max_lag),
+            next: AtomicUsize::new(0),
+            primary_down: AtomicBool::new(false),
+            last_good: AtomicU64::new(0),
+        }
+    }
+
+    /// `at` as nanoseconds since the base, plus one (so that 0 can mean "none"); an instant
+    /// before the base is 1.
+    fn ns(&self, at: Instant) -> u64 {
+        duration_ns(at.saturating_duration_since(self.base)).saturating_add(1)
+    }
+
+    /// The primary.
+    #[cfg(any(test, feature = "test-support"))]
+    pub(super) fn primary(&self) -> &Server {
+        &self.primary
+    }
+
+    /// The server of `target`.
+    pub(super) fn server(&self, target: Target) -> &Server {
+        match target {
+            Target::Replica(i) => self.replicas.get(i).map_or(&self.primary, |r| &r.server),
+            Target::Primary => &self.primary,
+        }
+    }
+
+    /// The primary's last good sample while it is unreachable, else `None`.
+    fn down_since(&self) -> Option<u64> {
+        if self.primary_down.load(Ordering::Acquire) {
+            Some(self.last_good.load(Ordering::Acquire))
+        } else {
+            None
+        }
+    }
+
+    /// Whether replica `i` may serve a read that must reflect every commit before `after`.
+    fn replica_eligible(&self, i: usize, now: u64, after: Option<u64>, down: Option<u64>) -> bool {
+        self.replicas.get(i).is_some_and(|r| {
+            eligible(
+                r.coverage.load(Ordering::Acquire),
+                now,
+                after,
+                self.max_lag_ns,
+                down,
+            )
+        })
+    }
+
+    /// Where a read goes first: an eligible replica, round-robin, else the primary.
+    pub(super) fn choose(&self, after: Option<Instant>) -> Target {
+        if self.replicas.is_empty() {
+            return Target::Primary;
+        }
+        self.choose_replica(after, None)
+            .map_or(Target::Primary, Target::Replica)
+    }
+
+    fn choose_replica(&self, after: Option<Instant>, exclude: Option<usize>) -> Option<usize> {
+        let now = self.ns(Instant::now());
+        let after = after.map(|a| self.ns(a));
+        let down = self.down_since();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        pick(start, self.replicas.len(), exclude, |i| {
+            self.replica_eligible(i, now, after, down)
+        })
+    }
+
+    /// Counts the outcome of a read on `target` and says where to retry it, if anywhere
+    /// (`retried`: this was already the retry, so there is no other).
+    pub(super) fn settle(
+        &self,
+        target: Target,
+        after: Option<Instant>,
+        error: Option<&sqlx::Error>,
+        retried: bool,
+    ) -> Option<Target> {
+        let server = self.server(target);
+        let Some(error) = error else {
+            server.reads.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        server.errors.fetch_add(1, Ordering::Relaxed);
+        match target {
+            Target::Replica(i) => {
+                // Whatever went wrong, this replica is not trusted until the monitor's next
+                // good sample of it.
+                if let Some(r) = self.replicas.get(i) {
+                    r.coverage.store(0, Ordering::Release);
+                }
+                if retried {
+                    return None;
+                }
+                if self.down_since().is_some() {
+                    self.choose_replica(after, Some(i)).map(Target::Replica)
+                } else {
+                    Some(Target::Primary)
+                }
+            }
+            Target::Primary => {
+                if self.replicas.is_empty() || retried || !connection_level(error) {
+                    return None;
+                }
+                // The read itself shows the primary gone: do not wait for the monitor.
+                if self.last_good.load(Ordering::Acquire) != 0 {
+                    self.primary_down.store(true, Ordering::Release);
+                }
+                self.down_since()?;
+                self.choose_replica(after, None).map(Target::Replica)
+            }
+        }
+    }
+
+    /// A successful read on the primary proves it reachable.
+    pub(super) fn primary_answered(&self) {
+        if self.primary_down.load(Ordering::Relaxed) {
+            self.primary_down.store(false, Ordering::Release);
+        }
+    }
+
+    /// Every server's counters and state now, the primary first.
+    pub(super) fn stats(&self) -> Vec<ServerStats> {
+        let now = self.ns(Instant::now());
+        let down = self.down_since();
+        let mut out = Vec::with_capacity(1 + self.replicas.len());
+        out.push(ServerStats {
+            name: self.primary.name.clone(),
+            role: ServerRole::Primary,
+            reads: self.primary.reads.load(Ordering::Relaxed),
+            errors: self.primary.errors.load(Ordering::Relaxed),
+            lag: None,
+            eligible: down.is_none(),
+        });
+        for (i, r) in self.replicas.iter().enumerate() {
+            let coverage = r.coverage.load(Ordering::Acquire);
+            out.push(ServerStats {
+                name: r.server.name.clone(),
+                role: ServerRole::Replica,
+                reads: r.server.reads.load(Ordering::Relaxed),
+                errors: r.server.errors.load(Ordering::Relaxed),
+                lag: (coverage != 0).then(|| Duration::from_nanos(now.saturating_sub(coverage))),
+                eligible: self.replica_eligible(i, now, None, down),
+            });
+        }
+        out
+    }
+}
+
+/// Whether a replica whose coverage is `coverage` (0: none) may serve, at `now`, a read that
+/// must reflect every commit before `after`; `down` is the last good primary sample while
+/// the primary is unreachable. All values are on one time base, in nanoseconds.
+pub(super) fn eligible(
+    coverage: u64,
+    now: u64,
+    after: Option<u64>,
+    max_lag: u64,
+    down: Option<u64>,
+) -> bool {
+    if coverage == 0 || after.is_some_and(|a| coverage < a) {
+        return false;
+    }
+    match down {
+        // Nothing can commit on a primary that is down: having replayed its last known
+        // position is enough, whatever the age.
+        Some(last_good) => coverage >= last_good,
+        None => now.saturating_sub(coverage) <= max_lag,
+    }
+}
+
+/// The first of `n` candidates, from `start` round-robin, that is not `exclude` and is `ok`.
+pub(super) fn pick(
+    start: usize,
+    n: usize,
+    exclude: Option<usize>,
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    (0..n)
+        .map(|k| start.wrapping_add(k) % n)
+        .find(|&i| Some(i) != exclude && ok(i))
+}
+
+/// The coverage a replica that has replayed up to `replay` gets from `samples` (time, lsn),
+/// oldest first: the time of the latest sample at or below `replay`, or 0.
+pub(super) fn coverage_of(samples: &VecDeque<(u64, u64)>, replay: u64) -> u64 {
+    samples
+        .iter()
+        .rev()
+        .find(|(_, lsn)| *lsn <= replay)
+        .map_or(0, |(t, _)| *t)
+}
+
+/// Whether a read failed because the server is gone or unreachable (rather than because of
+/// the statement): what marks the primary unreachable.
+fn connection_level(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| connection_lost(&c)),
+        _ => false,
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `host:port/database` of a URL (what `servers()`, the metrics and `watch` show): never the
+/// user or the password.
+pub(super) fn server_name(url: &str) -> String {
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or_else(|| o.get_username())
+        ),
+        Err(_) => redact_url(url),
+    }
+}
+
+/// The monitor's own connections and its ring of primary samples. Runs on one task, so it
+/// needs no lock.
+pub(super) struct Monitor {
+    servers: Arc<Servers>,
+    primary: Probe,
+    replicas: Vec<Probe>,
+    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first.
+    samples: VecDeque<(u64, u64)>,
+    capacity: usize,
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// A monitor connection to one server.
+struct Probe {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+    /// Whether the last probe failed (so that an outage is logged once).
+    failing: bool,
+}
+
+impl Probe {
+    fn new(url: &str) -> Result<Probe, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("strategic-cache-replica-monitor")
+            .disable_statement_logging();
+        Ok(Probe {
+            options,
+            conn: None,
+            failing: false,
+        })
+    }
+
+    /// Runs `sql` (one row of `T`) on this probe's connection, connecting first if needed;
+    /// the whole bounded by `timeout`. Any failure drops the connection.
+    async fn query<T>(&mut self, sql: &'static str, timeout: Duration) -> Result<T, String>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let attempt = async {
+            if self.conn.is_none() {
+                self.conn = Some(PgConnection::connect_with(&self.options).await?);
+            }
+            match self.conn.as_mut() {
+                Some(conn) => sqlx::query_as::<_, T>(sql).fetch_one(conn).await,
+                None => Err(sqlx::Error::PoolClosed),
+            }
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(row)) => Ok(row),
+            Ok(Err(error)) => {
+                self.conn = None;
+                Err(pg_diagnostics::scrub(&error.to_string(), None))
+            }
+            Err(_) => {
+                self.conn = None;
+                Err(format!("no answer within {timeout:?}"))
+            }
+        }
+    }
+}
+
+const PRIMARY_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+const REPLICA_SQL: &str =
+    "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
+
+impl Monitor {
+    /// A monitor of `servers` (whose replicas are `replica_urls`, in order). Fails only on a
+    /// URL that does not parse (checked by the caller before).
+    pub(super) fn new(
+        servers: Arc<Servers>,
+        primary_url: &str,
+        replica_urls: &[String],
+        interval: Duration,
+    ) -> Result<Monitor, sqlx::Error> {
+        let interval = interval.max(Duration::from_millis(1));
+        let max_lag = Duration::from_nanos(servers.max_lag_ns);
+        // Enough samples to span four times the bound, whatever the interval (capped).
+        let span = (4 * servers.max_lag_ns / duration_ns(interval)).saturating_add(2);
+        Ok(Monitor {
+            primary: Probe::new(primary_url)?,
+            replicas: replica_urls
+                .iter()
+                .map(|u| Probe::new(u))
+                .collect::<Result<_, _>>()?,
+            samples: VecDeque::new(),
+            capacity: usize::try_from(span).unwrap_or(4096).clamp(4, 4096),
+            interval,
+            timeout: (max_lag / 2).max(Duration::from_millis(1)),
+            servers,
+        })
+    }
+
+    /// One round: a primary sample, then every replica, concurrently.
+    pub(super) async fn round(&mut self) {
+        let servers = &*self.servers;
+        let t = Instant::now();
+        match self.primary.query::<(i64,)>(PRIMARY_SQL, self.timeout).await {
+            Ok((lsn,)) => {
+                let t = servers.ns(t);
+                if self.samples.len() == self.capacity {
+                    self.samples.pop_front();
+                }
+                self.samples
+                    .push_back((t, u64::try_from(lsn).unwrap_or_default()));
+                servers.last_good.store(t, Ordering::Release);
+                servers.primary_down.store(false, Ordering::Release);
+                if std::mem::take(&mut self.primary.failing) {
+                    tracing::info!(
+                        server = %servers.primary.name,
+                        "strategic cache: the primary answers the replica monitor again"
+                    );
+                }
+            }
+            Err(error) => {
+                if servers.last_good.load(Ordering::Acquire) != 0 {
+                    servers.primary_down.store(true, Ordering::Release);
+                }
+                if !std::mem::replace(&mut self.primary.failing, true) {
+                    tracing::warn!(
+                        server = %servers.primary.name,
+                        %error,
+                        "strategic cache: the primary is unreachable ({error}); reads go to \
+                         the replicas that have replayed its last known position"
+                    );
+                }
+            }
+        }
+        let samples = &self.samples;
+        let timeout = self.timeout;
+        let probes = self
+            .replicas
+            .iter_mut()
+            .zip(servers.replicas.iter())
+            .map(|(probe, replica)| async move {
+                let result = probe
+                    .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
+                    .await
+                    .and_then(|row| match row {
+                        (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
+                        _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
+                    });
+                match result {
+                    Ok(replay) => {
+                        replica
+                            .coverage
+                            .store(coverage_of(samples, replay), Ordering::Release);
+                        if std::mem::take(&mut probe.failing) {
+                            tracing::info!(
+                                server = %replica.server.name,
+                                "strategic cache: replica reachable again"
+                            );
+                        }
+                    }
+                    Err(error) => {
+                        replica.coverage.store(0, Ordering::Release);
+                        if !std::mem::replace(&mut probe.failing, true) {
+                            tracing::warn!(
+                                server = %replica.server.name,
+                                %error,
+                                "strategic cache: replica not used ({error}); reads go to the \
+                                 primary or the other replicas"
+                            );
+                        }
+                    }
+                }
+            });
+        futures_util::future::join_all(probes).await;
+    }
+
+    /// Probes every `interval` until the task is aborted.
+    pub(super) async fn run(mut self) {
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.round().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const LAG: u64 = 1000 * MS;
+
+    /// A replica is eligible exactly while its coverage is within the bound of now, and
+    /// never without coverage.
+    #[test]
+    fn eligible_within_the_bound_only() {
+        assert!(eligible(5000 * MS, 5000 * MS, None, LAG, None));
+        assert!(eligible(4000 * MS, 5000 * MS, None, LAG, None));
+        assert!(!eligible(4000 * MS - 1, 5000 * MS, None, LAG, None));
+        assert!(!eligible(0, 5000 * MS, None, LAG, None));
+    }
+
+    /// With `after`, a replica must cover it, however fresh it is otherwise.
+    #[test]
+    fn after_needs_coverage_past_it() {
+        let now = 5000 * MS;
+        assert!(eligible(4990 * MS, now, Some(4990 * MS), LAG, None));
+        assert!(!eligible(4990 * MS, now, Some(4991 * MS), LAG, None));
+        assert!(eligible(4995 * MS, now, Some(4991 * MS), LAG, None));
+    }
+
+    /// With the primary down, a replica that replayed its last good sample stays eligible
+    /// whatever the age; one behind it does not; `after` still applies.
+    #[test]
+    fn primary_down_mode() {
+        let last_good = 1000 * MS;
+        let now = 60_000 * MS;
+        assert!(eligible(last_good, now, None, LAG, Some(last_good)));
+        assert!(!eligible(last_good - 1, now, None, LAG, Some(last_good)));
+        assert!(!eligible(last_good, now, Some(last_good + 1), LAG, Some(last_good)));
+        assert!(!eligible(0, now, None, LAG, Some(last_good)));
+    }
+
+    /// Round-robin: each start gives the next eligible candidate, skipping the excluded one.
+    #[test]
+    fn pick_round_robin() {
+        let all = |_| true;
+        assert_eq!(pick(0, 3, None, all), Some(0));
+        assert_eq!(pick(4, 3, None, all), Some(1));
+        assert_eq!(pick(1, 3, Some(1), all), Some(2));
+        assert_eq!(pick(2, 3, None, |i| i == 0), Some(0));
+        assert_eq!(pick(0, 3, Some(0), |i| i == 0), None);
+        assert_eq!(pick(0, 0, None, all), None);
+        assert_eq!(pick(usize::MAX, 3, None, all), Some(usize::MAX % 3));
+    }
+
+    /// Coverage is the time of the latest sample the replica has replayed.
+    #[test]
+    fn coverage_is_the_latest_replayed_sample() {
+        let samples: VecDeque<(u64, u64)> = [(10, 100), (20, 100), (30, 200), (40, 300)].into();
+        assert_eq!(coverage_of(&samples, 99), 0);
+        assert_eq!(coverage_of(&samples, 100), 20);
+        assert_eq!(coverage_of(&samples, 250), 30);
+        assert_eq!(coverage_of(&samples, 300), 40);
+        assert_eq!(coverage_of(&samples, 1000), 40);
+    }
+
+    /// Servers at unused local ports (nothing is connected): a primary and `n` replicas.
+    fn servers(n: usize) -> Servers {
+        let server = |port: u16| {
+            let url = format!("postgres://u:pw@127.0.0.1:{port}/d");
+            let pool = Arc::new(
+                ReadPool::new(&url, 1, Duration::from_secs(1), Duration::from_secs(1), None)
+                    .unwrap(),
+            );
+            let batcher = Batcher::new(
+                Arc::clone(&pool),
+                super::super::statements::lookup_many_sql,
+                Duration::from_secs(1),
+            );
+            Server::new(&url, pool, Arc::new(batcher))
+        };
+        let replicas = (0..n).map(|i| server(2 + i as u16)).collect();
+        Servers::new(server(1), replicas, Duration::from_secs(1))
+    }
+
+    fn refused() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    /// Reads go round-robin to the caught-up replicas; with `after` past every replica's
+    /// coverage, to the primary; without replicas, always to the primary.
+    #[test]
+    fn routes_to_covered_replicas() {
+        let s = servers(2);
+        let now = Instant::now();
+        for r in s.replicas.iter() {
+            r.coverage.store(s.ns(now), Ordering::Release);
+        }
+        let first = s.choose(None);
+        let second = s.choose(None);
+        assert!(matches!(first, Target::Replica(_)));
+        assert!(matches!(second, Target::Replica(_)));
+        assert_ne!(first, second, "not round-robin");
+        let later = now + Duration::from_millis(5);
+        assert_eq!(s.choose(Some(later)), Target::Primary);
+        s.replicas[1]
+            .coverage
+            .store(s.ns(later), Ordering::Release);
+        assert_eq!(s.choose(Some(later)), Target::Replica(1));
+        assert_eq!(servers(0).choose(None), Target::Primary);
+    }
+
+    /// A failed replica read loses that replica's coverage and is retried once, on the
+    /// primary; the retry's failure is final. Each outcome is counted on its server.
+    #[test]
+    fn a_failed_replica_read_is_retried_on_the_primary() {
+        let s = servers(1);
+        s.replicas[0]
+            .coverage
+            .store(s.ns(Instant::now()), Ordering::Release);
+        let target = s.choose(None);
+        assert_eq!(target, Target::Replica(0));
+        let next = s.settle(target, None, Some(&refused()), false);
+        assert_eq!(next, Some(Target::Primary));
+        assert_eq!(s.replicas[0].coverage.load(Ordering::Acquire), 0);
+        assert_eq!(s.choose(None), Target::Primary);
+        assert_eq!(s.settle(Target::Primary, None, None, true), None);
+        let stats = s.stats();
+        assert_eq!((stats[0].reads, stats[0].errors), (1, 0));
+        assert_eq!((stats[1].reads, stats[1].errors), (0, 1));
+        assert!(!stats[1].eligible);
+        assert_eq!(s.settle(Target::Primary, None, Some(&refused()), true), None);
+    }
+
+    /// A primary read refused at the connection level marks the primary unreachable and is
+    /// retried on a replica that has replayed its last good sample; a statement error is not
+    /// retried.
+    #[test]
+    fn a_failed_primary_read_goes_to_a_caught_up_replica() {
+        let s = servers(1);
+        // Caught up to the last sample, taken at the time base: older than a zero bound.
+        s.last_good.store(1, Ordering::Release);
+        s.replicas[0].coverage.store(1, Ordering::Release);
+        let stale = Servers {
+            max_lag_ns: 0,
+            ..s
+        };
+        assert_eq!(stale.choose(None), Target::Primary);
+        assert_eq!(
+            stale.settle(Target::Primary, None, Some(&sqlx::Error::RowNotFound), false),
+            None
+        );
+        assert_eq!(
+            stale.settle(Target::Primary, None, Some(&refused()), false),
+            Some(Target::Replica(0))
+        );
+        assert!(!stale.stats()[0].eligible);
+        assert_eq!(stale.choose(None), Target::Replica(0));
+        stale.primary_answered();
+        assert_eq!(stale.choose(None), Target::Primary);
+    }
+
+    /// The name shows host, port and database, never the user or password.
+    #[test]
+    fn names_hide_credentials() {
+        assert_eq!(
+            server_name("postgres://bot:s3cret@db.example:5433/cache"),
+            "db.example:5433/cache"
+        );
+        assert_eq!(server_name("postgres://bot@db/cache"), "db:5432/cache");
+        assert!(!server_name("postgres://u:pw@h/d?sslmode=require").contains("pw"));
+    }
+
+    /// Connection-level failures mark a server gone; a busy pool does not.
+    #[test]
+    fn classifies_failures() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(connection_level(&io));
+        assert!(!connection_level(&sqlx::Error::RowNotFound));
+        assert!(!connection_level(&sqlx::Error::PoolTimedOut));
+    }
+}
