@@ -35,6 +35,9 @@ pub struct Scoped {
     pub url: String,
     /// A connection on `url` without a statement timeout, for maintenance (VACUUM).
     pub db: DatabaseConnection,
+    /// The schema's name, to scope other URLs of the same database (a replica's) with
+    /// [`scoped_url`].
+    pub schema: String,
 }
 
 /// A schema of the command's own, and the connections to manage it.
@@ -172,6 +175,7 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         scoped: Scoped {
             url: scoped_url.clone(),
             db,
+            schema: schema.to_owned(),
         },
         admin: admin.clone(),
     };

@@ -10,6 +10,7 @@
 //! - [`bare`]: the limit rows on tokio-postgres.
 //! - [`soak`]: `--soak`, many refresh cycles with reads in parallel, table sizes over time.
 //! - [`plot`]: `--plot FILE.svg`, the latency distributions as SVG.
+//! - [`replicas`]: with `--replica URL`, the read cases on the replicas and the replication lag.
 //!
 //! The payloads come from [`crate::workload`], shared with `simulate`. Everything is written
 //! into a scratch schema ([`crate::scratch`]) dropped at the end: the tables of the database
@@ -20,12 +21,13 @@ mod bare;
 mod cases;
 mod data;
 mod plot;
+mod replicas;
 mod report;
 mod soak;
 mod stats;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
@@ -54,7 +56,12 @@ pub async fn command(context: &Context, args: &BenchArgs) -> Result<Outcome> {
         shown.set_message(stage.to_owned());
     });
     let url = plain_transport(url);
-    let report = scratch::with_scratch("bench", &url, |scratch| run(args, scratch, progress)).await;
+    let replicas: Vec<String> = Vec::new();
+    let max_lag = Duration::from_secs(1);
+    let report = scratch::with_scratch("bench", &url, |scratch| {
+        run(args, scratch, &replicas, max_lag, progress)
+    })
+    .await;
     bar.finish_and_clear();
     let report = report?;
     if let Some(path) = &args.plot {
@@ -79,8 +86,15 @@ fn plain_transport(url: &str) -> String {
     }
 }
 
-/// Runs the benchmark in the scratch schema reached through `scratch`.
-async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<BenchReport> {
+/// Runs the benchmark in the scratch schema reached through `scratch`, with the replica cases
+/// when `replicas` (streaming replicas of the primary, unscoped URLs) are given.
+async fn run(
+    args: &BenchArgs,
+    scratch: Scoped,
+    replicas: &[String],
+    max_replica_lag: Duration,
+    progress: Progress,
+) -> Result<BenchReport> {
     let args = args.effective();
     let url = &scratch.url;
     let shape = Shape {
@@ -108,12 +122,23 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
     // Opens every pool connection and warms caches before anything is timed.
     bench.warm_up().await?;
 
+    let mut replica_setup = serde_json::Value::Null;
     let soak = if args.soak {
         let report = soak::run(&repo, shape, &args, &bench.progress).await?;
         bench.cases.push(report.reads.clone());
         Some(report)
     } else {
         bench.read_cases(url).await?;
+        if !replicas.is_empty() {
+            let scoped = replicas::Replicas {
+                urls: replicas
+                    .iter()
+                    .map(|r| scratch::scoped_url(&plain_transport(r), &scratch.schema))
+                    .collect(),
+                max_lag: max_replica_lag,
+            };
+            replica_setup = bench.replica_cases(url, &scratch.db, &scoped).await?;
+        }
         bench.write_cases().await?;
         None
     };
@@ -139,6 +164,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
             "quick": args.quick,
             "reads_per_case": args.reads,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "replicas": replica_setup,
         }),
         fill,
         cases: bench.cases,

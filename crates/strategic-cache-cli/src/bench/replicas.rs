@@ -98,24 +98,28 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>).with_config(
-            ReaderConfig {
+        let reader =
+            CacheReader::new(repo.clone() as Arc<dyn CacheRepository>).with_config(ReaderConfig {
                 budget: Duration::from_millis(self.args.budget_ms),
                 ..ReaderConfig::default()
-            },
-        );
+            });
         // Opens the replicas' pool connections before anything is timed, as `warm_up` does
         // for the primary's.
         let shape = self.shape;
         let warm = reader.clone();
-        drive(self.args.pool, (self.args.reads / 2).max(100), None, move |_, k| {
-            let reader = warm.clone();
-            async move {
-                let (u, b) = shape.fresh_key(7, k);
-                reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
-                Ok(0.0)
-            }
-        })
+        drive(
+            self.args.pool,
+            (self.args.reads / 2).max(100),
+            None,
+            move |_, k| {
+                let reader = warm.clone();
+                async move {
+                    let (u, b) = shape.fresh_key(7, k);
+                    reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
+                    Ok(0.0)
+                }
+            },
+        )
         .await;
 
         let before = repo.servers();
