@@ -23,6 +23,8 @@ Exit codes:
 Environment:
   DATABASE_URL  PostgreSQL URL of the cache database (or --database-url); never used by
                 `simulate` and `bench`, which take a database only from --database-url
+  STRATEGIC_CACHE_REPLICAS
+                streaming replicas of that database, comma-separated (or --replica, repeated)
   RUST_LOG      log filter for stderr (default: warn)";
 
 /// Operate the strategic cache: migrate its schema, inspect, write and repair entries.
@@ -39,6 +41,24 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub database_url: Option<String>,
+
+    /// A streaming replica of the cache database (postgres:// URL) that serves the reads of
+    /// `get`, `watch`, `simulate` and `bench` while its measured lag is within
+    /// --max-replica-lag-ms; repeat for several. Writes never go to a replica.
+    #[arg(
+        long = "replica",
+        env = "STRATEGIC_CACHE_REPLICAS",
+        value_delimiter = ',',
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub replicas: Vec<String>,
+
+    /// Longest a replica may be behind the primary and still be read, in milliseconds, as
+    /// measured (see docs/STRATEGIC_CACHE_USAGE.md, "Replicas").
+    #[arg(long, global = true, value_name = "N", default_value_t = 1000)]
+    pub max_replica_lag_ms: u64,
 
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]

@@ -33,6 +33,8 @@ pub const SCHEMA_PREFIX: &str = "strategic_cache_scratch_";
 pub struct Scoped {
     /// The given URL with `search_path` set to the schema only, for every connection.
     pub url: String,
+    /// The schema's name (to scope other URLs of the same database, e.g. its replicas).
+    pub schema: String,
     /// A connection on `url` without a statement timeout, for maintenance (VACUUM).
     pub db: DatabaseConnection,
     /// The schema's name, to scope other URLs of the same database (a replica's) with
@@ -174,6 +176,7 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         schema: schema.to_owned(),
         scoped: Scoped {
             url: scoped_url.clone(),
+            schema: schema.to_owned(),
             db,
             schema: schema.to_owned(),
         },

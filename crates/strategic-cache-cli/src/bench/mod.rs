@@ -102,12 +102,12 @@ async fn run(
         bots: args.bots.max(1),
         stale_percent: args.stale_percent,
     };
-    let config = PgConfig {
+    let config = args.replicas.scoped(&scratch.schema).config(PgConfig {
         max_connections: args.pool.max(1),
         // Warm: a burst must not wait for connections to be opened (several ms each).
         min_connections: args.pool.max(1),
         ..PgConfig::default()
-    };
+    });
     let repo = Arc::new(PgCacheRepository::connect(url, config).await?);
     // VACUUM on the scratch's own connection, without the repository's statement timeout
     // (5 s), which it can exceed on a large data set.

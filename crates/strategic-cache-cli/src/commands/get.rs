@@ -3,9 +3,14 @@
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
-use strategic_cache::{CacheRepository, CachedEntry, Component, Freshness, Key, Lookup};
+use strategic_cache::{
+    CacheRepository, CachedEntry, Component, Freshness, Key, Lookup, ServerStats,
+};
 
-use super::{Context, KeyArgs, Outcome, UserForPerBot, human_duration, key_json, key_text};
+use super::{
+    Context, KeyArgs, Outcome, UserForPerBot, human_duration, key_json, key_text, served_by,
+    server_label,
+};
 use crate::exit::bad_input;
 
 /// Arguments of `get`.
@@ -28,9 +33,11 @@ pub async fn run(context: &Context, GetArgs { key: args }: GetArgs) -> anyhow::R
                 args.window,
                 UserForPerBot::Ignored,
             )?;
-            let repository = context.repository().await?;
+            let repository = context.read_repository().await?;
+            let before = repository.servers();
             let lookup = repository.lookup(component, &key).await?;
-            Ok(one(component, &key, &lookup))
+            let served = served_by(&before, &repository.servers());
+            Ok(with_server(one(component, &key, &lookup), served, context))
         }
         None => {
             let user = args.user.as_deref().ok_or_else(|| {
@@ -46,17 +53,41 @@ pub async fn run(context: &Context, GetArgs { key: args }: GetArgs) -> anyhow::R
                     UserForPerBot::Ignored,
                 )?;
             }
-            let repository = context.repository().await?;
+            let repository = context.read_repository().await?;
+            let before = repository.servers();
             let snapshot = repository.snapshot(user, &args.bot, args.window).await?;
+            let served = served_by(&before, &repository.servers());
             let keys = Component::ALL
                 .map(|c| Key::for_message(c, user, &args.bot))
                 .map(|key| match key {
                     Key::BotWindow { bot_name, .. } => Key::bot_window(bot_name, args.window),
                     other => other,
                 });
-            Ok(all(&keys, &snapshot.entries, &snapshot.freshness))
+            Ok(with_server(
+                all(&keys, &snapshot.entries, &snapshot.freshness),
+                served,
+                context,
+            ))
         }
     }
+}
+
+/// `outcome` saying which server answered: `server` and `role` in the JSON, and a last line
+/// of text when replicas are configured (without them it is always the primary).
+fn with_server(mut outcome: Outcome, served: Option<ServerStats>, context: &Context) -> Outcome {
+    if let (Some(server), Some(json)) = (&served, outcome.json.as_object_mut()) {
+        json.insert("server".into(), json!(server.name));
+        json.insert("role".into(), json!(server.role));
+    }
+    if context.has_replicas() {
+        let line = served.map_or_else(
+            || "served by: unknown".to_owned(),
+            |s| format!("served by: {}", server_label(&s)),
+        );
+        outcome.text.push_str(&line);
+        outcome.text.push('\n');
+    }
+    outcome
 }
 
 fn state_name(freshness: &Freshness) -> &'static str {

@@ -18,7 +18,10 @@ use std::time::Duration;
 use clap::Args;
 use migration::runner;
 use serde_json::Value;
-use strategic_cache::{Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig};
+use strategic_cache::{
+    Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig, ServerRole,
+    ServerStats,
+};
 
 use crate::cli::{Cli, Command};
 use crate::exit::{self, bad_input};
@@ -71,13 +74,50 @@ impl Outcome {
     }
 }
 
-/// What every command may need: the database URL and the input limits.
+/// What every command may need: the database URL, its replicas and the input limits.
 #[derive(Debug)]
 pub struct Context {
     database_url: Option<String>,
     /// Whether `database_url` came from the command line (rather than `DATABASE_URL`).
     url_on_command_line: bool,
+    /// `--replica` URLs (or `STRATEGIC_CACHE_REPLICAS`), not yet validated.
+    replicas: Vec<String>,
+    /// `--max-replica-lag-ms`.
+    max_replica_lag: Duration,
     limits: Limits,
+}
+
+/// The replicas `simulate` and `bench` read from (validated; `--replica` and
+/// `--max-replica-lag-ms`), carried in their arguments to where they connect.
+#[derive(Clone, Debug, Default)]
+pub struct Replicas {
+    /// Validated URLs, not yet scoped to a scratch schema.
+    pub urls: Vec<String>,
+    /// `--max-replica-lag-ms`.
+    pub max_lag: Duration,
+}
+
+impl Replicas {
+    /// These replicas with `search_path` set to the scratch `schema`, as the primary's URL.
+    pub fn scoped(&self, schema: &str) -> Replicas {
+        Replicas {
+            urls: self
+                .urls
+                .iter()
+                .map(|url| crate::scratch::scoped_url(url, schema))
+                .collect(),
+            max_lag: self.max_lag,
+        }
+    }
+
+    /// `config` reading from these replicas.
+    pub fn config(&self, config: PgConfig) -> PgConfig {
+        PgConfig {
+            replicas: self.urls.clone(),
+            max_replica_lag: self.max_lag,
+            ..config
+        }
+    }
 }
 
 /// What [`Context::key`] does with `--user` for the per-bot component.
@@ -138,16 +178,67 @@ impl Context {
         self.url()
     }
 
-    /// Connects the cache repository. The error names the database without its password.
+    /// The replica URLs, validated: a usage error naming the first bad one, without its
+    /// password. (The library checks them again, as it checks the primary's.)
+    pub fn replicas(&self) -> anyhow::Result<Vec<String>> {
+        self.replicas
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(bad_input(format!(
+                        "invalid replica URL `{}`: expected postgres://user@host:port/database",
+                        runner::redact_url(url)
+                    )));
+                }
+                Ok(url.to_owned())
+            })
+            .collect()
+    }
+
+    /// The replicas, validated, for `simulate` and `bench`.
+    pub fn replica_set(&self) -> anyhow::Result<Replicas> {
+        Ok(Replicas {
+            urls: self.replicas()?,
+            max_lag: self.max_replica_lag,
+        })
+    }
+
+    /// Whether replicas were given.
+    pub fn has_replicas(&self) -> bool {
+        self.replicas.iter().any(|r| !r.trim().is_empty())
+    }
+
+    /// `config` reading from the replicas too (see [`Context::replicas`]).
+    pub fn with_replicas(&self, config: PgConfig) -> anyhow::Result<PgConfig> {
+        Ok(self.replica_set()?.config(config))
+    }
+
+    /// Connects the cache repository for writes and maintenance (never on a replica). The
+    /// error names the database without its password.
     async fn repository(&self) -> anyhow::Result<PgCacheRepository> {
-        let url = self.url()?;
-        let config = PgConfig {
-            // One command, one statement at a time: a small pool opened on demand.
+        self.connect(self.small_config()).await
+    }
+
+    /// Connects the cache repository for reads: with the replicas.
+    async fn read_repository(&self) -> anyhow::Result<PgCacheRepository> {
+        let config = self.with_replicas(self.small_config())?;
+        self.connect(config).await
+    }
+
+    /// One command, one statement at a time: a small pool opened on demand.
+    fn small_config(&self) -> PgConfig {
+        PgConfig {
             max_connections: 2,
             min_connections: 0,
             limits: self.limits.clone(),
             ..PgConfig::default()
-        };
+        }
+    }
+
+    async fn connect(&self, config: PgConfig) -> anyhow::Result<PgCacheRepository> {
+        let url = self.url()?;
         let target = runner::redact_url(url);
         match tokio::time::timeout(CONNECT_DEADLINE, PgCacheRepository::connect(url, config)).await
         {
@@ -203,6 +294,8 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
     let context = Context {
         database_url: cli.database_url,
         url_on_command_line,
+        replicas: cli.replicas,
+        max_replica_lag: Duration::from_millis(cli.max_replica_lag_ms),
         limits: Limits::default(),
     };
     match cli.command {
@@ -213,8 +306,14 @@ pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome>
         Command::Sweep(args) => maintenance::sweep(&context, args).await,
         Command::Stats => maintenance::stats(&context).await,
         Command::Vacuum(args) => maintenance::vacuum(&context, args).await,
-        Command::Simulate(args) => crate::simulate::command(&context, &args).await,
-        Command::Bench(args) => crate::bench::command(&context, &args).await,
+        Command::Simulate(mut args) => {
+            args.replicas = context.replica_set()?;
+            crate::simulate::command(&context, &args).await
+        }
+        Command::Bench(mut args) => {
+            args.replicas = context.replica_set()?;
+            crate::bench::command(&context, &args).await
+        }
         Command::Watch(args) => watch::run(&context, args, json).await,
     }
 }
@@ -271,6 +370,25 @@ pub fn human_duration(duration: Duration) -> String {
         60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
         3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
         _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+/// The server whose read counter grew between two `servers()` readings around one read, if
+/// exactly one did (a process that reads nothing else knows so which server answered).
+pub fn served_by(before: &[ServerStats], after: &[ServerStats]) -> Option<ServerStats> {
+    let mut grown = after.iter().filter(|a| {
+        let previous = before.iter().find(|b| b.name == a.name && b.role == a.role);
+        a.reads > previous.map_or(0, |b| b.reads)
+    });
+    let one = grown.next()?;
+    grown.next().is_none().then(|| one.clone())
+}
+
+/// `primary` or `replica host:port/database`.
+pub fn server_label(server: &ServerStats) -> String {
+    match server.role {
+        ServerRole::Replica => format!("replica {}", server.name),
+        _ => "primary".to_owned(),
     }
 }
 

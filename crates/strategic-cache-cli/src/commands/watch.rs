@@ -2,8 +2,10 @@
 //! sees right now. Reads through a `CacheReader` with the near tier at every
 //! interval and prints one line per read, as it goes (this is the one command that prints
 //! before it returns): for each component the `computed_at` served and where it came from
-//! (`near`, `db`, or `missing`), and the lease state. With `--json`, one JSON object a line,
-//! the closing summary (`reads`, `stats`) included.
+//! (`near`, `primary`, `replica host:port/database`, `error`, or `missing`), the lease state and, with
+//! replicas (`--replica`), each replica's measured lag and whether it may be read. With
+//! `--json`, one JSON object a line, the closing summary (`reads`, `stats`, `servers`)
+//! included.
 //! Runs until interrupted (Ctrl-C), or for `--count` reads.
 
 use std::io::Write as _;
@@ -14,9 +16,10 @@ use clap::Args;
 use serde_json::{Value, json};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Freshness, PgCacheRepository, PgConfig, ReaderConfig,
+    ServerRole, ServerStats,
 };
 
-use super::{Context, Outcome};
+use super::{Context, Outcome, served_by, server_label};
 
 /// Arguments of `watch`.
 #[derive(Debug, Args)]
@@ -40,18 +43,14 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
     context.check_name("user", &args.user)?;
     context.check_name("bot", &args.bot)?;
     let url = context.url()?.to_owned();
-    let repo = Arc::new(
-        PgCacheRepository::connect(
-            &url,
-            PgConfig {
-                max_connections: 2,
-                min_connections: 1,
-                limits: context.limits.clone(),
-                ..PgConfig::default()
-            },
-        )
-        .await?,
-    );
+    let config = context.with_replicas(PgConfig {
+        max_connections: 2,
+        min_connections: 1,
+        limits: context.limits.clone(),
+        ..PgConfig::default()
+    })?;
+    let replicas = !config.replicas.is_empty();
+    let repo = Arc::new(PgCacheRepository::connect(&url, config).await?);
     let reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>)
         .with_config(ReaderConfig::default())
         .with_near_tier(&url);
@@ -64,16 +63,18 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        // This process reads nothing else: a statement counted during the snapshot means
-        // it came from the database, none means from memory.
-        let statements = repo.read_statements().unwrap_or(0);
+        // This process reads nothing else: a server whose read counter grew during the
+        // snapshot answered it; none means it came from memory.
+        let before = repo.servers();
         let started = std::time::Instant::now();
         let snapshot = reader.snapshot(&args.user, &args.bot).await;
         let read_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let source = if repo.read_statements().unwrap_or(0) > statements {
-            "db"
-        } else {
-            "near"
+        let servers = repo.servers();
+        let failed = |list: &[ServerStats]| list.iter().map(|s| s.errors).sum::<u64>();
+        let source = match served_by(&before, &servers) {
+            Some(server) => server_label(&server),
+            None if failed(&servers) > failed(&before) => "error".to_owned(),
+            None => "near".to_owned(),
         };
         let lease = reader.near_stats().is_some_and(|s| s.lease_valid);
         let at = chrono::Utc::now();
@@ -86,7 +87,9 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         for component in Component::ALL {
             let i = component.index();
             let (from, computed_at) = match (&snapshot.entries[i], snapshot.freshness[i]) {
-                (Some(entry), Freshness::Fresh { .. }) => (source, Some(entry.computed_at)),
+                (Some(entry), Freshness::Fresh { .. }) => {
+                    (source.as_str(), Some(entry.computed_at))
+                }
                 _ => ("missing", None),
             };
             components.insert(
@@ -98,12 +101,24 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
                 text.push_str(&format!("@{}", c.format("%H:%M:%S%.3f")));
             }
         }
+        let replica_stats: Vec<&ServerStats> = servers
+            .iter()
+            .filter(|s| s.role == ServerRole::Replica)
+            .collect();
+        if replicas {
+            text.push_str(&format!(" | served by {source}"));
+            for r in &replica_stats {
+                text.push_str(&format!(" | {}", replica_text(r)));
+            }
+        }
         let line = if json {
             json!({
                 "at": at,
                 "read_us": read_us,
                 "lease": lease,
+                "source": source,
                 "components": Value::Object(components),
+                "replicas": replica_stats,
             })
             .to_string()
         } else {
@@ -120,12 +135,42 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         }
     }
     let stats = reader.stats();
+    let servers = repo.servers();
+    let mut summary = format!(
+        "{reads} reads, {} component hits of which {} from memory\n",
+        stats.hits, stats.near_hits
+    );
+    if replicas {
+        for s in &servers {
+            summary.push_str(&format!(
+                "{}: {} reads, {} errors{}\n",
+                server_label(s),
+                s.reads,
+                s.errors,
+                if s.role == ServerRole::Replica {
+                    format!(", {}", replica_text(s))
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
     // With --json the summary is one more line of the JSON Lines stream, not a pretty object.
     Ok(Outcome::ok_line(
-        format!(
-            "{reads} reads, {} component hits of which {} from memory\n",
-            stats.hits, stats.near_hits
-        ),
-        json!({ "reads": reads, "stats": stats }),
+        summary,
+        json!({ "reads": reads, "stats": stats, "servers": servers }),
     ))
+}
+
+/// A replica's measured lag and eligibility: `lag=12ms eligible` or `lag=? ineligible`.
+fn replica_text(replica: &ServerStats) -> String {
+    let lag = replica
+        .lag
+        .map_or_else(|| "?".to_owned(), |lag| format!("{}ms", lag.as_millis()));
+    let state = if replica.eligible {
+        "eligible"
+    } else {
+        "ineligible"
+    };
+    format!("{} lag={lag} {state}", replica.name)
 }

@@ -37,6 +37,9 @@ use crate::commands::{Context, Outcome, progress_bar};
 /// The workload and the system under it.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimulateArgs {
+    /// The replicas the bot reads from (global `--replica`; with a database only).
+    #[arg(skip)]
+    pub replicas: crate::commands::Replicas,
     /// Users (activity Zipf-distributed over them).
     #[arg(long, default_value_t = 1000)]
     pub users: u32,
@@ -112,11 +115,19 @@ pub async fn command(context: &Context, args: &SimulateArgs) -> Result<Outcome> 
     let report = match url {
         Some(url) => {
             crate::scratch::with_scratch("simulate", url, |scratch| async move {
-                run(args, Some(&scratch.url), progress).await
+                let mut args = args.clone();
+                args.replicas = args.replicas.scoped(&scratch.schema);
+                run(&args, Some(&scratch.url), progress).await
             })
             .await
         }
         None => {
+            if !args.replicas.urls.is_empty() {
+                eprintln!(
+                    "strategic-cache: --replica is ignored: simulate reads replicas only with \
+                     --database-url"
+                );
+            }
             let args = args.clone();
             // Off this runtime's threads: the virtual-time simulation blocks its own thread.
             tokio::task::spawn_blocking(move || run_in_virtual_time(args, progress))

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use strategic_cache::metrics::{ExporterConfig, InfluxConfig, MetricsExporter, MetricsRecorder};
+use strategic_cache::metrics::{
+    ExporterConfig, InfluxConfig, MetricsExporter, MetricsRecorder, ServersSource,
+};
 use strategic_cache::scheduler::{
     InsightEngine, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue, RefreshRequester,
     RequesterConfig, Worker, WorkerConfig,
@@ -124,7 +126,9 @@ pub(super) async fn set_up(
                 max_connections: 10,
                 ..PgConfig::default()
             };
-            let bot = PgCacheRepository::connect(url, config.clone())
+            // Only the bot reads from replicas: the worker writes (and reads what it writes).
+            let bot_config = args.replicas.config(config.clone());
+            let bot = PgCacheRepository::connect(url, bot_config)
                 .await
                 .context("connecting the bot's cache repository")?;
             let worker = PgCacheRepository::connect(url, config)
@@ -192,6 +196,9 @@ pub(super) async fn set_up(
     if influx.is_some() {
         reader = reader.with_observer(recorder.clone());
         recorder.add_source(requester.clone());
+        if let Some(bot) = &bot_pg {
+            recorder.add_source(Arc::new(ServersSource::new(bot.clone())));
+        }
     }
     let reader = Arc::new(reader);
 

@@ -118,6 +118,13 @@ impl<'a> LineBuilder<'a> {
         self
     }
 
+    /// A boolean field (`true` / `false`).
+    pub(crate) fn bool(mut self, key: &str, value: bool) -> Self {
+        self.field_key(key);
+        self.out.push_str(if value { "true" } else { "false" });
+        self
+    }
+
     /// A string field, quoted and escaped.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn string(mut self, key: &str, value: &str) -> Self {

@@ -36,12 +36,14 @@ mod export;
 mod histogram;
 pub mod line_protocol;
 mod recorder;
+mod servers;
 
 pub use export::{
     ExporterConfig, ExporterHandle, ExporterStats, InfluxApi, InfluxConfig, MetricsExporter,
 };
 pub use histogram::{AGE_BUCKETS, HistogramSnapshot, LATENCY_BUCKETS};
 pub use recorder::{CellStats, MetricsRecorder, RecorderConfig, Window, WindowRow};
+pub use servers::ServersSource;
 
 /// Measurement of read statistics, one point per `(table, bot)` per window.
 pub const MEASUREMENT_READS: &str = "strategic_cache_reads";
@@ -204,6 +206,39 @@ pub const REFRESH_REQUEST_FIELDS: [&str; 6] = [
     refresh_request_field::REJECTED_FULL,
     refresh_request_field::ENQUEUE_FAILED,
 ];
+
+/// Measurement of the servers a store reads from
+/// ([`CacheRepository::servers`](crate::CacheRepository::servers)): one point per server per
+/// window, tagged [`TAG_SERVER`] and [`TAG_ROLE`]. Written by a [`ServersSource`].
+pub const MEASUREMENT_SERVER: &str = "strategic_cache_server";
+/// Tag of [`MEASUREMENT_SERVER`]: the server's `host:port/database`.
+pub const TAG_SERVER: &str = "server";
+/// Tag of [`MEASUREMENT_SERVER`]: `primary` or `replica`.
+pub const TAG_ROLE: &str = "role";
+/// The fields of [`MEASUREMENT_SERVER`], by name.
+pub mod server_field {
+    /// Hot-path reads the server answered during the window (integer, a delta like
+    /// `strategic_cache_reads`' counts).
+    pub const READS: &str = "reads";
+    /// Hot-path reads that failed on the server during the window (integer, a delta).
+    pub const ERRORS: &str = "errors";
+    /// Replicas: the measured staleness bound at the end of the window, milliseconds
+    /// (float); absent when unknown (the replica is down or too far behind) and for the
+    /// primary.
+    pub const LAG_MS: &str = "lag_ms";
+    /// Replicas: whether reads may go to it at the end of the window; the primary: whether
+    /// it answered its last probe (boolean).
+    pub const ELIGIBLE: &str = "eligible";
+}
+/// Every field of [`MEASUREMENT_SERVER`].
+pub const SERVER_FIELDS: [&str; 4] = [
+    server_field::READS,
+    server_field::ERRORS,
+    server_field::LAG_MS,
+    server_field::ELIGIBLE,
+];
+/// Every tag of [`MEASUREMENT_SERVER`].
+pub const SERVER_TAGS: [&str; 2] = [TAG_ROLE, TAG_SERVER];
 
 /// Something whose counters go out with every exported window, beside the read metrics:
 /// the scheduler's [`Worker`](crate::scheduler::Worker) and

@@ -20,7 +20,7 @@ mod store;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
@@ -188,21 +188,25 @@ impl NearTier {
     }
 
     /// The snapshot through the tier: `call` is the store's snapshot, run by one caller per
-    /// key at a time.
-    pub(crate) async fn snapshot_fill(
+    /// key at a time, given the instant its answer must be at least as new as (see
+    /// `NearState::fill`).
+    pub(crate) async fn snapshot_fill<Fut>(
         &self,
         user_id: &str,
         bot_name: &str,
-        call: impl Future<Output = Result<Snapshot, CacheError>>,
-    ) -> Result<Snapshot, CacheError> {
+        call: impl FnOnce(Option<Instant>) -> Fut,
+    ) -> Result<Snapshot, CacheError>
+    where
+        Fut: Future<Output = Result<Snapshot, CacheError>>,
+    {
         let key = NearKeyRef::Snapshot {
             user: user_id,
             bot: bot_name,
         };
         let item = self
             .state
-            .fill(key, async {
-                call.await.map(|s| NearData::Snapshot(Arc::new(s)))
+            .fill(key, |after| async move {
+                call(after).await.map(|s| NearData::Snapshot(Arc::new(s)))
             })
             .await?;
         Ok(item.snapshot_at(self.state.server_now()))
@@ -215,16 +219,19 @@ impl NearTier {
     }
 
     /// The lookup through the tier (single flight, as [`NearTier::snapshot_fill`]).
-    pub(crate) async fn lookup_fill(
+    pub(crate) async fn lookup_fill<Fut>(
         &self,
         component: Component,
         key: &Key,
-        call: impl Future<Output = Result<Lookup, CacheError>>,
-    ) -> Result<Lookup, CacheError> {
+        call: impl FnOnce(Option<Instant>) -> Fut,
+    ) -> Result<Lookup, CacheError>
+    where
+        Fut: Future<Output = Result<Lookup, CacheError>>,
+    {
         let item = self
             .state
-            .fill(NearKeyRef::Entry { component, key }, async {
-                call.await.map(NearData::Lookup)
+            .fill(NearKeyRef::Entry { component, key }, |after| async move {
+                call(after).await.map(NearData::Lookup)
             })
             .await?;
         Ok(item.lookup_at(self.state.server_now()))

@@ -9,6 +9,10 @@
 //!   a fill that started before an invalidation of its key can be inserted after it and is
 //!   still never served. Striping bounds the memory whatever the number of keys; two keys on
 //!   one stripe only cost each other a spurious re-read.
+//! - **Last bumps** (one instant per stripe, and one for the last flush): when each was last
+//!   bumped. A fill reads the store with `after` = the latest of these for its key, so that a
+//!   store with streaming replicas reads one that has replayed every change whose
+//!   notification was applied before the fill's tag was taken (see [`NearState::fill`]).
 //! - **Lease**: values are served only while the listener has proved, by a round trip on its
 //!   own connection, that it has applied every change committed up to a recent moment (see
 //!   `listener.rs`). Without a lease every read goes to the database.
@@ -241,6 +245,13 @@ pub(crate) struct NearState {
     max_bytes: u64,
     epoch: AtomicU64,
     generations: Box<[AtomicU64]>,
+    /// Per stripe, when its generation was last bumped, as [`NearState::now_ns`] (0: never).
+    /// Stored (`Release`) *before* the bump, read (`Acquire`) *after* the tag: a fill whose
+    /// tag includes a bump sees that bump's instant or a later one.
+    last_bump: Box<[AtomicU64]>,
+    /// When the epoch was last bumped (a flush), as [`NearState::now_ns`] (0: never); same
+    /// order as `last_bump`.
+    last_flush: AtomicU64,
     hasher: RandomState,
     /// The lease's time base (monotonic: the lease must not move with the wall clock).
     base: Instant,
@@ -266,6 +277,8 @@ impl NearState {
             max_bytes,
             epoch: AtomicU64::new(0),
             generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            last_bump: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            last_flush: AtomicU64::new(0),
             hasher: RandomState::new(),
             base: Instant::now(),
             lease_until_ns: AtomicU64::new(0),
@@ -322,6 +335,22 @@ impl NearState {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The instant a fill of these stripes must read a store at least as new as: the latest
+    /// bump of either stripe or flush (`None` if there was none). Read after the tag.
+    fn after(&self, user_stripe: u32, bot_stripe: u32) -> Option<Instant> {
+        let ns = self
+            .last_flush
+            .load(Ordering::Acquire)
+            .max(self.last_bump[user_stripe as usize].load(Ordering::Acquire))
+            .max(self.last_bump[bot_stripe as usize].load(Ordering::Acquire));
+        (ns != 0).then(|| self.base + Duration::from_nanos(ns))
+    }
+
+    /// Records that `stripe` is about to be bumped (before the bump).
+    fn mark_bump(&self, stripe: usize) {
+        self.last_bump[stripe].store(self.now_ns().max(1), Ordering::Release);
+    }
+
     /// Whether the listener's lease is current.
     pub(crate) fn lease_valid(&self) -> bool {
         let until = self.lease_until_ns.load(Ordering::Acquire);
@@ -344,6 +373,8 @@ impl NearState {
 
     /// Makes every value in memory unservable (O(1)).
     pub(crate) fn flush(&self) {
+        self.last_flush
+            .store(self.now_ns().max(1), Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
     }
@@ -351,6 +382,7 @@ impl NearState {
     /// A change to (user, bot) of a per-user component.
     pub(crate) fn invalidate_user(&self, user: &str, bot: &str) {
         let stripe = self.stripe_of(Some(user), bot) as usize;
+        self.mark_bump(stripe);
         self.generations[stripe].fetch_add(1, Ordering::AcqRel);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
     }
@@ -432,6 +464,7 @@ impl NearState {
     /// A change to a bot's character performance (any window).
     pub(crate) fn invalidate_bot(&self, bot: &str) {
         let stripe = self.stripe_of(None, bot) as usize;
+        self.mark_bump(stripe);
         self.generations[stripe].fetch_add(1, Ordering::AcqRel);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
     }
@@ -486,11 +519,21 @@ impl NearState {
     /// others wait for its value. The value is kept only if the lease is held and the bot is
     /// subscribed when the read starts, and is served only while no change of its key came
     /// after that moment. Without a lease, `call` runs as if there were no near tier.
-    pub(crate) async fn fill<E>(
+    ///
+    /// `call` is given `after`: for a value that may be kept, the instant of the last
+    /// invalidation (or flush) of its key applied before its tag was taken; the store must
+    /// answer with every change committed before it (a replica that has not replayed that far
+    /// must not be read). A notification is delivered after its commit, so every change
+    /// applied before the tag committed before `after`; a change applied after the tag bumps
+    /// it and the value is never served. `None` for a value that is not kept.
+    pub(crate) async fn fill<E, Fut>(
         &self,
         key: NearKeyRef<'_>,
-        call: impl Future<Output = Result<NearData, E>>,
-    ) -> Result<Arc<NearItem>, E> {
+        call: impl FnOnce(Option<Instant>) -> Fut,
+    ) -> Result<Arc<NearItem>, E>
+    where
+        Fut: Future<Output = Result<NearData, E>>,
+    {
         let (user_stripe, bot_stripe) = self.stripes(key);
         let build = |tag: Tag, data: NearData| {
             Arc::new(NearItem {
@@ -527,9 +570,10 @@ impl NearState {
                         // The tag is taken before the read: a change committed after the
                         // read's snapshot bumps it, and the value is never served.
                         let tag = self.tag(user_stripe, bot_stripe);
+                        let after = self.after(user_stripe, bot_stripe);
                         let Some(call) = call.take() else { break };
                         // An error drops the guard: a waiter takes over with its own read.
-                        let item = build(tag, call.await?);
+                        let item = build(tag, call(after).await?);
                         self.counters.fills.fetch_add(1, Ordering::Relaxed);
                         if self.lease_valid() && self.servable(&item) {
                             let _ = guard.insert(item.clone());
@@ -540,7 +584,7 @@ impl NearState {
             }
         }
         match call.take() {
-            Some(call) => Ok(build(self.tag(user_stripe, bot_stripe), call.await?)),
+            Some(call) => Ok(build(self.tag(user_stripe, bot_stripe), call(None).await?)),
             // Unreachable: the loop returns whenever it takes the call.
             None => Ok(build(
                 self.tag(user_stripe, bot_stripe),
@@ -672,7 +716,7 @@ mod tests {
         snapshot.freshness[MH] = Freshness::Fresh { age: cached.age };
         snapshot.entries[MH] = Some(cached);
         let data = NearData::Snapshot(Arc::new(snapshot));
-        let filled = state.fill(KEY, async { Ok::<_, ()>(data) }).await;
+        let filled = state.fill(KEY, |_| async { Ok::<_, ()>(data) }).await;
         assert!(filled.is_ok());
         assert!(state.get(KEY).is_some(), "the snapshot was not kept");
         state
@@ -733,5 +777,77 @@ mod tests {
         state.flush();
         state.apply_row(entry(1, 300, 2.0));
         assert_eq!(served_version(&state), None);
+    }
+
+    /// The `after` a fill of `key` hands to its store call.
+    async fn after_of(state: &NearState, key: NearKeyRef<'_>) -> Option<Instant> {
+        let mut seen = None;
+        let filled = state
+            .fill(key, |after| {
+                seen = Some(after);
+                async { Ok::<_, ()>(NearData::Lookup(Lookup::Missing)) }
+            })
+            .await;
+        assert!(filled.is_ok());
+        seen.expect("the store was not called")
+    }
+
+    /// A state under a lease with "elena" subscribed, and no change applied yet.
+    fn leased() -> NearState {
+        let (tx, _rx) = mpsc::channel(16);
+        let state = NearState::new(1 << 20, tx);
+        state.renew_lease(Instant::now() + Duration::from_secs(60));
+        state.mark_subscribed("elena".into());
+        state
+    }
+
+    /// A fill whose tag is taken after an invalidation of its (user, bot) asks the store for
+    /// an answer at least as new as that invalidation, for a snapshot and an entry alike.
+    #[tokio::test]
+    async fn a_fill_after_an_invalidation_reads_past_it() {
+        let state = leased();
+        let entry_key = Key::user_bot("u", "elena");
+        let entry = NearKeyRef::Entry {
+            component: Component::MemoryHealth,
+            key: &entry_key,
+        };
+        assert_eq!(
+            after_of(&state, KEY).await,
+            None,
+            "nothing was invalidated yet"
+        );
+        let before = Instant::now();
+        state.invalidate_user("u", "elena");
+        assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
+        assert!(after_of(&state, entry).await.is_some_and(|a| a >= before));
+    }
+
+    /// A snapshot depends on its bot's character performance: a change of that bot moves
+    /// the snapshot's `after` too.
+    #[tokio::test]
+    async fn a_snapshot_fill_after_a_bot_change_reads_past_it() {
+        let state = leased();
+        let before = Instant::now();
+        state.invalidate_bot("elena");
+        assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
+    }
+
+    /// A flush (a connect, a lapse, a "flush" notification) moves every key's `after`.
+    #[tokio::test]
+    async fn a_fill_after_a_flush_reads_past_it() {
+        let state = leased();
+        let before = Instant::now();
+        state.flush();
+        assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
+    }
+
+    /// Without a lease the value is not kept, so the store call has no `after` to honour,
+    /// however recent the last invalidation.
+    #[tokio::test]
+    async fn a_fill_without_a_lease_gets_no_after() {
+        let state = leased();
+        state.invalidate_user("u", "elena");
+        state.lapse();
+        assert_eq!(after_of(&state, KEY).await, None);
     }
 }

@@ -181,7 +181,8 @@ impl PgCacheRepository {
         check_url("url", url)?;
         for replica in &config.replicas {
             check_url("replicas", replica)?;
-            PgConnectOptions::from_str(replica).map_err(|e| invalid_url("replicas", replica, &e))?;
+            PgConnectOptions::from_str(replica)
+                .map_err(|e| invalid_url("replicas", replica, &e))?;
         }
         let mut options = ConnectOptions::new(url);
         options
@@ -466,7 +467,9 @@ impl PgCacheRepository {
         let user = if user_ok { user_id } else { "" };
         let bot = if bot_ok { bot_name } else { "" };
         let args = [Arg::Text(user), Arg::Text(bot), Arg::Int(window_hours)];
-        let row = self.read_row(Read::Row(snapshot_sql(), &args), after).await?;
+        let row = self
+            .read_row(Read::Row(snapshot_sql(), &args), after)
+            .await?;
         let mut snapshot = Snapshot::default();
         let Some(row) = row else {
             return Ok(snapshot);

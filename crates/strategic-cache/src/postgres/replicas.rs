@@ -228,8 +228,13 @@ impl Servers {
                 if self.last_good.load(Ordering::Acquire) != 0 {
                     self.primary_down.store(true, Ordering::Release);
                 }
-                self.down_since()?;
-                self.choose_replica(after, None).map(Target::Replica)
+                // A replica that has replayed the primary's last known position; else the
+                // primary once more: after a restart its pool's connections are all dead and
+                // closed together (`read_pool.rs`), and a new one may well succeed.
+                Some(
+                    self.choose_replica(after, None)
+                        .map_or(Target::Primary, Target::Replica),
+                )
             }
         }
     }
@@ -437,7 +442,11 @@ impl Monitor {
     pub(super) async fn round(&mut self) {
         let servers = &*self.servers;
         let t = Instant::now();
-        match self.primary.query::<(i64,)>(PRIMARY_SQL, self.timeout).await {
+        match self
+            .primary
+            .query::<(i64,)>(PRIMARY_SQL, self.timeout)
+            .await
+        {
             Ok((lsn,)) => {
                 let t = servers.ns(t);
                 if self.samples.len() == self.capacity {
@@ -470,11 +479,8 @@ impl Monitor {
         }
         let samples = &self.samples;
         let timeout = self.timeout;
-        let probes = self
-            .replicas
-            .iter_mut()
-            .zip(servers.replicas.iter())
-            .map(|(probe, replica)| async move {
+        let probes = self.replicas.iter_mut().zip(servers.replicas.iter()).map(
+            |(probe, replica)| async move {
                 let result = probe
                     .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
                     .await
@@ -506,7 +512,8 @@ impl Monitor {
                         }
                     }
                 }
-            });
+            },
+        );
         futures_util::future::join_all(probes).await;
     }
 
@@ -555,7 +562,13 @@ mod tests {
         let now = 60_000 * MS;
         assert!(eligible(last_good, now, None, LAG, Some(last_good)));
         assert!(!eligible(last_good - 1, now, None, LAG, Some(last_good)));
-        assert!(!eligible(last_good, now, Some(last_good + 1), LAG, Some(last_good)));
+        assert!(!eligible(
+            last_good,
+            now,
+            Some(last_good + 1),
+            LAG,
+            Some(last_good)
+        ));
         assert!(!eligible(0, now, None, LAG, Some(last_good)));
     }
 
@@ -588,8 +601,14 @@ mod tests {
         let server = |port: u16| {
             let url = format!("postgres://u:pw@127.0.0.1:{port}/d");
             let pool = Arc::new(
-                ReadPool::new(&url, 1, Duration::from_secs(1), Duration::from_secs(1), None)
-                    .unwrap(),
+                ReadPool::new(
+                    &url,
+                    1,
+                    Duration::from_secs(1),
+                    Duration::from_secs(1),
+                    None,
+                )
+                .unwrap(),
             );
             let batcher = Batcher::new(
                 Arc::clone(&pool),
@@ -622,9 +641,7 @@ mod tests {
         assert_ne!(first, second, "not round-robin");
         let later = now + Duration::from_millis(5);
         assert_eq!(s.choose(Some(later)), Target::Primary);
-        s.replicas[1]
-            .coverage
-            .store(s.ns(later), Ordering::Release);
+        s.replicas[1].coverage.store(s.ns(later), Ordering::Release);
         assert_eq!(s.choose(Some(later)), Target::Replica(1));
         assert_eq!(servers(0).choose(None), Target::Primary);
     }
@@ -648,30 +665,45 @@ mod tests {
         assert_eq!((stats[0].reads, stats[0].errors), (1, 0));
         assert_eq!((stats[1].reads, stats[1].errors), (0, 1));
         assert!(!stats[1].eligible);
-        assert_eq!(s.settle(Target::Primary, None, Some(&refused()), true), None);
+        assert_eq!(
+            s.settle(Target::Primary, None, Some(&refused()), true),
+            None
+        );
     }
 
     /// A primary read refused at the connection level marks the primary unreachable and is
-    /// retried on a replica that has replayed its last good sample; a statement error is not
-    /// retried.
+    /// retried on a replica that has replayed its last good sample (on the primary again when
+    /// there is none); a statement error is not retried.
     #[test]
     fn a_failed_primary_read_goes_to_a_caught_up_replica() {
         let s = servers(1);
         // Caught up to the last sample, taken at the time base: older than a zero bound.
         s.last_good.store(1, Ordering::Release);
         s.replicas[0].coverage.store(1, Ordering::Release);
-        let stale = Servers {
-            max_lag_ns: 0,
-            ..s
-        };
+        let stale = Servers { max_lag_ns: 0, ..s };
         assert_eq!(stale.choose(None), Target::Primary);
         assert_eq!(
-            stale.settle(Target::Primary, None, Some(&sqlx::Error::RowNotFound), false),
+            stale.settle(
+                Target::Primary,
+                None,
+                Some(&sqlx::Error::RowNotFound),
+                false
+            ),
             None
         );
         assert_eq!(
             stale.settle(Target::Primary, None, Some(&refused()), false),
             Some(Target::Replica(0))
+        );
+        assert_eq!(
+            stale.settle(
+                Target::Primary,
+                Some(Instant::now()),
+                Some(&refused()),
+                false
+            ),
+            Some(Target::Primary),
+            "no replica covers `after`: the primary once more"
         );
         assert!(!stale.stats()[0].eligible);
         assert_eq!(stale.choose(None), Target::Replica(0));

@@ -252,7 +252,14 @@ impl CacheReader {
                     Ok(lookup)
                 }
                 None => {
-                    let call = near.lookup_fill(component, key, self.repo.lookup(component, key));
+                    // `after`: the near tier's last invalidation of this key, which the store
+                    // must have (a replica that has not replayed it is not read).
+                    let call = near.lookup_fill(component, key, |after| async move {
+                        match after {
+                            Some(after) => self.repo.lookup_after(component, key, after).await,
+                            None => self.repo.lookup(component, key).await,
+                        }
+                    });
                     self.guarded(call, 1).await
                 }
             },
@@ -331,7 +338,6 @@ impl CacheReader {
         let started = std::time::Instant::now();
         let parts = Component::ALL.len() as u64;
         Counters::add(&self.shared.counters.reads, parts);
-        let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
         let mut near_hit = false;
         // With a near tier: a hit from memory, else a single-flight read through it.
         let result = match &self.near {
@@ -341,11 +347,28 @@ impl CacheReader {
                     Ok(snapshot)
                 }
                 None => {
-                    let call = near.snapshot_fill(user_id, bot_name, call);
+                    // As in `get_key`: the store must have the last invalidation applied.
+                    let call = near.snapshot_fill(user_id, bot_name, |after| async move {
+                        match after {
+                            Some(after) => {
+                                self.repo
+                                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
+                                    .await
+                            }
+                            None => {
+                                self.repo
+                                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
+                                    .await
+                            }
+                        }
+                    });
                     self.guarded(call, parts).await
                 }
             },
-            None => self.guarded(call, parts).await,
+            None => {
+                let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
+                self.guarded(call, parts).await
+            }
         };
         let query_time = started.elapsed();
         let snapshot = match result {
