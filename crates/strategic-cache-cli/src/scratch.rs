@@ -37,9 +37,6 @@ pub struct Scoped {
     pub schema: String,
     /// A connection on `url` without a statement timeout, for maintenance (VACUUM).
     pub db: DatabaseConnection,
-    /// The schema's name, to scope other URLs of the same database (a replica's) with
-    /// [`scoped_url`].
-    pub schema: String,
 }
 
 /// A schema of the command's own, and the connections to manage it.
@@ -176,7 +173,6 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         schema: schema.to_owned(),
         scoped: Scoped {
             url: scoped_url.clone(),
-            schema: schema.to_owned(),
             db,
             schema: schema.to_owned(),
         },

@@ -27,7 +27,7 @@ mod soak;
 mod stats;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
@@ -56,12 +56,7 @@ pub async fn command(context: &Context, args: &BenchArgs) -> Result<Outcome> {
         shown.set_message(stage.to_owned());
     });
     let url = plain_transport(url);
-    let replicas: Vec<String> = Vec::new();
-    let max_lag = Duration::from_secs(1);
-    let report = scratch::with_scratch("bench", &url, |scratch| {
-        run(args, scratch, &replicas, max_lag, progress)
-    })
-    .await;
+    let report = scratch::with_scratch("bench", &url, |scratch| run(args, scratch, progress)).await;
     bar.finish_and_clear();
     let report = report?;
     if let Some(path) = &args.plot {
@@ -87,14 +82,8 @@ fn plain_transport(url: &str) -> String {
 }
 
 /// Runs the benchmark in the scratch schema reached through `scratch`, with the replica cases
-/// when `replicas` (streaming replicas of the primary, unscoped URLs) are given.
-async fn run(
-    args: &BenchArgs,
-    scratch: Scoped,
-    replicas: &[String],
-    max_replica_lag: Duration,
-    progress: Progress,
-) -> Result<BenchReport> {
+/// when replicas (`--replica`) are given.
+async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<BenchReport> {
     let args = args.effective();
     let url = &scratch.url;
     let shape = Shape {
@@ -102,12 +91,14 @@ async fn run(
         bots: args.bots.max(1),
         stale_percent: args.stale_percent,
     };
-    let config = args.replicas.scoped(&scratch.schema).config(PgConfig {
+    // The primary only, also when replicas are given: every row but the `replica_*` ones
+    // reads the primary, so that one run compares the two (see `replicas.rs`).
+    let config = PgConfig {
         max_connections: args.pool.max(1),
         // Warm: a burst must not wait for connections to be opened (several ms each).
         min_connections: args.pool.max(1),
         ..PgConfig::default()
-    });
+    };
     let repo = Arc::new(PgCacheRepository::connect(url, config).await?);
     // VACUUM on the scratch's own connection, without the repository's statement timeout
     // (5 s), which it can exceed on a large data set.
@@ -129,15 +120,19 @@ async fn run(
         Some(report)
     } else {
         bench.read_cases(url).await?;
-        if !replicas.is_empty() {
-            let scoped = replicas::Replicas {
-                urls: replicas
+        if !args.replicas.urls.is_empty() {
+            // Without TLS, as the primary (see `plain_transport`), and in the scratch schema.
+            let replicas = crate::commands::Replicas {
+                urls: args
+                    .replicas
+                    .urls
                     .iter()
-                    .map(|r| scratch::scoped_url(&plain_transport(r), &scratch.schema))
+                    .map(|r| plain_transport(r))
                     .collect(),
-                max_lag: max_replica_lag,
-            };
-            replica_setup = bench.replica_cases(url, &scratch.db, &scoped).await?;
+                max_lag: args.replicas.max_lag,
+            }
+            .scoped(&scratch.schema);
+            replica_setup = bench.replica_cases(url, &scratch.db, &replicas).await?;
         }
         bench.write_cases().await?;
         None

@@ -25,6 +25,8 @@ use strategic_cache::{
 };
 use tokio_postgres::NoTls;
 
+use crate::commands::Replicas;
+
 use super::cases::{Bench, CONCURRENCY, bool_hit, drive, reader_errors};
 use super::data::Shape;
 use super::stats::{Case, Samples};
@@ -34,14 +36,6 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
 
 /// The key the lag case writes (outside the data set's users, so no read case sees it).
 const LAG_USER: &str = "bench-replica-lag";
-
-/// Where the bench's replicas are: their URLs scoped to the scratch schema, and the bound.
-pub(super) struct Replicas {
-    /// The replicas' URLs, each with the scratch schema's `search_path`.
-    pub(super) urls: Vec<String>,
-    /// `max_replica_lag` of the repository the replica cases read through.
-    pub(super) max_lag: Duration,
-}
 
 fn replica_reads(servers: &[ServerStats]) -> u64 {
     servers
