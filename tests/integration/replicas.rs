@@ -502,12 +502,23 @@ async fn reads_go_on_while_the_primary_is_down_and_writes_resume_after() {
     assert_eq!(reader.stats().errors + reader.stats().timeouts, 0);
 }
 
+/// Replicas of a primary that has written nothing since they were made (its insert position
+/// just past a page header, their replay position at the page boundary) are eligible: they
+/// have every commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_an_idle_primary_are_eligible() {
+    let set = ReplicaSet::start(2).await;
+    let repo = repository(&set, Duration::from_secs(1)).await;
+    wait_eligible(&set, &repo, &[0, 1]).await;
+}
+
 /// The near tier's coherence run (`near::coherence`) with readers whose repository has two
-/// replicas: no value is served past the near tier's bound after its commit, and the
-/// replicas serve the fills.
+/// replicas, each in turn kept 1.5 s behind (replay paused) under a lag bound of 5 s: no value
+/// is served past the near tier's own bound after its commit, however far behind the
+/// replicas may be, and the replicas serve fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_with_replicas() {
-    let set = ReplicaSet::start(2).await;
+    let set = Arc::new(ReplicaSet::start(2).await);
     let writer = Arc::new(
         PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
             .await
@@ -516,8 +527,7 @@ async fn near_tier_is_coherent_with_replicas() {
     let mut repos = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..2 {
-        let repo = repository(&set, Duration::from_secs(1)).await;
-        wait_eligible(&set, &repo, &[0, 1]).await;
+        let repo = repository(&set, Duration::from_secs(5)).await;
         readers.push(near_reader(
             repo.clone(),
             &set.primary_url(),
@@ -525,6 +535,14 @@ async fn near_tier_is_coherent_with_replicas() {
         ));
         repos.push(repo);
     }
+    let lagging = set.clone();
+    let fault = async move {
+        for i in [0, 1, 0] {
+            lagging.pause_replay(i).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            lagging.resume_replay(i).await;
+        }
+    };
     let result = coherence(
         readers,
         writer,
@@ -532,7 +550,7 @@ async fn near_tier_is_coherent_with_replicas() {
         16,
         Duration::from_secs(5),
         WriteMix::default(),
-        async {},
+        fault,
     )
     .await;
     let replica_reads: u64 = repos
