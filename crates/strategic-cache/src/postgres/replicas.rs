@@ -407,7 +407,31 @@ impl Probe {
     }
 }
 
-const PRIMARY_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+const PRIMARY_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8, \
+     current_setting('wal_block_size')::int8, \
+     (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')";
+
+/// `SizeOfXLogShortPHD` and `SizeOfXLogLongPHD`: the WAL page headers (the long one opens a
+/// segment), on every platform PostgreSQL supports (8-byte alignment).
+const SHORT_PAGE_HEADER: u64 = 24;
+const LONG_PAGE_HEADER: u64 = 40;
+
+/// The primary's insert position `lsn` as a replica's replay position can equal it.
+///
+/// When the last record ends exactly at a page boundary (after a segment switch, a
+/// checkpoint, or by chance), `pg_current_wal_insert_lsn()` points past the next page's
+/// header, while a replica that has replayed everything reports the record's end, the
+/// boundary itself: without this, a caught-up replica of an idle primary would never be
+/// covered. No record ends inside a page header, so moving back over one is exact.
+pub(super) fn insert_lsn_as_replayed(lsn: u64, block_size: u64, segment_size: u64) -> u64 {
+    if segment_size > 0 && lsn % segment_size == LONG_PAGE_HEADER {
+        lsn - LONG_PAGE_HEADER
+    } else if block_size > 0 && lsn % block_size == SHORT_PAGE_HEADER {
+        lsn - SHORT_PAGE_HEADER
+    } else {
+        lsn
+    }
+}
 const REPLICA_SQL: &str =
     "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
 
@@ -444,16 +468,18 @@ impl Monitor {
         let t = Instant::now();
         match self
             .primary
-            .query::<(i64,)>(PRIMARY_SQL, self.timeout)
+            .query::<(i64, i64, i64)>(PRIMARY_SQL, self.timeout)
             .await
         {
-            Ok((lsn,)) => {
+            Ok((lsn, block, segment)) => {
                 let t = servers.ns(t);
                 if self.samples.len() == self.capacity {
                     self.samples.pop_front();
                 }
+                let [lsn, block, segment] =
+                    [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
                 self.samples
-                    .push_back((t, u64::try_from(lsn).unwrap_or_default()));
+                    .push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
                 servers.last_good.store(t, Ordering::Release);
                 servers.primary_down.store(false, Ordering::Release);
                 if std::mem::take(&mut self.primary.failing) {
@@ -709,6 +735,30 @@ mod tests {
         assert_eq!(stale.choose(None), Target::Replica(0));
         stale.primary_answered();
         assert_eq!(stale.choose(None), Target::Primary);
+    }
+
+    /// An insert position just past a page header (short, or a segment's long one) counts as
+    /// the page boundary a caught-up replica reports; any other position is kept.
+    #[test]
+    fn insert_lsn_past_a_page_header_is_the_boundary() {
+        let (block, segment) = (8192, 16 << 20);
+        assert_eq!(
+            insert_lsn_as_replayed(0x300_0028, block, segment),
+            0x300_0000
+        );
+        assert_eq!(
+            insert_lsn_as_replayed(0x300_2018, block, segment),
+            0x300_2000
+        );
+        assert_eq!(
+            insert_lsn_as_replayed(0x30B_7DB8, block, segment),
+            0x30B_7DB8
+        );
+        // 40 bytes into a page that does not open a segment is inside a record.
+        assert_eq!(
+            insert_lsn_as_replayed(0x300_2028, block, segment),
+            0x300_2028
+        );
     }
 
     /// The name shows host, port and database, never the user or password.
