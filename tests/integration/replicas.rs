@@ -31,7 +31,7 @@ fn user(i: usize) -> String {
 
 /// The entry of `user(i)` at `version`, fresh for five minutes.
 fn entry(i: usize, version: u64) -> NewEntry {
-    NewEntry::new(Key::user_bot(&user(i), BOT), versioned(version)).with_ttl(TTL)
+    NewEntry::new(Key::user_bot(user(i), BOT), versioned(version)).with_ttl(TTL)
 }
 
 /// A repository on the set's primary with its replicas, lag bound `max_lag`.
@@ -275,6 +275,9 @@ async fn a_stopped_replica_costs_no_read_and_is_ineligible() {
     );
 }
 
+/// One read of the staleness run: the user read, when the read began, the version it saw.
+type ReplicaRead = (usize, Instant, Option<u64>);
+
 /// A writer that commits increasing versions of every user on the primary until stopped,
 /// keeping for each commit (user, version, the instant its commit was acknowledged).
 fn writer(
@@ -363,7 +366,7 @@ async fn replica_reads_are_never_staler_than_the_bound() {
     let (set, repo) = seeded(max_lag).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(repo.clone(), stop.clone());
-    let reads: Arc<Mutex<Vec<(usize, Instant, Option<u64>)>>> = Arc::default();
+    let reads: Arc<Mutex<Vec<ReplicaRead>>> = Arc::default();
     let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let readers: Vec<_> = (0..2)
         .map(|t| {
@@ -376,7 +379,7 @@ async fn replica_reads_are_never_staler_than_the_bound() {
                     let i = n % USERS;
                     let begun = Instant::now();
                     match repo
-                        .lookup(Component::MemoryHealth, &Key::user_bot(&user(i), BOT))
+                        .lookup(Component::MemoryHealth, &Key::user_bot(user(i), BOT))
                         .await
                     {
                         Ok(found) => mine.push((i, begun, version_of(found.into_fresh()))),
