@@ -412,6 +412,59 @@ pub fn key_text(key: &Key) -> String {
 mod tests {
     use super::*;
 
+    fn server(name: &str, role: ServerRole, reads: u64) -> ServerStats {
+        ServerStats {
+            name: name.into(),
+            role,
+            reads,
+            errors: 0,
+            lag: None,
+            eligible: true,
+        }
+    }
+
+    /// The server whose read counter grew across one read answered it; none grew: memory;
+    /// two grew: unknown.
+    #[test]
+    fn served_by_is_the_server_whose_reads_grew() {
+        let before = [
+            server("p:5432/db", ServerRole::Primary, 3),
+            server("r:5432/db", ServerRole::Replica, 7),
+        ];
+        let mut after = before.clone();
+        assert_eq!(served_by(&before, &after), None);
+        after[1].reads = 8;
+        let served = served_by(&before, &after).unwrap();
+        assert_eq!(server_label(&served), "replica r:5432/db");
+        after[0].reads = 4;
+        assert_eq!(served_by(&before, &after), None);
+        after[1].reads = 7;
+        assert_eq!(
+            server_label(&served_by(&before, &after).unwrap()),
+            "primary"
+        );
+    }
+
+    /// A replica URL that is not postgres:// is a usage error (exit 2) naming it without its
+    /// password; blanks (a trailing comma in STRATEGIC_CACHE_REPLICAS) are skipped.
+    #[test]
+    fn bad_replica_urls_are_usage_errors() {
+        let context = |replicas: &[&str]| Context {
+            database_url: None,
+            url_on_command_line: false,
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            max_replica_lag: Duration::from_secs(1),
+            limits: Limits::default(),
+        };
+        let error = context(&["mysql://u:secret@h/db"]).replicas().unwrap_err();
+        assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE);
+        let message = error.to_string();
+        assert!(message.contains("invalid replica URL"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+        let ok = context(&["postgres://u@h/db", " "]).replicas().unwrap();
+        assert_eq!(ok, vec!["postgres://u@h/db".to_string()]);
+    }
+
     /// Ages read naturally at every scale.
     #[test]
     fn durations_read_well() {

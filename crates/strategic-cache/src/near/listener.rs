@@ -19,6 +19,11 @@
 //! within `lease` of it. If the probe does not come back by `sent + lease` (a silently
 //! partitioned connection, a stalled server), the lease has already lapsed; the connection is
 //! dropped and the loop starts again, and any error does the same.
+//!
+//! Every invalidation and flush applied here records its instant before it bumps a generation
+//! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
+//! latest one of its key: with streaming replicas, a fill never reads a replica that has not
+//! replayed a change this listener has applied (see `NearState::fill`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

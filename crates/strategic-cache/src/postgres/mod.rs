@@ -52,13 +52,12 @@ use crate::error::CacheError;
 use crate::keys::Key;
 use crate::limits::{Limits, TtlPolicy};
 use crate::repository::{CacheRepository, ServerStats};
-use batch::Batcher;
 pub(crate) use errors::map_db_err;
 use errors::{classify, corrupt};
 pub use maintenance::TableHealth;
 use read_pool::ReadPool;
-use replicas::{Monitor, Server, Servers, Target};
-use statements::{lookup_many_sql, snapshot_sql, sql, stats_sql, stmt, values_tuple};
+use replicas::{Read, Servers, TaskGuard};
+use statements::{snapshot_sql, sql, stats_sql, stmt, values_tuple};
 use tables::{
     Arg, decode_entry, decode_parts, entry_row_values, key_args, key_values, secs, ttl_secs,
 };
@@ -139,22 +138,6 @@ pub struct PgCacheRepository {
     statement_timeout: Option<Duration>,
 }
 
-/// Aborts a background task when dropped.
-struct TaskGuard(tokio::task::AbortHandle);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// A hot-path read: a lookup (which may be batched) or a single-row statement.
-#[derive(Clone, Copy)]
-enum Read<'a> {
-    Lookup(Component, &'a Key),
-    Row(&'static str, &'a [Arg<'a>]),
-}
-
 impl fmt::Debug for PgCacheRepository {
     // Hand-written so that the URL (and its password) is never printed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -227,54 +210,11 @@ impl PgCacheRepository {
             .warm(config.min_connections.min(config.max_connections))
             .await
             .map_err(|e| unavailable(&e))?;
-        let server = |url: &str, pool: ReadPool| {
-            let pool = Arc::new(pool);
-            let batcher = Batcher::new(
-                Arc::clone(&pool),
-                lookup_many_sql,
-                config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
-            );
-            Server::new(url, pool, Arc::new(batcher))
-        };
-        let primary = server(url, reads);
-        let mut replicas = Vec::with_capacity(config.replicas.len());
-        for replica in &config.replicas {
-            let pool = ReadPool::new(
-                replica,
-                config.max_connections,
-                config.connect_timeout,
-                config.acquire_timeout,
-                config.statement_timeout,
-            )
-            .map_err(|e| invalid_url("replicas", replica, &e))?;
-            replicas.push(server(replica, pool));
-        }
-        // Warm the replicas' pools; one that fails is left to the monitor, which logs it.
-        futures_util::future::join_all(replicas.iter().map(|r| {
-            r.pool
-                .warm(config.min_connections.min(config.max_connections))
-        }))
-        .await;
-        let servers = Arc::new(Servers::new(primary, replicas, config.max_replica_lag));
-        let monitor = if config.replicas.is_empty() {
-            None
-        } else {
-            let mut monitor = Monitor::new(
-                Arc::clone(&servers),
-                url,
-                &config.replicas,
-                config.replica_probe_interval,
-            )
-            .map_err(|e| invalid_url("replicas", url, &e))?;
-            // One round before returning, so that caught-up replicas serve the first reads.
-            monitor.round().await;
-            let task = tokio::spawn(monitor.run());
-            Some(Arc::new(TaskGuard(task.abort_handle())))
-        };
+        let (servers, monitor) = replicas::start(url, reads, &config).await?;
         Ok(PgCacheRepository {
             db,
             servers: Some(servers),
-            _monitor: monitor,
+            _monitor: monitor.map(Arc::new),
             ttl: config.ttl,
             limits: config.limits,
             url: Some(url.to_owned()),
@@ -338,11 +278,12 @@ impl PgCacheRepository {
         self.servers.as_ref().map(|s| s.primary().pool.idle_count())
     }
 
-    /// Statements the hot-path read pool has run (`None` without one); with batching, fewer
-    /// than the lookups asked for under load. For diagnostics and tests.
+    /// Statements the hot-path read pools have run, the primary's and the replicas'
+    /// together (`None` without one); with batching, fewer than the lookups asked for under
+    /// load. For diagnostics and tests.
     #[cfg(any(test, feature = "test-support"))]
     pub fn read_statements(&self) -> Option<u64> {
-        self.servers.as_ref().map(|s| s.primary().pool.statements())
+        self.servers.as_ref().map(|s| s.read_statements())
     }
 
     /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
@@ -394,26 +335,11 @@ impl PgCacheRepository {
                 .await
                 .map_err(|e| self.err(e));
         };
-        let mut target = servers.choose(after);
-        let mut retried = false;
-        loop {
-            let server = servers.server(target);
-            let result = read_on(server, read).await;
-            if result.is_ok() && target == Target::Primary {
-                servers.primary_answered();
-            }
-            match servers.settle(target, after, result.as_ref().err().map(|e| &**e), retried) {
-                Some(next) => {
-                    target = next;
-                    retried = true;
-                }
-                None => {
-                    return result
-                        .map(|row| row.map(QueryResult::from))
-                        .map_err(|e| self.sqlx_err_at(e, &server.url));
-                }
-            }
-        }
+        servers
+            .read(read, after)
+            .await
+            .map(|row| row.map(QueryResult::from))
+            .map_err(|(e, url)| self.sqlx_err_at(e, url))
     }
 
     /// As [`Self::sqlx_err`], for an error of the server at `url` (a replica's password is
@@ -490,38 +416,6 @@ impl PgCacheRepository {
     }
 }
 
-/// Runs `read` on `server`: a lookup through its batcher when every connection is busy,
-/// anything else as one statement on its pool.
-async fn read_on(
-    server: &Server,
-    read: Read<'_>,
-) -> Result<Option<sea_orm::sqlx::postgres::PgRow>, Arc<sea_orm::sqlx::Error>> {
-    let query = match read {
-        Read::Lookup(component, key) if server.batcher.should_queue(component) => {
-            return server.batcher.lookup(component, key.clone()).await;
-        }
-        Read::Lookup(component, key) => bind(&sql(component).lookup, &key_args(key)),
-        Read::Row(sql, args) => bind(sql, args),
-    };
-    server.pool.fetch_optional(query).await.map_err(Arc::new)
-}
-
-/// `sql` with `args` bound.
-fn bind<'q>(
-    sql: &'static str,
-    args: &[Arg<'q>],
-) -> sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>
-{
-    let mut query = sea_orm::sqlx::query(sql);
-    for arg in args {
-        query = match *arg {
-            Arg::Text(text) => query.bind(text),
-            Arg::Int(n) => query.bind(n),
-        };
-    }
-    query
-}
-
 /// Checks that `url` is a `postgres://` or `postgresql://` URL.
 fn check_url(field: &'static str, url: &str) -> Result<(), CacheError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -537,7 +431,7 @@ fn check_url(field: &'static str, url: &str) -> Result<(), CacheError> {
 }
 
 /// A URL the driver cannot parse, named without its password.
-fn invalid_url(field: &'static str, url: &str, error: &dyn fmt::Display) -> CacheError {
+pub(super) fn invalid_url(field: &'static str, url: &str, error: &dyn fmt::Display) -> CacheError {
     CacheError::invalid(
         field,
         format!(

@@ -41,16 +41,24 @@
 
 use std::collections::VecDeque;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pg_diagnostics::{connection_lost, redact_url};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 
+use sea_orm::sqlx::postgres::PgRow;
+
 use super::batch::Batcher;
 use super::read_pool::ReadPool;
+use super::statements::{lookup_many_sql, sql};
+use super::tables::{Arg, key_args};
+use super::{PgConfig, invalid_url};
+use crate::component::Component;
+use crate::error::CacheError;
+use crate::keys::Key;
 use crate::repository::{ServerRole, ServerStats};
 
 /// One server the hot-path reads may go to: its pool, its batcher and its counters.
@@ -84,6 +92,26 @@ struct Replica {
     /// The latest primary sample this replica has replayed, as [`Servers::ns`] of its time;
     /// 0: none (down, lagging past the ring, promoted, or dropped after a failed read).
     coverage: AtomicU64,
+    /// Its replay position at the last probe (0: unknown, or dropped with `coverage`).
+    replay: AtomicU64,
+}
+
+/// What the monitor knows of a replica, as one value for [`eligible`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Measured {
+    /// The latest primary sample time it has replayed, or 0.
+    pub(super) coverage: u64,
+    /// Its replay position at the last probe, or 0.
+    pub(super) replay: u64,
+}
+
+/// The primary's last good sample, while the primary is unreachable.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Down {
+    /// Its time.
+    pub(super) at: u64,
+    /// Its insert position.
+    pub(super) lsn: u64,
 }
 
 /// Where a read goes.
@@ -105,8 +133,11 @@ pub(super) struct Servers {
     next: AtomicUsize,
     /// Whether the primary is unreachable (see the module documentation).
     primary_down: AtomicBool,
-    /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet).
+    /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet). Stored
+    /// after `last_good_lsn`, loaded before it.
     last_good: AtomicU64,
+    /// The insert position of the last good primary sample.
+    last_good_lsn: AtomicU64,
 }
 
 impl Servers {
@@ -119,12 +150,14 @@ impl Servers {
                 .map(|server| Replica {
                     server,
                     coverage: AtomicU64::new(0),
+                    replay: AtomicU64::new(0),
                 })
                 .collect(),
             max_lag_ns: duration_ns(max_lag),
             next: AtomicUsize::new(0),
             primary_down: AtomicBool::new(false),
             last_good: AtomicU64::new(0),
+            last_good_lsn: AtomicU64::new(0),
         }
     }
 
@@ -140,6 +173,17 @@ impl Servers {
         &self.primary
     }
 
+    /// Statements every read pool has run.
+    #[cfg(any(test, feature = "test-support"))]
+    pub(super) fn read_statements(&self) -> u64 {
+        self.primary.pool.statements()
+            + self
+                .replicas
+                .iter()
+                .map(|r| r.server.pool.statements())
+                .sum::<u64>()
+    }
+
     /// The server of `target`.
     pub(super) fn server(&self, target: Target) -> &Server {
         match target {
@@ -149,24 +193,30 @@ impl Servers {
     }
 
     /// The primary's last good sample while it is unreachable, else `None`.
-    fn down_since(&self) -> Option<u64> {
-        if self.primary_down.load(Ordering::Acquire) {
-            Some(self.last_good.load(Ordering::Acquire))
-        } else {
-            None
+    fn down_since(&self) -> Option<Down> {
+        if !self.primary_down.load(Ordering::Acquire) {
+            return None;
         }
+        let at = self.last_good.load(Ordering::Acquire);
+        let lsn = self.last_good_lsn.load(Ordering::Acquire);
+        Some(Down { at, lsn })
+    }
+
+    /// Records a good primary sample.
+    fn sampled(&self, at: u64, lsn: u64) {
+        self.last_good_lsn.store(lsn, Ordering::Release);
+        self.last_good.store(at, Ordering::Release);
+        self.primary_down.store(false, Ordering::Release);
     }
 
     /// Whether replica `i` may serve a read that must reflect every commit before `after`.
-    fn replica_eligible(&self, i: usize, now: u64, after: Option<u64>, down: Option<u64>) -> bool {
+    fn replica_eligible(&self, i: usize, now: u64, after: Option<u64>, down: Option<Down>) -> bool {
         self.replicas.get(i).is_some_and(|r| {
-            eligible(
-                r.coverage.load(Ordering::Acquire),
-                now,
-                after,
-                self.max_lag_ns,
-                down,
-            )
+            let measured = Measured {
+                coverage: r.coverage.load(Ordering::Acquire),
+                replay: r.replay.load(Ordering::Acquire),
+            };
+            eligible(measured, now, after, self.max_lag_ns, down)
         })
     }
 
@@ -187,6 +237,32 @@ impl Servers {
         pick(start, self.replicas.len(), exclude, |i| {
             self.replica_eligible(i, now, after, down)
         })
+    }
+
+    /// Runs `read` where [`Servers::choose`] says, and once more where [`Servers::settle`]
+    /// says if it fails there. A failure is returned with the URL of the server it came
+    /// from (to scrub its password).
+    pub(super) async fn read(
+        &self,
+        read: Read<'_>,
+        after: Option<Instant>,
+    ) -> Result<Option<PgRow>, (Arc<sqlx::Error>, &str)> {
+        let mut target = self.choose(after);
+        let mut retried = false;
+        loop {
+            let server = self.server(target);
+            let result = read_on(server, read).await;
+            if result.is_ok() && target == Target::Primary {
+                self.primary_answered();
+            }
+            match self.settle(target, after, result.as_ref().err().map(|e| &**e), retried) {
+                Some(next) => {
+                    target = next;
+                    retried = true;
+                }
+                None => return result.map_err(|e| (e, server.url.as_str())),
+            }
+        }
     }
 
     /// Counts the outcome of a read on `target` and says where to retry it, if anywhere
@@ -210,6 +286,7 @@ impl Servers {
                 // good sample of it.
                 if let Some(r) = self.replicas.get(i) {
                     r.coverage.store(0, Ordering::Release);
+                    r.replay.store(0, Ordering::Release);
                 }
                 if retried {
                     return None;
@@ -274,24 +351,128 @@ impl Servers {
     }
 }
 
-/// Whether a replica whose coverage is `coverage` (0: none) may serve, at `now`, a read that
-/// must reflect every commit before `after`; `down` is the last good primary sample while
-/// the primary is unreachable. All values are on one time base, in nanoseconds.
+/// Builds the servers of a repository connected to `url` (whose read pool, warmed, is
+/// `primary`) and `config.replicas`, and starts the lag monitor when there are replicas
+/// (after one round, so that caught-up replicas serve the first reads). A replica that
+/// cannot be reached does not fail this: the monitor logs it and it is not read.
+pub(super) async fn start(
+    url: &str,
+    primary: ReadPool,
+    config: &PgConfig,
+) -> Result<(Arc<Servers>, Option<TaskGuard>), CacheError> {
+    let server = |url: &str, pool: ReadPool| {
+        let pool = Arc::new(pool);
+        let batcher = Batcher::new(
+            Arc::clone(&pool),
+            lookup_many_sql,
+            config.statement_timeout.unwrap_or(Duration::from_secs(5)) + config.connect_timeout,
+        );
+        Server::new(url, pool, Arc::new(batcher))
+    };
+    let primary = server(url, primary);
+    let mut replicas = Vec::with_capacity(config.replicas.len());
+    for replica in &config.replicas {
+        let pool = ReadPool::new(
+            replica,
+            config.max_connections,
+            config.connect_timeout,
+            config.acquire_timeout,
+            config.statement_timeout,
+        )
+        .map_err(|e| invalid_url("replicas", replica, &e))?;
+        replicas.push(server(replica, pool));
+    }
+    // Warm the replicas' pools; one that fails is left to the monitor, which logs it.
+    let warm = config.min_connections.min(config.max_connections);
+    futures_util::future::join_all(replicas.iter().map(|r| r.pool.warm(warm))).await;
+    let servers = Arc::new(Servers::new(primary, replicas, config.max_replica_lag));
+    if config.replicas.is_empty() {
+        return Ok((servers, None));
+    }
+    let mut monitor = Monitor::new(
+        Arc::clone(&servers),
+        url,
+        &config.replicas,
+        config.replica_probe_interval,
+    )
+    .map_err(|e| invalid_url("url", url, &e))?;
+    monitor.round().await;
+    let task = tokio::spawn(monitor.run());
+    Ok((servers, Some(TaskGuard(task.abort_handle()))))
+}
+
+/// Aborts a background task when dropped.
+pub(super) struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A hot-path read: a lookup (which may be batched) or a single-row statement.
+#[derive(Clone, Copy)]
+pub(super) enum Read<'a> {
+    Lookup(Component, &'a Key),
+    Row(&'static str, &'a [Arg<'a>]),
+}
+
+/// Runs `read` on `server`: a lookup through its batcher when every connection is busy,
+/// anything else as one statement on its pool.
+pub(super) async fn read_on(
+    server: &Server,
+    read: Read<'_>,
+) -> Result<Option<sea_orm::sqlx::postgres::PgRow>, Arc<sea_orm::sqlx::Error>> {
+    let query = match read {
+        Read::Lookup(component, key) if server.batcher.should_queue(component) => {
+            return server.batcher.lookup(component, key.clone()).await;
+        }
+        Read::Lookup(component, key) => bind(&sql(component).lookup, &key_args(key)),
+        Read::Row(sql, args) => bind(sql, args),
+    };
+    server.pool.fetch_optional(query).await.map_err(Arc::new)
+}
+
+/// `sql` with `args` bound.
+fn bind<'q>(
+    sql: &'static str,
+    args: &[Arg<'q>],
+) -> sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>
+{
+    let mut query = sea_orm::sqlx::query(sql);
+    for arg in args {
+        query = match *arg {
+            Arg::Text(text) => query.bind(text),
+            Arg::Int(n) => query.bind(n),
+        };
+    }
+    query
+}
+
+/// Whether a replica `measured` so may serve, at `now`, a read that must reflect every commit
+/// before `after`; `down` is the primary's last good sample while it is unreachable. Times are
+/// on one base, in nanoseconds.
 pub(super) fn eligible(
-    coverage: u64,
+    measured: Measured,
     now: u64,
     after: Option<u64>,
     max_lag: u64,
-    down: Option<u64>,
+    down: Option<Down>,
 ) -> bool {
-    if coverage == 0 || after.is_some_and(|a| coverage < a) {
-        return false;
-    }
     match down {
         // Nothing can commit on a primary that is down: having replayed its last known
-        // position is enough, whatever the age.
-        Some(last_good) => coverage >= last_good,
-        None => now.saturating_sub(coverage) <= max_lag,
+        // position is enough, whatever the age; a read must still follow `after`, which
+        // only that sample's time can vouch for.
+        Some(down) => {
+            measured.replay != 0
+                && measured.replay >= down.lsn
+                && after.is_none_or(|a| down.at >= a)
+        }
+        None => {
+            measured.coverage != 0
+                && after.is_none_or(|a| measured.coverage >= a)
+                && now.saturating_sub(measured.coverage) <= max_lag
+        }
     }
 }
 
@@ -345,14 +526,18 @@ pub(super) fn server_name(url: &str) -> String {
     }
 }
 
-/// The monitor's own connections and its ring of primary samples. Runs on one task, so it
-/// needs no lock.
+/// The monitor's own connections and its ring of primary samples.
+///
+/// The primary is sampled, and each replica probed, by a loop of its own (all in one task),
+/// so that a replica that hangs until its timeout delays neither the primary's samples nor
+/// the other replicas' coverage.
 pub(super) struct Monitor {
     servers: Arc<Servers>,
     primary: Probe,
     replicas: Vec<Probe>,
-    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first.
-    samples: VecDeque<(u64, u64)>,
+    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first. Locked briefly by
+    /// the loops of one task, never across an await.
+    samples: Mutex<VecDeque<(u64, u64)>>,
     capacity: usize,
     interval: Duration,
     timeout: Duration,
@@ -454,7 +639,7 @@ impl Monitor {
                 .iter()
                 .map(|u| Probe::new(u))
                 .collect::<Result<_, _>>()?,
-            samples: VecDeque::new(),
+            samples: Mutex::new(VecDeque::new()),
             capacity: usize::try_from(span).unwrap_or(4096).clamp(4, 4096),
             interval,
             timeout: (max_lag / 2).max(Duration::from_millis(1)),
@@ -462,94 +647,154 @@ impl Monitor {
         })
     }
 
-    /// One round: a primary sample, then every replica, concurrently.
+    /// One round (at connect): a primary sample, then every replica, concurrently.
     pub(super) async fn round(&mut self) {
-        let servers = &*self.servers;
-        let t = Instant::now();
-        match self
-            .primary
-            .query::<(i64, i64, i64)>(PRIMARY_SQL, self.timeout)
-            .await
-        {
-            Ok((lsn, block, segment)) => {
-                let t = servers.ns(t);
-                if self.samples.len() == self.capacity {
-                    self.samples.pop_front();
-                }
-                let [lsn, block, segment] =
-                    [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
-                self.samples
-                    .push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
-                servers.last_good.store(t, Ordering::Release);
-                servers.primary_down.store(false, Ordering::Release);
-                if std::mem::take(&mut self.primary.failing) {
-                    tracing::info!(
-                        server = %servers.primary.name,
-                        "strategic cache: the primary answers the replica monitor again"
-                    );
-                }
-            }
-            Err(error) => {
-                if servers.last_good.load(Ordering::Acquire) != 0 {
-                    servers.primary_down.store(true, Ordering::Release);
-                }
-                if !std::mem::replace(&mut self.primary.failing, true) {
-                    tracing::warn!(
-                        server = %servers.primary.name,
-                        %error,
-                        "strategic cache: the primary is unreachable ({error}); reads go to \
-                         the replicas that have replayed its last known position"
-                    );
-                }
-            }
-        }
-        let samples = &self.samples;
-        let timeout = self.timeout;
-        let probes = self.replicas.iter_mut().zip(servers.replicas.iter()).map(
-            |(probe, replica)| async move {
-                let result = probe
-                    .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
-                    .await
-                    .and_then(|row| match row {
-                        (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
-                        _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
-                    });
-                match result {
-                    Ok(replay) => {
-                        replica
-                            .coverage
-                            .store(coverage_of(samples, replay), Ordering::Release);
-                        if std::mem::take(&mut probe.failing) {
-                            tracing::info!(
-                                server = %replica.server.name,
-                                "strategic cache: replica reachable again"
-                            );
-                        }
-                    }
-                    Err(error) => {
-                        replica.coverage.store(0, Ordering::Release);
-                        if !std::mem::replace(&mut probe.failing, true) {
-                            tracing::warn!(
-                                server = %replica.server.name,
-                                %error,
-                                "strategic cache: replica not used ({error}); reads go to the \
-                                 primary or the other replicas"
-                            );
-                        }
-                    }
-                }
-            },
-        );
+        let Monitor {
+            servers,
+            primary,
+            replicas,
+            samples,
+            capacity,
+            timeout,
+            ..
+        } = self;
+        sample_primary(servers, primary, samples, *capacity, *timeout).await;
+        let probes = replicas
+            .iter_mut()
+            .zip(servers.replicas.iter())
+            .map(|(probe, replica)| probe_replica(replica, probe, samples, *timeout));
         futures_util::future::join_all(probes).await;
     }
 
-    /// Probes every `interval` until the task is aborted.
-    pub(super) async fn run(mut self) {
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            self.round().await;
+    /// Samples the primary and probes each replica every `interval`, each on its own loop,
+    /// until the task is aborted.
+    pub(super) async fn run(self) {
+        let Monitor {
+            servers,
+            mut primary,
+            replicas,
+            samples,
+            capacity,
+            interval,
+            timeout,
+        } = self;
+        let (servers, samples) = (&*servers, &samples);
+        let primary_loop = async move {
+            let mut ticks = ticker(interval);
+            loop {
+                ticks.tick().await;
+                sample_primary(servers, &mut primary, samples, capacity, timeout).await;
+            }
+        };
+        let replica_loops = replicas.into_iter().zip(servers.replicas.iter()).map(
+            |(mut probe, replica)| async move {
+                let mut ticks = ticker(interval);
+                loop {
+                    ticks.tick().await;
+                    probe_replica(replica, &mut probe, samples, timeout).await;
+                }
+            },
+        );
+        futures_util::future::join(primary_loop, futures_util::future::join_all(replica_loops))
+            .await;
+    }
+}
+
+/// An interval whose first tick is one `interval` away (the round at connect came first), and
+/// that does not hurry to catch up after a slow probe.
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+/// One sample of the primary's insert position into `samples`; a failure marks the primary
+/// unreachable (logged once per outage).
+async fn sample_primary(
+    servers: &Servers,
+    probe: &mut Probe,
+    samples: &Mutex<VecDeque<(u64, u64)>>,
+    capacity: usize,
+    timeout: Duration,
+) {
+    let t = Instant::now();
+    match probe.query::<(i64, i64, i64)>(PRIMARY_SQL, timeout).await {
+        Ok((lsn, block, segment)) => {
+            let t = servers.ns(t);
+            let [lsn, block, segment] =
+                [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
+            {
+                let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
+                if samples.len() >= capacity {
+                    samples.pop_front();
+                }
+                samples.push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
+            }
+            servers.sampled(t, insert_lsn_as_replayed(lsn, block, segment));
+            if std::mem::take(&mut probe.failing) {
+                tracing::info!(
+                    server = %servers.primary.name,
+                    "strategic cache: the primary answers the replica monitor again"
+                );
+            }
+        }
+        Err(error) => {
+            if servers.last_good.load(Ordering::Acquire) != 0 {
+                servers.primary_down.store(true, Ordering::Release);
+            }
+            if !std::mem::replace(&mut probe.failing, true) {
+                tracing::warn!(
+                    server = %servers.primary.name,
+                    %error,
+                    "strategic cache: the primary is unreachable ({error}); reads go to the \
+                     replicas that have replayed its last known position"
+                );
+            }
+        }
+    }
+}
+
+/// One probe of a replica: its coverage from its replay position and `samples`, or none
+/// (logged once per outage).
+async fn probe_replica(
+    replica: &Replica,
+    probe: &mut Probe,
+    samples: &Mutex<VecDeque<(u64, u64)>>,
+    timeout: Duration,
+) {
+    let result = probe
+        .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
+        .await
+        .and_then(|row| match row {
+            (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
+            _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
+        });
+    match result {
+        Ok(replay) => {
+            let coverage = coverage_of(
+                &samples.lock().unwrap_or_else(PoisonError::into_inner),
+                replay,
+            );
+            replica.replay.store(replay, Ordering::Release);
+            replica.coverage.store(coverage, Ordering::Release);
+            if std::mem::take(&mut probe.failing) {
+                tracing::info!(
+                    server = %replica.server.name,
+                    "strategic cache: replica reachable again"
+                );
+            }
+        }
+        Err(error) => {
+            replica.coverage.store(0, Ordering::Release);
+            replica.replay.store(0, Ordering::Release);
+            if !std::mem::replace(&mut probe.failing, true) {
+                tracing::warn!(
+                    server = %replica.server.name,
+                    %error,
+                    "strategic cache: replica not used ({error}); reads go to the primary or \
+                     the other replicas"
+                );
+            }
         }
     }
 }
@@ -565,37 +810,67 @@ mod tests {
     /// never without coverage.
     #[test]
     fn eligible_within_the_bound_only() {
-        assert!(eligible(5000 * MS, 5000 * MS, None, LAG, None));
-        assert!(eligible(4000 * MS, 5000 * MS, None, LAG, None));
-        assert!(!eligible(4000 * MS - 1, 5000 * MS, None, LAG, None));
-        assert!(!eligible(0, 5000 * MS, None, LAG, None));
+        assert!(eligible(cov(5000 * MS), 5000 * MS, None, LAG, None));
+        assert!(eligible(cov(4000 * MS), 5000 * MS, None, LAG, None));
+        assert!(!eligible(cov(4000 * MS - 1), 5000 * MS, None, LAG, None));
+        assert!(!eligible(cov(0), 5000 * MS, None, LAG, None));
     }
 
     /// With `after`, a replica must cover it, however fresh it is otherwise.
     #[test]
     fn after_needs_coverage_past_it() {
         let now = 5000 * MS;
-        assert!(eligible(4990 * MS, now, Some(4990 * MS), LAG, None));
-        assert!(!eligible(4990 * MS, now, Some(4991 * MS), LAG, None));
-        assert!(eligible(4995 * MS, now, Some(4991 * MS), LAG, None));
+        assert!(eligible(cov(4990 * MS), now, Some(4990 * MS), LAG, None));
+        assert!(!eligible(cov(4990 * MS), now, Some(4991 * MS), LAG, None));
+        assert!(eligible(cov(4995 * MS), now, Some(4991 * MS), LAG, None));
     }
 
-    /// With the primary down, a replica that replayed its last good sample stays eligible
-    /// whatever the age; one behind it does not; `after` still applies.
+    /// A replica measured with this coverage and any replay position.
+    fn cov(coverage: u64) -> Measured {
+        Measured {
+            coverage,
+            replay: 1,
+        }
+    }
+
+    /// With the primary down, a replica that replayed its last good sample's position stays
+    /// eligible whatever the age, even if its coverage predates that sample (it was probed
+    /// just before the sample was taken); one behind it, or unknown, does not; `after` must
+    /// not be past the sample.
     #[test]
     fn primary_down_mode() {
-        let last_good = 1000 * MS;
+        let down = Down {
+            at: 1000 * MS,
+            lsn: 500,
+        };
         let now = 60_000 * MS;
-        assert!(eligible(last_good, now, None, LAG, Some(last_good)));
-        assert!(!eligible(last_good - 1, now, None, LAG, Some(last_good)));
-        assert!(!eligible(
-            last_good,
+        let replayed = |replay| Measured {
+            coverage: 900 * MS,
+            replay,
+        };
+        assert!(eligible(replayed(500), now, None, LAG, Some(down)));
+        assert!(eligible(
+            replayed(600),
             now,
-            Some(last_good + 1),
+            Some(1000 * MS),
             LAG,
-            Some(last_good)
+            Some(down)
         ));
-        assert!(!eligible(0, now, None, LAG, Some(last_good)));
+        assert!(!eligible(replayed(499), now, None, LAG, Some(down)));
+        assert!(!eligible(
+            replayed(500),
+            now,
+            Some(1000 * MS + 1),
+            LAG,
+            Some(down)
+        ));
+        assert!(!eligible(
+            replayed(0),
+            now,
+            None,
+            LAG,
+            Some(Down { at: 1, lsn: 0 })
+        ));
     }
 
     /// Round-robin: each start gives the next eligible candidate, skipping the excluded one.
@@ -704,8 +979,9 @@ mod tests {
     fn a_failed_primary_read_goes_to_a_caught_up_replica() {
         let s = servers(1);
         // Caught up to the last sample, taken at the time base: older than a zero bound.
-        s.last_good.store(1, Ordering::Release);
+        s.sampled(1, 100);
         s.replicas[0].coverage.store(1, Ordering::Release);
+        s.replicas[0].replay.store(100, Ordering::Release);
         let stale = Servers { max_lag_ns: 0, ..s };
         assert_eq!(stale.choose(None), Target::Primary);
         assert_eq!(
@@ -759,6 +1035,36 @@ mod tests {
             insert_lsn_as_replayed(0x300_2028, block, segment),
             0x300_2028
         );
+    }
+
+    /// A bad replica URL is invalid input, found before anything connects: the primary here
+    /// is a closed local port, which would otherwise make it `Unavailable`.
+    #[tokio::test]
+    async fn a_bad_replica_url_is_refused_before_connecting() {
+        for bad in [
+            "mysql://u:pw@127.0.0.1/db",
+            "postgres://u@127.0.0.1:notaport/db",
+        ] {
+            let config = PgConfig {
+                replicas: vec![bad.into()],
+                ..PgConfig::default()
+            };
+            let error =
+                super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", config)
+                    .await
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    CacheError::InvalidInput {
+                        field: "replicas",
+                        ..
+                    }
+                ),
+                "{bad}: {error:?}"
+            );
+            assert!(!error.to_string().contains("pw"), "{error}");
+        }
     }
 
     /// The name shows host, port and database, never the user or password.
