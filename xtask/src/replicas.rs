@@ -7,6 +7,10 @@
 //! this runs as root (the server refuses root). Each replica is made with
 //! `pg_basebackup -R -X stream` and is waited for until the primary shows it streaming.
 //! `fsync` is off: the bench measures reads and replication, not disks.
+//!
+//! A run stopped by Ctrl-C ends this process before it can stop the servers; the next
+//! `--replicas` run stops and removes what it finds under `target/xtask/replicas/` first (or:
+//! `pg_ctl -D target/xtask/replicas/<dir> stop` for each).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
