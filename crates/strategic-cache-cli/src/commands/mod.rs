@@ -197,10 +197,20 @@ impl Context {
             .collect()
     }
 
-    /// The replicas, validated, for `simulate` and `bench`.
+    /// The replicas, validated, for `simulate` and `bench` (and `get` and `watch`).
     pub fn replica_set(&self) -> anyhow::Result<Replicas> {
+        let urls = self.replicas()?;
+        let probe = PgConfig::default().replica_probe_interval;
+        if !urls.is_empty() && self.max_replica_lag < probe * 2 {
+            return Err(bad_input(format!(
+                "--max-replica-lag-ms must be at least {} (twice the {} ms interval at which \
+                 replica lag is measured)",
+                (probe * 2).as_millis(),
+                probe.as_millis()
+            )));
+        }
         Ok(Replicas {
-            urls: self.replicas()?,
+            urls,
             max_lag: self.max_replica_lag,
         })
     }
@@ -446,7 +456,8 @@ mod tests {
     }
 
     /// A replica URL that is not postgres:// is a usage error (exit 2) naming it without its
-    /// password; blanks (a trailing comma in STRATEGIC_CACHE_REPLICAS) are skipped.
+    /// password; blanks (a trailing comma in STRATEGIC_CACHE_REPLICAS) are skipped; a lag
+    /// bound under two probe intervals is a usage error too.
     #[test]
     fn bad_replica_urls_are_usage_errors() {
         let context = |replicas: &[&str]| Context {
@@ -463,6 +474,13 @@ mod tests {
         assert!(!message.contains("secret"), "{message}");
         let ok = context(&["postgres://u@h/db", " "]).replicas().unwrap();
         assert_eq!(ok, vec!["postgres://u@h/db".to_string()]);
+        let too_tight = Context {
+            max_replica_lag: Duration::from_millis(150),
+            ..context(&["postgres://u@h/db"])
+        };
+        let error = too_tight.replica_set().unwrap_err();
+        assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE, "{error}");
+        assert!(context(&["postgres://u@h/db"]).replica_set().is_ok());
     }
 
     /// Ages read naturally at every scale.

@@ -157,11 +157,13 @@ impl PgCacheRepository {
     /// otherwise). A failure to connect is [`CacheError::Unavailable`], naming the host and
     /// database but never the password.
     ///
-    /// Every replica URL is validated like the primary's (nothing is started if one is
-    /// wrong), but a replica that cannot be reached does not fail `connect`: it is not read
+    /// Every replica URL is validated like the primary's, and with replicas
+    /// `replica_probe_interval` must be positive and at most half of `max_replica_lag`
+    /// (nothing is started otherwise); but a replica that cannot be reached does not fail `connect`: it is not read
     /// until the lag monitor reaches it, and it is logged once at `warn`.
     pub async fn connect(url: &str, config: PgConfig) -> Result<Self, CacheError> {
         check_url("url", url)?;
+        replicas::check_config(&config)?;
         for replica in &config.replicas {
             check_url("replicas", replica)?;
             PgConnectOptions::from_str(replica)

@@ -351,6 +351,28 @@ impl Servers {
     }
 }
 
+/// With replicas, the probe interval must be positive and at most half the bound: a replica
+/// that keeps up shows a measured lag of up to two probe intervals, so a longer interval would
+/// make it ineligible between samples however fast its replay.
+pub(super) fn check_config(config: &PgConfig) -> Result<(), CacheError> {
+    if config.replicas.is_empty() {
+        return Ok(());
+    }
+    let interval = config.replica_probe_interval;
+    if interval.is_zero() || interval * 2 > config.max_replica_lag {
+        return Err(CacheError::invalid(
+            "replica_probe_interval",
+            format!(
+                "{interval:?} with max_replica_lag {:?}: the interval must be positive and at \
+                 most half of max_replica_lag (a replica that keeps up is measured up to two \
+                 intervals behind)",
+                config.max_replica_lag
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the servers of a repository connected to `url` (whose read pool, warmed, is
 /// `primary`) and `config.replicas`, and starts the lag monitor when there are replicas
 /// (after one round, so that caught-up replicas serve the first reads). A replica that
@@ -1065,6 +1087,39 @@ mod tests {
             );
             assert!(!error.to_string().contains("pw"), "{error}");
         }
+    }
+
+    /// With replicas, a probe interval of zero or over half the bound is invalid input,
+    /// before anything connects; without replicas the two settings are not used.
+    #[tokio::test]
+    async fn probe_interval_must_fit_the_bound() {
+        let config = |interval_ms, lag_ms, replicas: &[&str]| PgConfig {
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            replica_probe_interval: Duration::from_millis(interval_ms),
+            max_replica_lag: Duration::from_millis(lag_ms),
+            ..PgConfig::default()
+        };
+        let replica = ["postgres://u@127.0.0.1:2/d"];
+        for (interval, lag) in [(0, 1000), (501, 1000), (100, 0)] {
+            let error = super::super::PgCacheRepository::connect(
+                "postgres://u@127.0.0.1:1/d",
+                config(interval, lag, &replica),
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    CacheError::InvalidInput {
+                        field: "replica_probe_interval",
+                        ..
+                    }
+                ),
+                "{interval} ms / {lag} ms: {error:?}"
+            );
+        }
+        assert!(check_config(&config(500, 1000, &replica)).is_ok());
+        assert!(check_config(&config(0, 0, &[])).is_ok());
     }
 
     /// The name shows host, port and database, never the user or password.
