@@ -161,3 +161,58 @@ async fn quick_soak_reports_sizes_and_latency_per_interval() {
     assert_eq!(soak["reads"]["errors"].as_u64(), Some(0), "{soak:#}");
     assert!(soak["reads"]["n"].as_u64().unwrap() > 0, "{soak:#}");
 }
+
+/// `bench --replica URL`: the replica read cases run without errors, were answered by the
+/// replica (the report says which server answered), see the data set, and the lag case has a
+/// sample per commit.
+#[tokio::test]
+async fn quick_bench_with_a_replica_reads_from_it_and_measures_lag() {
+    let set = crate::support::replicas::ReplicaSet::start(1).await;
+    let replica = set.replica(0).url("postgres");
+    let report = quick_bench(
+        &set.primary().url("postgres"),
+        &[
+            "--replica",
+            &replica,
+            "--users",
+            "300",
+            "--reads",
+            "200",
+            "--bursts",
+            "1",
+            "--sustained-secs",
+            "0.2",
+        ],
+    )
+    .await;
+    let stdout = report.to_string();
+    let cases = report["cases"].as_array().expect("cases is an array");
+    let case = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("case {name} missing: {stdout}"))
+            .clone()
+    };
+    for name in [
+        "replica_single_read",
+        "replica_single_read_10",
+        "replica_snapshot",
+        "replica_snapshot_10",
+    ] {
+        let c = case(name);
+        assert_eq!(c["errors"].as_u64(), Some(0), "{name} had errors: {c}");
+        assert!(c["n"].as_u64().unwrap() > 0, "{name} ran nothing: {c}");
+    }
+    assert_eq!(case("replica_single_read")["hit_rate"].as_f64(), Some(1.0));
+    let lag = case("replica_lag");
+    assert_eq!(lag["n"].as_u64(), Some(20), "{lag}");
+    assert_eq!(lag["errors"].as_u64(), Some(0), "{lag}");
+    let replicas = &report["setup"]["replicas"];
+    let on_replicas = replicas["replica_case_reads_on_replicas"].as_u64().unwrap();
+    let on_primary = replicas["replica_case_reads_on_primary"].as_u64().unwrap();
+    assert!(
+        on_replicas >= 600 && on_primary <= on_replicas / 100,
+        "replica cases answered by replicas {on_replicas}, primary {on_primary}: {replicas}"
+    );
+}

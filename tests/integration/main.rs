@@ -22,6 +22,8 @@ mod near_faults;
 mod privileges;
 mod races;
 mod read_pool;
+// Streaming replicas: routing, faults and coherence.
+mod replicas;
 mod repository;
 mod roles;
 mod scheduler;

@@ -549,7 +549,8 @@ impl CacheRepository for Gated {
     }
 }
 
-fn version_of(found: Option<strategic_cache::CachedEntry>) -> Option<u64> {
+/// The version (see [`versioned`]) of a memory-health entry.
+pub fn version_of(found: Option<strategic_cache::CachedEntry>) -> Option<u64> {
     match found?.payload {
         strategic_cache::Payload::MemoryHealth(p) => p.avg_memory_age_hours.map(|v| v as u64),
         _ => None,

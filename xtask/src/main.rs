@@ -11,9 +11,11 @@
 //! - [`containers`]: the container engine and the local PostgreSQL image of the
 //!   testcontainers path, and removing the test containers by label.
 //! - [`system`]: running programs and installing Debian packages.
+//! - [`replicas`]: a private primary with streaming replicas for `bench --replicas`.
 
 mod containers;
 mod prereq;
+mod replicas;
 mod system;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +30,10 @@ usage: cargo xtask <task>
                                                            what they need first; see README)
   containers [prepare|clean|stop]                          the container engine and test image
   ci                                                       fmt, clippy -D warnings, doc, test
-  bench [BENCH ARGS]                                       strategic-cache bench, release build";
+  bench [BENCH ARGS]                                       strategic-cache bench, release build
+  bench --replicas [N] [BENCH ARGS]                        the same against a private primary with
+                                                           N (default 2) streaming replicas under
+                                                           target/xtask/, removed afterwards";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -129,6 +134,65 @@ fn ci() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     build_tools()?;
+    let (replicas, args) = take_replicas(args)?;
+    let Some(replicas) = replicas else {
+        return run_bench(&args);
+    };
+    if args
+        .iter()
+        .any(|a| a.starts_with("--database-url") || a.starts_with("--replica"))
+    {
+        bail!(
+            "--replicas starts its own primary and replicas: give neither --database-url nor --replica"
+        );
+    }
+    // Built before the servers start, so that they do not wait through a build.
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "strategic-cache-cli",
+    ]);
+    system::run(build)?;
+    let set = replicas::ReplicaSet::start(&project_root().join("target").join("xtask"), replicas)?;
+    let mut args = args;
+    args.extend(["--database-url".to_owned(), set.url(0)]);
+    for url in set.replica_urls() {
+        args.extend(["--replica".to_owned(), url]);
+    }
+    let result = run_bench(&args);
+    drop(set);
+    result
+}
+
+/// `--replicas [N]` taken out of `args`: `Some(N)` (2 when no number follows) if present.
+fn take_replicas(args: &[String]) -> Result<(Option<usize>, Vec<String>)> {
+    let mut rest = Vec::new();
+    let mut replicas = None;
+    let mut iter = args.iter().peekable();
+    while let Some(arg) = iter.next() {
+        if arg != "--replicas" {
+            rest.push(arg.clone());
+            continue;
+        }
+        let n = match iter.peek().map(|next| next.parse::<usize>()) {
+            Some(Ok(n)) => {
+                iter.next();
+                n
+            }
+            _ => 2,
+        };
+        if n == 0 {
+            bail!("--replicas N: N must be at least 1");
+        }
+        replicas = Some(n);
+    }
+    Ok((replicas, rest))
+}
+
+fn run_bench(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -141,4 +205,24 @@ fn bench(args: &[String]) -> Result<()> {
     ])
     .args(args);
     system::run(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_replicas;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn replicas_flag_takes_an_optional_count() {
+        let (n, rest) = take_replicas(&strings(&["--replicas", "--quick"])).unwrap();
+        assert_eq!((n, rest), (Some(2), strings(&["--quick"])));
+        let (n, rest) = take_replicas(&strings(&["--quick", "--replicas", "1"])).unwrap();
+        assert_eq!((n, rest), (Some(1), strings(&["--quick"])));
+        let (n, rest) = take_replicas(&strings(&["--quick"])).unwrap();
+        assert_eq!((n, rest), (None, strings(&["--quick"])));
+        assert!(take_replicas(&strings(&["--replicas", "0"])).is_err());
+    }
 }

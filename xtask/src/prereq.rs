@@ -38,8 +38,9 @@ pub fn prepare() -> Result<Ready> {
             system::apt_install(&["postgresql"])?;
         } else {
             missing.push(
-                "PostgreSQL's server programs (initdb, pg_ctl, postgres): the fault tests run \
-                 private clusters with them; install them (Debian: apt-get install postgresql)"
+                "PostgreSQL's server programs (initdb, pg_ctl, postgres, pg_basebackup): the \
+                 fault and replica tests run private clusters with them; install them (Debian: \
+                 apt-get install postgresql)"
                     .to_owned(),
             );
         }

@@ -173,8 +173,8 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         schema: schema.to_owned(),
         scoped: Scoped {
             url: scoped_url.clone(),
-            schema: schema.to_owned(),
             db,
+            schema: schema.to_owned(),
         },
         admin: admin.clone(),
     };

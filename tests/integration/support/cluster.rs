@@ -3,7 +3,8 @@
 //! The cluster is started with the PostgreSQL 15 binaries (`PG_BIN`, else
 //! `/usr/lib/postgresql/15/bin`, else whatever `initdb` is on `PATH`) in a temporary directory,
 //! on a free port, as the `postgres` OS user when the tests run as root (the server refuses to
-//! run as root). It is stopped and its directory removed on drop.
+//! run as root). It is stopped and its directory removed on drop. [`PgCluster::replica_of`]
+//! makes a streaming replica of one (see `replicas.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,11 +42,70 @@ pub struct PgCluster {
     port: u16,
     bin: PathBuf,
     as_postgres: bool,
+    /// Server options added to every start (`-c name=value ...`).
+    options: String,
 }
 
 impl PgCluster {
     /// Initialises and starts a cluster (trust authentication, fsync off: it is thrown away).
     pub async fn start() -> PgCluster {
+        Self::start_with("").await
+    }
+
+    /// As [`PgCluster::start`], with `options` (`-c name=value ...`) added to every start.
+    pub async fn start_with(options: &str) -> PgCluster {
+        let cluster = Self::empty_dir(options);
+        let data = cluster.data_dir();
+        let out = cluster
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.start_server().await;
+        cluster
+    }
+
+    /// A streaming replica of `primary`, made with `pg_basebackup -R -X stream` (so it follows
+    /// the primary on its own once started), started with `options` added. The default
+    /// `pg_hba.conf` of `initdb` admits replication connections from 127.0.0.1.
+    pub async fn replica_of(primary: &PgCluster, options: &str) -> PgCluster {
+        let cluster = Self::empty_dir(options);
+        let out = cluster
+            .command("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(cluster.data_dir())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.start_server().await;
+        cluster
+    }
+
+    /// A new directory (owned by `postgres` when root) and a free port, no cluster yet.
+    fn empty_dir(options: &str) -> PgCluster {
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
             "sc-pg-{}-{}",
@@ -62,27 +122,13 @@ impl PgCluster {
                 .unwrap();
             assert!(status.success(), "chown of {dir:?} failed");
         }
-        let cluster = PgCluster {
+        PgCluster {
             dir,
             port: free_port(),
             bin: pg_bin(),
             as_postgres,
-        };
-        let data = cluster.data_dir();
-        let out = cluster
-            .command("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster.start_server().await;
-        cluster
+            options: options.to_owned(),
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -118,9 +164,10 @@ impl PgCluster {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300 {}",
                 self.port,
-                self.dir.display()
+                self.dir.display(),
+                self.options
             );
             let out = self
                 .command("pg_ctl")

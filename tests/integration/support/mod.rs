@@ -1,11 +1,13 @@
 //! The test harness, apart from the tests: a fresh database per test ([`db`]), a private
-//! PostgreSQL cluster to stop and kill ([`cluster`]), a TCP fault proxy ([`proxy`]), a
+//! PostgreSQL cluster to stop and kill ([`cluster`]), a primary with streaming replicas
+//! ([`replicas`]), a TCP fault proxy ([`proxy`]), a
 //! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
 
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod proxy;
+pub mod replicas;
 pub mod timing;
 pub mod victoria;
 

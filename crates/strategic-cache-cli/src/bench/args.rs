@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// does, or fails to do where it is off).
     #[arg(long)]
     pub soak_no_vacuum: bool,
+    /// Commits timed from the primary to the replicas by the `replica_lag` case (with
+    /// `--replica` only).
+    #[arg(long, default_value_t = 200)]
+    pub lag_samples: u64,
     /// Write the latency distributions to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
@@ -72,6 +76,7 @@ impl BenchArgs {
             args.sustained_secs = args.sustained_secs.min(1.0);
             args.soak_secs = args.soak_secs.min(6.0);
             args.soak_keys = args.soak_keys.min(500);
+            args.lag_samples = args.lag_samples.min(20);
         }
         args
     }

@@ -21,7 +21,7 @@ use super::data::{self, Shape};
 use super::stats::{Case, Samples};
 
 /// Concurrency of the `_10` rows: the "10 concurrent users".
-const CONCURRENCY: u32 = 10;
+pub(super) const CONCURRENCY: u32 = 10;
 
 /// The state of a run.
 pub(super) struct Bench {
@@ -34,7 +34,12 @@ pub(super) struct Bench {
 
 /// Runs `op(task, k)` from `tasks` concurrent tasks, `total` operations in all (or until
 /// `deadline`), timing each; an `Err` counts as an error, `Ok(h)` adds `h` to the hits.
-async fn drive<F, Fut>(tasks: u32, total: u64, deadline: Option<Duration>, op: F) -> Samples
+pub(super) async fn drive<F, Fut>(
+    tasks: u32,
+    total: u64,
+    deadline: Option<Duration>,
+    op: F,
+) -> Samples
 where
     F: Fn(u32, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<f64>> + Send + 'static,
@@ -76,12 +81,12 @@ where
 
 /// The reader's failures as operations: errors, timeouts and breaker skips, over `parts`
 /// component reads per operation.
-fn reader_errors(reader: &CacheReader, parts: u64) -> u64 {
+pub(super) fn reader_errors(reader: &CacheReader, parts: u64) -> u64 {
     let s = reader.stats();
     (s.errors + s.timeouts + s.breaker_skips).div_ceil(parts)
 }
 
-fn bool_hit(found: bool) -> f64 {
+pub(super) fn bool_hit(found: bool) -> f64 {
     if found { 1.0 } else { 0.0 }
 }
 
@@ -99,12 +104,12 @@ impl Bench {
             .with_observer(Arc::new(MetricsRecorder::default()))
     }
 
-    fn step(&self, stage: &str) {
+    pub(super) fn step(&self, stage: &str) {
         let done = self.cases.len() as f64 / STAGES;
         (self.progress)(stage, 0.3 + 0.7 * done.min(1.0));
     }
 
-    fn push(&mut self, name: &str, unit: &str, samples: Samples, rows_per_op: f64) {
+    pub(super) fn push(&mut self, name: &str, unit: &str, samples: Samples, rows_per_op: f64) {
         self.cases
             .push(Case::from_samples(name, unit, samples, rows_per_op));
     }

@@ -10,6 +10,7 @@
 //! - [`bare`]: the limit rows on tokio-postgres.
 //! - [`soak`]: `--soak`, many refresh cycles with reads in parallel, table sizes over time.
 //! - [`plot`]: `--plot FILE.svg`, the latency distributions as SVG.
+//! - [`replicas`]: with `--replica URL`, the read cases on the replicas and the replication lag.
 //!
 //! The payloads come from [`crate::workload`], shared with `simulate`. Everything is written
 //! into a scratch schema ([`crate::scratch`]) dropped at the end: the tables of the database
@@ -20,6 +21,7 @@ mod bare;
 mod cases;
 mod data;
 mod plot;
+mod replicas;
 mod report;
 mod soak;
 mod stats;
@@ -79,7 +81,8 @@ fn plain_transport(url: &str) -> String {
     }
 }
 
-/// Runs the benchmark in the scratch schema reached through `scratch`.
+/// Runs the benchmark in the scratch schema reached through `scratch`, with the replica cases
+/// when replicas (`--replica`) are given.
 async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<BenchReport> {
     let args = args.effective();
     let url = &scratch.url;
@@ -88,12 +91,14 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         bots: args.bots.max(1),
         stale_percent: args.stale_percent,
     };
-    let config = args.replicas.scoped(&scratch.schema).config(PgConfig {
+    // The primary only, also when replicas are given: every row but the `replica_*` ones
+    // reads the primary, so that one run compares the two (see `replicas.rs`).
+    let config = PgConfig {
         max_connections: args.pool.max(1),
         // Warm: a burst must not wait for connections to be opened (several ms each).
         min_connections: args.pool.max(1),
         ..PgConfig::default()
-    });
+    };
     let repo = Arc::new(PgCacheRepository::connect(url, config).await?);
     // VACUUM on the scratch's own connection, without the repository's statement timeout
     // (5 s), which it can exceed on a large data set.
@@ -108,12 +113,27 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
     // Opens every pool connection and warms caches before anything is timed.
     bench.warm_up().await?;
 
+    let mut replica_setup = serde_json::Value::Null;
     let soak = if args.soak {
         let report = soak::run(&repo, shape, &args, &bench.progress).await?;
         bench.cases.push(report.reads.clone());
         Some(report)
     } else {
         bench.read_cases(url).await?;
+        if !args.replicas.urls.is_empty() {
+            // Without TLS, as the primary (see `plain_transport`), and in the scratch schema.
+            let replicas = crate::commands::Replicas {
+                urls: args
+                    .replicas
+                    .urls
+                    .iter()
+                    .map(|r| plain_transport(r))
+                    .collect(),
+                max_lag: args.replicas.max_lag,
+            }
+            .scoped(&scratch.schema);
+            replica_setup = bench.replica_cases(url, &scratch.db, &replicas).await?;
+        }
         bench.write_cases().await?;
         None
     };
@@ -139,6 +159,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
             "quick": args.quick,
             "reads_per_case": args.reads,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "replicas": replica_setup,
         }),
         fill,
         cases: bench.cases,

@@ -171,15 +171,28 @@ impl BenchReport {
             "fill: {} rows in {:.1} s ({:.0} rows/s), then VACUUM ANALYZE {:.1} s",
             self.fill.rows, self.fill.secs, self.fill.rows_per_s, self.fill.vacuum_secs
         );
+        let replicas = &self.setup["replicas"];
+        if !replicas.is_null() {
+            let _ = writeln!(
+                out,
+                "replicas: {} (max lag {} ms), fill replayed after {:.1} s; the replica_* reads \
+                 were answered {} by replicas, {} by the primary",
+                replicas["replicas"],
+                replicas["max_replica_lag_ms"],
+                replicas["fill_replayed_after_s"].as_f64().unwrap_or(0.0),
+                replicas["replica_case_reads_on_replicas"],
+                replicas["replica_case_reads_on_primary"],
+            );
+        }
         let _ = writeln!(
             out,
-            "\n{:<20} {:>7} {:>9} {:>9} {:>9} {:>10} {:>11} {:>6} {:>6}",
+            "\n{:<22} {:>7} {:>9} {:>9} {:>9} {:>10} {:>11} {:>6} {:>6}",
             "case", "n", "p50 us", "p95 us", "p99 us", "max us", "per s", "errors", "hits"
         );
         for c in &self.cases {
             let _ = writeln!(
                 out,
-                "{:<20} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>11.0} {:>6} {:>5.0}%",
+                "{:<22} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>11.0} {:>6} {:>5.0}%",
                 c.name,
                 c.n,
                 c.p50_us,
