@@ -96,7 +96,12 @@ const STAGES: f64 = 28.0;
 impl Bench {
     /// A reader as a bot builds it: default budget and breaker, a metrics observer.
     fn reader(&self) -> CacheReader {
-        CacheReader::new(self.repo.clone() as Arc<dyn CacheRepository>)
+        self.reader_on(self.repo.clone())
+    }
+
+    /// A reader as a bot runs it (the bench's budget, a metrics observer) over `repo`.
+    pub(super) fn reader_on(&self, repo: Arc<PgCacheRepository>) -> CacheReader {
+        CacheReader::new(repo as Arc<dyn CacheRepository>)
             .with_config(ReaderConfig {
                 budget: Duration::from_millis(self.args.budget_ms),
                 ..ReaderConfig::default()
@@ -131,16 +136,17 @@ impl Bench {
         Ok(())
     }
 
-    /// Single reads through the reader: `pick(k)` gives the (user, bot) of the k-th read.
-    async fn reader_reads(
+    /// Single reads through `reader` (new for the case: its error count is the case's):
+    /// `pick(k)` gives the (user, bot) of the k-th read.
+    pub(super) async fn reader_reads(
         &mut self,
+        reader: CacheReader,
         name: &str,
         tasks: u32,
         total: u64,
         pick: impl Fn(u32, u64) -> (u32, u32) + Send + Sync + 'static,
     ) {
         self.step(name);
-        let reader = self.reader();
         let r = reader.clone();
         let mut samples = drive(tasks, total, None, move |t, k| {
             let reader = r.clone();
@@ -157,9 +163,11 @@ impl Bench {
         self.push(name, "read", samples, 1.0);
     }
 
-    /// Snapshots through the reader from `tasks` streams, `total` in all or for `deadline`.
-    async fn reader_snapshots(
+    /// Snapshots through `reader` (new for the case) from `tasks` streams, `total` in all or
+    /// for `deadline`.
+    pub(super) async fn reader_snapshots(
         &mut self,
+        reader: CacheReader,
         name: &str,
         tasks: u32,
         total: u64,
@@ -167,7 +175,6 @@ impl Bench {
         seed: u64,
     ) {
         self.step(name);
-        let reader = self.reader();
         let r = reader.clone();
         let shape = self.shape;
         let mut samples = drive(tasks, total, deadline, move |t, k| {
@@ -223,17 +230,19 @@ impl Bench {
         let reads = self.args.reads;
         let third = (reads / 3).max(1);
         let users = shape.users;
-        self.reader_reads("cold_read", 1, third, move |_, k| {
+        self.reader_reads(self.reader(), "cold_read", 1, third, move |_, k| {
             // Users past the data set have no rows.
             (users + (crate::workload::mix(k) % 1_000_000) as u32, 0)
         })
         .await;
         let hot = shape.fresh_key(1, 0);
-        self.reader_reads("warm_read", 1, third, move |_, _| hot)
+        self.reader_reads(self.reader(), "warm_read", 1, third, move |_, _| hot)
             .await;
         if shape.stale_percent > 0 {
-            self.reader_reads("stale_read", 1, third, move |_, k| shape.stale_key(2, k))
-                .await;
+            self.reader_reads(self.reader(), "stale_read", 1, third, move |_, k| {
+                shape.stale_key(2, k)
+            })
+            .await;
         }
 
         let mut conns = Vec::new();
@@ -242,23 +251,28 @@ impl Bench {
         }
         let conns = Arc::new(conns);
 
-        self.reader_reads("single_read", 1, reads, move |t, k| {
+        self.reader_reads(self.reader(), "single_read", 1, reads, move |t, k| {
             shape.fresh_key(100 + u64::from(t), k)
         })
         .await;
         self.bare_reads("bare_single_read", &conns, 1).await;
         self.repo_reads().await;
-        self.reader_reads("single_read_10", CONCURRENCY, reads, move |t, k| {
-            shape.fresh_key(200 + u64::from(t), k)
-        })
+        self.reader_reads(
+            self.reader(),
+            "single_read_10",
+            CONCURRENCY,
+            reads,
+            move |t, k| shape.fresh_key(200 + u64::from(t), k),
+        )
         .await;
         self.bare_reads("bare_single_read_10", &conns, CONCURRENCY)
             .await;
 
-        self.reader_snapshots("snapshot", 1, reads, None, 500).await;
+        self.reader_snapshots(self.reader(), "snapshot", 1, reads, None, 500)
+            .await;
         self.bare_snapshots("bare_snapshot", &conns, 1).await;
         self.repo_snapshots().await;
-        self.reader_snapshots("snapshot_10", CONCURRENCY, reads, None, 600)
+        self.reader_snapshots(self.reader(), "snapshot_10", CONCURRENCY, reads, None, 600)
             .await;
         self.bare_snapshots("bare_snapshot_10", &conns, CONCURRENCY)
             .await;
@@ -267,8 +281,15 @@ impl Bench {
             self.burst(size).await;
         }
         let secs = Duration::from_secs_f64(self.args.sustained_secs.max(0.1));
-        self.reader_snapshots("sustained", CONCURRENCY, u64::MAX, Some(secs), 700)
-            .await;
+        self.reader_snapshots(
+            self.reader(),
+            "sustained",
+            CONCURRENCY,
+            u64::MAX,
+            Some(secs),
+            700,
+        )
+        .await;
         self.near_cases(url).await;
         Ok(())
     }

@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, PgCacheRepository,
-    PgConfig, ReaderConfig, ServerRole, ServerStats, WriteOutcome,
+    CacheRepository, Key, MemoryHealth, NewEntry, PgCacheRepository, PgConfig, ServerRole,
+    ServerStats, WriteOutcome,
 };
 use tokio_postgres::NoTls;
 
 use crate::commands::Replicas;
 
-use super::cases::{Bench, CONCURRENCY, bool_hit, drive, reader_errors};
+use super::cases::{Bench, CONCURRENCY, drive};
 use super::data::Shape;
 use super::stats::{Case, Samples};
 
@@ -92,11 +92,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let reader =
-            CacheReader::new(repo.clone() as Arc<dyn CacheRepository>).with_config(ReaderConfig {
-                budget: Duration::from_millis(self.args.budget_ms),
-                ..ReaderConfig::default()
-            });
+        let reader = self.reader_on(repo.clone());
         // Opens the replicas' pool connections before anything is timed, as `warm_up` does
         // for the primary's.
         let shape = self.shape;
@@ -122,39 +118,21 @@ impl Bench {
             ("replica_single_read", 1, 100),
             ("replica_single_read_10", CONCURRENCY, 200),
         ] {
-            self.step(name);
-            let r = reader.clone();
-            let mut samples = drive(tasks, reads, None, move |t, k| {
-                let reader = r.clone();
-                let (u, b) = shape.fresh_key(seed + u64::from(t), k);
-                async move {
-                    let found = reader
-                        .get(Component::MemoryHealth, &Shape::user(u), &Shape::bot(b))
-                        .await;
-                    Ok(bool_hit(found.is_some()))
-                }
-            })
+            self.reader_reads(
+                self.reader_on(repo.clone()),
+                name,
+                tasks,
+                reads,
+                move |t, k| shape.fresh_key(seed + u64::from(t), k),
+            )
             .await;
-            samples.errors += reader_errors(&reader, 1);
-            self.push(name, "read", samples, 1.0);
         }
         for (name, tasks, seed) in [
             ("replica_snapshot", 1, 500),
             ("replica_snapshot_10", CONCURRENCY, 600),
         ] {
-            self.step(name);
-            let r = reader.clone();
-            let mut samples = drive(tasks, reads, None, move |t, k| {
-                let reader = r.clone();
-                let (u, b) = shape.fresh_key(seed + u64::from(t), k);
-                async move {
-                    let snapshot = reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
-                    Ok(snapshot.len() as f64 / 6.0)
-                }
-            })
-            .await;
-            samples.errors += reader_errors(&reader, 6);
-            self.push(name, "snapshot", samples, 1.0);
+            self.reader_snapshots(self.reader_on(repo.clone()), name, tasks, reads, None, seed)
+                .await;
         }
         let after = repo.servers();
 
