@@ -11,7 +11,7 @@
 //!   is available to the test's PostgreSQL binaries; otherwise those tests print one line
 //!   saying so and return (the only skip the suite allows).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -422,22 +422,10 @@ async fn every_statement_works_after_the_key_change() {
 // A real Citus coordinator with two workers, where Citus is installed.
 // ---------------------------------------------------------------------------------------
 
-/// The PostgreSQL binaries the private clusters use (as `support::cluster` finds them).
-fn pg_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("PG_BIN") {
-        return PathBuf::from(dir);
-    }
-    let debian = Path::new("/usr/lib/postgresql/15/bin");
-    if debian.join("initdb").exists() {
-        return debian.to_path_buf();
-    }
-    PathBuf::new()
-}
-
 /// Whether those binaries have the citus extension (`citus.control` in
 /// `$(pg_config --sharedir)/extension`). Otherwise prints the one line of the skip.
 fn citus_available(test: &str) -> bool {
-    let sharedir = std::process::Command::new(pg_bin().join("pg_config"))
+    let sharedir = std::process::Command::new(crate::support::cluster::pg_bin().join("pg_config"))
         .arg("--sharedir")
         .output()
         .ok()

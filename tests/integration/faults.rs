@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::ConnectionTrait;
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, Lookup, MemoryHealth, NewEntry,
@@ -20,7 +19,7 @@ use strategic_cache::{
 use strategic_cache::ReaderStats;
 
 use crate::support::cluster::PgCluster;
-use crate::support::db::{TestDb, connect};
+use crate::support::db::TestDb;
 use crate::support::proxy::{Proxy, upstream_of};
 use crate::support::timing::{Histogram, TimerControl, poll_until};
 
@@ -387,20 +386,7 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
 async fn outages_under_load_stay_within_budget_and_recover() {
     let _exclusive = crate::support::EXCLUSIVE.lock().await;
     let cluster = PgCluster::start().await;
-    {
-        let admin = connect(&cluster.url("postgres")).await;
-        admin
-            .execute_unprepared("CREATE DATABASE cache")
-            .await
-            .unwrap();
-        let _ = admin.close().await;
-    }
-    let options = MigrateOptions::default();
-    let db = runner::connect(&cluster.url("cache"), &options)
-        .await
-        .unwrap();
-    runner::run(&db, Command::Up, &options).await.unwrap();
-    let _ = db.close().await;
+    cluster.migrated("cache").await;
 
     let proxy = Proxy::start(cluster.addr()).await;
     let repo: Arc<dyn CacheRepository> = Arc::new(

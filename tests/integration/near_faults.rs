@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::ConnectionTrait;
 use strategic_cache::{PgCacheRepository, PgConfig};
 
@@ -130,18 +129,7 @@ async fn near_tier_is_coherent_when_the_listener_is_partitioned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_across_a_server_restart() {
     let cluster = Arc::new(PgCluster::start().await);
-    {
-        let admin = connect(&cluster.url("postgres")).await;
-        admin
-            .execute_unprepared("CREATE DATABASE cache")
-            .await
-            .unwrap();
-        let _ = admin.close().await;
-    }
-    let url = cluster.url("cache");
-    let options = MigrateOptions::default();
-    let db = runner::connect(&url, &options).await.unwrap();
-    runner::run(&db, Command::Up, &options).await.unwrap();
+    let url = cluster.migrated("cache").await;
     let repo = Arc::new(
         PgCacheRepository::connect(&url, PgConfig::default())
             .await

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use migration::runner::{self, Command, MigrateOptions};
 use openssl::asn1::Asn1Time;
 use openssl::bn::BigNum;
 use openssl::hash::MessageDigest;
@@ -124,18 +123,7 @@ impl Drop for TempFile {
 /// accept connections to `cache` over TLS only, with `cert` as the server's certificate.
 async fn tls_only_cluster(cert: &SelfSigned) -> PgCluster {
     let cluster = PgCluster::start().await;
-    let admin = connect(&cluster.url("postgres")).await;
-    admin
-        .execute_unprepared("CREATE DATABASE cache")
-        .await
-        .unwrap();
-    let _ = admin.close().await;
-    let options = MigrateOptions::default();
-    let db = runner::connect(&cluster.url("cache"), &options)
-        .await
-        .unwrap();
-    runner::run(&db, Command::Up, &options).await.unwrap();
-    let _ = db.close().await;
+    cluster.migrated("cache").await;
     cluster.require_tls(&cert.cert_pem, &cert.key_pem).await;
     cluster
 }

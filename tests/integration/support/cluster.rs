@@ -18,7 +18,8 @@ use super::free_port;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
-fn pg_bin() -> PathBuf {
+/// The PostgreSQL programs' directory: `PG_BIN`, else Debian's for 15, else `PATH`'s (empty).
+pub fn pg_bin() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return PathBuf::from(dir);
     }
@@ -156,6 +157,24 @@ impl PgCluster {
     /// A URL of database `name` on this cluster, as user postgres.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates database `name` and runs every migration in it; returns its URL.
+    pub async fn migrated(&self, name: &str) -> String {
+        use migration::runner::{self, Command, MigrateOptions};
+        use sea_orm::ConnectionTrait as _;
+        let admin = super::db::connect(&self.url("postgres")).await;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let url = self.url(name);
+        let options = MigrateOptions::default();
+        let db = runner::connect(&url, &options).await.unwrap();
+        runner::run(&db, Command::Up, &options).await.unwrap();
+        let _ = db.close().await;
+        url
     }
 
     /// Starts the server and waits until it accepts connections. Retries for a few seconds:

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::ConnectionTrait;
 use tokio_postgres::{Client, NoTls};
 
@@ -56,10 +55,6 @@ impl ReplicaSet {
         {
             let admin = connect(&primary.url("postgres")).await;
             admin
-                .execute_unprepared(&format!("CREATE DATABASE {DATABASE}"))
-                .await
-                .unwrap();
-            admin
                 .execute_unprepared(
                     "CREATE TABLE sc_lag_probe (n bigint PRIMARY KEY, at timestamptz NOT NULL)",
                 )
@@ -67,12 +62,7 @@ impl ReplicaSet {
                 .unwrap();
             let _ = admin.close().await;
         }
-        let options = MigrateOptions::default();
-        let db = runner::connect(&primary.url(DATABASE), &options)
-            .await
-            .unwrap();
-        runner::run(&db, Command::Up, &options).await.unwrap();
-        let _ = db.close().await;
+        primary.migrated(DATABASE).await;
         let mut replicas = Vec::new();
         for i in 0..n {
             let options = format!("{OPTIONS} -c cluster_name={}", replica_name(i));
