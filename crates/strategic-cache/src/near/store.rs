@@ -252,6 +252,10 @@ pub(crate) struct NearState {
     /// When the epoch was last bumped (a flush), as [`NearState::now_ns`] (0: never); same
     /// order as `last_bump`.
     last_flush: AtomicU64,
+    /// When a bot was last subscribed (stored before it is marked subscribed): changes
+    /// committed before its `LISTEN` were never notified, so a fill must not read a replica
+    /// that has not replayed them. Same encoding as `last_flush`.
+    last_subscribe: AtomicU64,
     hasher: RandomState,
     /// The lease's time base (monotonic: the lease must not move with the wall clock).
     base: Instant,
@@ -279,6 +283,7 @@ impl NearState {
             generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             last_bump: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             last_flush: AtomicU64::new(0),
+            last_subscribe: AtomicU64::new(0),
             hasher: RandomState::new(),
             base: Instant::now(),
             lease_until_ns: AtomicU64::new(0),
@@ -341,6 +346,7 @@ impl NearState {
         let ns = self
             .last_flush
             .load(Ordering::Acquire)
+            .max(self.last_subscribe.load(Ordering::Acquire))
             .max(self.last_bump[user_stripe as usize].load(Ordering::Acquire))
             .max(self.last_bump[bot_stripe as usize].load(Ordering::Acquire));
         (ns != 0).then(|| self.base + Duration::from_nanos(ns))
@@ -487,7 +493,10 @@ impl NearState {
         Utc::now() + chrono::Duration::microseconds(self.clock_offset_us.load(Ordering::Acquire))
     }
 
+    /// Marks `bot` subscribed (its `LISTEN` has returned), after recording the instant.
     pub(crate) fn mark_subscribed(&self, bot: Box<str>) {
+        self.last_subscribe
+            .store(self.now_ns().max(1), Ordering::Release);
         self.subscribed
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -811,12 +820,9 @@ mod tests {
             component: Component::MemoryHealth,
             key: &entry_key,
         };
-        assert_eq!(
-            after_of(&state, KEY).await,
-            None,
-            "nothing was invalidated yet"
-        );
+        // Nothing invalidated yet: only the bot's subscription, before `before`.
         let before = Instant::now();
+        assert!(after_of(&state, KEY).await.is_some_and(|a| a < before));
         state.invalidate_user("u", "elena");
         assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
         assert!(after_of(&state, entry).await.is_some_and(|a| a >= before));
@@ -839,6 +845,20 @@ mod tests {
         let before = Instant::now();
         state.flush();
         assert!(after_of(&state, KEY).await.is_some_and(|a| a >= before));
+    }
+
+    /// A bot subscribed while the lease is held (no flush): changes of its keys committed
+    /// before its `LISTEN` were never notified, so a fill reads past the subscription.
+    #[tokio::test]
+    async fn a_fill_after_a_subscription_reads_past_it() {
+        let state = leased();
+        let before = Instant::now();
+        state.mark_subscribed("mira".into());
+        let key = NearKeyRef::Snapshot {
+            user: "u",
+            bot: "mira",
+        };
+        assert!(after_of(&state, key).await.is_some_and(|a| a >= before));
     }
 
     /// Without a lease the value is not kept, so the store call has no `after` to honour,
