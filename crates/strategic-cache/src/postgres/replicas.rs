@@ -110,7 +110,8 @@ pub(super) struct Measured {
 pub(super) struct Down {
     /// Its time.
     pub(super) at: u64,
-    /// Its insert position.
+    /// Its flush position: WAL inserted past it may be lost with the primary, so a replica
+    /// cannot be asked to have replayed more.
     pub(super) lsn: u64,
 }
 
@@ -136,7 +137,7 @@ pub(super) struct Servers {
     /// The time of the last good primary sample, as [`Servers::ns`] (0: none yet). Stored
     /// after `last_good_lsn`, loaded before it.
     last_good: AtomicU64,
-    /// The insert position of the last good primary sample.
+    /// The flush position of the last good primary sample (see [`Down`]).
     last_good_lsn: AtomicU64,
     /// Whether lookups may be batched (off where Citus distributes the tables: it cannot push
     /// the batched statement down).
@@ -301,7 +302,11 @@ impl Servers {
                     return None;
                 }
                 if self.down_since().is_some() {
-                    self.choose_replica(after, Some(i)).map(Target::Replica)
+                    // Another replica; else the primary, which may be back.
+                    Some(
+                        self.choose_replica(after, Some(i))
+                            .map_or(Target::Primary, Target::Replica),
+                    )
                 } else {
                     Some(Target::Primary)
                 }
@@ -311,7 +316,7 @@ impl Servers {
                     return None;
                 }
                 // The read itself shows the primary gone: do not wait for the monitor.
-                if self.last_good.load(Ordering::Acquire) != 0 {
+                if gone(error) && self.last_good.load(Ordering::Acquire) != 0 {
                     self.primary_down.store(true, Ordering::Release);
                 }
                 // A replica that has replayed the primary's last known position; else the
@@ -368,7 +373,7 @@ pub(super) fn check_config(config: &PgConfig) -> Result<(), CacheError> {
         return Ok(());
     }
     let interval = config.replica_probe_interval;
-    if interval.is_zero() || interval * 2 > config.max_replica_lag {
+    if interval.is_zero() || interval.saturating_mul(2) > config.max_replica_lag {
         return Err(CacheError::invalid(
             "replica_probe_interval",
             format!(
@@ -540,6 +545,19 @@ fn connection_level(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `error` shows the server gone: the connection refused or reset, or the session
+/// ended by the server (08*, 57P*). Not a timeout, and not "too many connections" (53300): a
+/// slow or saturated primary may still be committing.
+fn gone(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(e) => e.kind() != std::io::ErrorKind::TimedOut,
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -597,7 +615,7 @@ impl Probe {
 
     /// Runs `sql` (one row of `T`) on this probe's connection, connecting first if needed;
     /// the whole bounded by `timeout`. Any failure drops the connection.
-    async fn query<T>(&mut self, sql: &'static str, timeout: Duration) -> Result<T, String>
+    async fn query<T>(&mut self, sql: &'static str, timeout: Duration) -> Result<T, ProbeError>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
@@ -614,19 +632,48 @@ impl Probe {
             Ok(Ok(row)) => Ok(row),
             Ok(Err(error)) => {
                 self.conn = None;
-                Err(pg_diagnostics::scrub(&error.to_string(), None))
+                Err(ProbeError {
+                    gone: gone(&error),
+                    message: pg_diagnostics::scrub(&error.to_string(), None),
+                })
             }
             Err(_) => {
                 self.conn = None;
-                Err(format!("no answer within {timeout:?}"))
+                Err(ProbeError {
+                    gone: false,
+                    message: format!("no answer within {timeout:?}"),
+                })
             }
         }
     }
 }
 
+/// A failed probe: its message (password scrubbed), and whether it shows the server gone.
+#[derive(Debug)]
+struct ProbeError {
+    message: String,
+    gone: bool,
+}
+
+impl From<&str> for ProbeError {
+    fn from(message: &str) -> ProbeError {
+        ProbeError {
+            message: message.to_owned(),
+            gone: false,
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 const PRIMARY_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8, \
      current_setting('wal_block_size')::int8, \
-     (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')";
+     (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+     (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::int8";
 
 /// `SizeOfXLogShortPHD` and `SizeOfXLogLongPHD`: the WAL page headers (the long one opens a
 /// segment), on every platform PostgreSQL supports (8-byte alignment).
@@ -664,7 +711,7 @@ impl Monitor {
         let interval = interval.max(Duration::from_millis(1));
         let max_lag = Duration::from_nanos(servers.max_lag_ns);
         // Enough samples to span four times the bound, whatever the interval (capped).
-        let span = (4 * servers.max_lag_ns / duration_ns(interval)).saturating_add(2);
+        let span = (servers.max_lag_ns.saturating_mul(4) / duration_ns(interval)).saturating_add(2);
         Ok(Monitor {
             primary: Probe::new(primary_url)?,
             replicas: replica_urls
@@ -735,13 +782,14 @@ impl Monitor {
 /// An interval whose first tick is one `interval` away (the round at connect came first), and
 /// that does not hurry to catch up after a slow probe.
 fn ticker(interval: Duration) -> tokio::time::Interval {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let now = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval_at(now.checked_add(interval).unwrap_or(now), interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks
 }
 
-/// One sample of the primary's insert position into `samples`; a failure marks the primary
-/// unreachable (logged once per outage).
+/// One sample of the primary's insert position into `samples`; a failure that shows it gone
+/// marks the primary unreachable (logged once per outage).
 async fn sample_primary(
     servers: &Servers,
     probe: &mut Probe,
@@ -750,11 +798,14 @@ async fn sample_primary(
     timeout: Duration,
 ) {
     let t = Instant::now();
-    match probe.query::<(i64, i64, i64)>(PRIMARY_SQL, timeout).await {
-        Ok((lsn, block, segment)) => {
+    match probe
+        .query::<(i64, i64, i64, i64)>(PRIMARY_SQL, timeout)
+        .await
+    {
+        Ok((lsn, block, segment, flush)) => {
             let t = servers.ns(t);
-            let [lsn, block, segment] =
-                [lsn, block, segment].map(|n| u64::try_from(n).unwrap_or_default());
+            let [lsn, block, segment, flush] =
+                [lsn, block, segment, flush].map(|n| u64::try_from(n).unwrap_or_default());
             {
                 let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
                 if samples.len() >= capacity {
@@ -762,7 +813,9 @@ async fn sample_primary(
                 }
                 samples.push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
             }
-            servers.sampled(t, insert_lsn_as_replayed(lsn, block, segment));
+            // A primary that stops may lose WAL inserted but not yet flushed; what it flushed
+            // is what its replicas can have (see `Down`).
+            servers.sampled(t, insert_lsn_as_replayed(flush, block, segment));
             if std::mem::take(&mut probe.failing) {
                 tracing::info!(
                     server = %servers.primary.name,
@@ -771,7 +824,10 @@ async fn sample_primary(
             }
         }
         Err(error) => {
-            if servers.last_good.load(Ordering::Acquire) != 0 {
+            // Only a primary that is gone (refused, reset, shut down) is "down": one that is
+            // slow or out of connections may still be committing, and its replicas keep their
+            // age bound.
+            if error.gone && servers.last_good.load(Ordering::Acquire) != 0 {
                 servers.primary_down.store(true, Ordering::Release);
             }
             if !std::mem::replace(&mut probe.failing, true) {
@@ -1150,5 +1206,46 @@ mod tests {
         assert!(connection_level(&io));
         assert!(!connection_level(&sqlx::Error::RowNotFound));
         assert!(!connection_level(&sqlx::Error::PoolTimedOut));
+        // Gone: refused or reset. Not gone: slow (a timeout) or saturated.
+        assert!(gone(&io));
+        let reset = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(gone(&reset));
+        let slow = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(!gone(&slow));
+        assert!(!gone(&sqlx::Error::PoolTimedOut));
+    }
+
+    /// A primary read that times out is not retried and does not mark the primary down: a
+    /// slow primary may still be committing, so its replicas keep their age bound.
+    #[test]
+    fn a_slow_primary_is_not_down() {
+        let s = servers(1);
+        s.sampled(1, 100);
+        s.replicas[0].coverage.store(1, Ordering::Release);
+        s.replicas[0].replay.store(100, Ordering::Release);
+        let stale = Servers { max_lag_ns: 0, ..s };
+        let slow = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let _ = stale.settle(Target::Primary, None, Some(&slow), false);
+        assert!(stale.down_since().is_none());
+        assert_eq!(
+            stale.choose(None),
+            Target::Primary,
+            "a stale replica was chosen"
+        );
+    }
+
+    /// With the primary down, a failed replica read with no other replica to go to is
+    /// retried on the primary, which may be back.
+    #[test]
+    fn with_the_primary_down_a_failed_replica_read_tries_the_primary() {
+        let s = servers(1);
+        s.sampled(1, 100);
+        s.primary_down.store(true, Ordering::Release);
+        s.replicas[0].replay.store(100, Ordering::Release);
+        assert_eq!(s.choose(None), Target::Replica(0));
+        assert_eq!(
+            s.settle(Target::Replica(0), None, Some(&refused()), false),
+            Some(Target::Primary)
+        );
     }
 }
