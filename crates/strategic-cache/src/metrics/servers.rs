@@ -1,7 +1,6 @@
 //! The `strategic_cache_server` lines: which server answered the hot-path reads of a window,
 //! and each replica's measured lag.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::line_protocol::{LineBuilder, sanitize_tag_value};
@@ -27,8 +26,9 @@ use crate::repository::{CacheRepository, ServerStats};
 #[derive(Debug)]
 pub struct ServersSource {
     repo: Arc<dyn CacheRepository>,
-    /// Each server's (reads, errors) at the previous window.
-    previous: Mutex<HashMap<String, (u64, u64)>>,
+    /// Each server's (reads, errors) at the previous window, in `servers()` order (which is
+    /// fixed: the primary, then the replicas as configured; a name may repeat).
+    previous: Mutex<Vec<(u64, u64)>>,
 }
 
 impl ServersSource {
@@ -37,7 +37,7 @@ impl ServersSource {
     pub fn new(repo: Arc<dyn CacheRepository>) -> ServersSource {
         ServersSource {
             repo,
-            previous: Mutex::new(HashMap::new()),
+            previous: Mutex::new(Vec::new()),
         }
     }
 }
@@ -53,14 +53,13 @@ impl WindowSource for ServersSource {
 /// Renders one line per server, counting reads and errors since `previous` (updated).
 pub(super) fn render(
     servers: &[ServerStats],
-    previous: &mut HashMap<String, (u64, u64)>,
+    previous: &mut Vec<(u64, u64)>,
     timestamp_ns: i64,
     out: &mut String,
 ) {
-    for s in servers {
-        let (reads, errors) = previous
-            .insert(s.name.clone(), (s.reads, s.errors))
-            .unwrap_or_default();
+    previous.resize(servers.len(), (0, 0));
+    for (s, previous) in servers.iter().zip(previous.iter_mut()) {
+        let (reads, errors) = std::mem::replace(previous, (s.reads, s.errors));
         let mut line = LineBuilder::new(out, MEASUREMENT_SERVER)
             .tag(TAG_ROLE, s.role.as_str())
             .tag(TAG_SERVER, &sanitize_tag_value(&s.name))
@@ -95,7 +94,7 @@ mod tests {
     /// (a delta of the cumulative counters); lag in milliseconds only when known.
     #[test]
     fn metrics_server_lines_count_per_window() {
-        let mut previous = HashMap::new();
+        let mut previous = Vec::new();
         let mut out = String::new();
         let first = [
             stats("db:5432/app", ServerRole::Primary, 10, 1),
@@ -123,6 +122,31 @@ mod tests {
              reads=5i,errors=0i,eligible=true 8\n\
              strategic_cache_server,role=replica,server=r1:5432/app \
              reads=0i,errors=2i,eligible=false 8\n"
+        );
+    }
+
+    /// The primary's own URL given as a replica: two servers of one name, each counted from
+    /// its own previous window.
+    #[test]
+    fn metrics_servers_of_one_name_count_apart() {
+        let mut previous = Vec::new();
+        let mut out = String::new();
+        let window = |primary, replica| {
+            [
+                stats("db:5432/app", ServerRole::Primary, primary, 0),
+                stats("db:5432/app", ServerRole::Replica, replica, 0),
+            ]
+        };
+        render(&window(10, 3), &mut previous, 1, &mut out);
+        out.clear();
+        render(&window(12, 4), &mut previous, 2, &mut out);
+        assert!(
+            out.contains("role=primary,server=db:5432/app reads=2i"),
+            "{out}"
+        );
+        assert!(
+            out.contains("role=replica,server=db:5432/app reads=1i"),
+            "{out}"
         );
     }
 }
