@@ -305,6 +305,7 @@ pub(crate) async fn run_logging(
     command
         .args(args)
         .env_remove("DATABASE_URL")
+        .env_remove("STRATEGIC_CACHE_REPLICAS")
         .env_remove("RUST_LOG")
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::piped())
@@ -1358,6 +1359,42 @@ async fn vacuum_reports_and_vacuums() {
         !autovacuum_on,
         "{text:#?}"
     );
+}
+
+/// `simulate` (like `bench`) takes replicas only from its own command line, as it takes the
+/// database: `STRATEGIC_CACHE_REPLICAS`, which `get` reads (the control: a bad URL there is a
+/// usage error), is not its.
+#[tokio::test]
+async fn simulate_ignores_replicas_from_the_environment() {
+    let with_env = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(binary());
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("STRATEGIC_CACHE_REPLICAS", "mysql://replica.invalid/db")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command.output()
+    };
+    let get = with_env(&["get", "--user", "u", "--bot", "b"])
+        .await
+        .unwrap();
+    assert_eq!(get.status.code(), Some(2), "{get:?}");
+    let simulate = with_env(&[
+        "--json",
+        "simulate",
+        "--hours",
+        "0.05",
+        "--warmup-hours",
+        "0.01",
+        "--speedup",
+        "600",
+        "--users",
+        "20",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(simulate.status.code(), Some(0), "{simulate:?}");
 }
 
 /// `simulate --json` on the in-memory backend (no database) reports the summary the README

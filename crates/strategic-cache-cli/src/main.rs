@@ -46,9 +46,13 @@ fn main() -> ExitCode {
         Err(error) => return usage_error(&error),
     };
     // A global option given after the subcommand is recorded in the subcommand's matches.
-    let url_on_command_line = std::iter::once(&matches)
-        .chain(matches.subcommand().map(|(_, sub)| sub))
-        .any(|m| m.value_source("database_url") == Some(ValueSource::CommandLine));
+    let on_command_line = |id: &str| {
+        std::iter::once(&matches)
+            .chain(matches.subcommand().map(|(_, sub)| sub))
+            .any(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+    };
+    let url_on_command_line = on_command_line("database_url");
+    let replicas_on_command_line = on_command_line("replicas");
     init_logging();
     let database_url = cli.database_url.clone();
     let json = cli.json;
@@ -63,7 +67,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(commands::run(cli, url_on_command_line)) {
+    match runtime.block_on(commands::run(
+        cli,
+        url_on_command_line,
+        replicas_on_command_line,
+    )) {
         Ok(outcome) => {
             let printed = if json && outcome.json_line {
                 serde_json::to_string(&outcome.json).unwrap_or_default() + "\n"

@@ -298,13 +298,25 @@ impl Context {
 }
 
 /// Runs the parsed command line. `url_on_command_line` says whether `--database-url` was
-/// given there (rather than through `DATABASE_URL`).
-pub async fn run(cli: Cli, url_on_command_line: bool) -> anyhow::Result<Outcome> {
+/// given there (rather than through `DATABASE_URL`), `replicas_on_command_line` the same of
+/// `--replica` (rather than `STRATEGIC_CACHE_REPLICAS`).
+pub async fn run(
+    cli: Cli,
+    url_on_command_line: bool,
+    replicas_on_command_line: bool,
+) -> anyhow::Result<Outcome> {
     let json = cli.json;
+    // `simulate` and `bench` take servers only from their own command line, as they take
+    // the database: replicas exported for the other commands are never theirs.
+    let scratch = matches!(cli.command, Command::Simulate(_) | Command::Bench(_));
     let context = Context {
         database_url: cli.database_url,
         url_on_command_line,
-        replicas: cli.replicas,
+        replicas: if scratch && !replicas_on_command_line {
+            Vec::new()
+        } else {
+            cli.replicas
+        },
         max_replica_lag: Duration::from_millis(cli.max_replica_lag_ms),
         limits: Limits::default(),
     };
