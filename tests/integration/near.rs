@@ -47,6 +47,23 @@ pub fn versioned(version: u64) -> MemoryHealth {
     }
 }
 
+/// A migrated database with `versioned(version)` of memory health stored for each of `users`
+/// (with `BOT`), and a repository on it.
+pub async fn seeded(users: &[&str], version: u64) -> (TestDb, Arc<PgCacheRepository>) {
+    let t = TestDb::migrated().await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(&t.url, PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    for u in users {
+        repo.upsert(&NewEntry::new(Key::user_bot(*u, BOT), versioned(version)))
+            .await
+            .unwrap();
+    }
+    (t, repo)
+}
+
 /// A reader with a near tier listening at `near_url`, reading through `repo`.
 pub fn near_reader(
     repo: Arc<dyn CacheRepository>,
@@ -412,12 +429,7 @@ pub async fn two_readers(repo_url: &str, near_url: &str, budget: Duration) -> Ve
 /// served from memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_under_random_writes() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let (t, repo) = seeded(&[], 0).await;
     let readers = two_readers(&t.url, &t.url, Duration::from_secs(2)).await;
     let result = coherence(
         readers,
@@ -439,12 +451,7 @@ async fn near_tier_is_coherent_under_random_writes() {
 /// within the bound, whether written through the repository or SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_with_batches_too_large_for_a_notification() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let (t, repo) = seeded(&[], 0).await;
     let readers = two_readers(&t.url, &t.url, Duration::from_secs(2)).await;
     let result = coherence(
         readers.clone(),
@@ -474,17 +481,7 @@ async fn near_tier_is_coherent_with_batches_too_large_for_a_notification() {
 /// 1,000 concurrent cold reads of one key make one database statement, and all see the entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_cold_reads_of_one_key_make_one_statement() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    for u in ["warm", "cold"] {
-        repo.upsert(&NewEntry::new(Key::user_bot(u, BOT), versioned(7)))
-            .await
-            .unwrap();
-    }
+    let (t, repo) = seeded(&["warm", "cold"], 7).await;
     let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(20));
     warm(&reader, "warm").await;
 
@@ -561,18 +558,7 @@ pub fn version_of(found: Option<strategic_cache::CachedEntry>) -> Option<u64> {
 /// change's notification was applied, is never served: the next read sees the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_racing_an_invalidation_is_never_served() {
-    let t = TestDb::migrated().await;
-    let inner = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    for u in ["warm", "raced"] {
-        inner
-            .upsert(&NewEntry::new(Key::user_bot(u, BOT), versioned(1)))
-            .await
-            .unwrap();
-    }
+    let (t, inner) = seeded(&["warm", "raced"], 1).await;
     let gated = Arc::new(Gated {
         inner: inner.clone(),
         armed: AtomicBool::new(false),
@@ -615,12 +601,7 @@ async fn a_fill_racing_an_invalidation_is_never_served() {
 /// still answered correctly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_within_the_bound() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let (t, repo) = seeded(&[], 0).await;
     let max_bytes = 64 * 1024;
     let users = 1_000; // ~600 bytes a value: about 100 fit.
     let entries: Vec<NewEntry> = (0..users)
@@ -660,15 +641,7 @@ async fn memory_stays_within_the_bound() {
 /// memory until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_hits_end_at_expires_at() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
-        .await
-        .unwrap();
+    let (t, repo) = seeded(&["warm"], 1).await;
     let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
     warm(&reader, "warm").await;
     repo.upsert(
@@ -709,15 +682,7 @@ async fn near_hits_reach_the_observer_and_metrics_apart() {
     use strategic_cache::test_support::RecordingObserver;
     use strategic_cache::{ReadObserver, ReadOutcome};
 
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
-        .await
-        .unwrap();
+    let (t, repo) = seeded(&["warm"], 1).await;
     let recorder = Arc::new(MetricsRecorder::default());
     let recording = Arc::new(RecordingObserver::default());
     // Both observers see every read: the recorder through a fan-out of two.
@@ -773,15 +738,7 @@ async fn near_hits_reach_the_observer_and_metrics_apart() {
 /// runs no statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_in_the_notification_is_applied_without_a_read() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    repo.upsert(&NewEntry::new(Key::user_bot("warm", BOT), versioned(1)))
-        .await
-        .unwrap();
+    let (t, repo) = seeded(&["warm"], 1).await;
     let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
     warm(&reader, "warm").await;
     // Fill the snapshot and see it served from memory.
@@ -833,15 +790,7 @@ async fn a_row_in_the_notification_is_applied_without_a_read() {
 /// one already sent in the transaction, so the rows' payloads must differ.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_written_a_b_a_in_one_transaction_serves_a() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    repo.upsert(&NewEntry::new(Key::user_bot("aba", BOT), versioned(0)))
-        .await
-        .unwrap();
+    let (t, repo) = seeded(&["aba"], 0).await;
     let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
     warm(&reader, "aba").await;
     reader.snapshot("aba", BOT).await;
@@ -920,15 +869,7 @@ async fn notify_triggers_migrate_up_and_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_process_is_coherent_within_the_bound() {
     use tokio::io::AsyncBufReadExt;
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    repo.upsert(&NewEntry::new(Key::user_bot("watched", BOT), versioned(0)))
-        .await
-        .unwrap();
+    let (t, repo) = seeded(&["watched"], 0).await;
     let exe = std::env::current_exe().unwrap();
     let binary = exe
         .parent()
@@ -1036,17 +977,7 @@ async fn watch_process_is_coherent_within_the_bound() {
 /// a change is still seen: the next read after it is a different value with the new version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_snapshot_hits_are_pointer_clones_and_still_coherent() {
-    let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
-    for u in ["warm", "shared"] {
-        repo.upsert(&NewEntry::new(Key::user_bot(u, BOT), versioned(1)))
-            .await
-            .unwrap();
-    }
+    let (t, repo) = seeded(&["warm", "shared"], 1).await;
     let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
     warm(&reader, "warm").await;
     reader.snapshot("shared", BOT).await; // fills the snapshot
