@@ -1010,6 +1010,16 @@ mod tests {
         Servers::new(server(1), replicas, Duration::from_secs(1))
     }
 
+    /// One replica caught up to the primary's last sample, taken at the time base: older
+    /// than the zero bound, so eligible only with the primary down.
+    fn caught_up_but_stale() -> Servers {
+        let s = servers(1);
+        s.sampled(1, 100);
+        s.replicas[0].coverage.store(1, Ordering::Release);
+        s.replicas[0].replay.store(100, Ordering::Release);
+        Servers { max_lag_ns: 0, ..s }
+    }
+
     fn refused() -> sqlx::Error {
         sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
     }
@@ -1065,12 +1075,7 @@ mod tests {
     /// there is none); a statement error is not retried.
     #[test]
     fn a_failed_primary_read_goes_to_a_caught_up_replica() {
-        let s = servers(1);
-        // Caught up to the last sample, taken at the time base: older than a zero bound.
-        s.sampled(1, 100);
-        s.replicas[0].coverage.store(1, Ordering::Release);
-        s.replicas[0].replay.store(100, Ordering::Release);
-        let stale = Servers { max_lag_ns: 0, ..s };
+        let stale = caught_up_but_stale();
         assert_eq!(stale.choose(None), Target::Primary);
         assert_eq!(
             stale.settle(
@@ -1219,11 +1224,7 @@ mod tests {
     /// slow primary may still be committing, so its replicas keep their age bound.
     #[test]
     fn a_slow_primary_is_not_down() {
-        let s = servers(1);
-        s.sampled(1, 100);
-        s.replicas[0].coverage.store(1, Ordering::Release);
-        s.replicas[0].replay.store(100, Ordering::Release);
-        let stale = Servers { max_lag_ns: 0, ..s };
+        let stale = caught_up_but_stale();
         let slow = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
         let _ = stale.settle(Target::Primary, None, Some(&slow), false);
         assert!(stale.down_since().is_none());
