@@ -320,21 +320,11 @@ pub async fn distribute(
             .unwrap_or(Placement::Local)
     };
     let mut steps: Vec<String> = Vec::new();
-    // 1. The notify triggers, where they are (DROP TRIGGER IF EXISTS is refused on a Citus
-    //    table even for a trigger that does not exist, so only existing ones are named).
-    let triggers = txn
-        .query_all_raw(stmt(
-            "SELECT c.relname::text AS t, g.tgname::text AS g FROM pg_catalog.pg_trigger g \
-             JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid \
-             WHERE NOT g.tgisinternal AND g.tgname LIKE 'strategic\\_cache\\_notify\\_%' \
-             AND c.oid IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)",
-            vec![CACHE_TABLES.map(str::to_owned).to_vec().into()],
-        ))
+    // 1. The notify triggers, where they are.
+    let triggers = crate::m20251130_000004_create_notify_triggers::existing_triggers(&txn)
         .await
         .map_err(|e| classify(e, options))?;
-    for row in &triggers {
-        let table: String = row.try_get("", "t").map_err(db_err)?;
-        let trigger: String = row.try_get("", "g").map_err(db_err)?;
+    for (table, trigger) in triggers {
         steps.push(format!("DROP TRIGGER \"{trigger}\" ON \"{table}\""));
     }
     // 2. The key change, on the tables still local (ALTER on a distributed one is propagated

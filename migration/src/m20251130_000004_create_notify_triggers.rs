@@ -113,6 +113,27 @@ $$"
 }
 
 /// The four triggers of one table.
+/// The (table, trigger) of every notify trigger that exists on the cache tables: what `down`
+/// and `migrate distribute` may drop (Citus refuses `DROP TRIGGER IF EXISTS` on its tables
+/// even for a trigger that does not exist, so only existing ones are named).
+pub(crate) async fn existing_triggers<C: ConnectionTrait>(
+    db: &C,
+) -> Result<Vec<(String, String)>, DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT c.relname::text AS t, g.tgname::text AS g FROM pg_catalog.pg_trigger g \
+             JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid \
+             WHERE NOT g.tgisinternal AND g.tgname LIKE 'strategic\\_cache\\_notify\\_%' \
+             AND c.oid IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)",
+            [CACHE_TABLES.map(str::to_owned).to_vec().into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("", "t")?, row.try_get("", "g")?)))
+        .collect()
+}
+
 fn create_triggers(table: &str, component: usize, key_col: &str) -> Vec<String> {
     let args = format!("strategic_cache_notify('{component}', '{key_col}')");
     vec![
@@ -154,21 +175,7 @@ impl MigrationTrait for Migration {
         let db = manager.get_connection();
         // Only the triggers that exist: on tables distributed by Citus (`migrate distribute`
         // dropped the triggers there), Citus refuses even `DROP TRIGGER IF EXISTS`.
-        let existing = db
-            .query_all_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT c.relname::text AS t, g.tgname::text AS g FROM pg_catalog.pg_trigger g \
-                 JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid \
-                 WHERE NOT g.tgisinternal AND g.tgname LIKE 'strategic\\_cache\\_notify\\_%' \
-                 AND c.oid IN (SELECT to_regclass(n) FROM unnest(ARRAY["
-                    .to_owned()
-                    + &CACHE_TABLES.map(|t| format!("'{t}'")).join(", ")
-                    + "]) n)",
-            ))
-            .await?;
-        for row in existing {
-            let table: String = row.try_get("", "t")?;
-            let trigger: String = row.try_get("", "g")?;
+        for (table, trigger) in existing_triggers(db).await? {
             db.execute_unprepared(&format!(
                 "DROP TRIGGER IF EXISTS \"{trigger}\" ON \"{table}\""
             ))
