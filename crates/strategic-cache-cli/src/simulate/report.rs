@@ -69,10 +69,17 @@ pub struct SimReport {
     pub backlog_at_end: u64,
     /// Simulated seconds of the worker's work the backlog amounts to (at the measured rate).
     pub backlog_secs: f64,
-    /// Whether the worker fell behind: the backlog is past half the slack between an entry's
-    /// refresh point (80 % of its TTL) and its expiry, so refreshes were late enough to turn
-    /// into misses, and the figures measure the machine rather than the design.
+    /// Whether the run fell behind real time, so that the figures measure the machine rather
+    /// than the design: the worker did (`worker_fell_behind`) or the reader did
+    /// (`reader_fell_behind`).
     pub fell_behind: bool,
+    /// The backlog is past half the slack between an entry's refresh point (80 % of its TTL)
+    /// and its expiry, so refreshes were late enough to turn into misses.
+    pub worker_fell_behind: bool,
+    /// More than 1 % of the reader's reads were answered with no data because the database
+    /// did not answer in time (errors, reads over the time budget, reads skipped by the
+    /// circuit breaker), so those misses are the machine's, not the cache's.
+    pub reader_fell_behind: bool,
     /// Refresh requests dropped because the requester's channel was full.
     pub dropped_requests: u64,
     /// Requests for new keys refused because the queue was full.
@@ -158,6 +165,10 @@ pub(super) fn report(
     } else {
         0.0
     };
+    let worker_fell_behind =
+        after.backlog > BACKLOG_WARNING && backlog_secs > 0.5 * 0.2 * args.ttl_secs;
+    let reader_fell_behind =
+        ratio(unanswered(&after.reader), after.reader.reads) > READER_SHORTFALL_WARNING;
     SimReport {
         backend: backend.to_owned(),
         refresh_ahead: !args.no_refresh_ahead,
@@ -186,7 +197,9 @@ pub(super) fn report(
         abandoned: window.abandoned,
         backlog_at_end: after.backlog,
         backlog_secs,
-        fell_behind: after.backlog > BACKLOG_WARNING && backlog_secs > 0.5 * 0.2 * args.ttl_secs,
+        fell_behind: worker_fell_behind || reader_fell_behind,
+        worker_fell_behind,
+        reader_fell_behind,
         dropped_requests: after.dropped,
         rejected_requests: after.rejected,
         near_tier: after.near,
@@ -205,6 +218,15 @@ pub(super) fn report(
 /// Requests still due at the end below which the run is never reported as not keeping up: a
 /// few are the last messages' misses, in flight when the run stopped.
 const BACKLOG_WARNING: u64 = 20;
+
+/// Share of the reader's reads answered with no data because the database did not answer
+/// (errors, timeouts, breaker skips) past which the run is reported as not keeping up.
+const READER_SHORTFALL_WARNING: f64 = 0.01;
+
+/// The reader's reads answered with no data because the database did not answer in time.
+fn unanswered(reader: &ReaderStats) -> u64 {
+    reader.errors + reader.timeouts + reader.breaker_skips
+}
 
 fn ratio(part: u64, whole: u64) -> f64 {
     if whole == 0 {
@@ -285,20 +307,28 @@ impl SimReport {
                 "metrics                {windows} windows exported to INFLUXDB_URL, {failures} failed attempts\n"
             ));
         }
-        let failed = self.reader.errors + self.reader.timeouts + self.reader.breaker_skips;
-        if failed > 0 {
+        if unanswered(&self.reader) > 0 {
             out.push_str(&format!(
                 "reader                 {} errors, {} reads over the time budget, {} skipped by the circuit breaker (of {} reads)\n",
                 self.reader.errors, self.reader.timeouts, self.reader.breaker_skips, self.reader.reads
             ));
         }
-        if self.fell_behind {
+        if self.worker_fell_behind {
             out.push_str(&format!(
                 "warning: {} refresh requests (about {:.0} simulated seconds of the worker's work) \
                  were still due at the end: the worker fell behind in real time, so these figures \
                  measure this machine at this compression rather than the design; run again with \
                  a lower --speedup (or a release build)\n",
                 self.backlog_at_end, self.backlog_secs
+            ));
+        }
+        if self.reader_fell_behind {
+            out.push_str(&format!(
+                "warning: {} of the reader's reads were answered with no data because the \
+                 database did not answer in time: the database fell behind in real time, so these \
+                 figures measure this machine at this compression rather than the design; run \
+                 again with a lower --speedup (or on a quieter machine)\n",
+                pct(ratio(unanswered(&self.reader), self.reader.reads))
             ));
         }
         if self.dropped_requests + self.rejected_requests > 0 {
