@@ -19,6 +19,7 @@ use strategic_cache::{
 use crate::near::{BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm};
 use crate::support::db::connect;
 use crate::support::fixtures::TTL;
+use crate::support::proxy::Proxy;
 use crate::support::replicas::{ReplicaSet, client, lag_sample};
 use crate::support::timing::poll_until;
 
@@ -513,6 +514,235 @@ async fn replicas_of_an_idle_primary_are_eligible() {
     let set = ReplicaSet::start(2).await;
     let repo = repository(&set, Duration::from_secs(1)).await;
     wait_eligible(&set, &repo, &[0, 1]).await;
+}
+
+/// A replica of another cluster, far ahead of the primary in WAL, is never read: its LSNs
+/// mean nothing here, and without the monitor's `system_identifier` check it would count as
+/// caught up and serve that cluster's (empty) cache. The CLI names the reason, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_cluster_is_never_read() {
+    let (set, other) = tokio::join!(ReplicaSet::start(1), ReplicaSet::start(1));
+    // Push the other cluster's WAL past this one's, several segments ahead.
+    let other_primary = client(&other.primary().url("postgres")).await.unwrap();
+    for n in 0..4 {
+        other_primary
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS sc_wal_push (n int); INSERT INTO sc_wal_push VALUES ({n}); \
+                 SELECT pg_switch_wal();"
+            ))
+            .await
+            .unwrap();
+    }
+    other.wait_caught_up(0).await;
+    let lsn = |url: String, sql: &'static str| async move {
+        let c = client(&url).await.unwrap();
+        let row = c.query_one(sql, &[]).await.unwrap();
+        row.get::<_, i64>(0)
+    };
+    let foreign_replay = lsn(
+        other.replica(0).url("postgres"),
+        "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8",
+    )
+    .await;
+    let primary_insert = lsn(
+        set.primary().url("postgres"),
+        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+    )
+    .await;
+    assert!(
+        foreign_replay > primary_insert,
+        "precondition: the other cluster's replica ({foreign_replay}) is not ahead of the \
+         primary ({primary_insert})"
+    );
+
+    let foreign = other.replica(0).url(crate::support::replicas::DATABASE);
+    let repo = Arc::new(
+        PgCacheRepository::connect(
+            &set.primary_url(),
+            PgConfig {
+                replicas: vec![set.replica_urls()[0].clone(), foreign.clone()],
+                ..PgConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    for i in 0..USERS {
+        repo.upsert(&entry(i, 1)).await.unwrap();
+    }
+    set.wait_caught_up(0).await;
+    wait_eligible(&set, &repo, &[0]).await;
+    let foreign_port = format!(":{}/", other.replica(0).addr().port());
+    let foreign_stats = |servers: &[ServerStats]| {
+        servers
+            .iter()
+            .find(|s| s.name.contains(&foreign_port))
+            .cloned()
+            .unwrap_or_else(|| panic!("the foreign replica is not in servers(): {servers:?}"))
+    };
+    let observer = Arc::new(RecordingObserver::default());
+    let reader = reader(repo.clone(), observer);
+    // Two seconds of reads: twenty probe intervals.
+    let started = Instant::now();
+    let mut reads = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let servers = repo.servers();
+        assert!(
+            !foreign_stats(&servers).eligible,
+            "a replica of another cluster is eligible: {servers:?}"
+        );
+        for v in read_all(&reader, reads..reads + USERS).await {
+            assert_eq!(
+                v,
+                Some(1),
+                "a read missed the primary's entry: {:?}",
+                repo.servers()
+            );
+        }
+        reads += USERS;
+    }
+    let servers = repo.servers();
+    assert_eq!(foreign_stats(&servers).reads, 0, "{servers:?}");
+    assert!(replica(&set, &servers, 0).reads > 0, "{servers:?}");
+
+    let run = crate::cli::run(
+        Some(&set.primary_url()),
+        &[
+            "--replica",
+            &foreign,
+            "get",
+            "--user",
+            &user(0),
+            "--bot",
+            BOT,
+        ],
+        b"",
+    )
+    .await;
+    run.expect_code(0, "get with a replica of another cluster");
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("another cluster"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run:#?}");
+}
+
+/// Where `EXECUTE` on `pg_control_system()` is revoked from the bot's role, the monitor cannot
+/// check replicas' clusters: replicas are still read, and the CLI says why the check is off,
+/// once (not once per server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_one_warning() {
+    let set = ReplicaSet::start(1).await;
+    let admin = client(&set.primary_url()).await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE sc_limited_bot LOGIN IN ROLE strategic_cache_reader; \
+             REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let repo = Arc::new(
+        PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
+            .await
+            .unwrap(),
+    );
+    for i in 0..USERS {
+        repo.upsert(&entry(i, 1)).await.unwrap();
+    }
+    set.wait_caught_up(0).await;
+    let as_bot =
+        |url: String| url.replacen("postgres://postgres@", "postgres://sc_limited_bot@", 1);
+    let replica_url = as_bot(set.replica_urls()[0].clone());
+    let limited = Arc::new(
+        PgCacheRepository::connect(
+            &as_bot(set.primary_url()),
+            PgConfig {
+                replicas: vec![replica_url.clone()],
+                ..PgConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    wait_eligible(&set, &limited, &[0]).await;
+    let observer = Arc::new(RecordingObserver::default());
+    let reader = reader(limited.clone(), observer);
+    assert!(
+        read_all(&reader, 0..USERS)
+            .await
+            .iter()
+            .all(|v| *v == Some(1)),
+        "{:?}",
+        limited.servers()
+    );
+    assert!(replica(&set, &limited.servers(), 0).reads > 0);
+
+    let run = crate::cli::run(
+        Some(&as_bot(set.primary_url())),
+        &[
+            "--replica",
+            &replica_url,
+            "get",
+            "--user",
+            &user(0),
+            "--bot",
+            BOT,
+        ],
+        b"",
+    )
+    .await;
+    run.expect_code(0, "get as a role without pg_control_system()");
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("pg_control_system"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run:#?}");
+}
+
+/// A replica that refuses connections (down, behind a proxy that closes each one) is tried
+/// again with a backoff, not every probe interval: at most 8 attempts in 3 s where every
+/// 100 ms interval would make 30; and it serves again within 2 s of coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_replica_is_retried_with_backoff_and_read_again_when_back() {
+    let set = ReplicaSet::start(1).await;
+    let proxy = Proxy::start(set.replica(0).addr()).await;
+    proxy.set_down(true);
+    let repo = Arc::new(
+        PgCacheRepository::connect(
+            &set.primary_url(),
+            PgConfig {
+                replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
+                replica_probe_interval: Duration::from_millis(100),
+                ..PgConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = proxy.accepted() - before;
+    println!("{attempts} connection attempts in 3 s to a replica that refuses");
+    assert!(
+        (1..=8).contains(&attempts),
+        "{attempts} connection attempts in 3 s to a refusing replica"
+    );
+    proxy.set_down(false);
+    let back = poll_until(Duration::from_secs(10), || async {
+        repo.servers()
+            .iter()
+            .any(|s| matches!(s.role, ServerRole::Replica) && s.eligible)
+    })
+    .await;
+    println!("eligible again {back:?} after it came back");
+    assert!(
+        back.is_some_and(|t| t <= Duration::from_secs(2)),
+        "eligible again after {back:?}: {:?}",
+        repo.servers()
+    );
 }
 
 /// The near tier's coherence run (`near::coherence`) with readers whose repository has two

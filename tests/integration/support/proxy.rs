@@ -1,6 +1,8 @@
 //! An in-process TCP proxy that adds latency, partitions silently or cuts every connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +26,8 @@ struct ProxyState {
 pub struct Proxy {
     addr: SocketAddr,
     state: watch::Sender<ProxyState>,
+    /// Connections accepted (refused ones included: a server that is down accepts and closes).
+    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,12 +37,25 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (state, rx) = watch::channel(ProxyState::default());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(serve(client, upstream, rx.clone()));
             }
         });
-        Proxy { addr, state, task }
+        Proxy {
+            addr,
+            state,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far, refused ones included.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// A URL of database `name` through the proxy, without TLS as `db::server_url` has it.

@@ -16,8 +16,10 @@
 //! monotonic, so this stays true until the next sample). Its staleness bound at read time is
 //! `now - coverage`, which grows by itself between samples: a replica whose samples stop
 //! (replay paused, server hung or partitioned) falls out of `max_replica_lag` without anyone
-//! deciding it. A replica not in recovery (promoted, or the primary's own URL) or whose probe
-//! failed has no coverage.
+//! deciding it. A replica not in recovery (promoted, or the primary's own URL), one whose
+//! `system_identifier` is not the primary's (a replica of another cluster, whose LSNs mean
+//! nothing here), or whose probe failed has no coverage. A replica that refuses connections
+//! is tried again after a pause that doubles up to a second ([`Backoff`]).
 //!
 //! When the primary's sample fails (or a hot-path read on it fails at the connection level),
 //! the primary is *unreachable*: a replica that has replayed the last good sample stays
@@ -41,7 +43,7 @@
 
 use std::collections::VecDeque;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -585,66 +587,170 @@ pub(super) struct Monitor {
     servers: Arc<Servers>,
     primary: Probe,
     replicas: Vec<Probe>,
-    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first. Locked briefly by
-    /// the loops of one task, never across an await.
-    samples: Mutex<VecDeque<(u64, u64)>>,
-    capacity: usize,
+    history: History,
     interval: Duration,
     timeout: Duration,
 }
 
-/// A monitor connection to one server.
-struct Probe {
-    options: PgConnectOptions,
-    conn: Option<PgConnection>,
-    /// Whether the last probe failed (so that an outage is logged once).
-    failing: bool,
+/// What the monitor knows of the primary, shared by its loops.
+struct History {
+    /// (time as [`Servers::ns`], insert LSN) of the primary, oldest first. Locked briefly by
+    /// the loops of one task, never across an await.
+    samples: Mutex<VecDeque<(u64, u64)>>,
+    /// How many samples are kept.
+    capacity: usize,
+    /// The primary's `system_identifier` (0: unknown), which each replica must share: the
+    /// LSNs of another cluster mean nothing here.
+    identity: AtomicI64,
 }
 
+/// A monitor connection to one server.
+struct Probe {
+    /// `host:port/database`, for the logs.
+    name: String,
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+    /// The server's `system_identifier` (what a streaming replica shares with its primary),
+    /// read once per connection; `None` when unknown (not connected yet, or `EXECUTE` on
+    /// `pg_control_system()` revoked from this role).
+    identity: Option<i64>,
+    /// Whether the last probe failed (so that an outage is logged once).
+    failing: bool,
+    /// Whether the monitor has warned that this role may not read server identities (shared
+    /// by the monitor's probes, so that it is said once).
+    identity_warned: Arc<AtomicBool>,
+    /// Whether failed connection attempts back off (replicas: see [`Backoff`]).
+    backoff: Option<Backoff>,
+}
+
+/// The pause before a probe reconnects to a replica that refused it: doubled from the probe
+/// interval on every failed attempt, up to [`MAX_RECONNECT_PAUSE`], and reset by the first
+/// success. A replica that is down costs a connection attempt (a TLS handshake, under TLS)
+/// a second rather than every interval, and is read again at most that long after it is
+/// back. The primary never backs off: its return ends the unreachable mode, in which
+/// replicas are read whatever their age.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Connection attempts failed in a row.
+    failures: u32,
+    /// No attempt before this.
+    next_attempt: Option<Instant>,
+}
+
+/// The longest pause between connection attempts to a replica that refuses them.
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+impl Backoff {
+    /// The pause after `failures` failed attempts in a row, at probe interval `interval`.
+    fn pause(failures: u32, interval: Duration) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        interval
+            .saturating_mul(1 << doublings)
+            .min(MAX_RECONNECT_PAUSE)
+            .max(interval)
+    }
+}
+
+const IDENTITY_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
+
 impl Probe {
-    fn new(url: &str) -> Result<Probe, sqlx::Error> {
+    fn new(url: &str, identity_warned: &Arc<AtomicBool>) -> Result<Probe, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?
             .application_name("strategic-cache-replica-monitor")
             .disable_statement_logging();
         Ok(Probe {
+            name: server_name(url),
             options,
             conn: None,
+            identity: None,
             failing: false,
+            identity_warned: Arc::clone(identity_warned),
+            backoff: None,
         })
     }
 
-    /// Runs `sql` (one row of `T`) on this probe's connection, connecting first if needed;
-    /// the whole bounded by `timeout`. Any failure drops the connection.
-    async fn query<T>(&mut self, sql: &'static str, timeout: Duration) -> Result<T, ProbeError>
+    /// Connects, reading the server's identity; a role that may not read it leaves it unknown,
+    /// with a warning (once per monitor).
+    async fn connect(&self) -> Result<(PgConnection, Option<i64>), sqlx::Error> {
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        let identity = match sqlx::query_as::<_, (i64,)>(IDENTITY_SQL)
+            .fetch_one(&mut conn)
+            .await
+        {
+            Ok((id,)) => Some(id),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+                if !self.identity_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        server = %self.name,
+                        "strategic cache: this role may not run pg_control_system(), so the replica \
+                         monitor cannot check that each replica belongs to the primary's cluster; \
+                         GRANT EXECUTE ON FUNCTION pg_control_system() to it"
+                    );
+                }
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        Ok((conn, identity))
+    }
+
+    /// Runs `sql` (one row of `T`) on this probe's connection, connecting first if needed
+    /// (unless backing off, see [`Backoff`]); the whole bounded by `timeout`. Any failure
+    /// drops the connection.
+    async fn query<T>(
+        &mut self,
+        sql: &'static str,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<T, ProbeError>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
+        let connecting = self.conn.is_none();
+        if connecting
+            && let Some(next) = self.backoff.as_ref().and_then(|b| b.next_attempt)
+            && Instant::now() < next
+        {
+            return Err("waiting to reconnect".into());
+        }
         let attempt = async {
             if self.conn.is_none() {
-                self.conn = Some(PgConnection::connect_with(&self.options).await?);
+                let (conn, identity) = self.connect().await?;
+                self.conn = Some(conn);
+                self.identity = identity;
             }
             match self.conn.as_mut() {
                 Some(conn) => sqlx::query_as::<_, T>(sql).fetch_one(conn).await,
                 None => Err(sqlx::Error::PoolClosed),
             }
         };
-        match tokio::time::timeout(timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(row)) => Ok(row),
-            Ok(Err(error)) => {
-                self.conn = None;
-                Err(ProbeError {
-                    gone: gone(&error),
-                    message: pg_diagnostics::scrub(&error.to_string(), None),
-                })
-            }
-            Err(_) => {
-                self.conn = None;
-                Err(ProbeError {
-                    gone: false,
-                    message: format!("no answer within {timeout:?}"),
-                })
+            Ok(Err(error)) => Err(ProbeError {
+                gone: gone(&error),
+                message: pg_diagnostics::scrub(&error.to_string(), None),
+            }),
+            Err(_) => Err(ProbeError {
+                gone: false,
+                message: format!("no answer within {timeout:?}"),
+            }),
+        };
+        if result.is_err() {
+            self.conn = None;
+        }
+        if let Some(backoff) = self.backoff.as_mut() {
+            match (&result, connecting) {
+                (Ok(_), _) => *backoff = Backoff::default(),
+                (Err(_), true) => {
+                    backoff.failures = backoff.failures.saturating_add(1);
+                    backoff.next_attempt =
+                        Some(Instant::now() + Backoff::pause(backoff.failures, interval));
+                }
+                // A connection that worked and then failed is tried again at once.
+                (Err(_), false) => {}
             }
         }
+        result
     }
 }
 
@@ -712,14 +818,23 @@ impl Monitor {
         let max_lag = Duration::from_nanos(servers.max_lag_ns);
         // Enough samples to span four times the bound, whatever the interval (capped).
         let span = (servers.max_lag_ns.saturating_mul(4) / duration_ns(interval)).saturating_add(2);
+        let identity_warned = Arc::new(AtomicBool::new(false));
         Ok(Monitor {
-            primary: Probe::new(primary_url)?,
+            primary: Probe::new(primary_url, &identity_warned)?,
             replicas: replica_urls
                 .iter()
-                .map(|u| Probe::new(u))
+                .map(|u| {
+                    Probe::new(u, &identity_warned).map(|probe| Probe {
+                        backoff: Some(Backoff::default()),
+                        ..probe
+                    })
+                })
                 .collect::<Result<_, _>>()?,
-            samples: Mutex::new(VecDeque::new()),
-            capacity: usize::try_from(span).unwrap_or(4096).clamp(4, 4096),
+            history: History {
+                samples: Mutex::new(VecDeque::new()),
+                capacity: usize::try_from(span).unwrap_or(4096).clamp(4, 4096),
+                identity: AtomicI64::new(0),
+            },
             interval,
             timeout: (max_lag / 2).max(Duration::from_millis(1)),
             servers,
@@ -732,16 +847,16 @@ impl Monitor {
             servers,
             primary,
             replicas,
-            samples,
-            capacity,
+            history,
+            interval,
             timeout,
-            ..
         } = self;
-        sample_primary(servers, primary, samples, *capacity, *timeout).await;
+        let bounds = (*timeout, *interval);
+        sample_primary(servers, primary, history, bounds).await;
         let probes = replicas
             .iter_mut()
             .zip(servers.replicas.iter())
-            .map(|(probe, replica)| probe_replica(replica, probe, samples, *timeout));
+            .map(|(probe, replica)| probe_replica(replica, probe, history, bounds));
         futures_util::future::join_all(probes).await;
     }
 
@@ -752,17 +867,16 @@ impl Monitor {
             servers,
             mut primary,
             replicas,
-            samples,
-            capacity,
+            history,
             interval,
             timeout,
         } = self;
-        let (servers, samples) = (&*servers, &samples);
+        let (servers, history, bounds) = (&*servers, &history, (timeout, interval));
         let primary_loop = async move {
             let mut ticks = ticker(interval);
             loop {
                 ticks.tick().await;
-                sample_primary(servers, &mut primary, samples, capacity, timeout).await;
+                sample_primary(servers, &mut primary, history, bounds).await;
             }
         };
         let replica_loops = replicas.into_iter().zip(servers.replicas.iter()).map(
@@ -770,7 +884,7 @@ impl Monitor {
                 let mut ticks = ticker(interval);
                 loop {
                     ticks.tick().await;
-                    probe_replica(replica, &mut probe, samples, timeout).await;
+                    probe_replica(replica, &mut probe, history, bounds).await;
                 }
             },
         );
@@ -793,22 +907,27 @@ fn ticker(interval: Duration) -> tokio::time::Interval {
 async fn sample_primary(
     servers: &Servers,
     probe: &mut Probe,
-    samples: &Mutex<VecDeque<(u64, u64)>>,
-    capacity: usize,
-    timeout: Duration,
+    history: &History,
+    (timeout, interval): (Duration, Duration),
 ) {
     let t = Instant::now();
     match probe
-        .query::<(i64, i64, i64, i64)>(PRIMARY_SQL, timeout)
+        .query::<(i64, i64, i64, i64)>(PRIMARY_SQL, timeout, interval)
         .await
     {
         Ok((lsn, block, segment, flush)) => {
             let t = servers.ns(t);
             let [lsn, block, segment, flush] =
                 [lsn, block, segment, flush].map(|n| u64::try_from(n).unwrap_or_default());
+            history
+                .identity
+                .store(probe.identity.unwrap_or(0), Ordering::Release);
             {
-                let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
-                if samples.len() >= capacity {
+                let mut samples = history
+                    .samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if samples.len() >= history.capacity {
                     samples.pop_front();
                 }
                 samples.push_back((t, insert_lsn_as_replayed(lsn, block, segment)));
@@ -847,20 +966,36 @@ async fn sample_primary(
 async fn probe_replica(
     replica: &Replica,
     probe: &mut Probe,
-    samples: &Mutex<VecDeque<(u64, u64)>>,
-    timeout: Duration,
+    history: &History,
+    (timeout, interval): (Duration, Duration),
 ) {
     let result = probe
-        .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout)
+        .query::<(bool, Option<i64>)>(REPLICA_SQL, timeout, interval)
         .await
         .and_then(|row| match row {
             (true, Some(replay)) => Ok(u64::try_from(replay).unwrap_or_default()),
             _ => Err("not in recovery (not a streaming replica, or promoted)".into()),
-        });
+        })
+        .and_then(
+            |replay| match (history.identity.load(Ordering::Acquire), probe.identity) {
+                (0, _) | (_, None) => Ok(replay),
+                (primary, Some(own)) if primary == own => Ok(replay),
+                (primary, Some(own)) => Err(ProbeError::from(
+                    format!(
+                        "a replica of another cluster: its system identifier is {own}, the \
+                         primary's {primary}"
+                    )
+                    .as_str(),
+                )),
+            },
+        );
     match result {
         Ok(replay) => {
             let coverage = coverage_of(
-                &samples.lock().unwrap_or_else(PoisonError::into_inner),
+                &history
+                    .samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
                 replay,
             );
             replica.replay.store(replay, Ordering::Release);
@@ -896,6 +1031,25 @@ mod tests {
 
     /// A replica is eligible exactly while its coverage is within the bound of now, and
     /// never without coverage.
+    /// Reconnecting to a replica that refuses backs off from the probe interval, doubling,
+    /// to a second at most.
+    #[test]
+    fn reconnect_pauses_double_up_to_a_second() {
+        let pauses: Vec<u128> = (1..=7)
+            .map(|n| Backoff::pause(n, Duration::from_millis(100)).as_millis())
+            .collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(
+            Backoff::pause(u32::MAX, Duration::from_millis(100)),
+            MAX_RECONNECT_PAUSE
+        );
+        // An interval past the cap is never shortened.
+        assert_eq!(
+            Backoff::pause(3, Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+    }
+
     #[test]
     fn eligible_within_the_bound_only() {
         assert!(eligible(cov(5000 * MS), 5000 * MS, None, LAG, None));
