@@ -745,6 +745,71 @@ async fn a_refusing_replica_is_retried_with_backoff_and_read_again_when_back() {
     );
 }
 
+/// `simulate --replica` reports which server answered its bot's database reads: the primary
+/// and the replica, each with its reads in the measured window, in JSON and in text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_reports_reads_by_server() {
+    let set = ReplicaSet::start(1).await;
+    let (primary, replica) = (set.primary_url(), set.replica_urls()[0].clone());
+    let args = [
+        "--json",
+        "simulate",
+        "--database-url",
+        &primary,
+        "--replica",
+        &replica,
+        "--speedup",
+        "600",
+        "--hours",
+        "0.2",
+        "--warmup-hours",
+        "0.1",
+    ];
+    let (json, text) = tokio::join!(
+        crate::cli::run(None, &args, b""),
+        crate::cli::run(None, &args[1..], b"")
+    );
+    json.expect_code(0, "simulate --replica --json");
+    let report = json.json();
+    let servers = report["servers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}"));
+    let port = |url: &str| {
+        format!(
+            ":{}/",
+            url.rsplit(':').next().unwrap().split('/').next().unwrap()
+        )
+    };
+    assert_eq!(servers.len(), 2, "{report}");
+    assert_eq!(servers[0]["role"], "primary", "{report}");
+    assert!(
+        servers[0]["name"]
+            .as_str()
+            .unwrap()
+            .contains(&port(&primary)),
+        "{report}"
+    );
+    assert_eq!(servers[1]["role"], "replica", "{report}");
+    assert!(
+        servers[1]["name"]
+            .as_str()
+            .unwrap()
+            .contains(&port(&replica)),
+        "{report}"
+    );
+    assert!(
+        servers[1]["reads"].as_u64().unwrap() > 0,
+        "the replica answered nothing: {report}"
+    );
+    text.expect_code(0, "simulate --replica");
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("replica ") && l.contains(&port(&replica)))
+        .unwrap_or_else(|| panic!("no replica line: {}", text.stdout));
+    assert!(line.contains(" reads, ") && line.contains("lag "), "{line}");
+}
+
 /// The near tier's coherence run (`near::coherence`) with readers whose repository has two
 /// replicas, each in turn kept 1.5 s behind (replay paused) under a lag bound of 5 s: no value
 /// is served past the near tier's own bound after its commit, however far behind the

@@ -173,6 +173,26 @@ pub struct ServerStats {
     pub eligible: bool,
 }
 
+impl ServerStats {
+    /// `now` with each server's `reads` and `errors` counted since `earlier` (two readings of
+    /// [`CacheRepository::servers`]), matched by position: the list is fixed when the store
+    /// connects, and a name may repeat (the primary's URL given as a replica). A server
+    /// missing from `earlier` counts from zero; lag and eligibility are `now`'s.
+    pub fn since(now: Vec<ServerStats>, earlier: &[ServerStats]) -> Vec<ServerStats> {
+        now.into_iter()
+            .enumerate()
+            .map(|(i, now)| {
+                let (reads, errors) = earlier.get(i).map_or((0, 0), |e| (e.reads, e.errors));
+                ServerStats {
+                    reads: now.reads.saturating_sub(reads),
+                    errors: now.errors.saturating_sub(errors),
+                    ..now
+                }
+            })
+            .collect()
+    }
+}
+
 /// A duration as milliseconds (float) in JSON.
 fn ms_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use strategic_cache::Component;
+use strategic_cache::{Component, ServerStats};
 use tokio::time::Instant;
 
 use super::SimulateArgs;
@@ -40,7 +40,7 @@ pub(super) struct Tally {
 
 /// The workers' counters summed over all workers and the engine, and the bot side's read
 /// counters (the reader's and its database pool's).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct WorkerTotals {
     /// Entries recomputed.
     pub(super) recomputes: u64,
@@ -57,6 +57,9 @@ pub(super) struct WorkerTotals {
     pub(super) reader_reads: u64,
     /// Of those, fresh entries served from the near tier's memory.
     pub(super) near_hits: u64,
+    /// The bot side's servers (PostgreSQL only: the primary, then each replica) with the
+    /// reads each answered.
+    pub(super) servers: Vec<ServerStats>,
 }
 
 impl WorkerTotals {
@@ -69,11 +72,10 @@ impl WorkerTotals {
         let reader = system.reader.stats();
         totals.reader_reads = reader.reads;
         totals.near_hits = reader.near_hits;
-        totals.read_statements = system
-            .bot_pg
-            .as_ref()
-            .and_then(|pg| pg.read_statements())
-            .unwrap_or(0);
+        if let Some(pg) = &system.bot_pg {
+            totals.read_statements = pg.read_statements().unwrap_or(0);
+            totals.servers = pg.servers();
+        }
         for worker in &system.workers {
             let s = worker.stats();
             totals.recomputes += s.recomputes;
@@ -85,7 +87,7 @@ impl WorkerTotals {
     }
 
     /// What happened between `earlier` and `self`.
-    pub(super) fn since(self, earlier: WorkerTotals) -> WorkerTotals {
+    pub(super) fn since(self, earlier: &WorkerTotals) -> WorkerTotals {
         WorkerTotals {
             recomputes: self.recomputes.saturating_sub(earlier.recomputes),
             duplicates: self.duplicates.saturating_sub(earlier.duplicates),
@@ -94,6 +96,7 @@ impl WorkerTotals {
             read_statements: self.read_statements.saturating_sub(earlier.read_statements),
             reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
             near_hits: self.near_hits.saturating_sub(earlier.near_hits),
+            servers: ServerStats::since(self.servers, &earlier.servers),
         }
     }
 }

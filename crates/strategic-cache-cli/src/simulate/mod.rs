@@ -200,7 +200,7 @@ pub async fn run(
         let _ = task.await;
     }
     // The workers have stopped: their counters now end the measured window.
-    let window = drive::WorkerTotals::now(&system).since(driven.before);
+    let window = drive::WorkerTotals::now(&system).since(&driven.before);
     for worker in &system.workers {
         worker.sample_depth().await;
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 use strategic_cache::Component;
-use strategic_cache::ReaderStats;
+use strategic_cache::{ReaderStats, ServerRole, ServerStats};
 
 use super::SimulateArgs;
 use super::drive::{Driven, WorkerTotals};
@@ -97,6 +97,10 @@ pub struct SimReport {
     /// Share of the component reads of the measured window served from the near tier's
     /// memory (`None` without a near tier).
     pub near_hit_share: Option<f64>,
+    /// On PostgreSQL, the bot side's servers (the primary, then each `--replica`) with the
+    /// hot-path read statements each answered and failed in the measured window, and each
+    /// replica's lag and eligibility at its end (`None` in memory).
+    pub servers: Option<Vec<ServerStats>>,
     /// What the reader saw, all reads included (warm-up too): errors, timeouts and reads
     /// skipped by the circuit breaker are misses the database caused, not the cache.
     pub reader: ReaderStats,
@@ -209,6 +213,7 @@ pub(super) fn report(
         near_hit_share: after
             .near
             .then(|| ratio(window.near_hits, window.reader_reads)),
+        servers: (backend == "postgres").then(|| window.servers.clone()),
         reader: after.reader,
         metrics_windows_exported: after.exported.map(|e| e.0),
         metrics_export_failures: after.exported.map(|e| e.1),
@@ -276,6 +281,27 @@ impl SimReport {
             _ => out.push_str(
                 "database reads         none: the in-memory backend has no database (and so no near tier)\n",
             ),
+        }
+        // With replicas, which server answered the statements above.
+        if let Some(servers) = self.servers.as_ref().filter(|s| s.len() > 1) {
+            for s in servers {
+                let state = match (s.role, s.lag) {
+                    (ServerRole::Replica, Some(lag)) => format!(
+                        ", lag {:.0} ms{}",
+                        lag.as_secs_f64() * 1000.0,
+                        if s.eligible { "" } else { " (not read)" }
+                    ),
+                    (ServerRole::Replica, None) => ", lag unknown (not read)".to_owned(),
+                    _ => String::new(),
+                };
+                out.push_str(&format!(
+                    "  {} {}: {} reads, {} failed{state}\n",
+                    s.role.as_str(),
+                    s.name,
+                    s.reads,
+                    s.errors
+                ));
+            }
         }
         match self.near_hit_share {
             Some(share) => out.push_str(&format!(

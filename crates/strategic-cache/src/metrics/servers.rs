@@ -26,9 +26,8 @@ use crate::repository::{CacheRepository, ServerStats};
 #[derive(Debug)]
 pub struct ServersSource {
     repo: Arc<dyn CacheRepository>,
-    /// Each server's (reads, errors) at the previous window, in `servers()` order (which is
-    /// fixed: the primary, then the replicas as configured; a name may repeat).
-    previous: Mutex<Vec<(u64, u64)>>,
+    /// The servers at the previous window (see [`ServerStats::since`]).
+    previous: Mutex<Vec<ServerStats>>,
 }
 
 impl ServersSource {
@@ -53,18 +52,18 @@ impl WindowSource for ServersSource {
 /// Renders one line per server, counting reads and errors since `previous` (updated).
 pub(super) fn render(
     servers: &[ServerStats],
-    previous: &mut Vec<(u64, u64)>,
+    previous: &mut Vec<ServerStats>,
     timestamp_ns: i64,
     out: &mut String,
 ) {
-    previous.resize(servers.len(), (0, 0));
-    for (s, previous) in servers.iter().zip(previous.iter_mut()) {
-        let (reads, errors) = std::mem::replace(previous, (s.reads, s.errors));
+    let window = ServerStats::since(servers.to_vec(), previous);
+    *previous = servers.to_vec();
+    for s in &window {
         let mut line = LineBuilder::new(out, MEASUREMENT_SERVER)
             .tag(TAG_ROLE, s.role.as_str())
             .tag(TAG_SERVER, &sanitize_tag_value(&s.name))
-            .int(f::READS, s.reads.saturating_sub(reads))
-            .int(f::ERRORS, s.errors.saturating_sub(errors));
+            .int(f::READS, s.reads)
+            .int(f::ERRORS, s.errors);
         if let Some(lag) = s.lag {
             line = line.float(f::LAG_MS, lag.as_secs_f64() * 1000.0);
         }
