@@ -701,6 +701,71 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
     assert_eq!(warnings.len(), 1, "{run:#?}");
 }
 
+/// A replica cut off silently (a proxy that stops forwarding: no RST, no FIN) costs no read:
+/// each read already sent to it is retried on the primary after `replica_read_timeout`
+/// (50 ms here), well inside the reader's 300 ms budget, and the replica is not read again
+/// until it answers a probe. Four tasks read throughout; not one read fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_cut_off_replica_costs_no_read() {
+    let set = ReplicaSet::start(1).await;
+    let proxy = Proxy::start(set.replica(0).addr()).await;
+    let repo = Arc::new(
+        PgCacheRepository::connect(
+            &set.primary_url(),
+            PgConfig {
+                replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
+                replica_read_timeout: Duration::from_millis(50),
+                ..PgConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    for i in 0..USERS {
+        repo.upsert(&entry(i, 1)).await.unwrap();
+    }
+    set.wait_caught_up(0).await;
+    let the_replica = |repo: &PgCacheRepository| {
+        repo.servers()
+            .into_iter()
+            .find(|s| matches!(s.role, ServerRole::Replica))
+            .unwrap()
+    };
+    let eligible = poll_until(Duration::from_secs(10), || async {
+        the_replica(&repo).eligible
+    })
+    .await;
+    assert!(eligible.is_some(), "{:?}", repo.servers());
+    let observer = Arc::new(RecordingObserver::default());
+    let reader = CacheReader::new(repo.clone())
+        .with_config(ReaderConfig {
+            budget: Duration::from_millis(300),
+            ..ReaderConfig::default()
+        })
+        .with_observer(observer);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = read_loop(&reader, &stop);
+    tasks.extend(read_loop(&reader, &stop));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = the_replica(&repo).reads;
+    assert!(before > 0, "the replica was not read: {:?}", repo.servers());
+    proxy.set_partitioned(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = reader.stats();
+    println!("{stats:?}; servers {:?}", repo.servers());
+    assert_eq!(
+        stats.errors + stats.timeouts + stats.breaker_skips,
+        0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.hits, stats.reads, "{stats:?}");
+    assert!(!the_replica(&repo).eligible, "{:?}", repo.servers());
+}
+
 /// A replica that refuses connections (down, behind a proxy that closes each one) is tried
 /// again with a backoff, not every probe interval: at most 8 attempts in 3 s where every
 /// 100 ms interval would make 30; and it serves again within 2 s of coming back.

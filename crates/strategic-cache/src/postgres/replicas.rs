@@ -32,8 +32,9 @@
 //! [`Servers::choose`] picks an eligible replica, round-robin; with `after` (the near tier's
 //! last invalidation of the key, see `near/store.rs`) only one whose coverage is at least
 //! `after`; otherwise the primary. [`Servers::settle`] counts the outcome and says where to
-//! retry once: a failed replica read loses that replica's coverage (until its next good
-//! sample) and is retried on the primary (or, with the primary unreachable, on another
+//! retry once: a failed replica read (an error, or no answer within
+//! `replica_read_timeout`) loses that replica's coverage (until its next good sample) and is
+//! retried on the primary (or, with the primary unreachable, on another
 //! eligible replica); a failed primary read is retried on a replica eligible in the
 //! unreachable mode. The decisions themselves are pure functions ([`eligible`], [`pick`]),
 //! unit-tested below.
@@ -132,6 +133,8 @@ pub(super) struct Servers {
     primary: Server,
     replicas: Box<[Replica]>,
     max_lag_ns: u64,
+    /// See [`PgConfig::replica_read_timeout`].
+    read_timeout: Duration,
     /// Round-robin cursor.
     next: AtomicUsize,
     /// Whether the primary is unreachable (see the module documentation).
@@ -147,7 +150,12 @@ pub(super) struct Servers {
 }
 
 impl Servers {
-    pub(super) fn new(primary: Server, replicas: Vec<Server>, max_lag: Duration) -> Servers {
+    pub(super) fn new(
+        primary: Server,
+        replicas: Vec<Server>,
+        max_lag: Duration,
+        read_timeout: Duration,
+    ) -> Servers {
         Servers {
             base: Instant::now(),
             primary,
@@ -160,6 +168,7 @@ impl Servers {
                 })
                 .collect(),
             max_lag_ns: duration_ns(max_lag),
+            read_timeout,
             next: AtomicUsize::new(0),
             primary_down: AtomicBool::new(false),
             last_good: AtomicU64::new(0),
@@ -263,7 +272,22 @@ impl Servers {
         let mut retried = false;
         loop {
             let server = self.server(target);
-            let result = read_on(server, read, self.batching.load(Ordering::Relaxed)).await;
+            let on_server = read_on(server, read, self.batching.load(Ordering::Relaxed));
+            let result = match target {
+                Target::Primary => on_server.await,
+                // A replica that hangs must not keep the read until the reader's budget ends.
+                Target::Replica(_) => tokio::time::timeout(self.read_timeout, on_server)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Arc::new(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "no answer from the replica within replica_read_timeout ({:?})",
+                                self.read_timeout
+                            ),
+                        ))))
+                    }),
+            };
             if result.is_ok() && target == Target::Primary {
                 self.primary_answered();
             }
@@ -374,6 +398,12 @@ pub(super) fn check_config(config: &PgConfig) -> Result<(), CacheError> {
     if config.replicas.is_empty() {
         return Ok(());
     }
+    if config.replica_read_timeout.is_zero() {
+        return Err(CacheError::invalid(
+            "replica_read_timeout",
+            "0s: a replica read needs some time (the default is 20 ms)",
+        ));
+    }
     let interval = config.replica_probe_interval;
     if interval.is_zero() || interval.saturating_mul(2) > config.max_replica_lag {
         return Err(CacheError::invalid(
@@ -423,7 +453,12 @@ pub(super) async fn start(
     // Warm the replicas' pools; one that fails is left to the monitor, which logs it.
     let warm = config.min_connections.min(config.max_connections);
     futures_util::future::join_all(replicas.iter().map(|r| r.pool.warm(warm))).await;
-    let servers = Arc::new(Servers::new(primary, replicas, config.max_replica_lag));
+    let servers = Arc::new(Servers::new(
+        primary,
+        replicas,
+        config.max_replica_lag,
+        config.replica_read_timeout,
+    ));
     if config.replicas.is_empty() {
         return Ok((servers, None));
     }
@@ -1161,7 +1196,12 @@ mod tests {
             Server::new(&url, pool, Arc::new(batcher))
         };
         let replicas = (0..n).map(|i| server(2 + i as u16)).collect();
-        Servers::new(server(1), replicas, Duration::from_secs(1))
+        Servers::new(
+            server(1),
+            replicas,
+            Duration::from_secs(1),
+            Duration::from_millis(20),
+        )
     }
 
     /// One replica caught up to the primary's last sample, taken at the time base: older
@@ -1345,6 +1385,23 @@ mod tests {
         }
         assert!(check_config(&config(500, 1000, &replica)).is_ok());
         assert!(check_config(&config(0, 0, &[])).is_ok());
+        let no_time = PgConfig {
+            replica_read_timeout: Duration::ZERO,
+            ..config(100, 1000, &replica)
+        };
+        let error = super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", no_time)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                CacheError::InvalidInput {
+                    field: "replica_read_timeout",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
     }
 
     /// The name shows host, port and database, never the user or password.
