@@ -35,7 +35,8 @@ fn entry(i: usize, version: u64) -> NewEntry {
     NewEntry::new(Key::user_bot(user(i), BOT), versioned(version)).with_ttl(TTL)
 }
 
-/// A repository on the set's primary with its replicas, lag bound `max_lag`.
+/// A repository on the set's primary with its replicas, lag bound `max_lag`, and a replica
+/// read timeout (1 s) that only a fault reaches, as the reader's budget below.
 async fn repository(set: &ReplicaSet, max_lag: Duration) -> Arc<PgCacheRepository> {
     Arc::new(
         PgCacheRepository::connect(
@@ -43,6 +44,7 @@ async fn repository(set: &ReplicaSet, max_lag: Duration) -> Arc<PgCacheRepositor
             PgConfig {
                 replicas: set.replica_urls(),
                 max_replica_lag: max_lag,
+                replica_read_timeout: Duration::from_secs(1),
                 ..PgConfig::default()
             },
         )
@@ -74,12 +76,17 @@ fn primary(servers: &[ServerStats]) -> ServerStats {
 
 /// Replica `i`'s entry of `servers()`, found by its port.
 fn replica(set: &ReplicaSet, servers: &[ServerStats], i: usize) -> ServerStats {
-    let port = format!(":{}/", set.replica(i).addr().port());
+    replica_at(servers, set.replica(i).addr().port())
+}
+
+/// The entry of `servers()` of the replica on `port`.
+fn replica_at(servers: &[ServerStats], port: u16) -> ServerStats {
+    let port = format!(":{port}/");
     servers
         .iter()
         .find(|s| matches!(s.role, ServerRole::Replica) && s.name.contains(&port))
         .cloned()
-        .unwrap_or_else(|| panic!("replica {i} not in servers(): {servers:?}"))
+        .unwrap_or_else(|| panic!("no replica on {port} in servers(): {servers:?}"))
 }
 
 /// Waits until replicas `which` are all eligible (within 10 s).
@@ -572,14 +579,8 @@ async fn a_replica_of_another_cluster_is_never_read() {
     }
     set.wait_caught_up(0).await;
     wait_eligible(&set, &repo, &[0]).await;
-    let foreign_port = format!(":{}/", other.replica(0).addr().port());
-    let foreign_stats = |servers: &[ServerStats]| {
-        servers
-            .iter()
-            .find(|s| s.name.contains(&foreign_port))
-            .cloned()
-            .unwrap_or_else(|| panic!("the foreign replica is not in servers(): {servers:?}"))
-    };
+    let foreign_stats =
+        |servers: &[ServerStats]| replica_at(servers, other.replica(0).addr().port());
     let observer = Arc::new(RecordingObserver::default());
     let reader = reader(repo.clone(), observer);
     // Two seconds of reads: twenty probe intervals.
@@ -702,9 +703,10 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
 }
 
 /// A replica cut off silently (a proxy that stops forwarding: no RST, no FIN) costs no read:
-/// each read already sent to it is retried on the primary after `replica_read_timeout`
-/// (50 ms here), well inside the reader's 300 ms budget, and the replica is not read again
-/// until it answers a probe. Four tasks read throughout; not one read fails.
+/// each read sent to it is retried on the primary after `replica_read_timeout` (50 ms here),
+/// well inside the reader's 300 ms budget (counted as an error of that replica), until the
+/// monitor's probe gives up on it (`max_replica_lag / 2`) and it is not read at all. Four
+/// tasks read throughout; not one read fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_cut_off_replica_costs_no_read() {
     let set = ReplicaSet::start(1).await;
@@ -725,12 +727,7 @@ async fn a_silently_cut_off_replica_costs_no_read() {
         repo.upsert(&entry(i, 1)).await.unwrap();
     }
     set.wait_caught_up(0).await;
-    let the_replica = |repo: &PgCacheRepository| {
-        repo.servers()
-            .into_iter()
-            .find(|s| matches!(s.role, ServerRole::Replica))
-            .unwrap()
-    };
+    let the_replica = |repo: &PgCacheRepository| replica_at(&repo.servers(), proxy.port());
     let eligible = poll_until(Duration::from_secs(10), || async {
         the_replica(&repo).eligible
     })
@@ -763,7 +760,12 @@ async fn a_silently_cut_off_replica_costs_no_read() {
         "{stats:?}"
     );
     assert_eq!(stats.hits, stats.reads, "{stats:?}");
-    assert!(!the_replica(&repo).eligible, "{:?}", repo.servers());
+    let replica = the_replica(&repo);
+    assert!(
+        replica.errors > 0,
+        "no read timed out on the replica: {replica:?}"
+    );
+    assert!(!replica.eligible, "{:?}", repo.servers());
 }
 
 /// A replica that refuses connections (down, behind a proxy that closes each one) is tried
@@ -797,9 +799,7 @@ async fn a_refusing_replica_is_retried_with_backoff_and_read_again_when_back() {
     );
     proxy.set_down(false);
     let back = poll_until(Duration::from_secs(10), || async {
-        repo.servers()
-            .iter()
-            .any(|s| matches!(s.role, ServerRole::Replica) && s.eligible)
+        replica_at(&repo.servers(), proxy.port()).eligible
     })
     .await;
     println!("eligible again {back:?} after it came back");

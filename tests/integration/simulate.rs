@@ -63,12 +63,16 @@ async fn a_short_window_is_within_the_rate_limit() {
 }
 
 /// On the virtual clock the worker keeps up, so a run reports no backlog past the warning's
-/// threshold (20): the backlog is read when the run ends, not after the last sessions' tail.
+/// threshold (20): the backlog is read when the run ends, not after the last sessions' tail;
+/// and it does not say it fell behind.
 #[tokio::test]
 async fn the_virtual_clock_run_shows_no_backlog() {
     let report = in_memory("1", "0.01").await;
     let backlog = report["backlog_at_end"].as_u64().unwrap();
     assert!(backlog <= 20, "backlog {backlog}: {report}");
+    // Nor a reader that fell behind: in memory every read is answered.
+    assert_eq!(report["reader_fell_behind"], false, "{report}");
+    assert_eq!(report["fell_behind"], false, "{report}");
 }
 
 /// The default of a `simulate` flag, as `simulate --help` shows it.

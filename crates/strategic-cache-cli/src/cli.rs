@@ -60,6 +60,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "N", default_value_t = 1000)]
     pub max_replica_lag_ms: u64,
 
+    /// Longest a read waits on a replica before it is retried on the primary, in
+    /// milliseconds (raise it for a replica farther away than that; see
+    /// docs/STRATEGIC_CACHE_USAGE.md, "Replicas").
+    #[arg(long, global = true, value_name = "N", default_value_t = 20)]
+    pub replica_read_timeout_ms: u64,
+
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,

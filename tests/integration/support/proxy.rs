@@ -53,6 +53,11 @@ impl Proxy {
         }
     }
 
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Connections accepted so far, refused ones included.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)

@@ -129,7 +129,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
                     .iter()
                     .map(|r| plain_transport(r))
                     .collect(),
-                max_lag: args.replicas.max_lag,
+                ..args.replicas.clone()
             }
             .scoped(&scratch.schema);
             replica_setup = bench.replica_cases(url, &scratch.db, &replicas).await?;

@@ -67,13 +67,11 @@ impl Bench {
         let repo = Arc::new(
             PgCacheRepository::connect(
                 primary_url,
-                PgConfig {
+                replicas.config(PgConfig {
                     max_connections: self.args.pool.max(1),
                     min_connections: self.args.pool.max(1),
-                    replicas: replicas.urls.clone(),
-                    max_replica_lag: replicas.max_lag,
                     ..PgConfig::default()
-                },
+                }),
             )
             .await?,
         );

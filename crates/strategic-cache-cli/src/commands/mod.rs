@@ -84,6 +84,8 @@ pub struct Context {
     replicas: Vec<String>,
     /// `--max-replica-lag-ms`.
     max_replica_lag: Duration,
+    /// `--replica-read-timeout-ms`.
+    replica_read_timeout: Duration,
     limits: Limits,
 }
 
@@ -95,6 +97,8 @@ pub struct Replicas {
     pub urls: Vec<String>,
     /// `--max-replica-lag-ms`.
     pub max_lag: Duration,
+    /// `--replica-read-timeout-ms`.
+    pub read_timeout: Duration,
 }
 
 impl Replicas {
@@ -106,7 +110,7 @@ impl Replicas {
                 .iter()
                 .map(|url| crate::scratch::scoped_url(url, schema))
                 .collect(),
-            max_lag: self.max_lag,
+            ..self.clone()
         }
     }
 
@@ -115,6 +119,7 @@ impl Replicas {
         PgConfig {
             replicas: self.urls.clone(),
             max_replica_lag: self.max_lag,
+            replica_read_timeout: self.read_timeout,
             ..config
         }
     }
@@ -209,9 +214,15 @@ impl Context {
                 probe.as_millis()
             )));
         }
+        if !urls.is_empty() && self.replica_read_timeout.is_zero() {
+            return Err(bad_input(
+                "--replica-read-timeout-ms must be at least 1 (a replica read needs some time)",
+            ));
+        }
         Ok(Replicas {
             urls,
             max_lag: self.max_replica_lag,
+            read_timeout: self.replica_read_timeout,
         })
     }
 
@@ -318,6 +329,7 @@ pub async fn run(
             cli.replicas
         },
         max_replica_lag: Duration::from_millis(cli.max_replica_lag_ms),
+        replica_read_timeout: Duration::from_millis(cli.replica_read_timeout_ms),
         limits: Limits::default(),
     };
     match cli.command {
@@ -469,7 +481,7 @@ mod tests {
 
     /// A replica URL that is not postgres:// is a usage error (exit 2) naming it without its
     /// password; blanks (a trailing comma in STRATEGIC_CACHE_REPLICAS) are skipped; a lag
-    /// bound under two probe intervals is a usage error too.
+    /// bound under two probe intervals is a usage error too, as is a replica read timeout of 0.
     #[test]
     fn bad_replica_urls_are_usage_errors() {
         let context = |replicas: &[&str]| Context {
@@ -477,6 +489,7 @@ mod tests {
             url_on_command_line: false,
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             max_replica_lag: Duration::from_secs(1),
+            replica_read_timeout: Duration::from_millis(20),
             limits: Limits::default(),
         };
         let error = context(&["mysql://u:secret@h/db"]).replicas().unwrap_err();
@@ -493,6 +506,12 @@ mod tests {
         let error = too_tight.replica_set().unwrap_err();
         assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE, "{error}");
         assert!(context(&["postgres://u@h/db"]).replica_set().is_ok());
+        let no_time = Context {
+            replica_read_timeout: Duration::ZERO,
+            ..context(&["postgres://u@h/db"])
+        };
+        let error = no_time.replica_set().unwrap_err();
+        assert_eq!(crate::exit::code_of(&error), crate::exit::USAGE, "{error}");
     }
 
     /// Ages read naturally at every scale.

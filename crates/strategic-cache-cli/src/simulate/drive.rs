@@ -57,6 +57,9 @@ pub(super) struct WorkerTotals {
     pub(super) reader_reads: u64,
     /// Of those, fresh entries served from the near tier's memory.
     pub(super) near_hits: u64,
+    /// Of those, reads the database did not answer in time: errors, reads over the reader's
+    /// budget, reads skipped by its circuit breaker.
+    pub(super) reader_unanswered: u64,
     /// The bot side's servers (PostgreSQL only: the primary, then each replica) with the
     /// reads each answered.
     pub(super) servers: Vec<ServerStats>,
@@ -72,6 +75,7 @@ impl WorkerTotals {
         let reader = system.reader.stats();
         totals.reader_reads = reader.reads;
         totals.near_hits = reader.near_hits;
+        totals.reader_unanswered = reader.errors + reader.timeouts + reader.breaker_skips;
         if let Some(pg) = &system.bot_pg {
             totals.read_statements = pg.read_statements().unwrap_or(0);
             totals.servers = pg.servers();
@@ -96,6 +100,9 @@ impl WorkerTotals {
             read_statements: self.read_statements.saturating_sub(earlier.read_statements),
             reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
             near_hits: self.near_hits.saturating_sub(earlier.near_hits),
+            reader_unanswered: self
+                .reader_unanswered
+                .saturating_sub(earlier.reader_unanswered),
             servers: ServerStats::since(self.servers, &earlier.servers),
         }
     }

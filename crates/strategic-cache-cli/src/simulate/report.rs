@@ -76,10 +76,12 @@ pub struct SimReport {
     /// The backlog is past half the slack between an entry's refresh point (80 % of its TTL)
     /// and its expiry, so refreshes were late enough to turn into misses.
     pub worker_fell_behind: bool,
-    /// More than 1 % of the reader's reads were answered with no data because the database
-    /// did not answer in time (errors, reads over the time budget, reads skipped by the
-    /// circuit breaker), so those misses are the machine's, not the cache's.
+    /// More than 1 % of the reader's reads of the measured window were answered with no data
+    /// because the database did not answer in time (errors, reads over the time budget, reads
+    /// skipped by the circuit breaker), so those misses are the machine's, not the cache's.
     pub reader_fell_behind: bool,
+    /// That share (measured window).
+    pub reader_unanswered_share: f64,
     /// Refresh requests dropped because the requester's channel was full.
     pub dropped_requests: u64,
     /// Requests for new keys refused because the queue was full.
@@ -98,8 +100,9 @@ pub struct SimReport {
     /// memory (`None` without a near tier).
     pub near_hit_share: Option<f64>,
     /// On PostgreSQL, the bot side's servers (the primary, then each `--replica`) with the
-    /// hot-path read statements each answered and failed in the measured window, and each
-    /// replica's lag and eligibility at its end (`None` in memory).
+    /// hot-path reads each answered and failed in the measured window (a read retried on
+    /// another server counts on both; lookups batched into one statement count one each), and
+    /// each replica's lag and eligibility at its end (`None` in memory).
     pub servers: Option<Vec<ServerStats>>,
     /// What the reader saw, all reads included (warm-up too): errors, timeouts and reads
     /// skipped by the circuit breaker are misses the database caused, not the cache.
@@ -171,8 +174,8 @@ pub(super) fn report(
     };
     let worker_fell_behind =
         after.backlog > BACKLOG_WARNING && backlog_secs > 0.5 * 0.2 * args.ttl_secs;
-    let reader_fell_behind =
-        ratio(unanswered(&after.reader), after.reader.reads) > READER_SHORTFALL_WARNING;
+    let reader_unanswered_share = ratio(window.reader_unanswered, window.reader_reads);
+    let reader_fell_behind = reader_unanswered_share > READER_SHORTFALL_WARNING;
     SimReport {
         backend: backend.to_owned(),
         refresh_ahead: !args.no_refresh_ahead,
@@ -204,6 +207,7 @@ pub(super) fn report(
         fell_behind: worker_fell_behind || reader_fell_behind,
         worker_fell_behind,
         reader_fell_behind,
+        reader_unanswered_share,
         dropped_requests: after.dropped,
         rejected_requests: after.rejected,
         near_tier: after.near,
@@ -227,11 +231,6 @@ const BACKLOG_WARNING: u64 = 20;
 /// Share of the reader's reads answered with no data because the database did not answer
 /// (errors, timeouts, breaker skips) past which the run is reported as not keeping up.
 const READER_SHORTFALL_WARNING: f64 = 0.01;
-
-/// The reader's reads answered with no data because the database did not answer in time.
-fn unanswered(reader: &ReaderStats) -> u64 {
-    reader.errors + reader.timeouts + reader.breaker_skips
-}
 
 fn ratio(part: u64, whole: u64) -> f64 {
     if whole == 0 {
@@ -289,9 +288,15 @@ impl SimReport {
                     (ServerRole::Replica, Some(lag)) => format!(
                         ", lag {:.0} ms{}",
                         lag.as_secs_f64() * 1000.0,
-                        if s.eligible { "" } else { " (not read)" }
+                        if s.eligible {
+                            ""
+                        } else {
+                            " (not eligible at the end)"
+                        }
                     ),
-                    (ServerRole::Replica, None) => ", lag unknown (not read)".to_owned(),
+                    (ServerRole::Replica, None) => {
+                        ", lag unknown (not eligible at the end)".to_owned()
+                    }
                     _ => String::new(),
                 };
                 out.push_str(&format!(
@@ -333,7 +338,7 @@ impl SimReport {
                 "metrics                {windows} windows exported to INFLUXDB_URL, {failures} failed attempts\n"
             ));
         }
-        if unanswered(&self.reader) > 0 {
+        if self.reader.errors + self.reader.timeouts + self.reader.breaker_skips > 0 {
             out.push_str(&format!(
                 "reader                 {} errors, {} reads over the time budget, {} skipped by the circuit breaker (of {} reads)\n",
                 self.reader.errors, self.reader.timeouts, self.reader.breaker_skips, self.reader.reads
@@ -350,11 +355,11 @@ impl SimReport {
         }
         if self.reader_fell_behind {
             out.push_str(&format!(
-                "warning: {} of the reader's reads were answered with no data because the \
+                "warning: {} of the measured window's reads were answered with no data because the \
                  database did not answer in time: the database fell behind in real time, so these \
                  figures measure this machine at this compression rather than the design; run \
                  again with a lower --speedup (or on a quieter machine)\n",
-                pct(ratio(unanswered(&self.reader), self.reader.reads))
+                pct(self.reader_unanswered_share)
             ));
         }
         if self.dropped_requests + self.rejected_requests > 0 {

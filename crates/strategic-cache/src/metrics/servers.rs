@@ -56,9 +56,8 @@ pub(super) fn render(
     timestamp_ns: i64,
     out: &mut String,
 ) {
-    let window = ServerStats::since(servers.to_vec(), previous);
-    *previous = servers.to_vec();
-    for s in &window {
+    let earlier = std::mem::replace(previous, servers.to_vec());
+    for s in &ServerStats::since(servers.to_vec(), &earlier) {
         let mut line = LineBuilder::new(out, MEASUREMENT_SERVER)
             .tag(TAG_ROLE, s.role.as_str())
             .tag(TAG_SERVER, &sanitize_tag_value(&s.name))

@@ -94,12 +94,14 @@ pub struct PgConfig {
     pub max_replica_lag: Duration,
     /// How often the lag monitor samples the primary and the replicas. Default 100 ms.
     pub replica_probe_interval: Duration,
-    /// Longest a hot-path read waits on a replica before it is retried on the primary; the
-    /// replica is then not read until the monitor's next good sample of it. A replica that
-    /// hangs or is cut off silently costs the reads already sent to it this long each,
-    /// rather than the reader's whole budget. Keep it below the reader's budget, with room
-    /// for the primary's read. Default 20 ms (a replica read takes well under 1 ms on a
-    /// local network).
+    /// Longest a hot-path read waits on a replica (for a connection and for the answer)
+    /// before it is retried on the primary, so that a replica that hangs or is cut off
+    /// silently costs each read sent to it this much, not the reader's whole budget. The
+    /// replica stays eligible (it may be slow because it is busy): the monitor's probe, which
+    /// gives up after `max_replica_lag / 2`, decides whether it is gone. With the primary
+    /// unreachable the replicas are the only source, and their reads are not limited. Keep it
+    /// below the reader's budget, with room for the primary's read. Must be positive. Default
+    /// 20 ms (a replica read takes well under 1 ms on a local network).
     pub replica_read_timeout: Duration,
 }
 

@@ -32,12 +32,13 @@
 //! [`Servers::choose`] picks an eligible replica, round-robin; with `after` (the near tier's
 //! last invalidation of the key, see `near/store.rs`) only one whose coverage is at least
 //! `after`; otherwise the primary. [`Servers::settle`] counts the outcome and says where to
-//! retry once: a failed replica read (an error, or no answer within
-//! `replica_read_timeout`) loses that replica's coverage (until its next good sample) and is
-//! retried on the primary (or, with the primary unreachable, on another
+//! retry once: a failed replica read loses that replica's coverage (until its next good
+//! sample) and is retried on the primary (or, with the primary unreachable, on another
 //! eligible replica); a failed primary read is retried on a replica eligible in the
-//! unreachable mode. The decisions themselves are pure functions ([`eligible`], [`pick`]),
-//! unit-tested below.
+//! unreachable mode. A replica read with no answer within `replica_read_timeout` (while the
+//! primary is reachable) is retried on the primary too, but keeps the replica's coverage:
+//! slow may be busy, and the monitor's probe decides whether it is gone. The decisions
+//! themselves are pure functions ([`eligible`], [`pick`]), unit-tested below.
 //!
 //! Each server has its own read pool and its own batcher (`batch.rs`), so batching works the
 //! same on every server.
@@ -274,19 +275,33 @@ impl Servers {
             let server = self.server(target);
             let on_server = read_on(server, read, self.batching.load(Ordering::Relaxed));
             let result = match target {
-                Target::Primary => on_server.await,
-                // A replica that hangs must not keep the read until the reader's budget ends.
-                Target::Replica(_) => tokio::time::timeout(self.read_timeout, on_server)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Arc::new(sqlx::Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!(
-                                "no answer from the replica within replica_read_timeout ({:?})",
-                                self.read_timeout
-                            ),
-                        ))))
-                    }),
+                // A replica that hangs must not keep the read until the reader's budget ends;
+                // with the primary down the replicas are the only source, so no limit then.
+                Target::Replica(_) if self.down_since().is_none() => {
+                    match tokio::time::timeout(self.read_timeout, on_server).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            // Slow is not broken (it may be queued behind a burst): the replica
+                            // stays eligible, and the monitor's probe decides whether it is.
+                            server.errors.fetch_add(1, Ordering::Relaxed);
+                            if !retried {
+                                target = Target::Primary;
+                                retried = true;
+                                continue;
+                            }
+                            let error = sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "no answer from the replica within replica_read_timeout \
+                                     ({:?})",
+                                    self.read_timeout
+                                ),
+                            ));
+                            return Err((Arc::new(error), server.url.as_str()));
+                        }
+                    }
+                }
+                _ => on_server.await,
             };
             if result.is_ok() && target == Target::Primary {
                 self.primary_answered();
@@ -713,13 +728,20 @@ impl Probe {
             .await
         {
             Ok((id,)) => Some(id),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            // Revoked from this role (42501), or a server without the function: the check
+            // is optional, so it is off rather than the monitor.
+            Err(sqlx::Error::Database(e)) => {
                 if !self.identity_warned.swap(true, Ordering::Relaxed) {
+                    let hint = if e.code().as_deref() == Some("42501") {
+                        "; GRANT EXECUTE ON FUNCTION pg_control_system() to this role"
+                    } else {
+                        ""
+                    };
                     tracing::warn!(
                         server = %self.name,
-                        "strategic cache: this role may not run pg_control_system(), so the replica \
-                         monitor cannot check that each replica belongs to the primary's cluster; \
-                         GRANT EXECUTE ON FUNCTION pg_control_system() to it"
+                        "strategic cache: cannot read this server's system identifier ({e}), so \
+                         the replica monitor cannot check that each replica belongs to the \
+                         primary's cluster{hint}"
                     );
                 }
                 None
@@ -778,8 +800,9 @@ impl Probe {
                 (Ok(_), _) => *backoff = Backoff::default(),
                 (Err(_), true) => {
                     backoff.failures = backoff.failures.saturating_add(1);
+                    let now = Instant::now();
                     backoff.next_attempt =
-                        Some(Instant::now() + Backoff::pause(backoff.failures, interval));
+                        now.checked_add(Backoff::pause(backoff.failures, interval));
                 }
                 // A connection that worked and then failed is tried again at once.
                 (Err(_), false) => {}
@@ -1064,8 +1087,6 @@ mod tests {
     const MS: u64 = 1_000_000;
     const LAG: u64 = 1000 * MS;
 
-    /// A replica is eligible exactly while its coverage is within the bound of now, and
-    /// never without coverage.
     /// Reconnecting to a replica that refuses backs off from the probe interval, doubling,
     /// to a second at most.
     #[test]
@@ -1085,6 +1106,8 @@ mod tests {
         );
     }
 
+    /// A replica is eligible exactly while its coverage is within the bound of now, and
+    /// never without coverage.
     #[test]
     fn eligible_within_the_bound_only() {
         assert!(eligible(cov(5000 * MS), 5000 * MS, None, LAG, None));
