@@ -606,27 +606,25 @@ async fn a_replica_of_another_cluster_is_never_read() {
     assert_eq!(foreign_stats(&servers).reads, 0, "{servers:?}");
     assert!(replica(&set, &servers, 0).reads > 0, "{servers:?}");
 
-    let run = crate::cli::run(
-        Some(&set.primary_url()),
-        &[
-            "--replica",
-            &foreign,
-            "get",
-            "--user",
-            &user(0),
-            "--bot",
-            BOT,
-        ],
-        b"",
-    )
-    .await;
-    run.expect_code(0, "get with a replica of another cluster");
-    let warnings: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("another cluster"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{run:#?}");
+    cli_get_warns_once(&set.primary_url(), &foreign, "another cluster").await;
+}
+
+/// `strategic-cache --replica <replica> get` on `primary` succeeds, with exactly one line of
+/// stderr containing `warning`.
+async fn cli_get_warns_once(primary: &str, replica: &str, warning: &str) {
+    let args = [
+        "--replica",
+        replica,
+        "get",
+        "--user",
+        &user(0),
+        "--bot",
+        BOT,
+    ];
+    let run = crate::cli::run(Some(primary), &args, b"").await;
+    run.expect_code(0, &format!("{args:?}"));
+    let lines = run.stderr.lines().filter(|l| l.contains(warning)).count();
+    assert_eq!(lines, 1, "{run:#?}");
 }
 
 /// Where `EXECUTE` on `pg_control_system()` is revoked from the bot's role, the monitor cannot
@@ -679,27 +677,12 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
     );
     assert!(replica(&set, &limited.servers(), 0).reads > 0);
 
-    let run = crate::cli::run(
-        Some(&as_bot(set.primary_url())),
-        &[
-            "--replica",
-            &replica_url,
-            "get",
-            "--user",
-            &user(0),
-            "--bot",
-            BOT,
-        ],
-        b"",
+    cli_get_warns_once(
+        &as_bot(set.primary_url()),
+        &replica_url,
+        "pg_control_system",
     )
     .await;
-    run.expect_code(0, "get as a role without pg_control_system()");
-    let warnings: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("pg_control_system"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{run:#?}");
 }
 
 /// A replica cut off silently (a proxy that stops forwarding: no RST, no FIN) costs no read:

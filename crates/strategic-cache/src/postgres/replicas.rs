@@ -1359,26 +1359,30 @@ mod tests {
                 replicas: vec![bad.into()],
                 ..PgConfig::default()
             };
-            let error =
-                super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", config)
-                    .await
-                    .unwrap_err();
-            assert!(
-                matches!(
-                    &error,
-                    CacheError::InvalidInput {
-                        field: "replicas",
-                        ..
-                    }
-                ),
-                "{bad}: {error:?}"
-            );
+            let error = connect_error(config).await;
+            assert_eq!(invalid_field(&error), Some("replicas"), "{bad}: {error:?}");
             assert!(!error.to_string().contains("pw"), "{error}");
         }
     }
 
-    /// With replicas, a probe interval of zero or over half the bound is invalid input,
-    /// before anything connects; without replicas the two settings are not used.
+    /// What `connect` returns for `config` (an error: nothing listens on port 1).
+    async fn connect_error(config: PgConfig) -> CacheError {
+        super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", config)
+            .await
+            .unwrap_err()
+    }
+
+    /// The setting an `InvalidInput` error names.
+    fn invalid_field(error: &CacheError) -> Option<&'static str> {
+        match error {
+            CacheError::InvalidInput { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// With replicas, a probe interval of zero or over half the bound is invalid input, as is
+    /// a replica read timeout of zero, before anything connects; without replicas the
+    /// settings are not used.
     #[tokio::test]
     async fn probe_interval_must_fit_the_bound() {
         let config = |interval_ms, lag_ms, replicas: &[&str]| PgConfig {
@@ -1389,20 +1393,10 @@ mod tests {
         };
         let replica = ["postgres://u@127.0.0.1:2/d"];
         for (interval, lag) in [(0, 1000), (501, 1000), (100, 0)] {
-            let error = super::super::PgCacheRepository::connect(
-                "postgres://u@127.0.0.1:1/d",
-                config(interval, lag, &replica),
-            )
-            .await
-            .unwrap_err();
-            assert!(
-                matches!(
-                    &error,
-                    CacheError::InvalidInput {
-                        field: "replica_probe_interval",
-                        ..
-                    }
-                ),
+            let error = connect_error(config(interval, lag, &replica)).await;
+            assert_eq!(
+                invalid_field(&error),
+                Some("replica_probe_interval"),
                 "{interval} ms / {lag} ms: {error:?}"
             );
         }
@@ -1412,17 +1406,10 @@ mod tests {
             replica_read_timeout: Duration::ZERO,
             ..config(100, 1000, &replica)
         };
-        let error = super::super::PgCacheRepository::connect("postgres://u@127.0.0.1:1/d", no_time)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                &error,
-                CacheError::InvalidInput {
-                    field: "replica_read_timeout",
-                    ..
-                }
-            ),
+        let error = connect_error(no_time).await;
+        assert_eq!(
+            invalid_field(&error),
+            Some("replica_read_timeout"),
             "{error:?}"
         );
     }
