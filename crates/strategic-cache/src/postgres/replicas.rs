@@ -650,7 +650,10 @@ struct History {
     /// How many samples are kept.
     capacity: usize,
     /// The primary's `system_identifier` (0: unknown), which each replica must share: the
-    /// LSNs of another cluster mean nothing here.
+    /// LSNs of another cluster mean nothing here. Stored in the same synchronous step as the
+    /// sample it came with, and the monitor's loops share one task, so no sample (hence no
+    /// coverage) exists before it: 0 with samples means the check is off (the role may not
+    /// read it).
     identity: AtomicI64,
 }
 
