@@ -35,22 +35,24 @@ fn entry(i: usize, version: u64) -> NewEntry {
     NewEntry::new(Key::user_bot(user(i), BOT), versioned(version)).with_ttl(TTL)
 }
 
+/// A repository on `primary` with `config`.
+async fn connected(primary: &str, config: PgConfig) -> Arc<PgCacheRepository> {
+    Arc::new(PgCacheRepository::connect(primary, config).await.unwrap())
+}
+
 /// A repository on the set's primary with its replicas, lag bound `max_lag`, and a replica
 /// read timeout (1 s) that only a fault reaches, as the reader's budget below.
 async fn repository(set: &ReplicaSet, max_lag: Duration) -> Arc<PgCacheRepository> {
-    Arc::new(
-        PgCacheRepository::connect(
-            &set.primary_url(),
-            PgConfig {
-                replicas: set.replica_urls(),
-                max_replica_lag: max_lag,
-                replica_read_timeout: Duration::from_secs(1),
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
+    connected(
+        &set.primary_url(),
+        PgConfig {
+            replicas: set.replica_urls(),
+            max_replica_lag: max_lag,
+            replica_read_timeout: Duration::from_secs(1),
+            ..PgConfig::default()
+        },
     )
+    .await
 }
 
 /// A reader over `repo` whose budget is long enough that only a fault, not a loaded machine,
@@ -563,17 +565,14 @@ async fn a_replica_of_another_cluster_is_never_read() {
     );
 
     let foreign = other.replica(0).url(crate::support::replicas::DATABASE);
-    let repo = Arc::new(
-        PgCacheRepository::connect(
-            &set.primary_url(),
-            PgConfig {
-                replicas: vec![set.replica_urls()[0].clone(), foreign.clone()],
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = connected(
+        &set.primary_url(),
+        PgConfig {
+            replicas: vec![set.replica_urls()[0].clone(), foreign.clone()],
+            ..PgConfig::default()
+        },
+    )
+    .await;
     for i in 0..USERS {
         repo.upsert(&entry(i, 1)).await.unwrap();
     }
@@ -641,11 +640,7 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
         )
         .await
         .unwrap();
-    let repo = Arc::new(
-        PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let repo = connected(&set.primary_url(), PgConfig::default()).await;
     for i in 0..USERS {
         repo.upsert(&entry(i, 1)).await.unwrap();
     }
@@ -653,17 +648,14 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
     let as_bot =
         |url: String| url.replacen("postgres://postgres@", "postgres://sc_limited_bot@", 1);
     let replica_url = as_bot(set.replica_urls()[0].clone());
-    let limited = Arc::new(
-        PgCacheRepository::connect(
-            &as_bot(set.primary_url()),
-            PgConfig {
-                replicas: vec![replica_url.clone()],
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let limited = connected(
+        &as_bot(set.primary_url()),
+        PgConfig {
+            replicas: vec![replica_url.clone()],
+            ..PgConfig::default()
+        },
+    )
+    .await;
     wait_eligible(&set, &limited, &[0]).await;
     let observer = Arc::new(RecordingObserver::default());
     let reader = reader(limited.clone(), observer);
@@ -694,18 +686,15 @@ async fn a_role_that_may_not_read_cluster_identities_still_reads_replicas_with_o
 async fn a_silently_cut_off_replica_costs_no_read() {
     let set = ReplicaSet::start(1).await;
     let proxy = Proxy::start(set.replica(0).addr()).await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(
-            &set.primary_url(),
-            PgConfig {
-                replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
-                replica_read_timeout: Duration::from_millis(50),
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = connected(
+        &set.primary_url(),
+        PgConfig {
+            replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
+            replica_read_timeout: Duration::from_millis(50),
+            ..PgConfig::default()
+        },
+    )
+    .await;
     for i in 0..USERS {
         repo.upsert(&entry(i, 1)).await.unwrap();
     }
@@ -759,18 +748,15 @@ async fn a_refusing_replica_is_retried_with_backoff_and_read_again_when_back() {
     let set = ReplicaSet::start(1).await;
     let proxy = Proxy::start(set.replica(0).addr()).await;
     proxy.set_down(true);
-    let repo = Arc::new(
-        PgCacheRepository::connect(
-            &set.primary_url(),
-            PgConfig {
-                replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
-                replica_probe_interval: Duration::from_millis(100),
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = connected(
+        &set.primary_url(),
+        PgConfig {
+            replicas: vec![proxy.url(crate::support::replicas::DATABASE)],
+            replica_probe_interval: Duration::from_millis(100),
+            ..PgConfig::default()
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = proxy.accepted();
     tokio::time::sleep(Duration::from_secs(3)).await;
