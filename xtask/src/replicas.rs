@@ -134,16 +134,11 @@ impl ReplicaSet {
 
     /// `psql -Atc sql` on server `i`.
     fn query(&self, i: usize, sql: &str) -> Option<String> {
-        let out = self
-            .command("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.servers[i].1.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-Atc", sql])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        system::stdout_of(
+            self.command("psql")
+                .args(["-h", "127.0.0.1", "-p", &self.servers[i].1.to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-Atc", sql]),
+        )
     }
 
     fn wait_streaming(&self, replicas: usize) -> Result<()> {

@@ -31,8 +31,12 @@ pub fn succeeds(program: &str, args: &[&str]) -> bool {
 
 /// The trimmed standard output of `program args`, if it exited 0.
 pub fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
+    stdout_of(Command::new(program).args(args))
+}
+
+/// The trimmed standard output of `command` (stdin and stderr discarded), if it exited 0.
+pub fn stdout_of(command: &mut Command) -> Option<String> {
+    let out = command
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
