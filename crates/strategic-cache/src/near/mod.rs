@@ -82,8 +82,20 @@ pub struct NearStats {
     pub flushes: u64,
     /// Keys invalidated by notifications.
     pub invalidations: u64,
-    /// Notifications received.
+    /// Notifications received (the listener's own lease probes aside): the sum of the three
+    /// below.
     pub notifications: u64,
+    /// Notifications applied as sent: their sender was proven to be a live session whose
+    /// role may write the table (rows installed) or change it (keys, flushes).
+    pub notifications_believed: u64,
+    /// Notifications applied only as invalidations of their keys (a flush stays a flush),
+    /// their rows never installed: the sender could not be proven (the session had already
+    /// ended, or the check failed), or it may delete but not write.
+    pub notifications_downgraded: u64,
+    /// Notifications that changed nothing: their sender is a live session whose role may not
+    /// change the table (or a lease probe not sent by the listener's own backend). A warning
+    /// names the pid and role (at most one per 10 s).
+    pub notifications_ignored: u64,
     /// Rows carried by notifications and installed in memory (a change applied without a
     /// database read; each is also counted in `invalidations`).
     pub rows_applied: u64,
@@ -152,6 +164,9 @@ impl NearTier {
             flushes: get(&c.flushes),
             invalidations: get(&c.invalidations),
             notifications: get(&c.notifications),
+            notifications_believed: get(&c.notifications_believed),
+            notifications_downgraded: get(&c.notifications_downgraded),
+            notifications_ignored: get(&c.notifications_ignored),
             rows_applied: get(&c.rows_applied),
             connects: get(&c.connects),
             lease_renewals: get(&c.lease_renewals),
