@@ -293,3 +293,66 @@ async fn real_writers_are_seen_within_the_bound() {
         "{last:?}"
     );
 }
+
+/// The sender check is executable by the two roles of migration 3 and by no one else
+/// (PUBLIC's EXECUTE is revoked), and migrating up again changes none of it.
+#[tokio::test]
+async fn the_sender_check_is_granted_to_the_roles_only() {
+    use sea_orm::ConnectionTrait;
+    let t = TestDb::migrated().await;
+    let outsider = LoginUser::create(&t, "outsider", None).await;
+    let options = migration::runner::MigrateOptions::default();
+    migration::runner::run(&t.db, migration::runner::Command::Up, &options)
+        .await
+        .unwrap();
+    let may = |role: &str| {
+        format!(
+            "has_function_privilege('{role}', 'strategic_cache_senders(integer[])', 'EXECUTE')"
+        )
+    };
+    let row = t
+        .db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            format!(
+                "SELECT {} AS r, {} AS w, {} AS o",
+                may(READER_ROLE),
+                may(WRITER_ROLE),
+                may(&outsider.name)
+            ),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let get = |c: &str| row.try_get::<bool>("", c).unwrap();
+    assert_eq!((get("r"), get("w"), get("o")), (true, true, false));
+}
+
+/// Without the sender check (its function dropped: migration 5 not applied), nothing a
+/// notification carries is installed, yet every write is still seen within the bound: rows
+/// arrive unproven and invalidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_check_rows_only_invalidate() {
+    use sea_orm::ConnectionTrait;
+    let (t, repo) = seeded(&["m1"], 1).await;
+    t.db.execute_unprepared("DROP FUNCTION strategic_cache_senders(integer[])")
+        .await
+        .unwrap();
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    warm(&reader, "m1").await;
+    assert_eq!(served(&reader, "m1").await, Some(1));
+    for version in 2..5u64 {
+        repo.upsert(&NewEntry::new(Key::user_bot("m1", BOT), versioned(version)))
+            .await
+            .unwrap();
+        let seen = poll_until(BOUND, || async {
+            served(&reader, "m1").await == Some(version)
+        })
+        .await;
+        assert!(seen.is_some(), "{:?}", reader.near_stats());
+    }
+    let stats = reader.near_stats().unwrap();
+    assert_eq!(stats.rows_applied, 0, "{stats:?}");
+    assert_eq!(stats.notifications_downgraded, stats.notifications, "{stats:?}");
+    assert!(stats.lease_valid, "{stats:?}");
+}

@@ -382,8 +382,8 @@ async fn roles_survive_repeated_and_reversed_migrations() {
     let t = TestDb::migrated().await;
     let options = MigrateOptions::default();
     runner::run(&t.db, Command::Up, &options).await.unwrap();
-    // Two steps: the near tier's triggers, then the roles.
-    runner::run(&t.db, Command::Down { steps: Some(2) }, &options)
+    // Three steps: the near tier's sender check and triggers, then the roles.
+    runner::run(&t.db, Command::Down { steps: Some(3) }, &options)
         .await
         .unwrap();
     let row = t

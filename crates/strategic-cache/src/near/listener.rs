@@ -7,9 +7,11 @@
 //! 2. subscribe the bots that fills asked for since the last round;
 //! 3. note the time `sent` and run `SELECT clock_timestamp() FROM (SELECT pg_notify(own, seq))`
 //!    on this connection (a probe; its answer also measures the database clock's offset);
-//! 4. read notifications, applying each (invalidate a key, or flush), until the probe's own
-//!    notification arrives. PostgreSQL delivers notifications in commit order, so every change
-//!    committed before `sent` has now been applied;
+//! 4. read notifications until the probe's own notification arrives (sent by this backend:
+//!    its pid is checked, so no other session can renew the lease), then judge their senders
+//!    and apply them in order (install a row, invalidate a key, or flush). PostgreSQL delivers
+//!    notifications in commit order, so every change committed before `sent` has now been
+//!    applied;
 //! 5. if this is the first lease of this connection (or the previous one lapsed), flush
 //!    everything: notifications sent while no lease was held may be lost (sqlx#447);
 //! 6. renew the lease until `sent + lease` and wait until `sent + probe_interval`; repeat.
@@ -20,6 +22,28 @@
 //! partitioned connection, a stalled server), the lease has already lapsed; the connection is
 //! dropped and the loop starts again, and any error does the same.
 //!
+//! # Whose notifications are believed
+//! `NOTIFY` needs no privilege: any role that may connect can send any payload on any channel.
+//! A notification is therefore believed only as far as its sender could have made the change.
+//! The protocol carries the sending backend's pid, which no payload can change. After a
+//! round's probe has come back, one statement (`strategic_cache_senders`, migration
+//! `m20251207_000005_create_sender_check`; none in a round without notifications) answers for
+//! every pid of the round whether it is a live session, when it started and whether its role
+//! may write or change each cache table. A live session that started before `since` (the
+//! previous probe's database time, or, in a connection's first round, a time taken before its
+//! first `LISTEN`) is the session that sent the round's notifications, since each of them was
+//! committed after that. Then, per notification:
+//! - proven, and the role may `INSERT`/`UPDATE` the table: applied as sent (rows installed);
+//! - proven, and the role may only delete or truncate: its keys invalidated, rows ignored;
+//! - proven, and the role may not change the table: nothing (counted, and a warning names the
+//!   pid and role at most once per 10 s);
+//! - unproven (the session is gone or younger than `since`, the check failed, the function is
+//!   missing): what it may stand for and nothing more: its keys are invalidated, a flush is a
+//!   flush, no row is installed. Coherence never rests on ignoring a change that may be real.
+//!
+//! The check runs before the lease is renewed and within the probe's deadline: a round that
+//! does not get its answer by `sent + lease` ends the session like a silent probe.
+//!
 //! Where Citus distributes the cache tables, the tier never takes the lease. Writes there run
 //! on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
 //! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
@@ -28,8 +52,12 @@
 //! above, so each session first asks whether the tables are distributed (one statement,
 //! `distributed_tables_sql`) and, if so, ends without a lease, says why once, and asks again a
 //! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
-//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`, which ends a running session, so a
-//! tier that held a lease when the tables moved stops serving from memory at once.
+//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a session that may change a cache
+//! table (the operator migrating owns them) or an unproven one (the command has usually exited
+//! by then), it flushes and the listener asks at once whether the tables are distributed,
+//! ending the session if they are, so a tier that held a lease when the tables moved stops
+//! serving from memory before its next renewal. From a session that may change no cache table
+//! it is ignored.
 //!
 //! Every invalidation and flush applied here records its instant before it bumps a generation
 //! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the

@@ -105,6 +105,27 @@ pub struct NearStats {
     pub lease_renewals: u64,
 }
 
+impl crate::metrics::WindowSource for NearTier {
+    fn render(&self, timestamp_ns: i64, out: &mut String) {
+        use crate::metrics::{MEASUREMENT_NEAR, near_field as f};
+        let s = self.stats();
+        crate::metrics::line_protocol::LineBuilder::new(out, MEASUREMENT_NEAR)
+            .bool(f::LEASE_VALID, s.lease_valid)
+            .int(f::BYTES, s.bytes)
+            .int(f::ENTRIES, s.entries)
+            .int(f::FILLS, s.fills)
+            .int(f::FLUSHES, s.flushes)
+            .int(f::INVALIDATIONS, s.invalidations)
+            .int(f::NOTIFICATIONS, s.notifications)
+            .int(f::NOTIFICATIONS_BELIEVED, s.notifications_believed)
+            .int(f::NOTIFICATIONS_DOWNGRADED, s.notifications_downgraded)
+            .int(f::NOTIFICATIONS_IGNORED, s.notifications_ignored)
+            .int(f::ROWS_APPLIED, s.rows_applied)
+            .int(f::CONNECTS, s.connects)
+            .finish(timestamp_ns);
+    }
+}
+
 /// Aborts the listener task when the last handle goes.
 #[derive(Debug)]
 struct TaskGuard(tokio::task::AbortHandle);
@@ -250,5 +271,36 @@ impl NearTier {
             })
             .await?;
         Ok(item.lookup_at(self.state.server_now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::WindowSource;
+
+    /// The `strategic_cache_near` line carries the tier's counters, the three kinds of
+    /// notification included.
+    #[tokio::test]
+    async fn near_line_carries_the_notification_counters() {
+        // Nothing listens on port 1 of loopback: the tier never connects, which is all this
+        // needs.
+        let tier = NearTier::start("postgres://u@127.0.0.1:1/db", &NearConfig::default()).unwrap();
+        let c = &tier.state.counters;
+        c.notifications.store(6, Ordering::Relaxed);
+        c.notifications_believed.store(3, Ordering::Relaxed);
+        c.notifications_downgraded.store(2, Ordering::Relaxed);
+        c.notifications_ignored.store(1, Ordering::Relaxed);
+        let mut out = String::new();
+        tier.render(7, &mut out);
+        assert!(
+            out.starts_with("strategic_cache_near lease_valid=false,")
+                && out.contains(
+                    ",notifications=6i,notifications_believed=3i,notifications_downgraded=2i,\
+                     notifications_ignored=1i,"
+                )
+                && out.ends_with(" 7\n"),
+            "{out}"
+        );
     }
 }
