@@ -356,3 +356,73 @@ async fn without_the_check_rows_only_invalidate() {
     assert_eq!(stats.notifications_downgraded, stats.notifications, "{stats:?}");
     assert!(stats.lease_valid, "{stats:?}");
 }
+
+/// What a flood of sessions that connect, notify and disconnect at once costs a reader (the
+/// figures `docs/STRATEGIC_CACHE_USAGE.md`, "Security", quotes; run with `--nocapture`): each
+/// such notification is unproven, so it may force re-reads of its keys (a flush, of every
+/// key), but never more than that, and never installs its forged row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_notify_disconnect_floods_cost_at_most_their_keys() {
+    let users = ["c1", "c2", "c3"];
+    let (t, repo) = seeded(&users, 1).await;
+    let reader = near_reader(repo.clone(), &t.url, Duration::from_secs(5));
+    for user in users {
+        warm(&reader, user).await;
+        served(&reader, user).await;
+    }
+    let channel = channel_of(&t, BOT).await;
+    let outsider = LoginUser::create(&t, "outsider", None).await;
+    let (quiet_reads, quiet_statements) =
+        read_for(&reader, &repo, &users, Duration::from_secs(2), 1).await;
+    println!(
+        "no flood: {quiet_reads} reads, {quiet_statements} statements ({:.3} per read)",
+        quiet_statements as f64 / quiet_reads as f64
+    );
+    let mut forged = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        forged.push(forged_row(&t, user, i as u64).await);
+    }
+    for flood in ["forged rows", "flush-all"] {
+        let before = reader.near_stats().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let sender = async {
+            let mut sessions = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let once = client(&outsider.url).await.unwrap();
+                if flood == "flush-all" {
+                    let payload = format!("{{\"c\":0,\"f\":true,\"n\":{sessions}}}");
+                    notify_all(&once, entity::FLUSH_ALL_CHANNEL, &[payload]).await;
+                } else {
+                    let payload = forged[sessions as usize % forged.len()].clone();
+                    notify_all(&once, &channel, &[payload]).await;
+                }
+                drop(once);
+                sessions += 1;
+            }
+            sessions
+        };
+        let reading = async {
+            let measured = read_for(&reader, &repo, &users, Duration::from_secs(2), 1).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            measured
+        };
+        let ((reads, statements), sessions) = tokio::join!(reading, sender);
+        tokio::time::sleep(BOUND).await;
+        let after = reader.near_stats().unwrap();
+        let downgraded = after.notifications_downgraded - before.notifications_downgraded;
+        println!(
+            "{flood} from {sessions} connect-notify-disconnect sessions in 2 s: {reads} reads, \
+             {statements} statements ({:.3} per read), {:.1} % from memory; {downgraded} \
+             notifications downgraded, {} believed, {} ignored",
+            statements as f64 / reads as f64,
+            100.0 * reads.saturating_sub(statements) as f64 / reads as f64,
+            after.notifications_believed - before.notifications_believed,
+            after.notifications_ignored - before.notifications_ignored,
+        );
+        assert!(sessions > 0 && downgraded > 0, "{after:?}");
+        assert!(
+            statements <= quiet_statements + downgraded * users.len() as u64,
+            "{flood}: {statements} statements for {downgraded} unproven notifications"
+        );
+    }
+}
