@@ -214,6 +214,11 @@ async fn floods_from_live_non_writers_change_nothing() {
         // Past the bound every message of the flood has been judged.
         tokio::time::sleep(BOUND).await;
         let stats = reader.near_stats().unwrap();
+        println!(
+            "{}: 8,000 messages from a live session in 1 s: {reads} reads, {statements} \
+             statements (without the flood: {quiet_reads} reads, {quiet_statements} statements)",
+            attacker.name
+        );
         assert!(reads > 0);
         assert!(
             statements <= quiet_statements,

@@ -12,7 +12,9 @@
 //! Bot code does not use this module directly: it turns the tier on through
 //! [`ReaderConfig::near`](crate::ReaderConfig) and
 //! [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier). The migration
-//! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`).
+//! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`), and
+//! `m20251207_000005_create_sender_check` for rows in notifications to be installed (without it
+//! they only invalidate: see `listener.rs`, "Whose notifications are believed").
 
 mod listener;
 mod store;
