@@ -28,9 +28,8 @@ async fn served(reader: &CacheReader, user: &str) -> Option<u64> {
 /// and `expires_at` 30 days ahead (what issue 21's attacker sent); `n` makes it unique.
 async fn forged_row(t: &TestDb, user: &str, n: u64) -> String {
     use sea_orm::ConnectionTrait;
-    let row = t
-        .db
-        .query_one_raw(sea_orm::Statement::from_string(
+    let row =
+        t.db.query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DatabaseBackend::Postgres,
             format!(
                 "SELECT json_build_object('c', 0, 'b', '{BOT}', 'k', json_build_array('{user}'), \
@@ -63,9 +62,8 @@ async fn notify_all(session: &tokio_postgres::Client, channel: &str, payloads: &
 /// The channel the triggers use for `bot` on `t`'s database.
 async fn channel_of(t: &TestDb, bot: &str) -> String {
     use sea_orm::ConnectionTrait;
-    let row = t
-        .db
-        .query_one_raw(sea_orm::Statement::from_string(
+    let row =
+        t.db.query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DatabaseBackend::Postgres,
             format!("SELECT strategic_cache_channel('{bot}') AS c"),
         ))
@@ -189,7 +187,9 @@ async fn floods_from_live_non_writers_change_nothing() {
         for i in 0..1000u64 {
             let user = users[i as usize % users.len()];
             bot_payloads.push(forged_row(&t, user, i).await);
-            bot_payloads.push(format!("{{\"c\":0,\"b\":\"{BOT}\",\"k\":[\"{user}\"],\"n\":{i}}}"));
+            bot_payloads.push(format!(
+                "{{\"c\":0,\"b\":\"{BOT}\",\"k\":[\"{user}\"],\"n\":{i}}}"
+            ));
             bot_payloads.push(format!("{{\"c\":0,\"b\":\"{BOT}\",\"f\":true,\"n\":{i}}}"));
             bot_payloads.push(format!("not json {i}"));
             all_payloads.push(format!("{{\"c\":0,\"f\":true,\"n\":{i}}}"));
@@ -311,13 +311,10 @@ async fn the_sender_check_is_granted_to_the_roles_only() {
         .await
         .unwrap();
     let may = |role: &str| {
-        format!(
-            "has_function_privilege('{role}', 'strategic_cache_senders(integer[])', 'EXECUTE')"
-        )
+        format!("has_function_privilege('{role}', 'strategic_cache_senders(integer[])', 'EXECUTE')")
     };
-    let row = t
-        .db
-        .query_one_raw(sea_orm::Statement::from_string(
+    let row =
+        t.db.query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DatabaseBackend::Postgres,
             format!(
                 "SELECT {} AS r, {} AS w, {} AS o",
@@ -358,7 +355,10 @@ async fn without_the_check_rows_only_invalidate() {
     }
     let stats = reader.near_stats().unwrap();
     assert_eq!(stats.rows_applied, 0, "{stats:?}");
-    assert_eq!(stats.notifications_downgraded, stats.notifications, "{stats:?}");
+    assert_eq!(
+        stats.notifications_downgraded, stats.notifications,
+        "{stats:?}"
+    );
     assert!(stats.lease_valid, "{stats:?}");
 }
 

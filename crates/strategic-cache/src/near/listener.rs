@@ -349,17 +349,18 @@ async fn apply_round(
             .collect();
         pids.sort_unstable();
         pids.dedup();
-        let answer = tokio::time::timeout_at(
-            deadline,
-            sea_orm::sqlx::query_as::<
-                _,
-                (i32, String, Option<DateTime<Utc>>, Vec<bool>, Vec<bool>),
-            >(SENDERS_SQL)
-            .bind(&pids)
-            .fetch_all(&mut *listener),
-        )
-        .await
-        .map_err(|_| SessionError::Silent(lease))?;
+        let answer =
+            tokio::time::timeout_at(
+                deadline,
+                sea_orm::sqlx::query_as::<
+                    _,
+                    (i32, String, Option<DateTime<Utc>>, Vec<bool>, Vec<bool>),
+                >(SENDERS_SQL)
+                .bind(&pids)
+                .fetch_all(&mut *listener),
+            )
+            .await
+            .map_err(|_| SessionError::Silent(lease))?;
         match answer {
             Ok(rows) => {
                 for (pid, role, backend_start, may_write, may_change) in rows {
@@ -534,9 +535,10 @@ async fn session(
         }
         Ok::<_, SessionError>((pool, listener, own_pid, listening_since))
     };
-    let (_pool, mut listener, own_pid, mut since) = tokio::time::timeout(config.connect_timeout, connect)
-        .await
-        .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
+    let (_pool, mut listener, own_pid, mut since) =
+        tokio::time::timeout(config.connect_timeout, connect)
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
     state.counters.connects.fetch_add(1, Ordering::Relaxed);
     let distributed: i32 = sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
         .fetch_one(&mut listener)
