@@ -662,3 +662,56 @@ async fn session(
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(may_write: [bool; 6], may_change: [bool; 6]) -> SenderInfo {
+        SenderInfo {
+            role: "r".into(),
+            backend_start: None,
+            may_write: may_write.to_vec(),
+            may_change: may_change.to_vec(),
+        }
+    }
+
+    /// How far each kind of sender is believed: a writer fully, a role that may only delete
+    /// as invalidations, a role that may not change the table not at all, an unproven sender
+    /// as invalidations whatever it sends; a payload not understood (no component) is a flush
+    /// from anyone who may change some table, and nothing from anyone else.
+    #[test]
+    fn trust_follows_what_the_sender_may_do() {
+        let none = [false; 6];
+        let mut only_mh = none;
+        only_mh[0] = true;
+        let writer = info(only_mh, only_mh);
+        let deleter = info(none, only_mh);
+        let reader = info(none, none);
+        assert_eq!(Sender::Proven(&writer).trust(Some(0)), Trust::Full);
+        assert_eq!(Sender::Proven(&writer).trust(Some(2)), Trust::None);
+        assert_eq!(Sender::Proven(&deleter).trust(Some(0)), Trust::Keys);
+        assert_eq!(Sender::Proven(&reader).trust(Some(0)), Trust::None);
+        assert_eq!(Sender::Proven(&reader).trust(Some(99)), Trust::None);
+        assert_eq!(Sender::Unproven.trust(Some(0)), Trust::Keys);
+        assert_eq!(Sender::Unproven.trust(None), Trust::Keys);
+        assert_eq!(Sender::Proven(&writer).trust(None), Trust::Full);
+        assert_eq!(Sender::Proven(&reader).trust(None), Trust::None);
+    }
+
+    /// A flush-all message changes nothing from a role that may change no table, and flushes
+    /// from an unproven sender.
+    #[test]
+    fn a_flush_from_a_non_writer_changes_nothing() {
+        let (tx, _rx) = mpsc::channel(1);
+        let state = NearState::new(1 << 20, tx);
+        let reader = info([false; 6], [false; 6]);
+        let payload = r#"{"c":0,"f":true}"#;
+        let outcome = apply(&state, true, payload, Sender::Proven(&reader));
+        assert_eq!(outcome, Outcome::Ignored);
+        assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 0);
+        let outcome = apply(&state, true, payload, Sender::Unproven);
+        assert_eq!(outcome, Outcome::Downgraded);
+        assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 1);
+    }
+}
