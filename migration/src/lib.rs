@@ -27,6 +27,8 @@ mod m20251124_000002_create_refresh_queue;
 mod m20251124_000003_create_roles;
 // Near tier: change notifications.
 mod m20251130_000004_create_notify_triggers;
+// Near tier: who sent a notification.
+mod m20251207_000005_create_sender_check;
 pub mod runner;
 
 pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_existing};
@@ -35,11 +37,13 @@ pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_exist
 pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
 // Near tier.
 pub use m20251130_000004_create_notify_triggers::{FLUSH_ALL_CHANNEL, MAX_PAYLOAD_BYTES};
+pub use m20251207_000005_create_sender_check::SENDERS_FUNCTION;
 
-/// Creates the near tier's notify triggers (migration 4's `up`) on `db` without recording the
-/// migration: for a scratch schema (`simulate`, `bench`) that applies the first two migrations
+/// Creates the near tier's notify triggers (migration 4's `up`) and its sender check
+/// (migration 5's function, without the roles' grants) on `db` without recording the
+/// migrations: for a scratch schema (`simulate`, `bench`) that applies the first two migrations
 /// but not the third, whose cluster-wide roles would outlive it, and whose readers still need
-/// the triggers to keep a near tier coherent.
+/// the triggers to keep a near tier coherent (and the check to install the rows they carry).
 pub async fn create_notify_triggers(
     db: &sea_orm_migration::sea_orm::DatabaseConnection,
 ) -> Result<(), DbErr> {
@@ -48,7 +52,8 @@ pub async fn create_notify_triggers(
         &m20251130_000004_create_notify_triggers::Migration,
         &manager,
     )
-    .await
+    .await?;
+    m20251207_000005_create_sender_check::create_function(db).await
 }
 
 /// The workspace's migrator: every migration, oldest first.
@@ -62,6 +67,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251124_000002_create_refresh_queue::Migration),
             Box::new(m20251124_000003_create_roles::Migration),
             Box::new(m20251130_000004_create_notify_triggers::Migration),
+            Box::new(m20251207_000005_create_sender_check::Migration),
         ]
     }
 }

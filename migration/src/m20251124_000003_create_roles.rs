@@ -128,6 +128,8 @@ pub async fn grant_to_existing(db: &impl ConnectionTrait) -> Result<Vec<&'static
             }
         }
     }
+    // The near tier's sender check (migration 5), once it exists.
+    crate::m20251207_000005_create_sender_check::grant_execute(db).await?;
     Ok(missing)
 }
 

@@ -19,6 +19,8 @@ mod metrics;
 // The reader's near tier.
 mod near;
 mod near_faults;
+// The near tier believes only writers (issue 21).
+mod near_senders;
 mod privileges;
 mod races;
 mod read_pool;

@@ -834,7 +834,8 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
 }
 
 /// The notify migration adds four statement-level triggers to each of the six tables and two
-/// functions; its `down` removes all of them and leaves the tables.
+/// functions, the sender-check migration one more; their `down` removes all of them and
+/// leaves the tables.
 #[tokio::test]
 async fn notify_triggers_migrate_up_and_down() {
     use migration::runner::{self, Command, MigrateOptions};
@@ -842,11 +843,12 @@ async fn notify_triggers_migrate_up_and_down() {
     let triggers = "SELECT count(*)::bigint AS n FROM pg_trigger \
                     WHERE tgname LIKE 'strategic_cache_notify_%' AND NOT tgisinternal";
     let functions = "SELECT count(*)::bigint AS n FROM pg_proc \
-                     WHERE proname IN ('strategic_cache_notify', 'strategic_cache_channel')";
+                     WHERE proname IN ('strategic_cache_notify', 'strategic_cache_channel', \
+                     'strategic_cache_senders')";
     assert_eq!(count(&t.db, triggers).await, 24);
-    assert_eq!(count(&t.db, functions).await, 2);
+    assert_eq!(count(&t.db, functions).await, 3);
     let options = MigrateOptions::default();
-    runner::run(&t.db, Command::Down { steps: Some(1) }, &options)
+    runner::run(&t.db, Command::Down { steps: Some(2) }, &options)
         .await
         .unwrap();
     assert_eq!(count(&t.db, triggers).await, 0);

@@ -19,62 +19,8 @@ use strategic_cache::{
 };
 
 use crate::cli::{run, run_logging, seed};
-use crate::support::db::{TestDb, connect, server_url};
-
-const PASSWORD: &str = "s3cret-Pa55word-xyzzy";
-
-/// A login user of the test's own, dropped (best effort) when this is dropped.
-struct LoginUser {
-    name: String,
-    /// The test database's URL as this user, with [`PASSWORD`] in it.
-    url: String,
-}
-
-impl LoginUser {
-    /// Creates `{db}_{suffix}` with [`PASSWORD`], member of `group` (if any).
-    async fn create(t: &TestDb, suffix: &str, group: Option<&str>) -> LoginUser {
-        let name = format!("{}_{suffix}", t.name);
-        let in_role = group.map(|g| format!(" IN ROLE {g}")).unwrap_or_default();
-        t.db.execute_unprepared(&format!(
-            "CREATE ROLE \"{name}\" LOGIN PASSWORD '{PASSWORD}'{in_role}"
-        ))
-        .await
-        .unwrap();
-        let (scheme, rest) = t.url.split_once("://").unwrap();
-        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-        LoginUser {
-            url: format!("{scheme}://{name}:{PASSWORD}@{host}"),
-            name,
-        }
-    }
-
-    async fn repo(&self) -> PgCacheRepository {
-        PgCacheRepository::connect(
-            &self.url,
-            PgConfig {
-                max_connections: 2,
-                min_connections: 0,
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap()
-    }
-}
-
-impl Drop for LoginUser {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        crate::support::db::clean_up(format!("dropping LOGIN role {}", self.name), async move {
-            let admin = connect(&server_url().await).await;
-            let dropped = admin
-                .execute_unprepared(&format!("DROP ROLE IF EXISTS \"{name}\""))
-                .await;
-            let _ = admin.close().await;
-            dropped.map(|_| ()).map_err(|e| e.to_string())
-        });
-    }
-}
+use crate::support::db::TestDb;
+use crate::support::login::{LoginUser, PASSWORD};
 
 fn entry(user: &str) -> NewEntry {
     NewEntry::new(
@@ -436,8 +382,8 @@ async fn roles_survive_repeated_and_reversed_migrations() {
     let t = TestDb::migrated().await;
     let options = MigrateOptions::default();
     runner::run(&t.db, Command::Up, &options).await.unwrap();
-    // Two steps: the near tier's triggers, then the roles.
-    runner::run(&t.db, Command::Down { steps: Some(2) }, &options)
+    // Three steps: the near tier's sender check and triggers, then the roles.
+    runner::run(&t.db, Command::Down { steps: Some(3) }, &options)
         .await
         .unwrap();
     let row = t

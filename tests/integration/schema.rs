@@ -18,13 +18,15 @@ type ContractColumn = (
 );
 
 /// Every migration, oldest first.
-const ALL_MIGRATIONS: [&str; 4] = [
+const ALL_MIGRATIONS: [&str; 5] = [
     "m20251124_000001_create_strategic_cache_tables",
     "m20251124_000002_create_refresh_queue",
     "m20251124_000003_create_roles",
     // The near tier's triggers: functions and triggers only, outside the catalog
     // compared here.
     "m20251130_000004_create_notify_triggers",
+    // Who sent a notification: one function.
+    "m20251207_000005_create_sender_check",
 ];
 
 const TS: &str = "timestamp with time zone";

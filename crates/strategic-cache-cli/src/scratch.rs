@@ -8,7 +8,8 @@
 //! after an error, and on Ctrl-C or SIGTERM.
 //!
 //! Only the first two migrations run (the six cache tables and `strategic_refresh_queue`), and
-//! the fourth's notify triggers for the near tier, not recorded as applied. The
+//! the fourth's notify triggers and the fifth's sender check for the near tier, not recorded
+//! as applied. The
 //! third creates the cluster-wide roles `strategic_cache_reader` and `strategic_cache_writer`,
 //! which would outlive the schema (and even `dropdb`), needs `CREATEROLE`, and is not needed:
 //! the command connects as the given user, which owns the schema and everything in it.
@@ -77,8 +78,8 @@ fn schema_name(command: &str) -> String {
 pub fn announcement(command: &str, target: &str, schema: &str) -> String {
     format!(
         "{command} will create the schema {schema} in {target}, create the six cache tables and \
-         strategic_refresh_queue in it (migrations 1 and 2, and the near tier's notify triggers; \
-         not the cluster-wide roles), write only there, and drop the schema when it ends; \
+         strategic_refresh_queue in it (migrations 1 and 2, and the near tier's notify triggers \
+         and sender check; not the cluster-wide roles), write only there, and drop the schema when it ends; \
          nothing outside it is read or changed"
     )
 }
@@ -159,7 +160,8 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
         migration::Migrator::up(&scoped, Some(MIGRATIONS))
             .await
             .map_err(|e| anyhow!("cannot create the cache tables in the schema {schema}: {e}"))?;
-        // The near tier's notify triggers (migration 4), so that a reader with a near tier in
+        // The near tier's notify triggers (migration 4) and sender check (migration 5's
+        // function: without it their rows only invalidate), so that a reader with a near tier in
         // the schema sees every write; they go with the schema when it is dropped.
         migration::create_notify_triggers(&scoped)
             .await

@@ -1,11 +1,12 @@
 //! The test harness, apart from the tests: a fresh database per test ([`db`]), a private
 //! PostgreSQL cluster to stop and kill ([`cluster`]), a primary with streaming replicas
-//! ([`replicas`]), a TCP fault proxy ([`proxy`]), a
+//! ([`replicas`]), login users of a test's own ([`login`]), a TCP fault proxy ([`proxy`]), a
 //! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
 
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
+pub mod login;
 pub mod proxy;
 pub mod replicas;
 pub mod timing;

@@ -2,7 +2,8 @@
 //! sees right now. Reads through a `CacheReader` with the near tier at every
 //! interval and prints one line per read, as it goes (this is the one command that prints
 //! before it returns): for each component the `computed_at` served and where it came from
-//! (`near`, `primary`, `replica host:port/database`, `error`, or `missing`), the lease state and, with
+//! (`near`, `primary`, `replica host:port/database`, `error`, or `missing`), the lease state,
+//! the notifications the tier believed, downgraded to invalidations and ignored and, with
 //! replicas (`--replica`), each replica's measured lag and whether it may be read. With
 //! `--json`, one JSON object a line, the closing summary (`reads`, `stats`, `servers`)
 //! included.
@@ -76,13 +77,19 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
             None if failed(&servers) > failed(&before) => "error".to_owned(),
             None => "near".to_owned(),
         };
-        let lease = reader.near_stats().is_some_and(|s| s.lease_valid);
+        let near = reader.near_stats().unwrap_or_default();
+        let lease = near.lease_valid;
         let at = chrono::Utc::now();
         let mut components = serde_json::Map::new();
+        // What the tier made of the notifications it heard: `ignored` growing means a
+        // session sends changes it may not make (the log names it).
         let mut text = format!(
-            "{} lease={}",
+            "{} lease={} notifications believed={} downgraded={} ignored={}",
             at.format("%H:%M:%S%.3f"),
-            if lease { "held" } else { "lapsed" }
+            if lease { "held" } else { "lapsed" },
+            near.notifications_believed,
+            near.notifications_downgraded,
+            near.notifications_ignored,
         );
         for component in Component::ALL {
             let i = component.index();
@@ -116,6 +123,11 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
                 "at": at,
                 "read_us": read_us,
                 "lease": lease,
+                "notifications": {
+                    "believed": near.notifications_believed,
+                    "downgraded": near.notifications_downgraded,
+                    "ignored": near.notifications_ignored,
+                },
                 "source": source,
                 "components": Value::Object(components),
                 "replicas": replica_stats,
@@ -136,9 +148,15 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
     }
     let stats = reader.stats();
     let servers = repo.servers();
+    let near = reader.near_stats().unwrap_or_default();
     let mut summary = format!(
-        "{reads} reads, {} component hits of which {} from memory\n",
-        stats.hits, stats.near_hits
+        "{reads} reads, {} component hits of which {} from memory\n\
+         near tier: {} notifications believed, {} downgraded to invalidations, {} ignored\n",
+        stats.hits,
+        stats.near_hits,
+        near.notifications_believed,
+        near.notifications_downgraded,
+        near.notifications_ignored,
     );
     if replicas {
         for s in &servers {
@@ -158,7 +176,7 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
     // With --json the summary is one more line of the JSON Lines stream, not a pretty object.
     Ok(Outcome::ok_line(
         summary,
-        json!({ "reads": reads, "stats": stats, "servers": servers }),
+        json!({ "reads": reads, "stats": stats, "near": near, "servers": servers }),
     ))
 }
 

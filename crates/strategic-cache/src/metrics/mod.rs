@@ -22,6 +22,7 @@
 //!
 //! ```text
 //! strategic_cache_reads,table=memory_health,bot=elena hit=9i,near_hit=0i,miss=1i,stale=0i,error=0i,reads=10i,hit_rate=0.9,latency_p50_us=181,latency_p95_us=362,latency_p99_us=362,latency_max_us=340,age_p50_s=63,age_p95_s=191,age_max_s=170 1700000000000000000
+//! strategic_cache_near lease_valid=true,bytes=1322i,entries=2i,fills=6i,flushes=1i,invalidations=10i,notifications=10i,notifications_believed=2i,notifications_downgraded=8i,notifications_ignored=0i,rows_applied=2i,connects=1i 1700000000000000000
 //! strategic_cache_exporter dropped_windows=0i,overflow_bots=0i,export_failures=0i,pending_windows=0i 1700000000000000000
 //! ```
 //!
@@ -240,9 +241,60 @@ pub const SERVER_FIELDS: [&str; 4] = [
 /// Every tag of [`MEASUREMENT_SERVER`].
 pub const SERVER_TAGS: [&str; 2] = [TAG_ROLE, TAG_SERVER];
 
+/// Measurement of a reader's near tier ([`NearStats`](crate::NearStats)), one point per tier
+/// per window, cumulative since the tier started (like [`MEASUREMENT_WORKER`]). Register the
+/// tier with [`MetricsRecorder::add_source`]:
+/// `recorder.add_source(Arc::new(reader.near_tier().unwrap()))`.
+pub const MEASUREMENT_NEAR: &str = "strategic_cache_near";
+/// The fields of [`MEASUREMENT_NEAR`], by name: each is the [`NearStats`](crate::NearStats)
+/// field of the same name.
+pub mod near_field {
+    /// Whether the lease is held (boolean).
+    pub const LEASE_VALID: &str = "lease_valid";
+    /// Bytes held, by the weigher's estimate (integer).
+    pub const BYTES: &str = "bytes";
+    /// Values held (integer).
+    pub const ENTRIES: &str = "entries";
+    /// Store reads made through the tier (integer).
+    pub const FILLS: &str = "fills";
+    /// Flushes (integer).
+    pub const FLUSHES: &str = "flushes";
+    /// Keys invalidated by notifications (integer).
+    pub const INVALIDATIONS: &str = "invalidations";
+    /// Notifications received (integer).
+    pub const NOTIFICATIONS: &str = "notifications";
+    /// Notifications applied as sent, from a proven writer (integer).
+    pub const NOTIFICATIONS_BELIEVED: &str = "notifications_believed";
+    /// Notifications applied only as invalidations, their sender unproven (integer).
+    pub const NOTIFICATIONS_DOWNGRADED: &str = "notifications_downgraded";
+    /// Notifications that changed nothing: sent by a session that may not change the table
+    /// (integer; growing means someone sends what they may not).
+    pub const NOTIFICATIONS_IGNORED: &str = "notifications_ignored";
+    /// Rows installed from notifications (integer).
+    pub const ROWS_APPLIED: &str = "rows_applied";
+    /// Connections the listener made (integer).
+    pub const CONNECTS: &str = "connects";
+}
+/// Every field of [`MEASUREMENT_NEAR`].
+pub const NEAR_FIELDS: [&str; 12] = [
+    near_field::LEASE_VALID,
+    near_field::BYTES,
+    near_field::ENTRIES,
+    near_field::FILLS,
+    near_field::FLUSHES,
+    near_field::INVALIDATIONS,
+    near_field::NOTIFICATIONS,
+    near_field::NOTIFICATIONS_BELIEVED,
+    near_field::NOTIFICATIONS_DOWNGRADED,
+    near_field::NOTIFICATIONS_IGNORED,
+    near_field::ROWS_APPLIED,
+    near_field::CONNECTS,
+];
+
 /// Something whose counters go out with every exported window, beside the read metrics:
 /// the scheduler's [`Worker`](crate::scheduler::Worker) and
-/// [`RefreshRequester`](crate::scheduler::RefreshRequester). Register it with
+/// [`RefreshRequester`](crate::scheduler::RefreshRequester), a reader's
+/// [`NearTier`](crate::NearTier). Register it with
 /// [`MetricsRecorder::add_source`]. Rendering must be cheap and must not block.
 pub trait WindowSource: Send + Sync + std::fmt::Debug {
     /// Appends this source's line-protocol lines, stamped `timestamp_ns`.

@@ -7,9 +7,11 @@
 //! 2. subscribe the bots that fills asked for since the last round;
 //! 3. note the time `sent` and run `SELECT clock_timestamp() FROM (SELECT pg_notify(own, seq))`
 //!    on this connection (a probe; its answer also measures the database clock's offset);
-//! 4. read notifications, applying each (invalidate a key, or flush), until the probe's own
-//!    notification arrives. PostgreSQL delivers notifications in commit order, so every change
-//!    committed before `sent` has now been applied;
+//! 4. read notifications until the probe's own notification arrives (sent by this backend:
+//!    its pid is checked, so no other session can renew the lease), then judge their senders
+//!    and apply them in order (install a row, invalidate a key, or flush). PostgreSQL delivers
+//!    notifications in commit order, so every change committed before `sent` has now been
+//!    applied;
 //! 5. if this is the first lease of this connection (or the previous one lapsed), flush
 //!    everything: notifications sent while no lease was held may be lost (sqlx#447);
 //! 6. renew the lease until `sent + lease` and wait until `sent + probe_interval`; repeat.
@@ -20,6 +22,28 @@
 //! partitioned connection, a stalled server), the lease has already lapsed; the connection is
 //! dropped and the loop starts again, and any error does the same.
 //!
+//! # Whose notifications are believed
+//! `NOTIFY` needs no privilege: any role that may connect can send any payload on any channel.
+//! A notification is therefore believed only as far as its sender could have made the change.
+//! The protocol carries the sending backend's pid, which no payload can change. After a
+//! round's probe has come back, one statement (`strategic_cache_senders`, migration
+//! `m20251207_000005_create_sender_check`; none in a round without notifications) answers for
+//! every pid of the round whether it is a live session, when it started and whether its role
+//! may write or change each cache table. A live session that started before `since` (the
+//! previous probe's database time, or, in a connection's first round, a time taken before its
+//! first `LISTEN`) is the session that sent the round's notifications, since each of them was
+//! committed after that. Then, per notification:
+//! - proven, and the role may `INSERT`/`UPDATE` the table: applied as sent (rows installed);
+//! - proven, and the role may only delete or truncate: its keys invalidated, rows ignored;
+//! - proven, and the role may not change the table: nothing (counted, and a warning names the
+//!   pid and role at most once per 10 s);
+//! - unproven (the session is gone or younger than `since`, the check failed, the function is
+//!   missing): what it may stand for and nothing more: its keys are invalidated, a flush is a
+//!   flush, no row is installed. Coherence never rests on ignoring a change that may be real.
+//!
+//! The check runs before the lease is renewed and within the probe's deadline: a round that
+//! does not get its answer by `sent + lease` ends the session like a silent probe.
+//!
 //! Where Citus distributes the cache tables, the tier never takes the lease. Writes there run
 //! on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
 //! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
@@ -28,8 +52,12 @@
 //! above, so each session first asks whether the tables are distributed (one statement,
 //! `distributed_tables_sql`) and, if so, ends without a lease, says why once, and asks again a
 //! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
-//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`, which ends a running session, so a
-//! tier that held a lease when the tables moved stops serving from memory at once.
+//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a session that may change a cache
+//! table (the operator migrating owns them) or an unproven one (the command has usually exited
+//! by then), it flushes and the listener asks at once whether the tables are distributed,
+//! ending the session if they are, so a tier that held a lease when the tables moved stops
+//! serving from memory before its next renewal. From a session that may change no cache table
+//! it is ignored.
 //!
 //! Every invalidation and flush applied here records its instant before it bumps a generation
 //! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
@@ -46,7 +74,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 
 use super::NearConfig;
-use super::store::NearState;
+use super::store::{NearCounters, NearState};
 use crate::component::Component;
 use crate::keys::Key;
 
@@ -91,29 +119,116 @@ struct Change {
     r: Vec<serde_json::Value>,
 }
 
-/// Applies one notification. Anything not understood flushes everything: wrong is worse
-/// than a re-read.
-fn apply(state: &NearState, channel: &str, payload: &str) {
-    state.counters.notifications.fetch_add(1, Ordering::Relaxed);
-    let change = match serde_json::from_str::<Change>(payload) {
-        Ok(change) if channel != entity::FLUSH_ALL_CHANNEL && !change.f => change,
-        _ => return state.flush(),
+/// What the listener knows of the session that sent a notification (one row of
+/// `strategic_cache_senders`, migration `m20251207_000005_create_sender_check`).
+#[derive(Debug)]
+struct SenderInfo {
+    /// The session's login role (for the warning).
+    role: String,
+    /// When the session now holding the pid started (`None`: hidden from the function's
+    /// owner, see the migration).
+    backend_start: Option<DateTime<Utc>>,
+    /// Per component: whether the role may `INSERT` or `UPDATE` the table.
+    may_write: Vec<bool>,
+    /// Per component: whether the role may change the table at all (`DELETE`, `TRUNCATE` too).
+    may_change: Vec<bool>,
+}
+
+/// Who sent a notification, as far as the round's check proved it.
+#[derive(Clone, Copy, Debug)]
+enum Sender<'a> {
+    /// The live session that sent it (started before the notification was sent).
+    Proven(&'a SenderInfo),
+    /// Not known: the session is gone (or its pid now belongs to a later one), or the check
+    /// failed. Its notification may stand for a real change, and only for that.
+    Unproven,
+}
+
+/// How far a notification is believed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// As sent: rows are installed.
+    Full,
+    /// As invalidations: its keys are invalidated, a flush is a flush, rows install nothing.
+    Keys,
+    /// Not at all: its sender provably may not change the table.
+    None,
+}
+
+impl Sender<'_> {
+    /// How far a notification about `component` (`None`: not understood) is believed.
+    fn trust(self, component: Option<usize>) -> Trust {
+        let Sender::Proven(info) = self else {
+            return Trust::Keys;
+        };
+        let get = |v: &[bool], c: usize| v.get(c).copied().unwrap_or(false);
+        match component.filter(|c| *c < Component::ALL.len()) {
+            Some(c) if get(&info.may_write, c) => Trust::Full,
+            Some(c) if get(&info.may_change, c) => Trust::Keys,
+            Some(_) => Trust::None,
+            // Not understood, so "flush everything", from a role that may change something.
+            None if info.may_change.iter().any(|m| *m) => Trust::Full,
+            None => Trust::None,
+        }
+    }
+}
+
+/// What became of a notification (counted in `NearStats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Applied as sent.
+    Believed,
+    /// Applied as invalidations only (an unproven sender, or rows from a role that may
+    /// delete but not write).
+    Downgraded,
+    /// Changed nothing (a sender that provably may not change the table).
+    Ignored,
+}
+
+/// Applies one notification from `sender`, as far as it is believed. Anything not understood
+/// flushes everything: wrong is worse than a re-read.
+fn apply(state: &NearState, flush_all: bool, payload: &str, sender: Sender<'_>) -> Outcome {
+    let parsed = serde_json::from_str::<Change>(payload);
+    let component = parsed.as_ref().ok().and_then(|c| c.c);
+    let trust = sender.trust(component);
+    if trust == Trust::None {
+        return Outcome::Ignored;
+    }
+    let outcome = match (sender, trust, &parsed) {
+        (Sender::Unproven, _, _) => Outcome::Downgraded,
+        (_, Trust::Keys, Ok(change)) if !change.r.is_empty() => Outcome::Downgraded,
+        _ => Outcome::Believed,
+    };
+    let change = match parsed {
+        Ok(change) if !flush_all && !change.f => change,
+        _ => {
+            state.flush();
+            return outcome;
+        }
     };
     let (Some(component), Some(bot)) = (change.c, change.b) else {
-        return state.flush();
+        state.flush();
+        return outcome;
     };
     if component == Component::CharacterPerformance.index() {
         state.invalidate_bot(&bot);
-        return;
+        return outcome;
     }
     let Some(component) = Component::ALL.get(component).copied() else {
-        return state.flush();
+        state.flush();
+        return outcome;
     };
     // Rows first, each replacing its key's snapshot (and invalidating everything else of that
     // key); then the keys that came without a row are invalidated. A row that does not
-    // decode flushes everything: wrong is worse than a re-read.
-    let mut applied = Vec::with_capacity(change.r.len());
-    for row in change.r {
+    // decode flushes everything: wrong is worse than a re-read. Rows of a sender not proven
+    // to be a writer are never looked at: their keys (in `k` too) are invalidated below.
+    let rows = if trust == Trust::Full {
+        change.r
+    } else {
+        Vec::new()
+    };
+    let mut applied = Vec::with_capacity(rows.len());
+    for row in rows {
         match crate::postgres::decode_json_row(component, row) {
             Some(entry) if entry.key.bot_name() == bot => {
                 if let Key::UserBot { user_id, .. } = &entry.key {
@@ -121,16 +236,206 @@ fn apply(state: &NearState, channel: &str, payload: &str) {
                 }
                 state.apply_row(entry);
             }
-            _ => return state.flush(),
+            _ => {
+                state.flush();
+                return outcome;
+            }
         }
     }
     for key in &change.k {
         match key.as_str() {
             Some(user) if applied.iter().any(|a| a == user) => {}
             Some(user) => state.invalidate_user(user, &bot),
-            None => return state.flush(),
+            None => {
+                state.flush();
+                return outcome;
+            }
         }
     }
+    outcome
+}
+
+impl NearCounters {
+    /// Counts one notification (the listener's own lease probes aside) and what became of it.
+    fn count(&self, outcome: Outcome) {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
+        let counter = match outcome {
+            Outcome::Believed => &self.notifications_believed,
+            Outcome::Downgraded => &self.notifications_downgraded,
+            Outcome::Ignored => &self.notifications_ignored,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A notification held until the round's sender check has answered.
+#[derive(Debug)]
+struct Held {
+    /// Heard on the flush-all channel (else on a bot channel).
+    flush_all: bool,
+    payload: String,
+    /// The sending backend's pid, as the protocol carries it.
+    pid: u32,
+}
+
+/// The one statement of a round that has notifications to judge.
+const SENDERS_SQL: &str = "SELECT pid, role, backend_start, may_write, may_change \
+                           FROM strategic_cache_senders($1)";
+
+/// Warnings about senders, at most one per [`WARNING_INTERVAL`].
+#[derive(Debug, Default)]
+struct SenderWarnings {
+    last: Option<Instant>,
+    /// Notifications ignored since the last warning.
+    suppressed: u64,
+}
+
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+impl SenderWarnings {
+    /// Notes a notification ignored from `pid` (`role`), warning if none was given lately.
+    fn ignored(&mut self, pid: u32, role: &str) {
+        self.suppressed += 1;
+        if self.last.is_some_and(|t| t.elapsed() < WARNING_INTERVAL) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let count = std::mem::take(&mut self.suppressed);
+        tracing::warn!(
+            pid,
+            role,
+            count,
+            "strategic cache near tier: ignored notifications from session pid {pid} (role \
+             {role}), which may not change the cache tables they name ({count} such \
+             notifications since the last warning); someone may be trying to make bots serve \
+             forged values"
+        );
+    }
+
+    /// Notes that the check could not run (`reason`), warning if none was given lately.
+    fn check_failed(&mut self, reason: &str) {
+        if self.last.is_some_and(|t| t.elapsed() < WARNING_INTERVAL) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        tracing::warn!(
+            "strategic cache near tier: cannot check who sent notifications ({reason}); their \
+             rows only invalidate (re-read from the database) until it can"
+        );
+    }
+}
+
+/// Judges and applies the round's notifications, in order. `since` is a time, by the
+/// database's clock, before which none of them was sent: a live session that started before
+/// it is the one that sent them. Returns whether a notification asked to check whether the
+/// tables have been distributed (`migrate distribute`'s flush-all payload).
+async fn apply_round(
+    state: &NearState,
+    listener: &mut PgListener,
+    held: &mut Vec<Held>,
+    since: DateTime<Utc>,
+    check: &mut CheckState,
+    deadline: tokio::time::Instant,
+    lease: Duration,
+) -> Result<bool, SessionError> {
+    if held.is_empty() {
+        return Ok(false);
+    }
+    let mut senders: HashMap<u32, SenderInfo> = HashMap::new();
+    if check.available {
+        let mut pids: Vec<i32> = held
+            .iter()
+            .filter_map(|h| i32::try_from(h.pid).ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        let answer =
+            tokio::time::timeout_at(
+                deadline,
+                sea_orm::sqlx::query_as::<
+                    _,
+                    (i32, String, Option<DateTime<Utc>>, Vec<bool>, Vec<bool>),
+                >(SENDERS_SQL)
+                .bind(&pids)
+                .fetch_all(&mut *listener),
+            )
+            .await
+            .map_err(|_| SessionError::Silent(lease))?;
+        match answer {
+            Ok(rows) => {
+                for (pid, role, backend_start, may_write, may_change) in rows {
+                    if let Ok(pid) = u32::try_from(pid) {
+                        senders.insert(
+                            pid,
+                            SenderInfo {
+                                role,
+                                backend_start,
+                                may_write,
+                                may_change,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                // The function is missing (migration 5 not applied) or not executable by this
+                // role: every sender is unproven for the rest of this connection, rather than a
+                // failing statement every round. Anything else is the connection's trouble.
+                let code = error
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .map(|c| c.into_owned());
+                if matches!(code.as_deref(), Some("42883" | "42501" | "42P01")) {
+                    check.available = false;
+                    check.warnings.check_failed(&format!(
+                        "{error}; run the migrations (m20251207_000005_create_sender_check) \
+                         and grant EXECUTE on strategic_cache_senders to this role"
+                    ));
+                } else {
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+    let mut distributed = false;
+    for h in held.drain(..) {
+        let sender = match senders.get(&h.pid) {
+            Some(info) if info.backend_start.is_some_and(|b| b < since) => Sender::Proven(info),
+            _ => Sender::Unproven,
+        };
+        let outcome = if h.flush_all && h.payload == DISTRIBUTED_PAYLOAD {
+            // Stands for "the tables moved": flush, and ask the database whether they did.
+            match sender.trust(None) {
+                Trust::None => Outcome::Ignored,
+                _ => {
+                    state.flush();
+                    distributed = true;
+                    if matches!(sender, Sender::Unproven) {
+                        Outcome::Downgraded
+                    } else {
+                        Outcome::Believed
+                    }
+                }
+            }
+        } else {
+            apply(state, h.flush_all, &h.payload, sender)
+        };
+        state.counters.count(outcome);
+        if outcome == Outcome::Ignored
+            && let Sender::Proven(info) = sender
+        {
+            check.warnings.ignored(h.pid, &info.role);
+        }
+    }
+    Ok(distributed)
+}
+
+/// The sender check's state over one connection.
+#[derive(Debug)]
+struct CheckState {
+    /// False once the function turned out missing or not executable on this connection.
+    available: bool,
+    warnings: SenderWarnings,
 }
 
 /// Runs until the tier is dropped (the task is aborted then).
@@ -145,8 +450,14 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
     let mut told_distributed = false;
+    let mut check = CheckState {
+        available: true,
+        warnings: SenderWarnings::default(),
+    };
     loop {
         let started = Instant::now();
+        // A new connection may find the function the last one missed (migrations ran since).
+        check.available = true;
         let result = session(
             &state,
             &options,
@@ -154,6 +465,7 @@ pub(crate) async fn run(
             &lease_channel,
             &mut channels,
             &mut requests,
+            &mut check,
         )
         .await;
         // Whatever ended the session, nothing in memory is trusted past this point.
@@ -197,6 +509,7 @@ async fn session(
     lease_channel: &str,
     channels: &mut HashMap<Box<str>, String>,
     requests: &mut mpsc::Receiver<Box<str>>,
+    check: &mut CheckState,
 ) -> Result<(), SessionError> {
     let connect = async {
         let pool = PgPoolOptions::new()
@@ -209,16 +522,23 @@ async fn session(
             .connect_with(options.clone())
             .await?;
         let mut listener = PgListener::connect_with(&pool).await?;
+        // This backend's pid: only its own probe renews the lease. The clock is taken before
+        // the first LISTEN, so every notification this connection hears was sent after it.
+        let (own_pid, listening_since): (i32, DateTime<Utc>) =
+            sea_orm::sqlx::query_as("SELECT pg_backend_pid(), clock_timestamp()")
+                .fetch_one(&mut listener)
+                .await?;
         listener.listen(entity::FLUSH_ALL_CHANNEL).await?;
         listener.listen(lease_channel).await?;
         for channel in channels.values() {
             listener.listen(channel).await?;
         }
-        Ok::<_, SessionError>((pool, listener))
+        Ok::<_, SessionError>((pool, listener, own_pid, listening_since))
     };
-    let (_pool, mut listener) = tokio::time::timeout(config.connect_timeout, connect)
-        .await
-        .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
+    let (_pool, mut listener, own_pid, mut since) =
+        tokio::time::timeout(config.connect_timeout, connect)
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
     state.counters.connects.fetch_add(1, Ordering::Relaxed);
     let distributed: i32 = sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
         .fetch_one(&mut listener)
@@ -227,8 +547,10 @@ async fn session(
         return Err(SessionError::Distributed);
     }
 
+    let own_pid = u32::try_from(own_pid).unwrap_or(0);
     let mut seq: u64 = 0;
     let mut held = false;
+    let mut round: Vec<Held> = Vec::new();
     let mut new_bots: Vec<Box<str>> = Vec::new();
     loop {
         // Subscribe the bots fills asked for. LISTEN takes effect when it returns, before the
@@ -272,27 +594,59 @@ async fn session(
             half_rtt,
         );
 
-        // Apply everything delivered before the probe's own notification.
+        // Take everything delivered before the probe's own notification, then judge its
+        // senders (one statement) and apply it, all before the lease is renewed past it.
         loop {
             let notification = tokio::time::timeout_at(deadline, listener.try_recv())
                 .await
                 .map_err(|_| SessionError::Silent(config.lease))??
                 .ok_or(SessionError::Lost)?;
             if notification.channel() == lease_channel {
-                if notification.payload() == payload {
-                    break;
+                // The lease channel's name is no secret to a role that can read this
+                // session's queries; only this backend's own notification is the probe.
+                if notification.process_id() == own_pid {
+                    if notification.payload() == payload {
+                        break;
+                    }
+                } else {
+                    state.counters.count(Outcome::Ignored);
                 }
                 continue;
             }
-            if notification.channel() == entity::FLUSH_ALL_CHANNEL
-                && notification.payload() == DISTRIBUTED_PAYLOAD
-            {
-                // The tables were just distributed: end the session before renewing the
-                // lease; the next one finds them distributed.
+            round.push(Held {
+                flush_all: notification.channel() == entity::FLUSH_ALL_CHANNEL,
+                payload: notification.payload().to_owned(),
+                pid: notification.process_id(),
+            });
+        }
+        let distributed = apply_round(
+            state,
+            &mut listener,
+            &mut round,
+            since,
+            check,
+            deadline,
+            config.lease,
+        )
+        .await?;
+        if distributed {
+            // `migrate distribute`'s payload, from a writer or an unproven sender: end the
+            // session before renewing the lease if the tables did move; the next one finds
+            // them distributed.
+            let distributed: i32 = tokio::time::timeout_at(
+                deadline,
+                sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
+                    .fetch_one(&mut listener),
+            )
+            .await
+            .map_err(|_| SessionError::Silent(config.lease))??;
+            if distributed > 0 {
                 return Err(SessionError::Distributed);
             }
-            apply(state, notification.channel(), notification.payload());
         }
+        // The next round's notifications were all sent after this probe committed, which is
+        // after `server` by the database's clock.
+        since = server;
 
         // Every change committed before `sent` is applied. After a connect or a lapse some
         // may have been lost: flush before serving from memory again.
@@ -306,5 +660,58 @@ async fn session(
         state.renew_lease(sent + config.lease);
         tokio::time::sleep_until(tokio::time::Instant::from_std(sent + config.probe_interval))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(may_write: [bool; 6], may_change: [bool; 6]) -> SenderInfo {
+        SenderInfo {
+            role: "r".into(),
+            backend_start: None,
+            may_write: may_write.to_vec(),
+            may_change: may_change.to_vec(),
+        }
+    }
+
+    /// How far each kind of sender is believed: a writer fully, a role that may only delete
+    /// as invalidations, a role that may not change the table not at all, an unproven sender
+    /// as invalidations whatever it sends; a payload not understood (no component) is a flush
+    /// from anyone who may change some table, and nothing from anyone else.
+    #[test]
+    fn trust_follows_what_the_sender_may_do() {
+        let none = [false; 6];
+        let mut only_mh = none;
+        only_mh[0] = true;
+        let writer = info(only_mh, only_mh);
+        let deleter = info(none, only_mh);
+        let reader = info(none, none);
+        assert_eq!(Sender::Proven(&writer).trust(Some(0)), Trust::Full);
+        assert_eq!(Sender::Proven(&writer).trust(Some(2)), Trust::None);
+        assert_eq!(Sender::Proven(&deleter).trust(Some(0)), Trust::Keys);
+        assert_eq!(Sender::Proven(&reader).trust(Some(0)), Trust::None);
+        assert_eq!(Sender::Proven(&reader).trust(Some(99)), Trust::None);
+        assert_eq!(Sender::Unproven.trust(Some(0)), Trust::Keys);
+        assert_eq!(Sender::Unproven.trust(None), Trust::Keys);
+        assert_eq!(Sender::Proven(&writer).trust(None), Trust::Full);
+        assert_eq!(Sender::Proven(&reader).trust(None), Trust::None);
+    }
+
+    /// A flush-all message changes nothing from a role that may change no table, and flushes
+    /// from an unproven sender.
+    #[test]
+    fn a_flush_from_a_non_writer_changes_nothing() {
+        let (tx, _rx) = mpsc::channel(1);
+        let state = NearState::new(1 << 20, tx);
+        let reader = info([false; 6], [false; 6]);
+        let payload = r#"{"c":0,"f":true}"#;
+        let outcome = apply(&state, true, payload, Sender::Proven(&reader));
+        assert_eq!(outcome, Outcome::Ignored);
+        assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 0);
+        let outcome = apply(&state, true, payload, Sender::Unproven);
+        assert_eq!(outcome, Outcome::Downgraded);
+        assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 1);
     }
 }

@@ -12,7 +12,9 @@
 //! Bot code does not use this module directly: it turns the tier on through
 //! [`ReaderConfig::near`](crate::ReaderConfig) and
 //! [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier). The migration
-//! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`).
+//! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`), and
+//! `m20251207_000005_create_sender_check` for rows in notifications to be installed (without it
+//! they only invalidate: see `listener.rs`, "Whose notifications are believed").
 
 mod listener;
 mod store;
@@ -82,8 +84,20 @@ pub struct NearStats {
     pub flushes: u64,
     /// Keys invalidated by notifications.
     pub invalidations: u64,
-    /// Notifications received.
+    /// Notifications received (the listener's own lease probes aside): the sum of the three
+    /// below.
     pub notifications: u64,
+    /// Notifications applied as sent: their sender was proven to be a live session whose
+    /// role may write the table (rows installed) or change it (keys, flushes).
+    pub notifications_believed: u64,
+    /// Notifications applied only as invalidations of their keys (a flush stays a flush),
+    /// their rows never installed: the sender could not be proven (the session had already
+    /// ended, or the check failed), or it may delete but not write.
+    pub notifications_downgraded: u64,
+    /// Notifications that changed nothing: their sender is a live session whose role may not
+    /// change the table (or a lease probe not sent by the listener's own backend). A warning
+    /// names the pid and role (at most one per 10 s).
+    pub notifications_ignored: u64,
     /// Rows carried by notifications and installed in memory (a change applied without a
     /// database read; each is also counted in `invalidations`).
     pub rows_applied: u64,
@@ -91,6 +105,27 @@ pub struct NearStats {
     pub connects: u64,
     /// Lease renewals.
     pub lease_renewals: u64,
+}
+
+impl crate::metrics::WindowSource for NearTier {
+    fn render(&self, timestamp_ns: i64, out: &mut String) {
+        use crate::metrics::{MEASUREMENT_NEAR, near_field as f};
+        let s = self.stats();
+        crate::metrics::line_protocol::LineBuilder::new(out, MEASUREMENT_NEAR)
+            .bool(f::LEASE_VALID, s.lease_valid)
+            .int(f::BYTES, s.bytes)
+            .int(f::ENTRIES, s.entries)
+            .int(f::FILLS, s.fills)
+            .int(f::FLUSHES, s.flushes)
+            .int(f::INVALIDATIONS, s.invalidations)
+            .int(f::NOTIFICATIONS, s.notifications)
+            .int(f::NOTIFICATIONS_BELIEVED, s.notifications_believed)
+            .int(f::NOTIFICATIONS_DOWNGRADED, s.notifications_downgraded)
+            .int(f::NOTIFICATIONS_IGNORED, s.notifications_ignored)
+            .int(f::ROWS_APPLIED, s.rows_applied)
+            .int(f::CONNECTS, s.connects)
+            .finish(timestamp_ns);
+    }
 }
 
 /// Aborts the listener task when the last handle goes.
@@ -152,6 +187,9 @@ impl NearTier {
             flushes: get(&c.flushes),
             invalidations: get(&c.invalidations),
             notifications: get(&c.notifications),
+            notifications_believed: get(&c.notifications_believed),
+            notifications_downgraded: get(&c.notifications_downgraded),
+            notifications_ignored: get(&c.notifications_ignored),
             rows_applied: get(&c.rows_applied),
             connects: get(&c.connects),
             lease_renewals: get(&c.lease_renewals),
@@ -235,5 +273,36 @@ impl NearTier {
             })
             .await?;
         Ok(item.lookup_at(self.state.server_now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::WindowSource;
+
+    /// The `strategic_cache_near` line carries the tier's counters, the three kinds of
+    /// notification included.
+    #[tokio::test]
+    async fn near_line_carries_the_notification_counters() {
+        // Nothing listens on port 1 of loopback: the tier never connects, which is all this
+        // needs.
+        let tier = NearTier::start("postgres://u@127.0.0.1:1/db", &NearConfig::default()).unwrap();
+        let c = &tier.state.counters;
+        c.notifications.store(6, Ordering::Relaxed);
+        c.notifications_believed.store(3, Ordering::Relaxed);
+        c.notifications_downgraded.store(2, Ordering::Relaxed);
+        c.notifications_ignored.store(1, Ordering::Relaxed);
+        let mut out = String::new();
+        tier.render(7, &mut out);
+        assert!(
+            out.starts_with("strategic_cache_near lease_valid=false,")
+                && out.contains(
+                    ",notifications=6i,notifications_believed=3i,notifications_downgraded=2i,\
+                     notifications_ignored=1i,"
+                )
+                && out.ends_with(" 7\n"),
+            "{out}"
+        );
     }
 }

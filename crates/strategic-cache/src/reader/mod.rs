@@ -192,6 +192,13 @@ impl CacheReader {
         self
     }
 
+    /// The reader's near tier, if it has one: a handle to register with
+    /// [`MetricsRecorder::add_source`](crate::metrics::MetricsRecorder::add_source) (the
+    /// `strategic_cache_near` lines). The listener runs while any handle is held.
+    pub fn near_tier(&self) -> Option<crate::near::NearTier> {
+        self.near.clone()
+    }
+
     /// The near tier's state, if the reader has one.
     pub fn near_stats(&self) -> Option<crate::near::NearStats> {
         self.near.as_ref().map(|n| n.stats())
