@@ -16,6 +16,7 @@
 
 mod listener;
 mod store;
+mod weight;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,8 +40,10 @@ pub struct NearConfig {
     /// [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier) keeps a near tier.
     /// Off: the reader reads the store on every call, exactly as without a near tier.
     pub enabled: bool,
-    /// Bound on the memory the values take, in bytes (estimated per value as its payloads'
-    /// JSON size plus a fixed overhead). Least recently useful values are evicted past it.
+    /// Bound on the memory the tier holds, in bytes: its values as decoded (every string,
+    /// array and JSON object node at its allocated size), their keys and the cache's own
+    /// slots. The process's resident memory grows by at most about 1.1 × this (measured; see
+    /// the usage guide, "Memory"). Least recently useful values are evicted past it.
     pub max_bytes: u64,
     /// How long a lease round trip lets the tier serve from memory: the staleness bound.
     pub lease: Duration,
@@ -70,7 +73,7 @@ impl Default for NearConfig {
 pub struct NearStats {
     /// Whether the lease is held: reads may be served from memory.
     pub lease_valid: bool,
-    /// Bytes held, by the weigher's estimate.
+    /// Bytes held: values, keys and cache slots, as allocated (see [`NearConfig::max_bytes`]).
     pub bytes: u64,
     /// The bound on `bytes`.
     pub max_bytes: u64,
