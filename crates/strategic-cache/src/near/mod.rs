@@ -53,6 +53,13 @@ pub struct NearConfig {
     pub connect_timeout: Duration,
     /// `application_name` of the listening connection (visible in `pg_stat_activity`).
     pub application_name: String,
+    /// How long the server keeps the listening session of a process that stopped reading
+    /// (frozen, paused, swapped out): the listener sets the session's `idle_session_timeout`
+    /// and `tcp_user_timeout` to it. PostgreSQL's notification queue cannot advance past a
+    /// listener that does not read, and once the queue is full every write to a cache table
+    /// fails; a live listener probes every `probe_interval`, so its session is never idle that
+    /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
+    pub frozen_after: Duration,
 }
 
 impl Default for NearConfig {
@@ -64,6 +71,7 @@ impl Default for NearConfig {
             probe_interval: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(2),
             application_name: "strategic-cache-near".to_string(),
+            frozen_after: Duration::from_secs(5),
         }
     }
 }
@@ -118,6 +126,16 @@ impl NearTier {
     /// Starts a near tier listening on `database_url`. Must be called within a Tokio runtime.
     /// Never fails: until the listener has connected and proved itself, reads go to the store.
     pub fn start(database_url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
+        if !config.frozen_after.is_zero() && config.frozen_after < config.probe_interval * 4 {
+            return Err(CacheError::InvalidInput {
+                field: "frozen_after",
+                reason: format!(
+                    "must be zero or at least 4 × probe_interval ({:?}); got {:?}",
+                    config.probe_interval * 4,
+                    config.frozen_after
+                ),
+            });
+        }
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| CacheError::InvalidInput {
                 field: "database_url",
