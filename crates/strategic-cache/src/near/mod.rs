@@ -258,3 +258,22 @@ impl NearTier {
         Ok(item.lookup_at(self.state.server_now()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `frozen_after` the live listener's own probes could reach is refused before anything
+    /// starts, naming the field.
+    #[test]
+    fn frozen_after_below_four_probe_intervals_is_invalid_input() {
+        let config = NearConfig {
+            frozen_after: Duration::from_millis(300),
+            ..NearConfig::default()
+        };
+        match NearTier::start("postgres://postgres@127.0.0.1:1/none", &config) {
+            Err(CacheError::InvalidInput { field, .. }) => assert_eq!(field, "frozen_after"),
+            other => panic!("expected InvalidInput for frozen_after, got {other:?}"),
+        }
+    }
+}
