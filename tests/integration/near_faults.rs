@@ -165,3 +165,118 @@ async fn near_tier_is_coherent_across_a_server_restart() {
     assert!(result.near_hits > 100, "{result:?}");
     assert!(result.max_staleness <= BOUND, "{result:?}");
 }
+
+/// A bot process that stops reading (SIGSTOP) while writes notify its bot's channel loses its
+/// listening session within 10 s, and the notification queue it held goes back to where it
+/// was: no writer can ever fail because a bot process froze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
+    use crate::near::{BOT, seeded};
+    let (t, _repo) = seeded(&["frozen"], 0).await;
+    let scalar = |sql: &'static str| {
+        let db = t.db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                sql,
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<f64>(0)
+            .unwrap()
+        }
+    };
+    const SESSIONS: &str = "SELECT count(*)::float8 FROM pg_stat_activity \
+                            WHERE application_name = 'strategic-cache-near' \
+                              AND datname = current_database()";
+    const USAGE: &str = "SELECT pg_notification_queue_usage()";
+    let mut child = tokio::process::Command::new(crate::cli::binary())
+        .args([
+            "watch",
+            "--user",
+            "frozen",
+            "--bot",
+            BOT,
+            "--interval-ms",
+            "50",
+        ])
+        .env("DATABASE_URL", &t.url)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    // Its listener has connected and subscribed the bot (a read of it was made).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        scalar(SESSIONS).await,
+        1.0,
+        "the watch process has no listener"
+    );
+    let before = scalar(USAGE).await;
+
+    let signal = |sig: &'static str| {
+        let pid = pid.clone();
+        async move {
+            let status = tokio::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success(), "kill {sig} failed");
+        }
+    };
+    signal("-STOP").await;
+    let stopped = std::time::Instant::now();
+    // 1,000 single-row updates of a 6 KB row, each committed and notifying the frozen
+    // listener's channel, while the session is watched.
+    let writer = {
+        let db = t.db.clone();
+        tokio::spawn(async move {
+            db.execute_unprepared(&format!(
+                "DO $$ BEGIN FOR i IN 1..1000 LOOP \
+                   UPDATE strategic_memory_health SET computed_at = now(), \
+                     memory_snapshot = jsonb_build_object('i', i, 'pad', repeat('x', 6000)) \
+                   WHERE user_id = 'frozen' AND bot_name = '{BOT}'; \
+                   COMMIT; \
+                 END LOOP; END $$"
+            ))
+            .await
+            .unwrap();
+        })
+    };
+    let mut gone_after = None;
+    while stopped.elapsed() < Duration::from_secs(12) {
+        if scalar(SESSIONS).await == 0.0 {
+            gone_after = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.await.unwrap();
+    let written = stopped.elapsed();
+    // What the frozen session held is released (the queue's tail advances at its next
+    // cleanup, within a few more notifications): at most a page or two, as other tests' live
+    // listeners on this server may hold at any instant.
+    for _ in 0..20 {
+        t.db.execute_unprepared("SELECT pg_notify('strategic_cache_test_cleanup', '')")
+            .await
+            .unwrap();
+    }
+    let after = scalar(USAGE).await;
+    signal("-CONT").await;
+    child.kill().await.unwrap();
+    println!(
+        "frozen listener: session gone {gone_after:?} after the stop; queue usage {before} \
+         before, {after} after {written:?} of writes"
+    );
+    let gone_after = gone_after.expect("the frozen process's session outlived 12 s");
+    assert!(gone_after <= Duration::from_secs(10), "took {gone_after:?}");
+    // A page of the queue is 1/2^21 of it (PostgreSQL 15); a frozen listener would hold the
+    // 1,000 notifications' pages.
+    assert!(
+        after <= before + 4.0 / f64::from(1 << 21),
+        "the queue still holds {after}"
+    );
+}

@@ -540,6 +540,21 @@ async fn session(
             .await
             .map_err(|_| SessionError::ConnectTimeout(config.connect_timeout))??;
     state.counters.connects.fetch_add(1, Ordering::Relaxed);
+    if !config.frozen_after.is_zero() {
+        // A process that stops reading must not hold the notification queue: the server ends
+        // this session once it has been idle (no probe) for `frozen_after`, or once data sent
+        // to it has gone unacknowledged that long (a full socket the process no longer
+        // reads). Only settings this server has are set (`idle_session_timeout` is
+        // PostgreSQL 14's); both last for the session.
+        let ms = config.frozen_after.as_millis().to_string();
+        sea_orm::sqlx::query(
+            "SELECT set_config(name, $1, false) FROM pg_settings \
+             WHERE name IN ('idle_session_timeout', 'tcp_user_timeout')",
+        )
+        .bind(ms)
+        .execute(&mut listener)
+        .await?;
+    }
     let distributed: i32 = sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
         .fetch_one(&mut listener)
         .await?;

@@ -18,6 +18,7 @@
 
 mod listener;
 mod store;
+mod weight;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -41,8 +42,10 @@ pub struct NearConfig {
     /// [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier) keeps a near tier.
     /// Off: the reader reads the store on every call, exactly as without a near tier.
     pub enabled: bool,
-    /// Bound on the memory the values take, in bytes (estimated per value as its payloads'
-    /// JSON size plus a fixed overhead). Least recently useful values are evicted past it.
+    /// Bound on the memory the tier holds, in bytes: its values as decoded (every string,
+    /// array and JSON object node at its allocated size), their keys and the cache's own
+    /// slots. The process's resident memory grows by at most about 1.1 × this (measured; see
+    /// the usage guide, "Memory"). Least recently useful values are evicted past it.
     pub max_bytes: u64,
     /// How long a lease round trip lets the tier serve from memory: the staleness bound.
     pub lease: Duration,
@@ -52,6 +55,13 @@ pub struct NearConfig {
     pub connect_timeout: Duration,
     /// `application_name` of the listening connection (visible in `pg_stat_activity`).
     pub application_name: String,
+    /// How long the server keeps the listening session of a process that stopped reading
+    /// (frozen, paused, swapped out): the listener sets the session's `idle_session_timeout`
+    /// and `tcp_user_timeout` to it. PostgreSQL's notification queue cannot advance past a
+    /// listener that does not read, and once the queue is full every write to a cache table
+    /// fails; a live listener probes every `probe_interval`, so its session is never idle that
+    /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
+    pub frozen_after: Duration,
 }
 
 impl Default for NearConfig {
@@ -63,6 +73,7 @@ impl Default for NearConfig {
             probe_interval: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(2),
             application_name: "strategic-cache-near".to_string(),
+            frozen_after: Duration::from_secs(5),
         }
     }
 }
@@ -72,7 +83,7 @@ impl Default for NearConfig {
 pub struct NearStats {
     /// Whether the lease is held: reads may be served from memory.
     pub lease_valid: bool,
-    /// Bytes held, by the weigher's estimate.
+    /// Bytes held: values, keys and cache slots, as allocated (see [`NearConfig::max_bytes`]).
     pub bytes: u64,
     /// The bound on `bytes`.
     pub max_bytes: u64,
@@ -150,6 +161,16 @@ impl NearTier {
     /// Starts a near tier listening on `database_url`. Must be called within a Tokio runtime.
     /// Never fails: until the listener has connected and proved itself, reads go to the store.
     pub fn start(database_url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
+        if !config.frozen_after.is_zero() && config.frozen_after < config.probe_interval * 4 {
+            return Err(CacheError::InvalidInput {
+                field: "frozen_after",
+                reason: format!(
+                    "must be zero or at least 4 × probe_interval ({:?}); got {:?}",
+                    config.probe_interval * 4,
+                    config.frozen_after
+                ),
+            });
+        }
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| CacheError::InvalidInput {
                 field: "database_url",
@@ -304,5 +325,19 @@ mod tests {
                 && out.ends_with(" 7\n"),
             "{out}"
         );
+    }
+
+    /// A `frozen_after` the live listener's own probes could reach is refused before anything
+    /// starts, naming the field.
+    #[test]
+    fn frozen_after_below_four_probe_intervals_is_invalid_input() {
+        let config = NearConfig {
+            frozen_after: Duration::from_millis(300),
+            ..NearConfig::default()
+        };
+        match NearTier::start("postgres://postgres@127.0.0.1:1/none", &config) {
+            Err(CacheError::InvalidInput { field, .. }) => assert_eq!(field, "frozen_after"),
+            other => panic!("expected InvalidInput for frozen_after, got {other:?}"),
+        }
     }
 }

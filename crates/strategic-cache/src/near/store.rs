@@ -40,10 +40,6 @@ use crate::keys::Key;
 /// Generation stripes. A power of two; 4,096 × 8 bytes of counters.
 const STRIPES: usize = 4096;
 
-/// What a value's weight adds to its payloads' JSON size: the key, the timestamps, the
-/// `Arc` and the cache's own bookkeeping (an estimate; the bound is on this weight).
-const ENTRY_OVERHEAD: u64 = 160;
-
 /// A key of the near tier, owned (what the cache stores).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum NearKey {
@@ -172,23 +168,7 @@ pub(crate) struct NearItem {
     pub(crate) data: NearData,
 }
 
-fn entry_weight(entry: &CachedEntry) -> u64 {
-    // Serialising is the honest size of the payload's JSON; it runs once per fill, never on
-    // a hit.
-    let payload = serde_json::to_vec(&entry.payload).map_or(0, |v| v.len());
-    payload as u64 + ENTRY_OVERHEAD
-}
-
 impl NearData {
-    fn weight(&self) -> u64 {
-        let entries: u64 = match self {
-            NearData::Snapshot(s) => s.entries.iter().flatten().map(entry_weight).sum(),
-            NearData::Lookup(Lookup::Fresh(e) | Lookup::Stale(e)) => entry_weight(e),
-            NearData::Lookup(Lookup::Missing) => 0,
-        };
-        entries + ENTRY_OVERHEAD
-    }
-
     fn valid_until(&self) -> Option<DateTime<Utc>> {
         match self {
             NearData::Snapshot(s) => s
@@ -204,24 +184,14 @@ impl NearData {
     }
 }
 
-/// The weigher: a value's estimated bytes, computed once when it is built.
+/// The weigher: what a resident really holds in memory (`weight.rs`), its item's part
+/// computed once when the item is built.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ItemWeight;
 
 impl Weighter<NearKey, Arc<NearItem>> for ItemWeight {
     fn weight(&self, key: &NearKey, value: &Arc<NearItem>) -> u64 {
-        let key_bytes = match key {
-            NearKey::Snapshot { user, bot } => user.len() + bot.len(),
-            NearKey::Entry { key, .. } => {
-                key.bot_name().len()
-                    + if let Key::UserBot { user_id, .. } = key {
-                        user_id.len()
-                    } else {
-                        0
-                    }
-            }
-        };
-        value.weight + key_bytes as u64
+        super::weight::resident(key, value.weight)
     }
 }
 
@@ -465,7 +435,7 @@ impl NearState {
             bot_stripe,
             valid_until: data.valid_until(),
             read_at: now,
-            weight: data.weight(),
+            weight: super::weight::item(&data),
             data,
         }))
     }
@@ -554,7 +524,7 @@ impl NearState {
                 bot_stripe,
                 valid_until: data.valid_until(),
                 read_at: self.server_now(),
-                weight: data.weight(),
+                weight: super::weight::item(&data),
                 data,
             })
         };
