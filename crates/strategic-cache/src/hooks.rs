@@ -104,4 +104,13 @@ pub struct RefreshRequest {
 pub trait RefreshSink: Send + Sync + std::fmt::Debug {
     /// Asks for an entry to be recomputed.
     fn request_refresh(&self, request: RefreshRequest);
+
+    /// Asks for an entry to be recomputed because a prefetch hint
+    /// ([`CacheReader::prefetch`](crate::CacheReader::prefetch)) found it missing or stale:
+    /// a read is expected within seconds. The request is due at once, as a miss is. A sink
+    /// may limit these apart from the demand of reads (the scheduler's requester does,
+    /// through `RequesterConfig::prefetch_per_second`); by default they are plain requests.
+    fn request_prefetch(&self, request: RefreshRequest) {
+        self.request_refresh(request);
+    }
 }

@@ -26,6 +26,11 @@ pub struct ReaderConfig {
     /// given a database URL through
     /// [`CacheReader::with_near_tier`](super::CacheReader::with_near_tier).
     pub near: crate::near::NearConfig,
+    /// Most prefetch hints ([`CacheReader::prefetch`](super::CacheReader::prefetch)) being
+    /// looked up at once; a hint beyond it is dropped (and counted in
+    /// [`ReaderStats::prefetch_dropped`](super::ReaderStats::prefetch_dropped)), so that a
+    /// flood of typing events holds at most this many tasks and store reads.
+    pub prefetch_concurrency: usize,
 }
 
 impl Default for ReaderConfig {
@@ -38,6 +43,7 @@ impl Default for ReaderConfig {
             demand_fraction: 0.5,
             warn_interval: Duration::from_secs(10),
             near: crate::near::NearConfig::default(),
+            prefetch_concurrency: 64,
         }
     }
 }

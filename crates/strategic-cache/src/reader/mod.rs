@@ -11,12 +11,14 @@
 //! - `config`: [`ReaderConfig`], its settings;
 //! - `stats`: [`ReaderStats`] and the atomic counters behind them;
 //! - `breaker`: the circuit breaker's state machine (`Breaker`, `Admission`, `ProbeGuard`);
+//! - `prefetch`: [`CacheReader::prefetch`], the hint that a message is coming;
 //! - `warn_limit`: the rate limit of its warnings (`WarnLimit`).
 //!
 //! The Python seed's helpers on the reader live in `crate::seed`.
 
 mod breaker;
 mod config;
+mod prefetch;
 mod stats;
 mod warn_limit;
 
@@ -115,6 +117,8 @@ struct Shared {
     /// Rate limit of warnings about the caller's mistakes (unknown table, invalid input), kept
     /// apart so that a misbehaving caller cannot hide a database outage, nor the reverse.
     input_warn: WarnLimit,
+    /// Prefetch hints being looked up now, bounded by `ReaderConfig::prefetch_concurrency`.
+    prefetch_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -125,6 +129,7 @@ impl Shared {
             counters: Counters::default(),
             db_warn: WarnLimit::default(),
             input_warn: WarnLimit::default(),
+            prefetch_in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -348,19 +353,8 @@ impl CacheReader {
                 }
                 None => {
                     // As in `get_key`: the store must have the last invalidation applied.
-                    let call = near.snapshot_fill(user_id, bot_name, |after| async move {
-                        match after {
-                            Some(after) => {
-                                self.repo
-                                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
-                                    .await
-                            }
-                            None => {
-                                self.repo
-                                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
-                                    .await
-                            }
-                        }
+                    let call = near.snapshot_fill(user_id, bot_name, |after| {
+                        self.store_snapshot(user_id, bot_name, after)
                     });
                     self.guarded(call, parts).await
                 }
@@ -389,6 +383,28 @@ impl CacheReader {
             "strategic cache snapshot"
         );
         snapshot
+    }
+
+    /// The store's snapshot for a message, at least as new as `after` if given (the near
+    /// tier's last invalidation of it).
+    async fn store_snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        after: Option<std::time::Instant>,
+    ) -> Result<Snapshot, CacheError> {
+        match after {
+            Some(after) => {
+                self.repo
+                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
+                    .await
+            }
+            None => {
+                self.repo
+                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
+                    .await
+            }
+        }
     }
 
     /// Counts, observes and signals each component of a snapshot the store returned, or the

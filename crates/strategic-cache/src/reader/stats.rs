@@ -27,6 +27,14 @@ pub struct ReaderStats {
     pub breaker_open: bool,
     /// Of the `hits`, those served from the near tier's memory (no store call).
     pub near_hits: u64,
+    /// Prefetch hints taken (a task looked the key up); not reads, so in none of the counts
+    /// above.
+    pub prefetches: u64,
+    /// Prefetch hints dropped: too many in flight, the breaker open, or no Tokio runtime.
+    pub prefetch_dropped: u64,
+    /// Refresh requests the hints sent (components they found missing, stale or about to
+    /// expire); hints that found everything fresh sent none.
+    pub prefetch_requests: u64,
 }
 
 /// The live counters behind [`ReaderStats`].
@@ -40,6 +48,9 @@ pub(super) struct Counters {
     pub(super) timeouts: AtomicU64,
     pub(super) breaker_skips: AtomicU64,
     pub(super) near_hits: AtomicU64,
+    pub(super) prefetches: AtomicU64,
+    pub(super) prefetch_dropped: AtomicU64,
+    pub(super) prefetch_requests: AtomicU64,
 }
 
 impl Counters {
@@ -62,6 +73,9 @@ impl Counters {
             breaker_skips: get(&self.breaker_skips),
             breaker_open,
             near_hits: get(&self.near_hits),
+            prefetches: get(&self.prefetches),
+            prefetch_dropped: get(&self.prefetch_dropped),
+            prefetch_requests: get(&self.prefetch_requests),
         }
     }
 }
