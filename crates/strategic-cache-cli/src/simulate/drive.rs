@@ -60,6 +60,10 @@ pub(super) struct WorkerTotals {
     /// Of those, reads the database did not answer in time: errors, reads over the reader's
     /// budget, reads skipped by its circuit breaker.
     pub(super) reader_unanswered: u64,
+    /// Prefetch hints the reader looked up.
+    pub(super) prefetches: u64,
+    /// Refresh requests those hints sent.
+    pub(super) prefetch_requests: u64,
     /// The bot side's servers (PostgreSQL only: the primary, then each replica) with the
     /// reads each answered.
     pub(super) servers: Vec<ServerStats>,
@@ -75,6 +79,8 @@ impl WorkerTotals {
         let reader = system.reader.stats();
         totals.reader_reads = reader.reads;
         totals.near_hits = reader.near_hits;
+        totals.prefetches = reader.prefetches;
+        totals.prefetch_requests = reader.prefetch_requests;
         totals.reader_unanswered = reader.errors + reader.timeouts + reader.breaker_skips;
         if let Some(pg) = &system.bot_pg {
             totals.read_statements = pg.read_statements().unwrap_or(0);
@@ -100,6 +106,10 @@ impl WorkerTotals {
             read_statements: self.read_statements.saturating_sub(earlier.read_statements),
             reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
             near_hits: self.near_hits.saturating_sub(earlier.near_hits),
+            prefetches: self.prefetches.saturating_sub(earlier.prefetches),
+            prefetch_requests: self
+                .prefetch_requests
+                .saturating_sub(earlier.prefetch_requests),
             reader_unanswered: self
                 .reader_unanswered
                 .saturating_sub(earlier.reader_unanswered),
@@ -179,7 +189,10 @@ pub(super) async fn drive(
         let gaps: Vec<Duration> = (0..messages)
             .map(|_| scale(exp_sample(&mut rng, args.message_gap_secs)))
             .collect();
-        tokio::time::sleep_until(started + start).await;
+        // With a typing lead, the session task starts at the hint, `lead` before its first
+        // message (hints arrive in the sessions' order, as their messages do).
+        let lead = scale(args.typing_lead_secs).min(start);
+        tokio::time::sleep_until(started + start - lead).await;
         if last_progress.elapsed() > Duration::from_millis(100) {
             progress(start.as_secs_f64() / total.as_secs_f64());
             last_progress = Instant::now();
@@ -189,6 +202,10 @@ pub(super) async fn drive(
         sessions.0.push(tokio::spawn(async move {
             let user_id = format!("sim-user-{user}");
             let bot_name = format!("sim-bot-{bot}");
+            if !lead.is_zero() {
+                system.reader.prefetch(&user_id, &bot_name);
+                tokio::time::sleep_until(started + start).await;
+            }
             for (i, gap) in gaps.into_iter().enumerate() {
                 if i > 0 {
                     tokio::time::sleep(gap).await;

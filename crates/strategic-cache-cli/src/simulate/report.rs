@@ -50,6 +50,18 @@ pub struct SimReport {
     pub first_message_hit_rate: f64,
     /// Hit rate of the other messages.
     pub later_message_hit_rate: f64,
+    /// `--typing-lead-secs`: how long before each session's first message a prefetch hint
+    /// was sent (0: none).
+    pub typing_lead_secs: f64,
+    /// Prefetch hints looked up in the measured window.
+    pub prefetches: u64,
+    /// Refresh requests those hints sent (components they found missing, stale or about to
+    /// expire), per simulated second: the most recomputation hints can add. What they add
+    /// in fact is `recomputes_per_sim_sec` less that of the same run without hints, since a
+    /// hint's recomputation mostly replaces the one the first message's miss would cause.
+    pub prefetch_requests_per_sim_sec: f64,
+    /// Hints' requests the requester dropped at its `prefetch_per_second` limit (whole run).
+    pub prefetch_limited: u64,
     /// By component.
     pub by_component: HashMap<String, ComponentFigures>,
     /// Snapshot read latency (real microseconds): p50, p95, p99, max.
@@ -123,6 +135,8 @@ pub(super) struct After {
     pub(super) dropped: u64,
     /// Requests refused because the queue was full.
     pub(super) rejected: u64,
+    /// Hints' requests dropped at the requester's hint limit.
+    pub(super) prefetch_limited: u64,
     /// The reader's own counters.
     pub(super) reader: ReaderStats,
     /// Whether the reader had a near tier.
@@ -195,6 +209,10 @@ pub(super) fn report(
             tally.later_hits.load(Ordering::Relaxed),
             tally.later_reads.load(Ordering::Relaxed),
         ),
+        typing_lead_secs: args.typing_lead_secs,
+        prefetches: window.prefetches,
+        prefetch_requests_per_sim_sec: window.prefetch_requests as f64 / sim_secs,
+        prefetch_limited: after.prefetch_limited,
         by_component,
         read_latency_us: [pct(0.5), pct(0.95), pct(0.99), pct(1.0)],
         recomputes: window.recomputes,
@@ -317,6 +335,15 @@ impl SimReport {
                 out.push_str("near tier              off (--no-near, or it could not start)\n")
             }
             None => {}
+        }
+        if self.typing_lead_secs > 0.0 {
+            out.push_str(&format!(
+                "prefetch hints         {} ({:.0} s before each first message), {:.2} refresh requests per simulated second, {} dropped at the hint limit\n",
+                self.prefetches,
+                self.typing_lead_secs,
+                self.prefetch_requests_per_sim_sec,
+                self.prefetch_limited
+            ));
         }
         let [p50, p95, p99, max] = self.read_latency_us;
         out.push_str(&format!(
