@@ -182,6 +182,12 @@ pub struct Snapshot {
     /// Each component's state by [`Component::index`] (stale ones have no entry above but
     /// their age here, so callers can tell "expired" from "never computed").
     pub freshness: [Freshness; 6],
+    /// Expired entries by [`Component::index`], served *marked as stale*: filled by the
+    /// reader only when [`ReaderConfig::serve_stale_for`](crate::ReaderConfig::serve_stale_for)
+    /// is set, for components whose entry expired at most that long ago (their age is in
+    /// `freshness` and in the entry). The getters (`memory_health()`, ...), [`Snapshot::get`]
+    /// and [`Snapshot::len`] never see them: read them with [`Snapshot::served_stale`].
+    pub stale: [Option<CachedEntry>; 6],
 }
 
 impl Default for Snapshot {
@@ -189,6 +195,7 @@ impl Default for Snapshot {
         Snapshot {
             entries: Default::default(),
             freshness: [Freshness::Missing; 6],
+            stale: Default::default(),
         }
     }
 }
@@ -214,7 +221,14 @@ impl Snapshot {
         self.entries[component.index()].as_ref()
     }
 
-    /// How many components are present.
+    /// The expired entry of one component, served marked as stale (its `age` is as of the
+    /// read; see [`Snapshot::stale`]): `None` unless the reader serves stale entries and this
+    /// one expired recently enough. Never a fresh entry: check [`Snapshot::get`] first.
+    pub fn served_stale(&self, component: Component) -> Option<&CachedEntry> {
+        self.stale[component.index()].as_ref()
+    }
+
+    /// How many components are present (fresh; stale ones served marked are not counted).
     pub fn len(&self) -> usize {
         self.entries.iter().filter(|e| e.is_some()).count()
     }

@@ -70,6 +70,13 @@ pub trait ReadObserver: Send + Sync + std::fmt::Debug {
         query_time: Duration,
         age: Option<Duration>,
     );
+
+    /// Called beside [`ReadObserver::on_read`]'s [`ReadOutcome::Stale`] record when that
+    /// expired entry was served marked as stale (`ReaderConfig::serve_stale_for`), with its
+    /// age: such a read is never a hit. Does nothing by default.
+    fn on_stale_served(&self, component: Component, bot_name: &str, age: Duration) {
+        let _ = (component, bot_name, age);
+    }
 }
 
 /// Why the reader asks for an entry to be recomputed.

@@ -182,7 +182,13 @@ fn entry_weight(entry: &CachedEntry) -> u64 {
 impl NearData {
     fn weight(&self) -> u64 {
         let entries: u64 = match self {
-            NearData::Snapshot(s) => s.entries.iter().flatten().map(entry_weight).sum(),
+            NearData::Snapshot(s) => s
+                .entries
+                .iter()
+                .chain(s.stale.iter())
+                .flatten()
+                .map(entry_weight)
+                .sum(),
             NearData::Lookup(Lookup::Fresh(e) | Lookup::Stale(e)) => entry_weight(e),
             NearData::Lookup(Lookup::Missing) => 0,
         };
@@ -446,6 +452,8 @@ impl NearState {
         let age = (now - entry.computed_at).to_std().unwrap_or(Duration::ZERO);
         replaced.freshness[i] = Freshness::Fresh { age };
         replaced.entries[i] = Some(CachedEntry { age, ..entry });
+        // The fresh row replaces whatever stale entry was kept to be served marked.
+        replaced.stale[i] = None;
         let data = NearData::Snapshot(Arc::new(replaced));
         let (user_stripe, bot_stripe) = (item.user_stripe, item.bot_stripe);
         // Only the listener (the caller) bumps generations and the epoch, so the tag after
@@ -650,6 +658,7 @@ impl NearItem {
                         },
                         Freshness::Missing => Freshness::Missing,
                     };
+                    out.stale[i] = s.stale[i].as_ref().map(|e| aged(e, now));
                 }
                 out
             }
@@ -668,6 +677,11 @@ impl NearItem {
         let NearData::Snapshot(s) = &self.data else {
             return None;
         };
+        // A stale entry served marked must be aged (and dropped past its limit) by the
+        // reader, which only the owned path does.
+        if s.stale.iter().any(Option::is_some) {
+            return None;
+        }
         let young = s.entries.iter().flatten().all(|e| {
             let lifetime = (e.expires_at - e.computed_at).num_milliseconds();
             let age = (now - e.computed_at).num_milliseconds();

@@ -31,6 +31,13 @@ pub struct ReaderConfig {
     /// [`ReaderStats::prefetch_dropped`](super::ReaderStats::prefetch_dropped)), so that a
     /// flood of typing events holds at most this many tasks and store reads.
     pub prefetch_concurrency: usize,
+    /// Serve expired entries *marked as stale* for this long after they expire (zero, the
+    /// default, never does: stale is a miss). A snapshot then carries such an entry in
+    /// [`Snapshot::stale`](crate::Snapshot::stale), never among its fresh entries; its
+    /// refresh is requested at once, as for any stale read, and it is counted in
+    /// [`ReaderStats::stale_served`](super::ReaderStats::stale_served), never as a hit.
+    /// Single reads (`get`, `get_key`) stay fresh-only.
+    pub serve_stale_for: std::time::Duration,
 }
 
 impl Default for ReaderConfig {
@@ -44,6 +51,7 @@ impl Default for ReaderConfig {
             warn_interval: Duration::from_secs(10),
             near: crate::near::NearConfig::default(),
             prefetch_concurrency: 64,
+            serve_stale_for: Duration::ZERO,
         }
     }
 }

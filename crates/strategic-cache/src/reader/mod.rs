@@ -360,13 +360,17 @@ impl CacheReader {
                 }
             },
             None => {
-                let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
+                let call = self.store_snapshot(user_id, bot_name, None);
                 self.guarded(call, parts).await
             }
         };
         let query_time = started.elapsed();
         let snapshot = match result {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
+                // Near-tier hits were filtered when filled; they have aged since.
+                if near_hit {
+                    self.keep_servable_stale(&mut snapshot);
+                }
                 self.account_snapshot(&snapshot, user_id, bot_name, query_time, near_hit);
                 snapshot
             }
@@ -393,7 +397,7 @@ impl CacheReader {
         bot_name: &str,
         after: Option<std::time::Instant>,
     ) -> Result<Snapshot, CacheError> {
-        match after {
+        let mut snapshot = match after {
             Some(after) => {
                 self.repo
                     .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
@@ -403,6 +407,28 @@ impl CacheReader {
                 self.repo
                     .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
                     .await
+            }
+        }?;
+        // Before the near tier keeps it: with stale reads off it then holds none, and its
+        // shared snapshots are as before.
+        self.keep_servable_stale(&mut snapshot);
+        Ok(snapshot)
+    }
+
+    /// Drops the stale entries this reader does not serve: all of them by default, those
+    /// expired longer than `serve_stale_for` ago otherwise. A snapshot with none costs six
+    /// checks.
+    fn keep_servable_stale(&self, snapshot: &mut Snapshot) {
+        let limit = self.config.serve_stale_for;
+        for slot in &mut snapshot.stale {
+            let servable = slot.as_ref().is_some_and(|entry| {
+                let lifetime = (entry.expires_at - entry.computed_at)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                !limit.is_zero() && entry.age.saturating_sub(lifetime) <= limit
+            });
+            if !servable {
+                *slot = None;
             }
         }
     }
@@ -442,6 +468,12 @@ impl CacheReader {
                 }
                 (Freshness::Stale { age }, _) => {
                     Counters::add(&counters.stale, 1);
+                    if snapshot.stale[component.index()].is_some() {
+                        Counters::add(&counters.stale_served, 1);
+                        if let Some(observer) = &self.observer {
+                            observer.on_stale_served(component, bot_name, *age);
+                        }
+                    }
                     (
                         ReadOutcome::Stale,
                         Some(*age),

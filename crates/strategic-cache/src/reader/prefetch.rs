@@ -144,8 +144,8 @@ mod tests {
 
     use super::*;
     use crate::entries::NewEntry;
-    use crate::repository::CacheRepository;
     use crate::reader::tests::{health, memory};
+    use crate::repository::CacheRepository;
     use crate::test_support::RecordingSink;
 
     /// Runs the spawned hint tasks (the test runtime is single-threaded) until `n` hints

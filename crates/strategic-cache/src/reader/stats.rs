@@ -15,8 +15,11 @@ pub struct ReaderStats {
     pub hits: u64,
     /// No entry.
     pub misses: u64,
-    /// An expired entry, not served.
+    /// An expired entry: not served, or served marked as stale (`stale_served`).
     pub stale: u64,
+    /// Of the `stale`, entries served marked as stale (`ReaderConfig::serve_stale_for`):
+    /// never counted in `hits`.
+    pub stale_served: u64,
     /// The store returned an error.
     pub errors: u64,
     /// The store did not answer within the budget.
@@ -44,6 +47,7 @@ pub(super) struct Counters {
     pub(super) hits: AtomicU64,
     pub(super) misses: AtomicU64,
     pub(super) stale: AtomicU64,
+    pub(super) stale_served: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) timeouts: AtomicU64,
     pub(super) breaker_skips: AtomicU64,
@@ -68,6 +72,7 @@ impl Counters {
             hits: get(&self.hits),
             misses: get(&self.misses),
             stale: get(&self.stale),
+            stale_served: get(&self.stale_served),
             errors: get(&self.errors),
             timeouts: get(&self.timeouts),
             breaker_skips: get(&self.breaker_skips),

@@ -195,7 +195,11 @@ struct HintBudget {
 
 impl HintBudget {
     fn new(rate: f64) -> HintBudget {
-        let rate = if rate.is_finite() { rate.max(0.0) } else { f64::MAX };
+        let rate = if rate.is_finite() {
+            rate.max(0.0)
+        } else {
+            f64::MAX
+        };
         HintBudget {
             rate,
             tokens: rate.max(1.0),
