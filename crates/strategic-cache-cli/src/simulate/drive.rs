@@ -28,6 +28,10 @@ pub(super) struct Tally {
     pub(super) first_reads: AtomicU64,
     /// Fresh entries served to first messages.
     pub(super) first_hits: AtomicU64,
+    /// Expired entries served marked as stale to first messages (`--serve-stale-mins`).
+    pub(super) first_stale: AtomicU64,
+    /// Expired entries served marked as stale to all messages.
+    pub(super) stale_served: AtomicU64,
     /// Component reads of the other messages.
     pub(super) later_reads: AtomicU64,
     /// Fresh entries served to the other messages.
@@ -221,7 +225,8 @@ pub(super) async fn drive(
                 if t0 < measure_from {
                     continue;
                 }
-                tally.record(i == 0, snapshot.len() as u64, micros, |c| {
+                let stale = snapshot.stale.iter().flatten().count() as u64;
+                tally.record(i == 0, snapshot.len() as u64, stale, micros, |c| {
                     snapshot.get(c).is_some()
                 });
             }
@@ -245,9 +250,21 @@ pub(super) async fn drive(
 }
 
 impl Tally {
-    /// Counts one message: its six reads, `hits` of them fresh (`fresh(c)` per component).
-    fn record(&self, first: bool, hits: u64, micros: u64, fresh: impl Fn(Component) -> bool) {
+    /// Counts one message: its six reads, `hits` of them fresh (`fresh(c)` per component)
+    /// and `stale` served marked as stale.
+    fn record(
+        &self,
+        first: bool,
+        hits: u64,
+        stale: u64,
+        micros: u64,
+        fresh: impl Fn(Component) -> bool,
+    ) {
         self.messages.fetch_add(1, Ordering::Relaxed);
+        self.stale_served.fetch_add(stale, Ordering::Relaxed);
+        if first {
+            self.first_stale.fetch_add(stale, Ordering::Relaxed);
+        }
         for component in Component::ALL {
             self.reads[component.index()].fetch_add(1, Ordering::Relaxed);
             if fresh(component) {

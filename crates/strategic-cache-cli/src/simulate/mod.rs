@@ -102,6 +102,11 @@ pub struct SimulateArgs {
     /// hint, as a bot that ignores typing events.
     #[arg(long, default_value_t = 0.0)]
     pub typing_lead_secs: f64,
+    /// Serve entries expired at most this many simulated minutes ago, marked as stale
+    /// (`ReaderConfig::serve_stale_for`); 0, the default, serves none (stale is a miss).
+    /// Marked stale reads are never counted as hits.
+    #[arg(long, default_value_t = 0.0)]
+    pub serve_stale_mins: f64,
     /// Random seed, for repeatable workloads.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -50,6 +50,13 @@ pub struct SimReport {
     pub first_message_hit_rate: f64,
     /// Hit rate of the other messages.
     pub later_message_hit_rate: f64,
+    /// Share of the first messages' component reads served marked as stale
+    /// (`--serve-stale-mins`; never counted in the hit rates).
+    pub first_message_stale_rate: f64,
+    /// Share of all component reads served marked as stale.
+    pub stale_served_rate: f64,
+    /// `--serve-stale-mins`: how long after expiry an entry may be served marked (0: never).
+    pub serve_stale_mins: f64,
     /// `--typing-lead-secs`: how long before each session's first message a prefetch hint
     /// was sent (0: none).
     pub typing_lead_secs: f64,
@@ -209,6 +216,12 @@ pub(super) fn report(
             tally.later_hits.load(Ordering::Relaxed),
             tally.later_reads.load(Ordering::Relaxed),
         ),
+        first_message_stale_rate: ratio(
+            tally.first_stale.load(Ordering::Relaxed),
+            tally.first_reads.load(Ordering::Relaxed),
+        ),
+        stale_served_rate: ratio(tally.stale_served.load(Ordering::Relaxed), reads),
+        serve_stale_mins: args.serve_stale_mins,
         typing_lead_secs: args.typing_lead_secs,
         prefetches: window.prefetches,
         prefetch_requests_per_sim_sec: window.prefetch_requests as f64 / sim_secs,
@@ -284,6 +297,14 @@ impl SimReport {
             "  later messages      {}\n",
             pct(self.later_message_hit_rate)
         ));
+        if self.serve_stale_mins > 0.0 {
+            out.push_str(&format!(
+                "served marked stale   {} (first message {}), entries expired up to {:.0} min ago; not hits\n",
+                pct(self.stale_served_rate),
+                pct(self.first_message_stale_rate),
+                self.serve_stale_mins
+            ));
+        }
         let mut components: Vec<_> = self.by_component.iter().collect();
         components.sort_by_key(|(name, _)| name.as_str());
         for (name, figures) in components {

@@ -179,7 +179,10 @@ pub(super) async fn set_up(
             ..RequesterConfig::default()
         },
     ));
-    let mut reader_config = ReaderConfig::default();
+    let mut reader_config = ReaderConfig {
+        serve_stale_for: scale(args.serve_stale_mins * 60.0),
+        ..ReaderConfig::default()
+    };
     if args.no_refresh_ahead {
         // No demand signals from hits at all: entries are recomputed only after a miss or an
         // expired read, as in the design we replace.
