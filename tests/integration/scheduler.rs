@@ -814,8 +814,16 @@ async fn a_hint_too_late_costs_one_recomputation(#[case] backend: Backend) {
     hints_looked_up(&reader, 2).await;
     requester.flush().await;
     drain(&worker).await;
-    assert_eq!(engine.total.load(Ordering::Relaxed), 6, "fresh keys cost nothing");
-    assert_eq!(reader.stats().prefetch_requests, 6, "the second hint asked nothing");
+    assert_eq!(
+        engine.total.load(Ordering::Relaxed),
+        6,
+        "fresh keys cost nothing"
+    );
+    assert_eq!(
+        reader.stats().prefetch_requests,
+        6,
+        "the second hint asked nothing"
+    );
 }
 
 /// Entries in use stay fresh through a flood of hints for new users at ten times the
@@ -834,8 +842,7 @@ async fn a_flood_of_hints_does_not_starve_refresh_ahead() {
 /// and the hints' requests the requester cut.
 async fn flood_of_hints(prefetch_per_second: f64) -> (u64, u64) {
     let clock: Arc<dyn strategic_cache::Clock> = Arc::new(strategic_cache::TokioClock::new());
-    let repo: Arc<dyn CacheRepository> =
-        Arc::new(MemoryCacheRepository::with_clock(clock.clone()));
+    let repo: Arc<dyn CacheRepository> = Arc::new(MemoryCacheRepository::with_clock(clock.clone()));
     let queue: Arc<dyn RefreshQueue> = Arc::new(MemoryRefreshQueue::new(2_000, clock));
     let requester = Arc::new(RefreshRequester::spawn(
         queue.clone(),

@@ -68,7 +68,10 @@ async fn a_typing_hint_makes_first_messages_fresh() {
     let first = |r: &Value| r["first_message_hit_rate"].as_f64().unwrap();
     let rate = |r: &Value| r["recomputes_per_sim_sec"].as_f64().unwrap();
     assert!(first(&with) >= 0.95, "{with}");
-    assert!(first(&without) < 0.9, "the workload needs the hint: {without}");
+    assert!(
+        first(&without) < 0.9,
+        "the workload needs the hint: {without}"
+    );
     assert!(with["hit_rate"].as_f64().unwrap() >= 0.99, "{with}");
     assert!(rate(&with) <= 1.10 * rate(&without), "{with} {without}");
     assert!(with["prefetches"].as_u64().unwrap() > 0, "{with}");
@@ -86,7 +89,10 @@ async fn marked_stale_reads_are_reported_apart_from_hits() {
     assert!(f(&with, "stale_served_rate") > 0.0, "{with}");
     assert_eq!(f(&without, "stale_served_rate"), 0.0, "{without}");
     for k in ["hit_rate", "first_message_hit_rate"] {
-        assert!((f(&with, k) - f(&without, k)).abs() < 0.005, "{k}: {with} {without}");
+        assert!(
+            (f(&with, k) - f(&without, k)).abs() < 0.005,
+            "{k}: {with} {without}"
+        );
     }
     assert!(f(&with, "first_message_hit_rate") + f(&with, "first_message_stale_rate") <= 1.0);
 }

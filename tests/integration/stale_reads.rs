@@ -101,7 +101,11 @@ async fn stale_reads_are_served_marked_and_never_counted_as_hits(#[case] backend
         assert_eq!(snapshot.len(), 1, "character performance only");
     }
     let stats = reader.stats();
-    assert_eq!(stats.hits - before.hits, 2, "the two fresh character performances");
+    assert_eq!(
+        stats.hits - before.hits,
+        2,
+        "the two fresh character performances"
+    );
     assert_eq!((stats.stale - before.stale, stats.stale_served), (2, 2));
     if let Backend::Near = backend {
         assert!(stats.near_hits > before.near_hits, "{stats:?}");
@@ -128,7 +132,10 @@ async fn stale_past_the_limit_and_by_default_is_not_served(#[case] backend: Back
         let (reader, _sink, _db) = reader(backend, limit).await;
         for _ in 0..2 {
             let snapshot = reader.snapshot("u1", BOT).await;
-            assert!(snapshot.stale.iter().all(Option::is_none), "limit {limit:?}");
+            assert!(
+                snapshot.stale.iter().all(Option::is_none),
+                "limit {limit:?}"
+            );
             assert!(snapshot.memory_health().is_none());
         }
         let stats = reader.stats();
