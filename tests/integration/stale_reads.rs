@@ -133,7 +133,7 @@ async fn stale_past_the_limit_and_by_default_is_not_served(#[case] backend: Back
         for _ in 0..2 {
             let snapshot = reader.snapshot("u1", BOT).await;
             assert!(
-                snapshot.stale.iter().all(Option::is_none),
+                snapshot.stale.is_none() && snapshot.stale_len() == 0,
                 "limit {limit:?}"
             );
             assert!(snapshot.memory_health().is_none());

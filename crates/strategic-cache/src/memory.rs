@@ -302,7 +302,7 @@ impl CacheRepository for MemoryCacheRepository {
                 Lookup::Fresh(entry) => snapshot.entries[i] = Some(entry),
                 // Kept for a reader that serves stale entries marked; the reader drops it
                 // otherwise.
-                Lookup::Stale(entry) => snapshot.stale[i] = Some(entry),
+                Lookup::Stale(entry) => snapshot.set_stale(i, entry),
                 Lookup::Missing => {}
             }
         }

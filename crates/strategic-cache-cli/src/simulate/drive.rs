@@ -225,7 +225,7 @@ pub(super) async fn drive(
                 if t0 < measure_from {
                     continue;
                 }
-                let stale = snapshot.stale.iter().flatten().count() as u64;
+                let stale = snapshot.stale_len() as u64;
                 tally.record(i == 0, snapshot.len() as u64, stale, micros, |c| {
                     snapshot.get(c).is_some()
                 });

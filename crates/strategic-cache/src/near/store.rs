@@ -185,7 +185,7 @@ impl NearData {
             NearData::Snapshot(s) => s
                 .entries
                 .iter()
-                .chain(s.stale.iter())
+                .chain(s.stale.iter().flat_map(|stale| stale.iter()))
                 .flatten()
                 .map(entry_weight)
                 .sum(),
@@ -453,7 +453,9 @@ impl NearState {
         replaced.freshness[i] = Freshness::Fresh { age };
         replaced.entries[i] = Some(CachedEntry { age, ..entry });
         // The fresh row replaces whatever stale entry was kept to be served marked.
-        replaced.stale[i] = None;
+        if let Some(stale) = &mut replaced.stale {
+            stale[i] = None;
+        }
         let data = NearData::Snapshot(Arc::new(replaced));
         let (user_stripe, bot_stripe) = (item.user_stripe, item.bot_stripe);
         // Only the listener (the caller) bumps generations and the epoch, so the tag after
@@ -658,7 +660,9 @@ impl NearItem {
                         },
                         Freshness::Missing => Freshness::Missing,
                     };
-                    out.stale[i] = s.stale[i].as_ref().map(|e| aged(e, now));
+                    if let Some(entry) = s.stale.as_ref().and_then(|stale| stale[i].as_ref()) {
+                        out.set_stale(i, aged(entry, now));
+                    }
                 }
                 out
             }
@@ -679,7 +683,7 @@ impl NearItem {
         };
         // A stale entry served marked must be aged (and dropped past its limit) by the
         // reader, which only the owned path does.
-        if s.stale.iter().any(Option::is_some) {
+        if s.stale_len() > 0 {
             return None;
         }
         let young = s.entries.iter().flatten().all(|e| {

@@ -474,7 +474,7 @@ impl PgCacheRepository {
                     snapshot.entries[i] = Some(entry);
                 } else {
                     snapshot.freshness[i] = Freshness::Stale { age: entry.age };
-                    snapshot.stale[i] = Some(entry);
+                    snapshot.set_stale(i, entry);
                 }
             }
         }

@@ -416,11 +416,14 @@ impl CacheReader {
     }
 
     /// Drops the stale entries this reader does not serve: all of them by default, those
-    /// expired longer than `serve_stale_for` ago otherwise. A snapshot with none costs six
-    /// checks.
+    /// expired longer than `serve_stale_for` ago otherwise. A snapshot with none (no box)
+    /// costs one check.
     fn keep_servable_stale(&self, snapshot: &mut Snapshot) {
         let limit = self.config.serve_stale_for;
-        for slot in &mut snapshot.stale {
+        let Some(stale) = &mut snapshot.stale else {
+            return;
+        };
+        for slot in stale.iter_mut() {
             let servable = slot.as_ref().is_some_and(|entry| {
                 let lifetime = (entry.expires_at - entry.computed_at)
                     .to_std()
@@ -430,6 +433,9 @@ impl CacheReader {
             if !servable {
                 *slot = None;
             }
+        }
+        if stale.iter().all(Option::is_none) {
+            snapshot.stale = None;
         }
     }
 
@@ -468,7 +474,7 @@ impl CacheReader {
                 }
                 (Freshness::Stale { age }, _) => {
                     Counters::add(&counters.stale, 1);
-                    if snapshot.stale[component.index()].is_some() {
+                    if snapshot.served_stale(component).is_some() {
                         Counters::add(&counters.stale_served, 1);
                         if let Some(observer) = &self.observer {
                             observer.on_stale_served(component, bot_name, *age);
