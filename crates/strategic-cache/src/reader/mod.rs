@@ -360,17 +360,16 @@ impl CacheReader {
                 }
             },
             None => {
-                let call = self.store_snapshot(user_id, bot_name, None);
+                let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
                 self.guarded(call, parts).await
             }
         };
         let query_time = started.elapsed();
         let snapshot = match result {
             Ok(mut snapshot) => {
-                // Near-tier hits were filtered when filled; they have aged since.
-                if near_hit {
-                    self.keep_servable_stale(&mut snapshot);
-                }
+                // Store reads come with every stale entry; near-tier hits were filtered when
+                // filled, and have aged since.
+                self.keep_servable_stale(&mut snapshot);
                 self.account_snapshot(&snapshot, user_id, bot_name, query_time, near_hit);
                 snapshot
             }
