@@ -31,6 +31,8 @@ mod roles;
 mod scheduler;
 mod schema;
 mod simulate;
+// Opt-in stale reads, marked.
+mod stale_reads;
 mod support;
 // sslmode against servers with version 1 and 3 certificates.
 mod tls;

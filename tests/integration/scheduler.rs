@@ -742,3 +742,157 @@ async fn the_running_worker_vacuums_tables_full_of_dead_rows() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefetch hints (`CacheReader::prefetch`) through the requester, the queue and the worker.
+
+/// Lets the reader's spawned hint tasks run until `n` hints have been looked up (the lookups
+/// are the reader's own tasks; on PostgreSQL they wait on the database meanwhile).
+async fn hints_looked_up(reader: &CacheReader, n: u64) {
+    while reader.stats().prefetches < n {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A hint that arrives before the first message (and before the worker's next pass) has
+/// every component computed in time: the first read is all fresh, at one computation each.
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::memory(Backend::Memory)]
+#[tokio::test]
+async fn a_hint_in_time_makes_the_first_read_fresh(#[case] backend: Backend) {
+    let s = system(backend).await;
+    let requester = Arc::new(RefreshRequester::spawn(
+        s.queue.clone(),
+        RequesterConfig::default(),
+    ));
+    let reader = reader(&s, requester.clone());
+    let engine = Arc::new(CountingEngine::default());
+    let worker = worker(&s, engine.clone(), "w1");
+
+    reader.prefetch("u1", "elena");
+    hints_looked_up(&reader, 1).await;
+    requester.flush().await;
+    drain(&worker).await;
+
+    let first = reader.snapshot("u1", "elena").await;
+    assert_eq!(first.len(), 6, "{:?}", reader.stats());
+    assert_eq!(engine.total.load(Ordering::Relaxed), 6);
+    let stats = reader.stats();
+    assert_eq!((stats.reads, stats.hits, stats.misses), (6, 6, 0));
+    assert_eq!(requester.stats().prefetch_received, 6);
+}
+
+/// A hint that arrives after the message's read changes nothing for it, and the key is still
+/// computed once (the hint's requests share the miss's); a hint for keys now fresh computes
+/// nothing more.
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::memory(Backend::Memory)]
+#[tokio::test]
+async fn a_hint_too_late_costs_one_recomputation(#[case] backend: Backend) {
+    let s = system(backend).await;
+    let requester = Arc::new(RefreshRequester::spawn(
+        s.queue.clone(),
+        RequesterConfig::default(),
+    ));
+    let reader = reader(&s, requester.clone());
+    let engine = Arc::new(CountingEngine::default());
+    let worker = worker(&s, engine.clone(), "w1");
+
+    assert!(reader.snapshot("u1", "elena").await.is_empty());
+    reader.prefetch("u1", "elena");
+    hints_looked_up(&reader, 1).await;
+    requester.flush().await;
+    drain(&worker).await;
+    for component in Component::ALL {
+        let key = Key::for_message(component, "u1", "elena");
+        assert_eq!(engine.calls(component, &key), 1, "{component}");
+    }
+
+    reader.prefetch("u1", "elena");
+    hints_looked_up(&reader, 2).await;
+    requester.flush().await;
+    drain(&worker).await;
+    assert_eq!(
+        engine.total.load(Ordering::Relaxed),
+        6,
+        "fresh keys cost nothing"
+    );
+    assert_eq!(
+        reader.stats().prefetch_requests,
+        6,
+        "the second hint asked nothing"
+    );
+}
+
+/// Entries in use stay fresh through a flood of hints for new users at ten times the
+/// worker's rate, because the requester forwards hints only at `prefetch_per_second` (a
+/// quarter of that rate); on tokio's paused clock, the store and queue following it.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_hints_does_not_starve_refresh_ahead() {
+    let (stale_reads, limited) = flood_of_hints(5.0).await;
+    assert_eq!(stale_reads, 0, "every in-use read fresh during the flood");
+    assert!(limited > 0, "the flood was cut at the hint limit");
+}
+
+/// Runs 10 users reading every 30 s, then 5 minutes of 50 hints a second for new users
+/// (300 requests a second against a worker computing 20), with hints limited to
+/// `prefetch_per_second`; returns the in-use reads during the flood that were not all fresh,
+/// and the hints' requests the requester cut.
+async fn flood_of_hints(prefetch_per_second: f64) -> (u64, u64) {
+    let clock: Arc<dyn strategic_cache::Clock> = Arc::new(strategic_cache::TokioClock::new());
+    let repo: Arc<dyn CacheRepository> = Arc::new(MemoryCacheRepository::with_clock(clock.clone()));
+    let queue: Arc<dyn RefreshQueue> = Arc::new(MemoryRefreshQueue::new(2_000, clock));
+    let requester = Arc::new(RefreshRequester::spawn(
+        queue.clone(),
+        RequesterConfig {
+            prefetch_per_second,
+            ..RequesterConfig::default()
+        },
+    ));
+    let reader = CacheReader::new(repo.clone()).with_refresh_sink(requester.clone());
+    let worker = Worker::new(
+        queue,
+        repo,
+        Arc::new(CountingEngine::default()),
+        WorkerConfig {
+            id: "w1".into(),
+            max_per_second: 20.0,
+            ..WorkerConfig::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        worker
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+
+    const STEP: Duration = Duration::from_millis(100);
+    let (warm_up, flood) = (600, 600 + 3000); // steps: 10 minutes, then 5 minutes
+    let mut stale_reads = 0;
+    let mut new_user = 0u64;
+    for step in 0..flood {
+        if step % 300 == 0 {
+            for u in 0..10 {
+                let snapshot = reader.snapshot(&format!("in-use-{u}"), "elena").await;
+                if step >= warm_up && snapshot.len() < 6 {
+                    stale_reads += 1;
+                }
+            }
+        }
+        if step >= warm_up {
+            for _ in 0..5 {
+                new_user += 1;
+                reader.prefetch(&format!("new-{new_user}"), "elena");
+            }
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    let _ = stop.send(());
+    running.await.unwrap();
+    (stale_reads, requester.stats().prefetch_limited)
+}

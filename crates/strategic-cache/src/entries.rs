@@ -182,6 +182,14 @@ pub struct Snapshot {
     /// Each component's state by [`Component::index`] (stale ones have no entry above but
     /// their age here, so callers can tell "expired" from "never computed").
     pub freshness: [Freshness; 6],
+    /// Expired entries by [`Component::index`], served *marked as stale*: filled by the
+    /// reader only when [`ReaderConfig::serve_stale_for`](crate::ReaderConfig::serve_stale_for)
+    /// is set, for components whose entry expired at most that long ago (their age is in
+    /// `freshness` and in the entry). The getters (`memory_health()`, ...), [`Snapshot::get`]
+    /// and [`Snapshot::len`] never see them: read them with [`Snapshot::served_stale`].
+    /// Boxed and `None` while there are none, so that a snapshot of fresh entries (the hot
+    /// path) stays as small as it was.
+    pub stale: Option<Box<[Option<CachedEntry>; 6]>>,
 }
 
 impl Default for Snapshot {
@@ -189,6 +197,7 @@ impl Default for Snapshot {
         Snapshot {
             entries: Default::default(),
             freshness: [Freshness::Missing; 6],
+            stale: None,
         }
     }
 }
@@ -214,7 +223,26 @@ impl Snapshot {
         self.entries[component.index()].as_ref()
     }
 
-    /// How many components are present.
+    /// The expired entry of one component, served marked as stale (its `age` is as of the
+    /// read; see [`Snapshot::stale`]): `None` unless the reader serves stale entries and this
+    /// one expired recently enough. Never a fresh entry: check [`Snapshot::get`] first.
+    pub fn served_stale(&self, component: Component) -> Option<&CachedEntry> {
+        self.stale.as_ref()?[component.index()].as_ref()
+    }
+
+    /// How many components are served marked as stale.
+    pub fn stale_len(&self) -> usize {
+        self.stale
+            .as_ref()
+            .map_or(0, |s| s.iter().filter(|e| e.is_some()).count())
+    }
+
+    /// Keeps `entry`, expired, at component index `i` (see [`Snapshot::stale`]).
+    pub(crate) fn set_stale(&mut self, i: usize, entry: CachedEntry) {
+        self.stale.get_or_insert_with(Default::default)[i] = Some(entry);
+    }
+
+    /// How many components are present (fresh; stale ones served marked are not counted).
     pub fn len(&self) -> usize {
         self.entries.iter().filter(|e| e.is_some()).count()
     }

@@ -70,6 +70,13 @@ pub trait ReadObserver: Send + Sync + std::fmt::Debug {
         query_time: Duration,
         age: Option<Duration>,
     );
+
+    /// Called beside [`ReadObserver::on_read`]'s [`ReadOutcome::Stale`] record when that
+    /// expired entry was served marked as stale (`ReaderConfig::serve_stale_for`), with its
+    /// age: such a read is never a hit. Does nothing by default.
+    fn on_stale_served(&self, component: Component, bot_name: &str, age: Duration) {
+        let _ = (component, bot_name, age);
+    }
 }
 
 /// Why the reader asks for an entry to be recomputed.
@@ -104,4 +111,13 @@ pub struct RefreshRequest {
 pub trait RefreshSink: Send + Sync + std::fmt::Debug {
     /// Asks for an entry to be recomputed.
     fn request_refresh(&self, request: RefreshRequest);
+
+    /// Asks for an entry to be recomputed because a prefetch hint
+    /// ([`CacheReader::prefetch`](crate::CacheReader::prefetch)) found it missing or stale:
+    /// a read is expected within seconds. The request is due at once, as a miss is. A sink
+    /// may limit these apart from the demand of reads (the scheduler's requester does,
+    /// through `RequesterConfig::prefetch_per_second`); by default they are plain requests.
+    fn request_prefetch(&self, request: RefreshRequest) {
+        self.request_refresh(request);
+    }
 }

@@ -33,6 +33,7 @@
 //!   - `config`: [`ReaderConfig`];
 //!   - `stats`: [`ReaderStats`] and its counters;
 //!   - `breaker`: the circuit breaker;
+//!   - `prefetch`: the hint that a message is coming ([`CacheReader::prefetch`]);
 //!   - `warn_limit`: the rate limit of its warnings.
 //! - `near/`: the reader's near tier: entries in memory, coherent with
 //!   PostgreSQL within a lease through a listening connection.

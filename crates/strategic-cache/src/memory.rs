@@ -298,7 +298,13 @@ impl CacheRepository for MemoryCacheRepository {
             };
             let i = component.index();
             snapshot.freshness[i] = lookup.freshness();
-            snapshot.entries[i] = lookup.into_fresh();
+            match lookup {
+                Lookup::Fresh(entry) => snapshot.entries[i] = Some(entry),
+                // Kept for a reader that serves stale entries marked; the reader drops it
+                // otherwise.
+                Lookup::Stale(entry) => snapshot.set_stale(i, entry),
+                Lookup::Missing => {}
+            }
         }
         Ok(snapshot)
     }

@@ -28,6 +28,10 @@ pub(super) struct Tally {
     pub(super) first_reads: AtomicU64,
     /// Fresh entries served to first messages.
     pub(super) first_hits: AtomicU64,
+    /// Expired entries served marked as stale to first messages (`--serve-stale-mins`).
+    pub(super) first_stale: AtomicU64,
+    /// Expired entries served marked as stale to all messages.
+    pub(super) stale_served: AtomicU64,
     /// Component reads of the other messages.
     pub(super) later_reads: AtomicU64,
     /// Fresh entries served to the other messages.
@@ -60,6 +64,10 @@ pub(super) struct WorkerTotals {
     /// Of those, reads the database did not answer in time: errors, reads over the reader's
     /// budget, reads skipped by its circuit breaker.
     pub(super) reader_unanswered: u64,
+    /// Prefetch hints the reader looked up.
+    pub(super) prefetches: u64,
+    /// Refresh requests those hints sent.
+    pub(super) prefetch_requests: u64,
     /// The bot side's servers (PostgreSQL only: the primary, then each replica) with the
     /// reads each answered.
     pub(super) servers: Vec<ServerStats>,
@@ -75,6 +83,8 @@ impl WorkerTotals {
         let reader = system.reader.stats();
         totals.reader_reads = reader.reads;
         totals.near_hits = reader.near_hits;
+        totals.prefetches = reader.prefetches;
+        totals.prefetch_requests = reader.prefetch_requests;
         totals.reader_unanswered = reader.errors + reader.timeouts + reader.breaker_skips;
         if let Some(pg) = &system.bot_pg {
             totals.read_statements = pg.read_statements().unwrap_or(0);
@@ -100,6 +110,10 @@ impl WorkerTotals {
             read_statements: self.read_statements.saturating_sub(earlier.read_statements),
             reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
             near_hits: self.near_hits.saturating_sub(earlier.near_hits),
+            prefetches: self.prefetches.saturating_sub(earlier.prefetches),
+            prefetch_requests: self
+                .prefetch_requests
+                .saturating_sub(earlier.prefetch_requests),
             reader_unanswered: self
                 .reader_unanswered
                 .saturating_sub(earlier.reader_unanswered),
@@ -179,7 +193,10 @@ pub(super) async fn drive(
         let gaps: Vec<Duration> = (0..messages)
             .map(|_| scale(exp_sample(&mut rng, args.message_gap_secs)))
             .collect();
-        tokio::time::sleep_until(started + start).await;
+        // With a typing lead, the session task starts at the hint, `lead` before its first
+        // message (hints arrive in the sessions' order, as their messages do).
+        let lead = scale(args.typing_lead_secs).min(start);
+        tokio::time::sleep_until(started + start - lead).await;
         if last_progress.elapsed() > Duration::from_millis(100) {
             progress(start.as_secs_f64() / total.as_secs_f64());
             last_progress = Instant::now();
@@ -189,6 +206,10 @@ pub(super) async fn drive(
         sessions.0.push(tokio::spawn(async move {
             let user_id = format!("sim-user-{user}");
             let bot_name = format!("sim-bot-{bot}");
+            if !lead.is_zero() {
+                system.reader.prefetch(&user_id, &bot_name);
+                tokio::time::sleep_until(started + start).await;
+            }
             for (i, gap) in gaps.into_iter().enumerate() {
                 if i > 0 {
                     tokio::time::sleep(gap).await;
@@ -204,7 +225,8 @@ pub(super) async fn drive(
                 if t0 < measure_from {
                     continue;
                 }
-                tally.record(i == 0, snapshot.len() as u64, micros, |c| {
+                let stale = snapshot.stale_len() as u64;
+                tally.record(i == 0, snapshot.len() as u64, stale, micros, |c| {
                     snapshot.get(c).is_some()
                 });
             }
@@ -228,9 +250,21 @@ pub(super) async fn drive(
 }
 
 impl Tally {
-    /// Counts one message: its six reads, `hits` of them fresh (`fresh(c)` per component).
-    fn record(&self, first: bool, hits: u64, micros: u64, fresh: impl Fn(Component) -> bool) {
+    /// Counts one message: its six reads, `hits` of them fresh (`fresh(c)` per component)
+    /// and `stale` served marked as stale.
+    fn record(
+        &self,
+        first: bool,
+        hits: u64,
+        stale: u64,
+        micros: u64,
+        fresh: impl Fn(Component) -> bool,
+    ) {
         self.messages.fetch_add(1, Ordering::Relaxed);
+        self.stale_served.fetch_add(stale, Ordering::Relaxed);
+        if first {
+            self.first_stale.fetch_add(stale, Ordering::Relaxed);
+        }
         for component in Component::ALL {
             self.reads[component.index()].fetch_add(1, Ordering::Relaxed);
             if fresh(component) {

@@ -97,6 +97,16 @@ pub struct SimulateArgs {
     /// Seconds between two metrics exports when `INFLUXDB_URL` is set (real time).
     #[arg(long, default_value_t = 2.0)]
     pub metrics_interval_secs: f64,
+    /// Simulated seconds before each session's first message at which the bot learns that a
+    /// message is coming (a typing event) and calls `CacheReader::prefetch`; 0 sends no
+    /// hint, as a bot that ignores typing events.
+    #[arg(long, default_value_t = 0.0)]
+    pub typing_lead_secs: f64,
+    /// Serve entries expired at most this many simulated minutes ago, marked as stale
+    /// (`ReaderConfig::serve_stale_for`); 0, the default, serves none (stale is a miss).
+    /// Marked stale reads are never counted as hits.
+    #[arg(long, default_value_t = 0.0)]
+    pub serve_stale_mins: f64,
     /// Random seed, for repeatable workloads.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -223,6 +233,7 @@ pub async fn run(
         backlog: driven.backlog,
         dropped: requests.dropped_full,
         rejected: requests.rejected_full,
+        prefetch_limited: requests.prefetch_limited,
         reader: system.reader.stats(),
         exported,
         near: system.near,

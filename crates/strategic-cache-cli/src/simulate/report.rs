@@ -50,6 +50,25 @@ pub struct SimReport {
     pub first_message_hit_rate: f64,
     /// Hit rate of the other messages.
     pub later_message_hit_rate: f64,
+    /// Share of the first messages' component reads served marked as stale
+    /// (`--serve-stale-mins`; never counted in the hit rates).
+    pub first_message_stale_rate: f64,
+    /// Share of all component reads served marked as stale.
+    pub stale_served_rate: f64,
+    /// `--serve-stale-mins`: how long after expiry an entry may be served marked (0: never).
+    pub serve_stale_mins: f64,
+    /// `--typing-lead-secs`: how long before each session's first message a prefetch hint
+    /// was sent (0: none).
+    pub typing_lead_secs: f64,
+    /// Prefetch hints looked up in the measured window.
+    pub prefetches: u64,
+    /// Refresh requests those hints sent (components they found missing, stale or about to
+    /// expire), per simulated second: the most recomputation hints can add. What they add
+    /// in fact is `recomputes_per_sim_sec` less that of the same run without hints, since a
+    /// hint's recomputation mostly replaces the one the first message's miss would cause.
+    pub prefetch_requests_per_sim_sec: f64,
+    /// Hints' requests the requester dropped at its `prefetch_per_second` limit (whole run).
+    pub prefetch_limited: u64,
     /// By component.
     pub by_component: HashMap<String, ComponentFigures>,
     /// Snapshot read latency (real microseconds): p50, p95, p99, max.
@@ -123,6 +142,8 @@ pub(super) struct After {
     pub(super) dropped: u64,
     /// Requests refused because the queue was full.
     pub(super) rejected: u64,
+    /// Hints' requests dropped at the requester's hint limit.
+    pub(super) prefetch_limited: u64,
     /// The reader's own counters.
     pub(super) reader: ReaderStats,
     /// Whether the reader had a near tier.
@@ -195,6 +216,16 @@ pub(super) fn report(
             tally.later_hits.load(Ordering::Relaxed),
             tally.later_reads.load(Ordering::Relaxed),
         ),
+        first_message_stale_rate: ratio(
+            tally.first_stale.load(Ordering::Relaxed),
+            tally.first_reads.load(Ordering::Relaxed),
+        ),
+        stale_served_rate: ratio(tally.stale_served.load(Ordering::Relaxed), reads),
+        serve_stale_mins: args.serve_stale_mins,
+        typing_lead_secs: args.typing_lead_secs,
+        prefetches: window.prefetches,
+        prefetch_requests_per_sim_sec: window.prefetch_requests as f64 / sim_secs,
+        prefetch_limited: after.prefetch_limited,
         by_component,
         read_latency_us: [pct(0.5), pct(0.95), pct(0.99), pct(1.0)],
         recomputes: window.recomputes,
@@ -266,6 +297,14 @@ impl SimReport {
             "  later messages      {}\n",
             pct(self.later_message_hit_rate)
         ));
+        if self.serve_stale_mins > 0.0 {
+            out.push_str(&format!(
+                "served marked stale   {} (first message {}), entries expired up to {:.0} min ago; not hits\n",
+                pct(self.stale_served_rate),
+                pct(self.first_message_stale_rate),
+                self.serve_stale_mins
+            ));
+        }
         let mut components: Vec<_> = self.by_component.iter().collect();
         components.sort_by_key(|(name, _)| name.as_str());
         for (name, figures) in components {
@@ -317,6 +356,15 @@ impl SimReport {
                 out.push_str("near tier              off (--no-near, or it could not start)\n")
             }
             None => {}
+        }
+        if self.typing_lead_secs > 0.0 {
+            out.push_str(&format!(
+                "prefetch hints         {} ({:.0} s before each first message), {:.2} refresh requests per simulated second, {} dropped at the hint limit\n",
+                self.prefetches,
+                self.typing_lead_secs,
+                self.prefetch_requests_per_sim_sec,
+                self.prefetch_limited
+            ));
         }
         let [p50, p95, p99, max] = self.read_latency_us;
         out.push_str(&format!(

@@ -170,10 +170,19 @@ pub(super) async fn set_up(
         RequesterConfig {
             flush_interval: Duration::from_millis(5),
             dedupe_window: scale(5.0),
+            // Hints may take a quarter of the workers' capacity (in run time), the rest being
+            // left to refresh-ahead and misses; a flood of hints is cut there.
+            prefetch_per_second: 0.25
+                * args.max_recomputes_per_sec
+                * f64::from(args.workers.max(1))
+                * speedup,
             ..RequesterConfig::default()
         },
     ));
-    let mut reader_config = ReaderConfig::default();
+    let mut reader_config = ReaderConfig {
+        serve_stale_for: scale(args.serve_stale_mins * 60.0),
+        ..ReaderConfig::default()
+    };
     if args.no_refresh_ahead {
         // No demand signals from hits at all: entries are recomputed only after a miss or an
         // expired read, as in the design we replace.

@@ -24,6 +24,8 @@ pub(super) fn validate(args: &SimulateArgs) -> Result<()> {
         ("--message-gap-secs", args.message_gap_secs),
         ("--keep-warm-mins", args.keep_warm_mins),
         ("--compute-ms", args.compute_ms),
+        ("--typing-lead-secs", args.typing_lead_secs),
+        ("--serve-stale-mins", args.serve_stale_mins),
     ];
     for (flag, value) in non_negative {
         if !(value.is_finite() && value >= 0.0) {

@@ -419,6 +419,10 @@ impl NearState {
         let age = (now - entry.computed_at).to_std().unwrap_or(Duration::ZERO);
         replaced.freshness[i] = Freshness::Fresh { age };
         replaced.entries[i] = Some(CachedEntry { age, ..entry });
+        // The fresh row replaces whatever stale entry was kept to be served marked.
+        if let Some(stale) = &mut replaced.stale {
+            stale[i] = None;
+        }
         let data = NearData::Snapshot(Arc::new(replaced));
         let (user_stripe, bot_stripe) = (item.user_stripe, item.bot_stripe);
         // Only the listener (the caller) bumps generations and the epoch, so the tag after
@@ -623,6 +627,9 @@ impl NearItem {
                         },
                         Freshness::Missing => Freshness::Missing,
                     };
+                    if let Some(entry) = s.stale.as_ref().and_then(|stale| stale[i].as_ref()) {
+                        out.set_stale(i, aged(entry, now));
+                    }
                 }
                 out
             }
@@ -641,6 +648,11 @@ impl NearItem {
         let NearData::Snapshot(s) = &self.data else {
             return None;
         };
+        // A stale entry served marked must be aged (and dropped past its limit) by the
+        // reader, which only the owned path does.
+        if s.stale_len() > 0 {
+            return None;
+        }
         let young = s.entries.iter().flatten().all(|e| {
             let lifetime = (e.expires_at - e.computed_at).num_milliseconds();
             let age = (now - e.computed_at).num_milliseconds();

@@ -206,10 +206,16 @@ impl Heap for CachedEntry {
 impl Heap for NearData {
     fn heap(&self) -> u64 {
         match self {
-            // The snapshot's own allocation (its entries are inline in it), behind its `Arc`.
+            // The snapshot's own allocation (its fresh entries are inline in it), behind its `Arc`,
+            // and the boxed entries served marked stale, if any.
             NearData::Snapshot(snapshot) => {
+                let stale = snapshot.stale.as_ref().map_or(0, |stale| {
+                    alloc(size_of::<[Option<CachedEntry>; 6]>())
+                        + stale.iter().map(Heap::heap).sum::<u64>()
+                });
                 alloc(2 * size_of::<usize>() + size_of::<Snapshot>())
                     + snapshot.entries.iter().map(Heap::heap).sum::<u64>()
+                    + stale
             }
             NearData::Lookup(Lookup::Fresh(entry) | Lookup::Stale(entry)) => entry.heap(),
             NearData::Lookup(Lookup::Missing) => 0,

@@ -474,6 +474,7 @@ impl PgCacheRepository {
                     snapshot.entries[i] = Some(entry);
                 } else {
                     snapshot.freshness[i] = Freshness::Stale { age: entry.age };
+                    snapshot.set_stale(i, entry);
                 }
             }
         }

@@ -26,6 +26,18 @@ pub struct ReaderConfig {
     /// given a database URL through
     /// [`CacheReader::with_near_tier`](super::CacheReader::with_near_tier).
     pub near: crate::near::NearConfig,
+    /// Most prefetch hints ([`CacheReader::prefetch`](super::CacheReader::prefetch)) being
+    /// looked up at once; a hint beyond it is dropped (and counted in
+    /// [`ReaderStats::prefetch_dropped`](super::ReaderStats::prefetch_dropped)), so that a
+    /// flood of typing events holds at most this many tasks and store reads.
+    pub prefetch_concurrency: usize,
+    /// Serve expired entries *marked as stale* for this long after they expire (zero, the
+    /// default, never does: stale is a miss). A snapshot then carries such an entry in
+    /// [`Snapshot::stale`](crate::Snapshot::stale), never among its fresh entries; its
+    /// refresh is requested at once, as for any stale read, and it is counted in
+    /// [`ReaderStats::stale_served`](super::ReaderStats::stale_served), never as a hit.
+    /// Single reads (`get`, `get_key`) stay fresh-only.
+    pub serve_stale_for: std::time::Duration,
 }
 
 impl Default for ReaderConfig {
@@ -38,6 +50,8 @@ impl Default for ReaderConfig {
             demand_fraction: 0.5,
             warn_interval: Duration::from_secs(10),
             near: crate::near::NearConfig::default(),
+            prefetch_concurrency: 64,
+            serve_stale_for: Duration::ZERO,
         }
     }
 }

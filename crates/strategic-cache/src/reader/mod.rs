@@ -11,12 +11,14 @@
 //! - `config`: [`ReaderConfig`], its settings;
 //! - `stats`: [`ReaderStats`] and the atomic counters behind them;
 //! - `breaker`: the circuit breaker's state machine (`Breaker`, `Admission`, `ProbeGuard`);
+//! - `prefetch`: [`CacheReader::prefetch`], the hint that a message is coming;
 //! - `warn_limit`: the rate limit of its warnings (`WarnLimit`).
 //!
 //! The Python seed's helpers on the reader live in `crate::seed`.
 
 mod breaker;
 mod config;
+mod prefetch;
 mod stats;
 mod warn_limit;
 
@@ -115,6 +117,8 @@ struct Shared {
     /// Rate limit of warnings about the caller's mistakes (unknown table, invalid input), kept
     /// apart so that a misbehaving caller cannot hide a database outage, nor the reverse.
     input_warn: WarnLimit,
+    /// Prefetch hints being looked up now, bounded by `ReaderConfig::prefetch_concurrency`.
+    prefetch_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -125,6 +129,7 @@ impl Shared {
             counters: Counters::default(),
             db_warn: WarnLimit::default(),
             input_warn: WarnLimit::default(),
+            prefetch_in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -355,19 +360,8 @@ impl CacheReader {
                 }
                 None => {
                     // As in `get_key`: the store must have the last invalidation applied.
-                    let call = near.snapshot_fill(user_id, bot_name, |after| async move {
-                        match after {
-                            Some(after) => {
-                                self.repo
-                                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
-                                    .await
-                            }
-                            None => {
-                                self.repo
-                                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
-                                    .await
-                            }
-                        }
+                    let call = near.snapshot_fill(user_id, bot_name, |after| {
+                        self.store_snapshot(user_id, bot_name, after)
                     });
                     self.guarded(call, parts).await
                 }
@@ -379,7 +373,10 @@ impl CacheReader {
         };
         let query_time = started.elapsed();
         let snapshot = match result {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
+                // Store reads come with every stale entry; near-tier hits were filtered when
+                // filled, and have aged since.
+                self.keep_servable_stale(&mut snapshot);
                 self.account_snapshot(&snapshot, user_id, bot_name, query_time, near_hit);
                 snapshot
             }
@@ -396,6 +393,56 @@ impl CacheReader {
             "strategic cache snapshot"
         );
         snapshot
+    }
+
+    /// The store's snapshot for a message, at least as new as `after` if given (the near
+    /// tier's last invalidation of it).
+    async fn store_snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        after: Option<std::time::Instant>,
+    ) -> Result<Snapshot, CacheError> {
+        let mut snapshot = match after {
+            Some(after) => {
+                self.repo
+                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
+                    .await
+            }
+            None => {
+                self.repo
+                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
+                    .await
+            }
+        }?;
+        // Before the near tier keeps it: with stale reads off it then holds none, and its
+        // shared snapshots are as before.
+        self.keep_servable_stale(&mut snapshot);
+        Ok(snapshot)
+    }
+
+    /// Drops the stale entries this reader does not serve: all of them by default, those
+    /// expired longer than `serve_stale_for` ago otherwise. A snapshot with none (no box)
+    /// costs one check.
+    fn keep_servable_stale(&self, snapshot: &mut Snapshot) {
+        let limit = self.config.serve_stale_for;
+        let Some(stale) = &mut snapshot.stale else {
+            return;
+        };
+        for slot in stale.iter_mut() {
+            let servable = slot.as_ref().is_some_and(|entry| {
+                let lifetime = (entry.expires_at - entry.computed_at)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                !limit.is_zero() && entry.age.saturating_sub(lifetime) <= limit
+            });
+            if !servable {
+                *slot = None;
+            }
+        }
+        if stale.iter().all(Option::is_none) {
+            snapshot.stale = None;
+        }
     }
 
     /// Counts, observes and signals each component of a snapshot the store returned, or the
@@ -433,6 +480,12 @@ impl CacheReader {
                 }
                 (Freshness::Stale { age }, _) => {
                     Counters::add(&counters.stale, 1);
+                    if snapshot.served_stale(component).is_some() {
+                        Counters::add(&counters.stale_served, 1);
+                        if let Some(observer) = &self.observer {
+                            observer.on_stale_served(component, bot_name, *age);
+                        }
+                    }
                     (
                         ReadOutcome::Stale,
                         Some(*age),

@@ -15,8 +15,11 @@ pub struct ReaderStats {
     pub hits: u64,
     /// No entry.
     pub misses: u64,
-    /// An expired entry, not served.
+    /// An expired entry: not served, or served marked as stale (`stale_served`).
     pub stale: u64,
+    /// Of the `stale`, entries served marked as stale (`ReaderConfig::serve_stale_for`):
+    /// never counted in `hits`.
+    pub stale_served: u64,
     /// The store returned an error.
     pub errors: u64,
     /// The store did not answer within the budget.
@@ -27,6 +30,14 @@ pub struct ReaderStats {
     pub breaker_open: bool,
     /// Of the `hits`, those served from the near tier's memory (no store call).
     pub near_hits: u64,
+    /// Prefetch hints taken (a task looked the key up); not reads, so in none of the counts
+    /// above.
+    pub prefetches: u64,
+    /// Prefetch hints dropped: too many in flight, the breaker open, or no Tokio runtime.
+    pub prefetch_dropped: u64,
+    /// Refresh requests the hints sent (components they found missing, stale or about to
+    /// expire); hints that found everything fresh sent none.
+    pub prefetch_requests: u64,
 }
 
 /// The live counters behind [`ReaderStats`].
@@ -36,10 +47,14 @@ pub(super) struct Counters {
     pub(super) hits: AtomicU64,
     pub(super) misses: AtomicU64,
     pub(super) stale: AtomicU64,
+    pub(super) stale_served: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) timeouts: AtomicU64,
     pub(super) breaker_skips: AtomicU64,
     pub(super) near_hits: AtomicU64,
+    pub(super) prefetches: AtomicU64,
+    pub(super) prefetch_dropped: AtomicU64,
+    pub(super) prefetch_requests: AtomicU64,
 }
 
 impl Counters {
@@ -57,11 +72,15 @@ impl Counters {
             hits: get(&self.hits),
             misses: get(&self.misses),
             stale: get(&self.stale),
+            stale_served: get(&self.stale_served),
             errors: get(&self.errors),
             timeouts: get(&self.timeouts),
             breaker_skips: get(&self.breaker_skips),
             breaker_open,
             near_hits: get(&self.near_hits),
+            prefetches: get(&self.prefetches),
+            prefetch_dropped: get(&self.prefetch_dropped),
+            prefetch_requests: get(&self.prefetch_requests),
         }
     }
 }

@@ -30,6 +30,15 @@ pub struct RequesterConfig {
     /// A key sent to the queue is not sent again within this window unless the new request
     /// is more urgent: a popular key read a thousand times costs the queue one request.
     pub dedupe_window: Duration,
+    /// Most refresh requests per second that prefetch hints
+    /// ([`CacheReader::prefetch`](crate::CacheReader::prefetch)) may forward, with a burst of
+    /// one second's worth; beyond it hints' requests are dropped (and counted). This is what
+    /// keeps a flood of hints from starving refresh-ahead: hints are due at once, so they are
+    /// claimed ahead of refresh-ahead requests not yet at their refresh point, and only a
+    /// bounded rate of them, kept below the workers' `max_per_second`, leaves the workers time
+    /// for every entry in use. Requests of reads (misses, stale, refresh-ahead) are not
+    /// counted against it.
+    pub prefetch_per_second: f64,
 }
 
 impl Default for RequesterConfig {
@@ -39,6 +48,8 @@ impl Default for RequesterConfig {
             batch_size: 256,
             flush_interval: Duration::from_millis(20),
             dedupe_window: Duration::from_secs(1),
+            // A quarter of one default worker's 200 per second.
+            prefetch_per_second: 50.0,
         }
     }
 }
@@ -58,6 +69,10 @@ pub struct RequesterStats {
     pub rejected_full: u64,
     /// Requests lost because the queue failed (the database was away); readers ask again.
     pub enqueue_failed: u64,
+    /// Of `received`, requests sent by prefetch hints.
+    pub prefetch_received: u64,
+    /// Prefetch hints' requests dropped by the `prefetch_per_second` limit.
+    pub prefetch_limited: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,10 +83,14 @@ struct Counters {
     enqueued: AtomicU64,
     rejected_full: AtomicU64,
     enqueue_failed: AtomicU64,
+    prefetch_received: AtomicU64,
+    prefetch_limited: AtomicU64,
 }
 
 enum Message {
     Request(RefreshRequest),
+    /// A request sent by a prefetch hint: subject to the hint rate limit.
+    Prefetch(RefreshRequest),
     Flush(oneshot::Sender<()>),
 }
 
@@ -100,6 +119,7 @@ impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Message::Request(r) => r.fmt(f),
+            Message::Prefetch(r) => f.debug_tuple("Prefetch").field(r).finish(),
             Message::Flush(_) => f.write_str("Flush"),
         }
     }
@@ -132,6 +152,8 @@ impl RefreshRequester {
             enqueued: c.enqueued.load(Ordering::Relaxed),
             rejected_full: c.rejected_full.load(Ordering::Relaxed),
             enqueue_failed: c.enqueue_failed.load(Ordering::Relaxed),
+            prefetch_received: c.prefetch_received.load(Ordering::Relaxed),
+            prefetch_limited: c.prefetch_limited.load(Ordering::Relaxed),
         }
     }
 }
@@ -149,6 +171,55 @@ impl RefreshSink for RefreshRequester {
             Err(_) => self.counters.dropped_full.fetch_add(1, Ordering::Relaxed),
         };
     }
+
+    fn request_prefetch(&self, request: RefreshRequest) {
+        match self.tx.try_send(Message::Prefetch(request)) {
+            Ok(()) => {
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .prefetch_received
+                    .fetch_add(1, Ordering::Relaxed)
+            }
+            Err(_) => self.counters.dropped_full.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The prefetch rate limit: a token bucket refilled at `rate` per second holding at most one
+/// second's worth. It lives in the batching task, so it needs no lock or atomic.
+struct HintBudget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl HintBudget {
+    fn new(rate: f64) -> HintBudget {
+        let rate = if rate.is_finite() {
+            rate.max(0.0)
+        } else {
+            f64::MAX
+        };
+        HintBudget {
+            rate,
+            tokens: rate.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// Whether one more request may go now (and takes its token if so).
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// When a key was last sent, and how urgently (`None` = due now, the most urgent).
@@ -164,23 +235,39 @@ async fn batch_loop(
     let mut batch: Vec<RefreshRequest> = Vec::with_capacity(config.batch_size);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut last_purge = Instant::now();
+    let mut hints = HintBudget::new(config.prefetch_per_second);
     while let Some(first) = rx.recv().await {
         let deadline = Instant::now() + config.flush_interval;
         let mut next = Some(first);
         while let Some(message) = next.take() {
-            match message {
-                Message::Request(request) => {
-                    if is_duplicate(&sent, &request, config.dedupe_window) {
-                        counters.deduplicated.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        sent.insert(
-                            (request.component, request.key.clone()),
-                            (Instant::now(), request.due_at),
-                        );
-                        batch.push(request);
-                    }
+            let request = match message {
+                Message::Request(request) => Some(request),
+                // A hint's request for a key just sent is a duplicate, which costs no token.
+                Message::Prefetch(request)
+                    if is_duplicate(&sent, &request, config.dedupe_window) =>
+                {
+                    Some(request)
                 }
-                Message::Flush(done) => waiting.push(done),
+                Message::Prefetch(request) if hints.take() => Some(request),
+                Message::Prefetch(_) => {
+                    counters.prefetch_limited.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Message::Flush(done) => {
+                    waiting.push(done);
+                    None
+                }
+            };
+            if let Some(request) = request {
+                if is_duplicate(&sent, &request, config.dedupe_window) {
+                    counters.deduplicated.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    sent.insert(
+                        (request.component, request.key.clone()),
+                        (Instant::now(), request.due_at),
+                    );
+                    batch.push(request);
+                }
             }
             if batch.len() >= config.batch_size || !waiting.is_empty() {
                 break;
