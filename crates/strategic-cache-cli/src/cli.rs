@@ -89,8 +89,9 @@ pub enum Command {
     Get(GetArgs),
     /// Write one entry from JSON (a file or stdin), validated against the table's columns.
     Put(PutArgs),
-    /// Remove one entry, or the entries of all six components for a (user, bot) (including
-    /// the bot's character performance for --window, which every user of the bot shares).
+    /// Remove one entry, or a user's entries of the five per-(user, bot) components with
+    /// --user; the bot's character performance, which every user of the bot shares, only when
+    /// named (--component character_performance, or --include-shared).
     Invalidate(InvalidateArgs),
     /// Delete expired entries of every table.
     Sweep(SweepArgs),
