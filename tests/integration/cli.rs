@@ -438,6 +438,29 @@ pub(crate) async fn seed(db: &DatabaseConnection) {
     .await;
 }
 
+/// `simulate --help` and `bench --help` name no environment variable for --database-url and --replica (both commands ignore them), while `get --help` still names DATABASE_URL and STRATEGIC_CACHE_REPLICAS.
+#[tokio::test]
+async fn help_of_simulate_and_bench_names_no_environment() {
+    for command in ["simulate", "bench"] {
+        let help = run(None, &[command, "--help"], b"").await;
+        help.expect_code(0, &format!("{command} --help"));
+        assert!(help.stdout.contains("--database-url <URL>"), "{help:#?}");
+        assert!(help.stdout.contains("--replica <URL>"), "{help:#?}");
+        assert!(
+            !help.stdout.contains("[env:"),
+            "{command} --help: {}",
+            help.stdout
+        );
+    }
+    let get = run(None, &["get", "--help"], b"").await;
+    get.expect_code(0, "get --help");
+    assert!(get.stdout.contains("[env: DATABASE_URL]"), "{get:#?}");
+    assert!(
+        get.stdout.contains("[env: STRATEGIC_CACHE_REPLICAS]"),
+        "{get:#?}"
+    );
+}
+
 /// `--help` and `--version` print to stdout and exit 0; `--help` lists the commands and exit codes.
 #[tokio::test]
 async fn help_and_version_exit_zero() {
