@@ -103,9 +103,11 @@ fn test(args: &[String]) -> Result<()> {
     let (keep_engine, args) = take_keep_engine(args);
     let ready = prereq::prepare()?;
     let result = (|| {
-        // Binaries first: the CLI tests run the real `strategic-cache` binary.
+        // Binaries and examples first: the CLI tests run the real `strategic-cache` binary,
+        // and `example_bot` the example bot (a test cannot build them: the running
+        // `cargo test` holds the build directory's lock).
         let mut build = cargo();
-        build.args(["build", "--workspace", "--bins"]);
+        build.args(["build", "--workspace", "--bins", "--examples"]);
         system::run(build)?;
         let mut cmd = cargo();
         cmd.args(["test", "--workspace", "--no-fail-fast"])
