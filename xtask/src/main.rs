@@ -33,7 +33,8 @@ usage: cargo xtask <task>
                                                            stopped at the end unless
                                                            --keep-engine; see README)
   containers [prepare|clean|stop]                          the container engine and test image
-  ci [--keep-engine]                                       fmt, clippy -D warnings, doc, test
+  ci [--keep-engine]                                       fmt, clippy -D warnings, doc,
+                                                           cargo package, test
   bench [BENCH ARGS]                                       strategic-cache bench, release build
   bench --replicas [N] [BENCH ARGS]                        the same against a private primary with
                                                            N (default 2) streaming replicas under
@@ -169,8 +170,27 @@ fn ci(args: &[String]) -> Result<()> {
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
     system::run(doc)?;
+    // The crates a bot or an operator depends on stay packageable (every dependency with a
+    // version; one invocation, so that cargo resolves the unpublished ones among themselves).
+    // Without verification: that would compile the whole dependency tree once more.
+    let mut package = cargo();
+    package.args(["package", "--no-verify", "--allow-dirty"]);
+    for crate_name in PACKAGED {
+        package.args(["-p", crate_name]);
+    }
+    system::run(package)?;
     test(args)
 }
+
+/// The crates `cargo xtask ci` packages: what a bot (strategic-cache and what it depends on)
+/// or an operator (the CLI, the migration runner) would depend on.
+const PACKAGED: [&str; 5] = [
+    "entity",
+    "pg-diagnostics",
+    "strategic-cache",
+    "migration",
+    "strategic-cache-cli",
+];
 
 fn bench(args: &[String]) -> Result<()> {
     build_tools()?;
