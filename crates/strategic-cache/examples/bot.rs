@@ -41,10 +41,10 @@ impl Bot {
         // Everything for this (user, bot) in one round trip; absent parts are simply None.
         let insights = self.cache.snapshot(user_id, "elena").await;
         let mut prompt = text.to_string();
-        if let Some(p) = insights.conversation_patterns() {
-            if p.predicted_switch_likelihood.unwrap_or(0.0) > 0.7 {
-                prompt.push_str("\n(the user is likely to change topic)");
-            }
+        if let Some(p) = insights.conversation_patterns()
+            && p.predicted_switch_likelihood.unwrap_or(0.0) > 0.7
+        {
+            prompt.push_str("\n(the user is likely to change topic)");
         }
         // One component on its own:
         if let Some(entry) = self
