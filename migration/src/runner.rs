@@ -86,7 +86,9 @@ pub enum MigrateError {
     InvalidUrl(String),
     /// The server could not be reached, refused the connection, or refused this user or
     /// database. The message is PostgreSQL's (or the network's), with what to do.
-    #[error("{0}")]
+    /// Prefixed as the library's `CacheError::Unavailable` is, so that every command's
+    /// connection failure reads the same.
+    #[error("cache database unavailable: {0}")]
     Unreachable(pg_diagnostics::ConnectFailure),
     /// Another process's run held the migration lock for longer than we were willing to wait.
     #[error(

@@ -33,6 +33,7 @@ const REQUIRED: &[&str] = &[
     "bare_snapshot_10",
     "near_snapshot",
     "near_snapshot_10",
+    "near_snapshot_shared",
     "near_single_read",
     "near_single_read_10",
 ];
@@ -128,6 +129,14 @@ async fn quick_bench_reports_every_case_without_errors() {
     assert_eq!(hit_rate("bare_single_read"), 1.0);
     assert_eq!(hit_rate("near_single_read"), 1.0);
     assert_eq!(hit_rate("near_single_read_10"), 1.0);
+    assert_eq!(hit_rate("near_snapshot_shared"), hit_rate("near_snapshot"));
+    let targets = report["targets"].as_array().unwrap();
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["name"] == "near_snapshot_shared p99 <= 2 us" && t["pass"].is_boolean()),
+        "{stdout}"
+    );
     assert_eq!(hit_rate("cold_read"), 0.0);
     assert_eq!(hit_rate("stale_read"), 0.0);
     assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));

@@ -438,6 +438,29 @@ pub(crate) async fn seed(db: &DatabaseConnection) {
     .await;
 }
 
+/// `simulate --help` and `bench --help` name no environment variable for --database-url and --replica (both commands ignore them), while `get --help` still names DATABASE_URL and STRATEGIC_CACHE_REPLICAS.
+#[tokio::test]
+async fn help_of_simulate_and_bench_names_no_environment() {
+    for command in ["simulate", "bench"] {
+        let help = run(None, &[command, "--help"], b"").await;
+        help.expect_code(0, &format!("{command} --help"));
+        assert!(help.stdout.contains("--database-url <URL>"), "{help:#?}");
+        assert!(help.stdout.contains("--replica <URL>"), "{help:#?}");
+        assert!(
+            !help.stdout.contains("[env:"),
+            "{command} --help: {}",
+            help.stdout
+        );
+    }
+    let get = run(None, &["get", "--help"], b"").await;
+    get.expect_code(0, "get --help");
+    assert!(get.stdout.contains("[env: DATABASE_URL]"), "{get:#?}");
+    assert!(
+        get.stdout.contains("[env: STRATEGIC_CACHE_REPLICAS]"),
+        "{get:#?}"
+    );
+}
+
 /// `--help` and `--version` print to stdout and exit 0; `--help` lists the commands and exit codes.
 #[tokio::test]
 async fn help_and_version_exit_zero() {
@@ -1177,12 +1200,18 @@ async fn get_all_six_shows_a_snapshot() {
     }
 }
 
-/// `invalidate` removes one component's entry or all six, reports what it removed, and exits 0 even when nothing was there.
+/// `invalidate` removes one component's entry, or with --user only that user's five per-user entries (the bot's shared character performance stays until --include-shared or --component names it), reports what it removed and kept, and exits 0 even when nothing was there.
 #[tokio::test]
 async fn invalidate_removes_entries() {
     let t = TestDb::migrated().await;
     seed(&t.db).await;
     let url = Some(t.url.as_str());
+    let shared = "SELECT count(*) AS n FROM strategic_character_performance";
+    let shared_before = count(&t.db, shared).await;
+    assert!(
+        shared_before > 0,
+        "the seed has the bot's character performance"
+    );
 
     let one = run(
         url,
@@ -1217,7 +1246,7 @@ async fn invalidate_removes_entries() {
     .await
     .expect_code(3, "get after invalidate");
 
-    let all = run(
+    let user = run(
         url,
         &[
             "--json",
@@ -1230,26 +1259,93 @@ async fn invalidate_removes_entries() {
         b"",
     )
     .await;
-    all.expect_code(0, "invalidate all");
-    let all = all.json();
-    // old-user's stale memory health, and the bot's character performance for 168 h.
-    assert_eq!(all["removed"], json!(2), "{all:#}");
-    assert_eq!(all["components"].as_array().unwrap().len(), 6);
-    let left = count(
-        &t.db,
-        "SELECT (SELECT count(*) FROM strategic_memory_health) + (SELECT count(*) FROM strategic_character_performance) AS n",
-    )
-    .await;
-    assert_eq!(left, 0);
+    user.expect_code(0, "invalidate a user");
+    let user = user.json();
+    // old-user's stale memory health only: the five per-user components, not the shared one.
+    assert_eq!(user["removed"], json!(1), "{user:#}");
+    assert_eq!(user["kept_shared"], json!(true), "{user:#}");
+    let listed: Vec<&str> = user["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 5, "{user:#}");
+    assert!(!listed.contains(&"character_performance"), "{user:#}");
+    assert_eq!(
+        count(&t.db, "SELECT count(*) AS n FROM strategic_memory_health").await,
+        0
+    );
+    assert_eq!(count(&t.db, shared).await, shared_before);
 
-    let again = run(
+    let text = run(
         url,
         &["invalidate", "--user", "old-user", "--bot", "seed-bot"],
         b"",
     )
     .await;
-    again.expect_code(0, "invalidate nothing");
-    assert!(again.stdout.contains("0 entries removed"), "{again:#?}");
+    text.expect_code(0, "invalidate nothing");
+    assert!(text.stdout.contains("0 entries removed"), "{text:#?}");
+    assert!(
+        text.stdout.contains("skipped  character_performance")
+            && text.stdout.contains("--include-shared"),
+        "{text:#?}"
+    );
+    assert_eq!(count(&t.db, shared).await, shared_before);
+
+    let with_shared = run(
+        url,
+        &[
+            "--json",
+            "invalidate",
+            "--user",
+            "old-user",
+            "--bot",
+            "seed-bot",
+            "--include-shared",
+        ],
+        b"",
+    )
+    .await;
+    with_shared.expect_code(0, "invalidate with --include-shared");
+    let with_shared = with_shared.json();
+    assert_eq!(with_shared["removed"], json!(1), "{with_shared:#}");
+    assert_eq!(with_shared["components"].as_array().unwrap().len(), 6);
+    assert_eq!(with_shared["kept_shared"], json!(false));
+    assert_eq!(count(&t.db, shared).await, shared_before - 1);
+}
+
+/// `invalidate` with neither --user nor --component exits 2 with one line saying what to name, and changes nothing; --include-shared with --component is refused the same way.
+#[tokio::test]
+async fn invalidate_without_a_target_exits_two() {
+    let t = TestDb::migrated().await;
+    seed(&t.db).await;
+    let url = Some(t.url.as_str());
+    let before = fingerprint(&t.db).await;
+    let bare = run(url, &["invalidate", "--bot", "seed-bot"], b"").await;
+    bare.expect_code(2, "invalidate --bot alone");
+    assert_eq!(bare.stderr.trim().lines().count(), 1, "{bare:#?}");
+    assert!(
+        bare.stderr.contains("--user U") && bare.stderr.contains("--include-shared"),
+        "{bare:#?}"
+    );
+    let both = run(
+        url,
+        &[
+            "invalidate",
+            "--bot",
+            "seed-bot",
+            "--component",
+            "memory_health",
+            "--user",
+            "seed-user",
+            "--include-shared",
+        ],
+        b"",
+    )
+    .await;
+    both.expect_code(2, "--include-shared with --component");
+    assert_eq!(fingerprint(&t.db).await, before);
 }
 
 /// `sweep` deletes every expired row in batches and keeps fresh ones.

@@ -107,3 +107,45 @@ async fn cli_names_the_database_once_and_the_role() {
         "{stderr}"
     );
 }
+
+/// `migrate` says a failed connection with the `cache database unavailable:` prefix every other
+/// command uses, exit 1, one line; a refused password is "check the password in the URL" only
+/// when the URL has one, and "the URL has no password" when it has none.
+#[tokio::test]
+async fn migrate_connection_errors_are_prefixed_and_say_whether_a_password_was_given() {
+    let cluster = crate::support::cluster::PgCluster::start().await;
+    cluster.migrated("cache").await;
+    cluster.require_password("cache").await;
+    let port = cluster.addr().port();
+    let without = format!("postgres://postgres@127.0.0.1:{port}/cache");
+    let with = format!("postgres://postgres:pw-not-shown@127.0.0.1:{port}/cache");
+    for (url, hint, not_hint) in [
+        (
+            &without,
+            "the URL has no password",
+            "check the password in the URL",
+        ),
+        (
+            &with,
+            "check the password in the URL",
+            "the URL has no password",
+        ),
+    ] {
+        for command in [&["migrate", "status"][..], &["stats"][..]] {
+            let mut args = vec!["--database-url", url.as_str()];
+            args.extend_from_slice(command);
+            let result = crate::cli::run(None, &args, b"").await;
+            assert_eq!(result.code, 1, "{command:?} {result:#?}");
+            let stderr = result.stderr.trim_end();
+            assert_one_clean_line(stderr);
+            assert!(
+                stderr
+                    .starts_with("strategic-cache: cache database unavailable: cannot connect to "),
+                "{command:?}: {stderr}"
+            );
+            assert!(stderr.contains("SQLSTATE 28P01"), "{command:?}: {stderr}");
+            assert!(stderr.contains(hint), "{command:?}: {stderr}");
+            assert!(!stderr.contains(not_hint), "{command:?}: {stderr}");
+        }
+    }
+}

@@ -396,6 +396,69 @@ async fn invalidate(#[case] backend: Backend) {
     ));
 }
 
+/// `invalidate_user` removes the user's five per-user entries and leaves the bot's shared character performance and other users' entries; `invalidate_bot_shared` removes exactly that shared entry.
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::memory(Backend::Memory)]
+#[tokio::test]
+async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
+    let s = backend.open().await;
+    for c in Component::ALL {
+        s.repo.upsert(&entry(c, "u1", "bot", 1.0, 5)).await.unwrap();
+    }
+    s.repo.upsert(&mh("u2", "bot", 1.0, 5)).await.unwrap();
+    let removed = s.repo.invalidate_user("u1", "bot").await.unwrap();
+    let per_user: Vec<Component> = Component::ALL
+        .into_iter()
+        .filter(|c| !c.is_per_bot())
+        .collect();
+    assert_eq!(removed, per_user);
+    for c in per_user {
+        assert_eq!(
+            s.repo.lookup(c, &key(c, "u1", "bot")).await.unwrap(),
+            Lookup::Missing,
+            "{c}"
+        );
+    }
+    let shared = key(Component::CharacterPerformance, "u1", "bot");
+    assert!(
+        s.repo
+            .get(Component::CharacterPerformance, &shared)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.repo
+            .get(
+                Component::MemoryHealth,
+                &key(Component::MemoryHealth, "u2", "bot")
+            )
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.repo
+            .invalidate_user("u1", "bot")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let window = strategic_cache::DEFAULT_WINDOW_HOURS;
+    assert_eq!(shared, Key::bot_window("bot", window));
+    assert!(s.repo.invalidate_bot_shared("bot", window).await.unwrap());
+    assert_eq!(
+        s.repo
+            .lookup(Component::CharacterPerformance, &shared)
+            .await
+            .unwrap(),
+        Lookup::Missing
+    );
+    assert!(!s.repo.invalidate_bot_shared("bot", window).await.unwrap());
+}
+
 /// A sweep deletes only expired rows, of every table, in batches, and counts them; a batch
 /// of 0 is invalid.
 #[rstest]

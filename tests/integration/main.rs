@@ -12,6 +12,8 @@ mod citus;
 mod cli;
 mod connect_errors;
 mod contract;
+// crates/strategic-cache/examples/bot.rs, built and run.
+mod example_bot;
 mod faults;
 mod hostile;
 mod load;

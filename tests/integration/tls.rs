@@ -263,6 +263,50 @@ async fn cli_connects_over_tls_to_a_version_1_certificate() {
     }
 }
 
+/// Under sslmode=require and prefer the CLI never opens the CA bundle: with `SSL_CERT_FILE` a FIFO nobody writes to (opening it would block for good), `migrate status` still succeeds.
+#[tokio::test]
+async fn unverified_tls_loads_no_ca_bundle() {
+    let cert = SelfSigned::new(Version::V1);
+    let cluster = tls_only_cluster(&cert).await;
+    // A FIFO rather than a missing or garbage file: OpenSSL and native-tls ignore a bundle they
+    // cannot load, but opening a FIFO without a writer blocks, so any attempt to read it shows.
+    let fifo =
+        TempFile(std::env::temp_dir().join(format!("sc-tls-{}-fifo.pem", std::process::id())));
+    let _ = std::fs::remove_file(fifo.path());
+    let made = std::process::Command::new("mkfifo")
+        .arg(fifo.path())
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.path().display());
+    let empty_dir = std::env::temp_dir().join(format!("sc-tls-{}-no-certs", std::process::id()));
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    for sslmode in ["require", "prefer"] {
+        let url = cache_url(&cluster, &format!("sslmode={sslmode}"));
+        let child = tokio::process::Command::new(crate::cli::binary())
+            .args(["--database-url", &url, "migrate", "status"])
+            .env("SSL_CERT_FILE", fifo.path())
+            .env("SSL_CERT_DIR", &empty_dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("STRATEGIC_CACHE_REPLICAS")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("sslmode={sslmode}: the CLI blocked opening SSL_CERT_FILE"))
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "sslmode={sslmode}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir(&empty_dir);
+}
+
 /// verify-ca accepts the server's own version 1 certificate as root; verify-full refuses it on a host it does not name, and both refuse a wrong root, in one line without the password.
 #[tokio::test]
 async fn verify_modes_still_verify() {

@@ -69,9 +69,10 @@ pub fn task(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         None | Some("prepare") => {
             let started = Instant::now();
-            let image = prepare()?;
+            // Kept running: that is what this step is for (`cargo xtask containers stop`).
+            let (image, _) = prepare()?;
             eprintln!(
-                "xtask: container engine up, image {image} ready ({:.1} s)",
+                "xtask: container engine up, image {image} ready ({:.1} s; `cargo xtask containers stop` stops it)",
                 started.elapsed().as_secs_f64()
             );
             Ok(())
@@ -82,10 +83,11 @@ pub fn task(args: &[String]) -> Result<()> {
     }
 }
 
-/// Makes sure an engine runs and an image is there; returns the image the tests should use.
-pub fn prepare() -> Result<String> {
-    ensure_engine()?;
-    ensure_image()
+/// Makes sure an engine runs and an image is there; returns the image the tests should use
+/// and whether the engine was started here.
+pub fn prepare() -> Result<(String, bool)> {
+    let started = ensure_engine()?;
+    Ok((ensure_image()?, started))
 }
 
 /// The highest PostgreSQL major version whose server programs are installed (Debian layout).
@@ -98,13 +100,14 @@ pub fn host_postgres() -> Option<String> {
         .max_by_key(|version| version.parse::<u32>().unwrap_or(0))
 }
 
-fn engine_up() -> bool {
+pub fn engine_up() -> bool {
     system::succeeds("docker", &["info"])
 }
 
-fn ensure_engine() -> Result<()> {
+/// Whether it started the engine (false: one was running).
+fn ensure_engine() -> Result<bool> {
     if engine_up() {
-        return Ok(());
+        return Ok(false);
     }
     let no_engine = "no container engine: `docker info` fails";
     let alternative =
@@ -115,7 +118,8 @@ fn ensure_engine() -> Result<()> {
     if !system::has_program("dockerd") || !system::has_program("docker") {
         system::apt_install(&["docker.io"])?;
     }
-    start_dockerd()
+    start_dockerd()?;
+    Ok(true)
 }
 
 /// Where this task keeps the files of the daemon it starts.
@@ -136,8 +140,9 @@ fn start_dockerd() -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        // Its own process group: the engine outlives this task (and a Ctrl-C of it), so the
-        // next run finds it warm. `cargo xtask containers stop` stops it.
+        // Its own process group, so that a Ctrl-C of the tests does not kill it mid-cleanup;
+        // `cargo xtask test` stops it at the end unless --keep-engine, and
+        // `cargo xtask containers stop` stops a kept one.
         .process_group(0)
         .spawn()
         .context("cannot start dockerd")?;

@@ -26,10 +26,15 @@ use anyhow::{Result, anyhow, bail};
 const USAGE: &str = "\
 usage: cargo xtask <task>
   migrate up|down [N]|status|fresh [--database-url URL]   run migrations (DATABASE_URL by default)
-  test [CARGO TEST ARGS]                                   unit and integration tests (prepares
-                                                           what they need first; see README)
+  test [--keep-engine] [CARGO TEST ARGS]                   unit and integration tests (prepares
+                                                           what they need first, saying what it
+                                                           will install before it does; a
+                                                           container engine it started is
+                                                           stopped at the end unless
+                                                           --keep-engine; see README)
   containers [prepare|clean|stop]                          the container engine and test image
-  ci                                                       fmt, clippy -D warnings, doc, test
+  ci [--keep-engine]                                       fmt, clippy -D warnings, doc,
+                                                           cargo package, test
   bench [BENCH ARGS]                                       strategic-cache bench, release build
   bench --replicas [N] [BENCH ARGS]                        the same against a private primary with
                                                            N (default 2) streaming replicas under
@@ -53,7 +58,7 @@ fn try_main() -> Result<()> {
         Some("migrate") => migrate(&rest),
         Some("test") => test(&rest),
         Some("containers") => containers::task(&rest),
-        Some("ci") => ci(),
+        Some("ci") => ci(&rest),
         Some("bench") => bench(&rest),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
@@ -92,25 +97,61 @@ fn migrate(args: &[String]) -> Result<()> {
 }
 
 /// Checks and provides the prerequisites, then builds and runs every test. `--no-fail-fast`
-/// keeps one failing test binary from hiding the results of the others.
+/// keeps one failing test binary from hiding the results of the others. `--keep-engine`
+/// (before any `--`) keeps a container engine this run started; otherwise it is stopped at
+/// the end, pass or fail, so that the machine is left as it was found.
 fn test(args: &[String]) -> Result<()> {
+    let (keep_engine, args) = take_keep_engine(args);
     let ready = prereq::prepare()?;
-    // Binaries first: the CLI tests run the real `strategic-cache` binary.
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--bins"]);
-    system::run(build)?;
-    let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .args(args)
-        .envs(ready.env.iter().map(|(k, v)| (k, v)));
-    let result = system::run(cmd);
-    if ready.containers {
+    let result = (|| {
+        // Binaries and examples first: the CLI tests run the real `strategic-cache` binary,
+        // and `example_bot` the example bot (a test cannot build them: the running
+        // `cargo test` holds the build directory's lock).
+        let mut build = cargo();
+        build.args(["build", "--workspace", "--bins", "--examples"]);
+        system::run(build)?;
+        let mut cmd = cargo();
+        cmd.args(["test", "--workspace", "--no-fail-fast"])
+            .args(&args)
+            .envs(ready.env.iter().map(|(k, v)| (k, v)));
+        system::run(cmd)
+    })();
+    if ready.started_engine && !keep_engine {
+        containers::stop()?;
+    } else if ready.containers {
         containers::clean()?;
+        if ready.started_engine {
+            eprintln!(
+                "xtask: dockerd kept running (--keep-engine); `cargo xtask containers stop` stops it"
+            );
+        }
     }
     result
 }
 
-fn ci() -> Result<()> {
+/// `--keep-engine` taken out of `args` (only before a `--`, after which everything is the
+/// test binaries'), and the rest.
+fn take_keep_engine(args: &[String]) -> (bool, Vec<String>) {
+    let mut keep = false;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut passthrough = false;
+    for arg in args {
+        if arg == "--" {
+            passthrough = true;
+        }
+        if !passthrough && arg == "--keep-engine" {
+            keep = true;
+        } else {
+            rest.push(arg.clone());
+        }
+    }
+    (keep, rest)
+}
+
+fn ci(args: &[String]) -> Result<()> {
+    if let Some(other) = args.iter().find(|a| *a != "--keep-engine") {
+        bail!("unknown ci argument `{other}` (only --keep-engine)");
+    }
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     system::run(fmt)?;
@@ -129,8 +170,27 @@ fn ci() -> Result<()> {
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
     system::run(doc)?;
-    test(&[])
+    // The crates a bot or an operator depends on stay packageable (every dependency with a
+    // version; one invocation, so that cargo resolves the unpublished ones among themselves).
+    // Without verification: that would compile the whole dependency tree once more.
+    let mut package = cargo();
+    package.args(["package", "--no-verify", "--allow-dirty"]);
+    for crate_name in PACKAGED {
+        package.args(["-p", crate_name]);
+    }
+    system::run(package)?;
+    test(args)
 }
+
+/// The crates `cargo xtask ci` packages: what a bot (strategic-cache and what it depends on)
+/// or an operator (the CLI, the migration runner) would depend on.
+const PACKAGED: [&str; 5] = [
+    "entity",
+    "pg-diagnostics",
+    "strategic-cache",
+    "migration",
+    "strategic-cache-cli",
+];
 
 fn bench(args: &[String]) -> Result<()> {
     build_tools()?;
@@ -209,7 +269,18 @@ fn run_bench(args: &[String]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::take_replicas;
+    use super::{take_keep_engine, take_replicas};
+
+    /// `--keep-engine` is taken before a `--` only; the test binaries' own arguments pass through.
+    #[test]
+    fn keep_engine_is_ours_only_before_the_separator() {
+        let (keep, rest) = take_keep_engine(&strings(&["--keep-engine", "-p", "x"]));
+        assert_eq!((keep, rest), (true, strings(&["-p", "x"])));
+        let (keep, rest) = take_keep_engine(&strings(&["--", "--keep-engine"]));
+        assert_eq!((keep, rest), (false, strings(&["--", "--keep-engine"])));
+        let (keep, rest) = take_keep_engine(&strings(&["schema::"]));
+        assert_eq!((keep, rest), (false, strings(&["schema::"])));
+    }
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|a| (*a).to_owned()).collect()

@@ -22,12 +22,66 @@ pub struct Ready {
     pub env: Vec<(String, String)>,
     /// Whether the tests start containers, which are removed after the run.
     pub containers: bool,
+    /// Whether this run started the container engine (stopped at the end unless kept).
+    pub started_engine: bool,
+}
+
+/// What [`prepare`] is about to install and start, in the order it does it, one line each:
+/// said before anything is installed, so that nobody learns it from the progress lines.
+pub fn plan() -> Vec<String> {
+    let mut plan = Vec::new();
+    if !system::can_install() {
+        return plan;
+    }
+    if !openssl_found() {
+        plan.push(
+            "install libssl-dev pkg-config (OpenSSL's development files, for the build)".to_owned(),
+        );
+    }
+    if containers::host_postgres().is_none() {
+        plan.push(
+            "install postgresql (initdb, pg_ctl, postgres for the private clusters)".to_owned(),
+        );
+    }
+    let no_url = std::env::var("DATABASE_URL").map_or(true, |url| url.is_empty());
+    if no_url && !containers::engine_up() {
+        if !system::has_program("dockerd") || !system::has_program("docker") {
+            plan.push(
+                "install docker.io, with containerd, runc and iptables (a container engine: \
+                 DATABASE_URL is not set)"
+                    .to_owned(),
+            );
+        }
+        plan.push(
+            "start dockerd and its containerd as root (stopped at the end of the run; \
+             --keep-engine keeps it for the next)"
+                .to_owned(),
+        );
+    }
+    if !system::has_program("victoria-metrics") {
+        plan.push("install victoria-metrics (the metrics tests' line-protocol server)".to_owned());
+    }
+    plan
+}
+
+fn openssl_found() -> bool {
+    std::env::var_os("OPENSSL_DIR").is_some()
+        || system::succeeds("pkg-config", &["--exists", "openssl"])
 }
 
 /// Provides what can be provided, and fails with one line per missing thing otherwise.
 pub fn prepare() -> Result<Ready> {
     let mut missing = Vec::new();
     let mut ready = Ready::default();
+    let plan = plan();
+    if !plan.is_empty() {
+        eprintln!(
+            "xtask: this run will, as root (apt-get; set DATABASE_URL and install these yourself to avoid it):"
+        );
+        for step in &plan {
+            eprintln!("xtask:   - {step}");
+        }
+    }
 
     if let Err(line) = build_tools() {
         missing.push(line);
@@ -53,7 +107,8 @@ pub fn prepare() -> Result<Ready> {
             }
         }
         _ => match containers::prepare() {
-            Ok(image) => {
+            Ok((image, started_engine)) => {
+                ready.started_engine = started_engine;
                 containers::clean()?;
                 eprintln!(
                     "xtask: DATABASE_URL is not set: the integration tests run PostgreSQL in a \
@@ -82,6 +137,10 @@ pub fn prepare() -> Result<Ready> {
         for line in &missing {
             eprintln!("xtask: missing: {line}");
         }
+        if ready.started_engine {
+            // No test runs, so the engine started for them goes again now.
+            containers::stop()?;
+        }
         bail!(
             "{} prerequisite(s) missing; no test was run (see README.md, \"Set up and run\")",
             missing.len()
@@ -94,10 +153,7 @@ pub fn prepare() -> Result<Ready> {
 /// files, which `openssl-sys` finds through `pkg-config` (or `OPENSSL_DIR`). Installed on
 /// Debian as root; otherwise `Err` with the one line saying what to install.
 pub fn build_tools() -> Result<(), String> {
-    let found = || {
-        std::env::var_os("OPENSSL_DIR").is_some()
-            || system::succeeds("pkg-config", &["--exists", "openssl"])
-    };
+    let found = openssl_found;
     if found() {
         return Ok(());
     }

@@ -59,7 +59,11 @@ impl ConnectFailure {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 let hint = match code.as_str() {
                     "28000" => "check the user name in the URL, or create that role",
-                    "28P01" => "check the password in the URL",
+                    "28P01" if has_password(url) => "check the password in the URL",
+                    "28P01" => {
+                        "the URL has no password (and none came from PGPASSWORD or ~/.pgpass): \
+                         add one, as postgres://user:password@host:port/database"
+                    }
                     "3D000" => "create the database, or fix its name in the URL",
                     "57P03" => "the server is starting up or recovering; retry shortly",
                     "53300" => {
@@ -121,6 +125,16 @@ impl ConnectFailure {
             timed_out,
         }
     }
+}
+
+/// Whether `url` carries a password (`user:password@`), without parsing more of it than the
+/// user-info part: a URL the driver could not parse never gets this far.
+fn has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 /// OpenSSL's errors (`error:0A000086:SSL routines:function:reason:file.c:1889:data`, a stack
@@ -186,7 +200,18 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
 
 #[cfg(test)]
 mod tests {
-    use super::openssl_reasons;
+    use super::{has_password, openssl_reasons};
+
+    /// A password is found in the user-info part only, never in the path or the query.
+    #[test]
+    fn has_password_reads_the_user_info_only() {
+        assert!(has_password("postgres://bot:secret@db:5432/cache"));
+        assert!(has_password("postgresql://bot:@db/cache"));
+        assert!(!has_password("postgres://bot@db:5432/cache"));
+        assert!(!has_password("postgres://db:5432/cache"));
+        assert!(!has_password("postgres://bot@db/cache?options=a:b@c"));
+        assert!(!has_password("postgres://bot@[::1]:5432/cache"));
+    }
 
     /// OpenSSL's codes and source locations go; its reasons and the certificate verdict stay.
     #[test]

@@ -5,7 +5,7 @@
 //! a variant here, an argument struct and a body in its file, and one arm in
 //! [`crate::commands::run`].
 
-use clap::{Parser, Subcommand};
+use clap::{Arg, ArgAction, CommandFactory, Parser, Subcommand};
 
 use crate::commands::{
     get::GetArgs, invalidate::InvalidateArgs, maintenance::SweepArgs, maintenance::VacuumArgs,
@@ -75,6 +75,46 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line as parsed: [`Cli`]'s, with `simulate` and `bench` given their own
+    /// `--database-url` and `--replica`, which read no environment variable (both commands
+    /// ignore `DATABASE_URL` and `STRATEGIC_CACHE_REPLICAS` by design, so their `--help` must
+    /// not say `[env: ...]`). Same ids and still global, so the values land in the same
+    /// fields; clap propagates a global argument only to subcommands without one of that id.
+    pub fn command_line() -> clap::Command {
+        let own = |command: clap::Command, what: &str| {
+            command
+                .arg(
+                    Arg::new("database_url")
+                        .long("database-url")
+                        .value_name("URL")
+                        .global(true)
+                        .help(format!(
+                            "PostgreSQL URL of a database to {what} in, in a schema of its own \
+                             (dropped at the end); only from the command line, never from \
+                             DATABASE_URL"
+                        )),
+                )
+                .arg(
+                    Arg::new("replicas")
+                        .long("replica")
+                        .value_name("URL")
+                        .value_delimiter(',')
+                        .action(ArgAction::Append)
+                        .global(true)
+                        .help(
+                            "A streaming replica of that database (postgres:// URL); repeat \
+                             for several. Only from the command line, never from \
+                             STRATEGIC_CACHE_REPLICAS",
+                        ),
+                )
+        };
+        Cli::command()
+            .mut_subcommand("simulate", |c| own(c, "simulate"))
+            .mut_subcommand("bench", |c| own(c, "measure"))
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -89,8 +129,9 @@ pub enum Command {
     Get(GetArgs),
     /// Write one entry from JSON (a file or stdin), validated against the table's columns.
     Put(PutArgs),
-    /// Remove one entry, or the entries of all six components for a (user, bot) (including
-    /// the bot's character performance for --window, which every user of the bot shares).
+    /// Remove one entry, or a user's entries of the five per-(user, bot) components with
+    /// --user; the bot's character performance, which every user of the bot shares, only when
+    /// named (--component character_performance, or --include-shared).
     Invalidate(InvalidateArgs),
     /// Delete expired entries of every table.
     Sweep(SweepArgs),

@@ -24,9 +24,9 @@ mod workload;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
+use clap::FromArgMatches;
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::Cli;
 
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         eprintln!("strategic-cache: internal error (please report): {message}");
         std::process::exit(i32::from(exit::FAILURE));
     }));
-    let matches = match Cli::command().try_get_matches() {
+    let matches = match Cli::command_line().try_get_matches() {
         Ok(matches) => matches,
         Err(error) => return usage_error(&error),
     };

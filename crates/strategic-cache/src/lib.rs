@@ -81,6 +81,16 @@ pub use reader::{CacheReader, ReaderConfig, ReaderStats};
 pub use repository::{CacheRepository, ServerRole, ServerStats};
 pub use seed::SeedHelpers;
 
+// The third-party crates whose types the public API uses, at the versions this crate is built
+// and tested with: a bot names them as `strategic_cache::chrono::DateTime` etc. and need not
+// add (or guess the version of) its own dependency on them.
+/// `async_trait`, for implementing [`CacheRepository`] (an `#[async_trait]` trait).
+pub use async_trait;
+/// `chrono`: [`CachedEntry::computed_at`] and `expires_at` are `chrono::DateTime<chrono::Utc>`.
+pub use chrono;
+/// `serde_json`: payloads convert to and from `serde_json::Value`.
+pub use serde_json;
+
 /// The usage document's examples, compiled as doctests so that it stays accurate to the code.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/STRATEGIC_CACHE_USAGE.md")]

@@ -97,8 +97,45 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// wins, as if written one after the other.
     async fn upsert_many(&self, entries: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError>;
 
-    /// Removes the entry at `key`; whether there was one.
+    /// Removes the entry at `key`; whether there was one. For
+    /// [`Component::CharacterPerformance`] that is the bot's entry every user's snapshot of the
+    /// bot shares; [`invalidate_user`](Self::invalidate_user) and
+    /// [`invalidate_bot_shared`](Self::invalidate_bot_shared) say in their names which of the
+    /// two kinds they touch.
     async fn invalidate(&self, component: Component, key: &Key) -> Result<bool, CacheError>;
+
+    /// Removes `user_id`'s entries with `bot_name` of the five per-(user, bot) components, and
+    /// nothing else: the bot's character performance, which every user of the bot shares,
+    /// stays. Returns the components that had an entry, in [`Component::ALL`] order.
+    async fn invalidate_user(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+    ) -> Result<Vec<Component>, CacheError> {
+        let key = Key::user_bot(user_id, bot_name);
+        let mut removed = Vec::new();
+        for component in Component::ALL {
+            if !component.is_per_bot() && self.invalidate(component, &key).await? {
+                removed.push(component);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the bot's character performance for `window_hours`: the one entry every user's
+    /// snapshot of `bot_name` shares, so every user of the bot misses it until it is
+    /// recomputed. Whether there was one.
+    async fn invalidate_bot_shared(
+        &self,
+        bot_name: &str,
+        window_hours: i32,
+    ) -> Result<bool, CacheError> {
+        self.invalidate(
+            Component::CharacterPerformance,
+            &Key::bot_window(bot_name, window_hours),
+        )
+        .await
+    }
 
     /// Deletes expired entries of every table, at most `batch` rows per statement so that no
     /// sweep holds many row locks for long; returns how many were deleted. Never deletes an

@@ -252,6 +252,23 @@ impl PgCluster {
         self.start_server().await;
     }
 
+    /// Makes connections over TCP to `database` authenticate by password (scram-sha-256; no
+    /// role here has one, so every attempt fails with SQLSTATE 28P01), the rest staying trust,
+    /// and restarts the server so that it takes effect.
+    pub async fn require_password(&self, database: &str) {
+        std::fs::write(
+            self.data_dir().join("pg_hba.conf"),
+            format!(
+                "local all all trust\n\
+                 host {database} all 127.0.0.1/32 scram-sha-256\n\
+                 host all all 127.0.0.1/32 trust\n"
+            ),
+        )
+        .unwrap();
+        self.stop_immediate().await;
+        self.start_server().await;
+    }
+
     /// `pg_ctl stop -m immediate`: every backend is killed, no checkpoint.
     pub async fn stop_immediate(&self) {
         let out = self

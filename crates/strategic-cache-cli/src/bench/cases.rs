@@ -337,6 +337,23 @@ impl Bench {
             samples.errors += reader_errors(&reader, 6);
             self.push(name, "snapshot", samples, 1.0);
         }
+        // The shared form a bot on the hot path uses (`snapshot_shared`: an `Arc` of the
+        // held value, no copy), whose p99 benches/near.rs puts under a microsecond.
+        self.step("near_snapshot_shared");
+        let r = reader.clone();
+        let mut samples = drive(1, reads, None, move |_, k| {
+            let reader = r.clone();
+            let (u, b) = shape.fresh_key(900, k % Self::NEAR_KEYS);
+            async move {
+                let snapshot = reader
+                    .snapshot_shared(&Shape::user(u), &Shape::bot(b))
+                    .await;
+                Ok(snapshot.len() as f64 / 6.0)
+            }
+        })
+        .await;
+        samples.errors += reader_errors(&reader, 6);
+        self.push("near_snapshot_shared", "snapshot", samples, 1.0);
         for (name, tasks) in [
             ("near_single_read", 1),
             ("near_single_read_10", CONCURRENCY),

@@ -138,6 +138,13 @@ pub(super) fn targets(cases: &[Case], overhead_us: f64) -> Vec<Target> {
             detail: format!("{} errors, p95 {:.0} us", b.errors, b.p95_us),
         });
     }
+    if let Some(n) = find(cases, "near_snapshot_shared") {
+        out.push(Target {
+            name: "near_snapshot_shared p99 <= 2 us".into(),
+            pass: n.p99_us <= 2.0,
+            detail: format!("p99 {:.2} us", n.p99_us),
+        });
+    }
     out.push(Target {
         name: "reader overhead <= 2 us per read".into(),
         pass: overhead_us <= 2.0,

@@ -1,29 +1,55 @@
-//! `invalidate`: remove one entry, or every component's entry for a (user, bot).
+//! `invalidate`: remove one entry, or a user's per-(user, bot) entries; the bot's shared
+//! character performance only when named.
 
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
-use strategic_cache::{CacheRepository, Component};
+use strategic_cache::{CacheRepository, Component, DEFAULT_WINDOW_HOURS, Key};
 
-use super::{Context, KeyArgs, Outcome, UserForPerBot, key_json, key_text};
+use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};
+use crate::exit::bad_input;
 
 /// Arguments of `invalidate`.
 #[derive(Debug, clap::Args)]
 pub struct InvalidateArgs {
-    /// The entry or entries to remove.
-    #[command(flatten)]
-    pub key: KeyArgs,
+    /// The user whose entries go: with no --component, that user's entries of the five
+    /// per-(user, bot) components, and not the bot's character performance.
+    #[arg(long, value_name = "U")]
+    pub user: Option<String>,
+    /// The bot (character).
+    #[arg(long, value_name = "B")]
+    pub bot: String,
+    /// One component (table name or short name). `character_performance` is the bot's entry
+    /// for --window, which every user's snapshot of the bot shares.
+    #[arg(long, value_name = "C", value_parser = parse_component, conflicts_with = "include_shared")]
+    pub component: Option<Component>,
+    /// Also remove the bot's character performance for --window, which every user of the bot
+    /// shares (every user then misses it until it is recomputed).
+    #[arg(long)]
+    pub include_shared: bool,
+    /// Character performance window in hours.
+    #[arg(long, value_name = "H", default_value_t = DEFAULT_WINDOW_HOURS, allow_negative_numbers = true)]
+    pub window: i32,
 }
 
 /// Exit 0 whether or not there was an entry: afterwards there is none either way.
-pub async fn run(
-    context: &Context,
-    InvalidateArgs { key: args }: InvalidateArgs,
-) -> anyhow::Result<Outcome> {
+pub async fn run(context: &Context, args: InvalidateArgs) -> anyhow::Result<Outcome> {
     context.check_name("bot_name", &args.bot)?;
-    let components: Vec<Component> = match args.component {
-        Some(component) => vec![component],
-        None => Component::ALL.to_vec(),
+    let components: Vec<Component> = match (args.component, args.user.is_some()) {
+        (Some(component), _) => vec![component],
+        // A user's own entries; the shared one only when asked for.
+        (None, true) => Component::ALL
+            .into_iter()
+            .filter(|c| !c.is_per_bot() || args.include_shared)
+            .collect(),
+        (None, false) if args.include_shared => vec![Component::CharacterPerformance],
+        (None, false) => {
+            return Err(bad_input(
+                "say what to remove: --user U (that user's five per-user entries), \
+                 --component character_performance or --include-shared (the bot's entry every \
+                 user shares), or --component C with --user U (one entry)",
+            ));
+        }
     };
     let mut keys = Vec::with_capacity(components.len());
     for &component in &components {
@@ -52,6 +78,19 @@ pub async fn run(
         }));
     }
     let _ = writeln!(text, "{removed} entries removed");
-    let json = json!({ "removed": removed, "components": Value::Array(results) });
+    let kept_shared = args.component.is_none() && !args.include_shared;
+    if kept_shared {
+        let _ = writeln!(
+            text,
+            "skipped  {} for {} (shared by every user of the bot; --include-shared removes it)",
+            Component::CharacterPerformance,
+            key_text(&Key::bot_window(&args.bot, args.window))
+        );
+    }
+    let json = json!({
+        "removed": removed,
+        "components": Value::Array(results),
+        "kept_shared": kept_shared,
+    });
     Ok(Outcome::ok(text, json))
 }
