@@ -42,10 +42,11 @@ pub struct NearConfig {
     /// [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier) keeps a near tier.
     /// Off: the reader reads the store on every call, exactly as without a near tier.
     pub enabled: bool,
-    /// Bound on the memory the tier holds, in bytes: four fifths of it for its values as decoded (every string,
-    /// array and JSON object node at its allocated size), their keys and the cache's own
-    /// slots. The process's resident memory grows by at most about 1.1 × this (measured; see
-    /// the usage guide, "Memory"). Least recently useful values are evicted past it.
+    /// Bound on the memory the tier holds, in bytes. Its values as decoded (every string,
+    /// array and JSON object node at its allocated size), their keys and the cache's own slots
+    /// are weighed, and the cache keeps four fifths of this, leaving the rest to the
+    /// allocator's fragmentation: the process's resident memory grows by at most 1.25 × this
+    /// (measured; see the usage guide, "Memory"). Least recently useful values are evicted.
     pub max_bytes: u64,
     /// How long a lease round trip lets the tier serve from memory: the staleness bound.
     pub lease: Duration,
