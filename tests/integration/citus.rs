@@ -172,8 +172,16 @@ async fn distributed_tables_turn_batching_off() {
     };
     let distributed = burst(pooled(&t, 2).await.assume_distributed()).await;
     assert_eq!(distributed, 200, "one statement per lookup");
-    // The same burst on plain PostgreSQL batches (the control: the burst does queue).
-    let plain = burst(pooled(&t, 2).await).await;
+    // The same burst on plain PostgreSQL batches (the control: the burst does queue). Whether
+    // one burst queues depends on the machine's timing (seen once in CI: a burst that never
+    // waited for a connection), so the control gets three bursts and needs one to batch.
+    let mut plain = 200;
+    for _ in 0..3 {
+        plain = plain.min(burst(pooled(&t, 2).await).await);
+        if plain < 200 {
+            break;
+        }
+    }
     assert!(
         plain < 200,
         "{plain} statements: the control burst did not batch"
