@@ -97,7 +97,8 @@ fn grants(role: &str) -> (Vec<String>, String) {
     }
 }
 
-async fn query_bool(db: &impl ConnectionTrait, sql: &str) -> Result<bool, DbErr> {
+/// The one boolean a catalog query answers (`false` for no row or NULL).
+pub(crate) async fn query_bool(db: &impl ConnectionTrait, sql: &str) -> Result<bool, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),

@@ -33,6 +33,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, Statement};
 
+use crate::m20251124_000003_create_roles::query_bool;
 use crate::{CACHE_TABLES, READER_ROLE, WRITER_ROLE};
 
 /// The fifth migration.
@@ -93,19 +94,6 @@ $$",
         write = privileged("'INSERT', 'UPDATE'"),
         change = privileged("'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'"),
     )
-}
-
-async fn query_bool(db: &impl ConnectionTrait, sql: &str) -> Result<bool, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            sql.to_owned(),
-        ))
-        .await?;
-    Ok(match row {
-        Some(row) => row.try_get_by_index::<Option<bool>>(0)?.unwrap_or(false),
-        None => false,
-    })
 }
 
 /// Grants `EXECUTE` on the function to those of the two roles that exist and lack it.
