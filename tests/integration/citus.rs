@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{Completion, PgRefreshQueue, RefreshQueue};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, Lookup, NearConfig, NewEntry, PgCacheRepository,
@@ -249,13 +250,14 @@ async fn near_tier_stays_off_on_distributed_tables() {
     let t = TestDb::migrated().await;
     let repo: Arc<dyn CacheRepository> = Arc::new(pooled(&t, 4).await);
     let reader = |repo: Arc<dyn CacheRepository>| {
+        let near =
+            PgCacheRepository::near_tier_at(&t.url, repo.clone(), &NearConfig::default()).unwrap();
         CacheReader::new(repo)
             .with_config(ReaderConfig {
                 budget: Duration::from_secs(2),
-                near: NearConfig::default(),
                 ..ReaderConfig::default()
             })
-            .with_near_tier(&t.url)
+            .with_near(near)
     };
     let running = reader(Arc::clone(&repo));
     let held = poll_until(Duration::from_secs(10), || async {
@@ -851,12 +853,12 @@ async fn citus_library_paths_work_on_distributed_tables() {
     );
 
     // A reader with a near tier: never a lease, every read from the store.
-    let reader = CacheReader::new(Arc::new(repo.clone()) as Arc<dyn CacheRepository>)
+    let reader = CacheReader::new(Arc::new(repo.clone()))
         .with_config(ReaderConfig {
             budget: Duration::from_secs(2),
             ..ReaderConfig::default()
         })
-        .with_near_tier(&url);
+        .with_near(repo.near_tier(&NearConfig::default()).unwrap());
     assert!(
         reader
             .get(Component::MemoryHealth, "u7", BOT)

@@ -9,9 +9,10 @@ use std::time::Duration;
 use chrono::Utc;
 use rstest::rstest;
 use serde_json::json;
+use strategic_cache::prelude::*;
 use strategic_cache::{
     CacheError, CacheRepository, Component, Freshness, Key, Lookup, MemoryCacheRepository,
-    MemoryHealth, NewEntry, Payload, SeedHelpers, WriteOutcome,
+    MemoryHealth, NewEntry, Payload, WriteOutcome,
 };
 
 use crate::support::TestDb;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use strategic_cache::prelude::*;
 use strategic_cache::{
     CacheError, CacheReader, CacheRepository, Component, Key, Limits, Lookup, MemoryHealth,
     NewEntry, PgCacheRepository, TtlPolicy,

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
+use strategic_cache::prelude::*;
 use strategic_cache::{
     CacheError, CacheReader, CacheRepository, Component, Key, Lookup, MemoryHealth, NearConfig,
-    NewEntry, PgCacheRepository, PgConfig, ReaderConfig, Snapshot, TableStats, WriteOutcome,
+    NewEntry, PgCacheRepository, PgConfig, ReaderConfig, Snapshot, WriteOutcome,
 };
 use tokio::sync::Notify;
 
@@ -65,17 +66,24 @@ pub async fn seeded(users: &[&str], version: u64) -> (TestDb, Arc<PgCacheReposit
 }
 
 /// A reader with a near tier listening at `near_url`, reading through `repo`.
-pub fn near_reader(
-    repo: Arc<dyn CacheRepository>,
+pub fn near_reader(repo: Arc<dyn CacheRead>, near_url: &str, budget: Duration) -> CacheReader {
+    near_reader_with(repo, near_url, budget, &NearConfig::default())
+}
+
+/// As [`near_reader`], with the tier's settings.
+pub fn near_reader_with(
+    repo: Arc<dyn CacheRead>,
     near_url: &str,
     budget: Duration,
+    near: &NearConfig,
 ) -> CacheReader {
+    let tier = PgCacheRepository::near_tier_at(near_url, repo.clone(), near).unwrap();
     CacheReader::new(repo)
         .with_config(ReaderConfig {
             budget,
             ..ReaderConfig::default()
         })
-        .with_near_tier(near_url)
+        .with_near(tier)
 }
 
 /// Reads `user` until a read is kept by the near tier (lease held, bot subscribed): then
@@ -517,32 +525,28 @@ struct Gated {
 }
 
 #[async_trait]
-impl CacheRepository for Gated {
-    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
-        let found = self.inner.lookup(component, key).await;
+impl CacheRead for Gated {
+    async fn lookup_after(
+        &self,
+        component: Component,
+        key: &Key,
+        after: Option<Instant>,
+    ) -> Result<Lookup, CacheError> {
+        let found = self.inner.lookup_after(component, key, after).await;
         if self.armed.swap(false, Ordering::AcqRel) {
             self.read_done.notify_one();
             self.release.notified().await;
         }
         found
     }
-    async fn snapshot(&self, u: &str, b: &str, w: i32) -> Result<Snapshot, CacheError> {
-        self.inner.snapshot(u, b, w).await
-    }
-    async fn upsert(&self, e: &NewEntry) -> Result<WriteOutcome, CacheError> {
-        self.inner.upsert(e).await
-    }
-    async fn upsert_many(&self, e: &[NewEntry]) -> Result<Vec<WriteOutcome>, CacheError> {
-        self.inner.upsert_many(e).await
-    }
-    async fn invalidate(&self, c: Component, k: &Key) -> Result<bool, CacheError> {
-        self.inner.invalidate(c, k).await
-    }
-    async fn sweep_expired(&self, batch: u32) -> Result<u64, CacheError> {
-        self.inner.sweep_expired(batch).await
-    }
-    async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {
-        self.inner.stats().await
+    async fn snapshot_after(
+        &self,
+        u: &str,
+        b: &str,
+        w: i32,
+        after: Option<Instant>,
+    ) -> Result<Snapshot, CacheError> {
+        self.inner.snapshot_after(u, b, w, after).await
     }
 }
 
@@ -608,16 +612,11 @@ async fn memory_stays_within_the_bound() {
         .map(|i| NewEntry::new(Key::user_bot(user(i), BOT), versioned(i as u64)))
         .collect();
     repo.upsert_many(&entries).await.unwrap();
-    let reader = CacheReader::new(repo.clone())
-        .with_config(ReaderConfig {
-            budget: Duration::from_secs(5),
-            near: NearConfig {
-                max_bytes,
-                ..NearConfig::default()
-            },
-            ..ReaderConfig::default()
-        })
-        .with_near_tier(&t.url);
+    let near = NearConfig {
+        max_bytes,
+        ..NearConfig::default()
+    };
+    let reader = near_reader_with(repo.clone(), &t.url, Duration::from_secs(5), &near);
     warm(&reader, &user(0)).await;
     for round in 0..2 {
         for i in 0..users {

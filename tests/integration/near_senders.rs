@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use migration::{READER_ROLE, WRITER_ROLE};
-use strategic_cache::{CacheReader, CacheRepository, Component, Key, NewEntry, PgCacheRepository};
+use strategic_cache::prelude::*;
+use strategic_cache::{CacheReader, Component, Key, NewEntry, PgCacheRepository};
 
 use crate::near::{BOT, BOUND, near_reader, seeded, version_of, versioned, warm};
 use crate::support::db::TestDb;

@@ -12,10 +12,11 @@ use std::time::Duration;
 use migration::runner::{self, Command, MigrateOptions};
 use migration::{READER_ROLE, WRITER_ROLE};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
+use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{PgRefreshQueue, RefreshQueue, RefreshRequester, RequesterConfig};
 use strategic_cache::{
-    CacheError, CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry,
-    PgCacheRepository, PgConfig, RefreshReason, RefreshRequest,
+    CacheError, CacheReader, Component, Key, MemoryHealth, NewEntry, PgCacheRepository, PgConfig,
+    RefreshReason, RefreshRequest,
 };
 
 use crate::cli::{run, run_logging, seed};

@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
-use strategic_cache::{
-    CacheRepository, Component, Key, Lookup, NewEntry, Payload, PgCacheRepository, PgConfig,
-};
+use strategic_cache::prelude::*;
+use strategic_cache::{Component, Key, Lookup, NewEntry, Payload, PgCacheRepository, PgConfig};
 
 use crate::support::TestDb;
 use crate::support::fixtures::*;

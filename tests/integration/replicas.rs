@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use strategic_cache::prelude::*;
 use strategic_cache::test_support::RecordingObserver;
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Key, NewEntry, PgCacheRepository, PgConfig,
-    ReadOutcome, ReaderConfig, ServerRole, ServerStats,
+    CacheReader, Component, Key, NewEntry, PgCacheRepository, PgConfig, ReadOutcome, ReaderConfig,
+    ServerRole, ServerStats,
 };
 
 use crate::near::{BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm};

@@ -9,9 +9,10 @@ use std::time::Duration;
 use rstest::rstest;
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement, TransactionTrait};
 use serde_json::{Value, json};
+use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheError, CacheRepository, Component, Key, Limits, Lookup, MemoryCacheRepository, NewEntry,
-    PgCacheRepository, PgConfig, TtlPolicy, WriteOutcome,
+    CacheError, Component, Key, Limits, Lookup, MemoryCacheRepository, NewEntry, PgCacheRepository,
+    PgConfig, TtlPolicy, WriteOutcome,
 };
 
 use crate::support::TestDb;

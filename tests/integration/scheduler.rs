@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rstest::rstest;
+use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{Completion, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue};
 use strategic_cache::{Component, Key, RefreshReason, RefreshRequest, SystemClock};
 

@@ -8,8 +8,8 @@ use rstest::rstest;
 use strategic_cache::test_support::RecordingSink;
 use strategic_cache::{
     CacheReader, CacheRepository, CharacterPerformance, Component, DEFAULT_WINDOW_HOURS, Key,
-    Limits, MemoryCacheRepository, MemoryHealth, NewEntry, PgCacheRepository, ReaderConfig,
-    RefreshReason, TtlPolicy,
+    Limits, MemoryCacheRepository, MemoryHealth, NearConfig, NewEntry, PgCacheRepository,
+    ReaderConfig, RefreshReason, TtlPolicy,
 };
 
 use crate::near::{BOT, warm};
@@ -63,11 +63,12 @@ async fn reader(
     .await
     .unwrap();
     let sink = Arc::new(RecordingSink::default());
-    let mut reader = CacheReader::new(repo)
+    let mut reader = CacheReader::new(repo.clone())
         .with_config(config)
         .with_refresh_sink(sink.clone());
     if let (Backend::Near, Some(t)) = (backend, &db) {
-        reader = reader.with_near_tier(&t.url);
+        let near = PgCacheRepository::near_tier_at(&t.url, repo, &NearConfig::default()).unwrap();
+        reader = reader.with_near(near);
         warm(&reader, "u0").await;
     }
     (reader, sink, db)

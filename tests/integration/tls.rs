@@ -22,8 +22,9 @@ use openssl::x509::extension::SubjectAlternativeName;
 use openssl::x509::{X509, X509NameBuilder};
 use rstest::rstest;
 use sea_orm::{ConnectionTrait, Statement};
+use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheError, CacheReader, CacheRepository, Component, Lookup, PgCacheRepository, PgConfig,
+    CacheError, CacheReader, Component, Lookup, NearConfig, PgCacheRepository, PgConfig,
 };
 
 use crate::cli::run;
@@ -199,7 +200,10 @@ async fn repository_and_near_tier_connect_over_tls(
             .is_some()
     );
 
-    let reader = CacheReader::new(Arc::new(repo) as Arc<dyn CacheRepository>).with_near_tier(&url);
+    let near =
+        PgCacheRepository::near_tier_at(&url, Arc::new(repo.clone()), &NearConfig::default())
+            .unwrap();
+    let reader = CacheReader::new(Arc::new(repo)).with_near(near);
     let leased = poll_until(Duration::from_secs(10), || async {
         reader
             .get(Component::MemoryHealth, "u1", "elena")

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
+use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheRepository, CharacterPerformance, Component, ConversationPatterns, DEFAULT_WINDOW_HOURS,
+    CharacterPerformance, Component, ConversationPatterns, DEFAULT_WINDOW_HOURS,
     EngagementOpportunities, Key, MemoryBehavior, MemoryCacheRepository, MemoryHealth, NewEntry,
     Payload, PersonalityProfile,
 };

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use migration::runner::{self, Command, MigrateOptions};
 use sea_orm::{ConnectionTrait, Database};
+use strategic_cache::prelude::*;
 use strategic_cache::{
     CacheReader, CacheRepository, Component, ConversationPatterns, EngagementOpportunities, Key,
-    MemoryBehavior, MemoryHealth, NewEntry, Payload, PersonalityProfile, PgCacheRepository,
-    PgConfig, ReaderConfig,
+    MemoryBehavior, MemoryHealth, NearConfig, NewEntry, Payload, PersonalityProfile,
+    PgCacheRepository, PgConfig,
 };
 
 const BOT: &str = "elena";
@@ -153,9 +154,8 @@ fn main() {
                 .unwrap();
         }
         let db_reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>);
-        let near_reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>)
-            .with_config(ReaderConfig::default())
-            .with_near_tier(&url);
+        let near = repo.near_tier(&NearConfig::default()).unwrap();
+        let near_reader = CacheReader::new(repo.clone()).with_near(near);
         // Warm: until the lease is held and every snapshot and one entry is in memory.
         for _ in 0..100 {
             for u in 0..USERS {

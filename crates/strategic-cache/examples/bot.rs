@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 // usage guide: begin
 use std::sync::Arc;
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, PgCacheRepository, PgConfig, ReaderConfig,
+    CacheReader, Component, NearConfig, PgCacheRepository, PgConfig, ReaderConfig,
 };
 
 async fn build_reader(database_url: &str) -> Result<CacheReader, strategic_cache::CacheError> {
-    let repo: Arc<dyn CacheRepository> =
-        Arc::new(PgCacheRepository::connect(database_url, PgConfig::default()).await?);
-    Ok(CacheReader::new(repo)
+    let repo = PgCacheRepository::connect(database_url, PgConfig::default()).await?;
+    // Hits from memory, coherent within 1 s; never fails (without it, reads go to the DB).
+    let near = repo.near_tier(&NearConfig::default())?;
+    Ok(CacheReader::new(Arc::new(repo))
         .with_config(ReaderConfig::default()) // 50 ms budget, breaker 5 failures / 1 s
         // .with_observer(metrics)            // Arc<dyn ReadObserver>
         // .with_refresh_sink(scheduler)      // Arc<dyn RefreshSink>
-        // Hits from memory, coherent within 1 s; never fails (without it, reads go to the DB).
-        .with_near_tier(database_url))
+        .with_near(near))
 }
 
 struct Bot {

@@ -60,6 +60,7 @@ mod reader;
 mod repository;
 pub mod scheduler;
 mod seed;
+mod task;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 
@@ -76,10 +77,17 @@ pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,
     MemoryHealth, Payload, PersonalityProfile,
 };
-pub use postgres::{PgCacheRepository, PgConfig, TableHealth};
+pub use postgres::{PgCacheRepository, PgConfig, TableHealth, check_url};
 pub use reader::{CacheReader, ReaderConfig, ReaderStats};
-pub use repository::{CacheRepository, ServerRole, ServerStats};
+pub use repository::{CacheAdmin, CacheRead, CacheRepository, CacheWrite, ServerRole, ServerStats};
 pub use seed::SeedHelpers;
+
+/// The store traits, to bring their methods into scope at once:
+/// `use strategic_cache::prelude::*;`.
+pub mod prelude {
+    pub use crate::repository::{CacheAdmin, CacheRead, CacheRepository, CacheWrite};
+    pub use crate::seed::SeedHelpers;
+}
 
 // The third-party crates whose types the public API uses, at the versions this crate is built
 // and tested with: a bot names them as `strategic_cache::chrono::DateTime` etc. and need not

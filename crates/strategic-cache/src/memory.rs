@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -23,7 +23,7 @@ use crate::error::CacheError;
 use crate::keys::Key;
 use crate::limits::{Limits, TtlPolicy};
 use crate::payload::Payload;
-use crate::repository::CacheRepository;
+use crate::repository::{CacheAdmin, CacheRead, CacheWrite};
 
 /// The cache in process memory, with the same semantics as PostgreSQL and time from a [`Clock`].
 ///
@@ -258,13 +258,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     Some(*low + high.saturating_sub(*low).mul_f64(fraction))
 }
 
+// One process, one clock and no replicas: every answer already reflects every write, so the
+// "at least as new as" bound of the reads has nothing to choose and is ignored.
 #[async_trait]
-impl CacheRepository for MemoryCacheRepository {
+impl CacheRead for MemoryCacheRepository {
     fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
+    async fn lookup_after(
+        &self,
+        component: Component,
+        key: &Key,
+        _after: Option<Instant>,
+    ) -> Result<Lookup, CacheError> {
         // A key that could never have been stored is simply not there.
         if self.limits.check_key(component, key).is_err() {
             return Ok(Lookup::Missing);
@@ -273,11 +280,12 @@ impl CacheRepository for MemoryCacheRepository {
         Ok(state.lookup(component, key, self.clock.now()))
     }
 
-    async fn snapshot(
+    async fn snapshot_after(
         &self,
         user_id: &str,
         bot_name: &str,
         window_hours: i32,
+        _after: Option<Instant>,
     ) -> Result<Snapshot, CacheError> {
         let mut snapshot = Snapshot::default();
         let user_key = Key::user_bot(user_id, bot_name);
@@ -308,7 +316,10 @@ impl CacheRepository for MemoryCacheRepository {
         }
         Ok(snapshot)
     }
+}
 
+#[async_trait]
+impl CacheWrite for MemoryCacheRepository {
     async fn upsert(&self, entry: &NewEntry) -> Result<WriteOutcome, CacheError> {
         // Validation (which serializes JSON payloads to measure them) happens before the lock
         // is taken, so a large payload does not stall the bot's reads.
@@ -363,7 +374,10 @@ impl CacheRepository for MemoryCacheRepository {
             None => Ok(false),
         }
     }
+}
 
+#[async_trait]
+impl CacheAdmin for MemoryCacheRepository {
     async fn sweep_expired(&self, batch: u32) -> Result<u64, CacheError> {
         if batch == 0 {
             return Err(CacheError::invalid("batch", "must be at least 1"));

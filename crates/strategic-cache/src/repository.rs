@@ -1,4 +1,5 @@
-//! The [`CacheRepository`] trait: what every cache store can do.
+//! What a cache store can do, by audience: [`CacheRead`] (the reader), [`CacheWrite`] (the
+//! worker), [`CacheAdmin`] (the operator), and [`CacheRepository`], all three.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,10 @@ use crate::error::CacheError;
 use crate::keys::Key;
 use crate::limits::Limits;
 
-/// A store of strategic cache entries. Object-safe: bot code holds `Arc<dyn CacheRepository>`.
+/// Every audience of a store at once: the reader's part ([`CacheRead`]), the worker's
+/// ([`CacheWrite`]) and the operator's ([`CacheAdmin`]). Object-safe: bot code holds
+/// `Arc<dyn CacheRepository>`, and hands it to a [`crate::CacheReader`], which keeps only the
+/// reading part. Implemented for every type that implements the three; implement those.
 ///
 /// Implementations: [`crate::PgCacheRepository`] (PostgreSQL, one round trip per call) and
 /// [`crate::MemoryCacheRepository`] (in-process, injected clock). The same contract tests run
@@ -24,45 +28,65 @@ use crate::limits::Limits;
 ///
 /// The Python seed's helpers (`get_cached_strategic_data`, `check_cache_freshness`) are on
 /// every store through [`crate::SeedHelpers`].
-#[async_trait]
-pub trait CacheRepository: Send + Sync + std::fmt::Debug {
-    /// The entry of `component` at `key`, fresh, stale or missing, judged by the store's
-    /// clock. One round trip on PostgreSQL. The building block of [`Self::get`] and
-    /// [`Self::freshness`], and what the reader uses to tell a stale entry from a missing one.
-    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError>;
+pub trait CacheRepository: CacheRead + CacheWrite + CacheAdmin {}
 
-    /// As [`Self::lookup`], but the answer reflects every change committed before `after` (a
-    /// point in this process's monotonic time). A store with streaming replicas reads a
-    /// replica only if it has replayed everything committed before `after`; others simply
-    /// look up. The near tier passes the instant of the last invalidation it applied for the
-    /// key, so that a fill never reads a replica that has not seen it.
+impl<T: CacheRead + CacheWrite + CacheAdmin + ?Sized> CacheRepository for T {}
+
+/// What a reader needs of a store: the two hot-path reads, and the limits keys are judged by.
+///
+/// A store implements [`lookup_after`](Self::lookup_after) and
+/// [`snapshot_after`](Self::snapshot_after), which take the "at least as new as" bound as an
+/// argument; the rest are built on them.
+#[async_trait]
+pub trait CacheRead: Send + Sync + std::fmt::Debug {
+    /// The entry of `component` at `key`, fresh, stale or missing, judged by the store's
+    /// clock, reflecting every change committed before `after` (a point in this process's
+    /// monotonic time) if given. One round trip on PostgreSQL. A store with streaming
+    /// replicas reads a replica only if it has replayed everything committed before `after`;
+    /// others ignore it. The near tier passes the instant of the last invalidation it applied
+    /// for the key, so that a fill never reads a replica that has not seen it.
     async fn lookup_after(
         &self,
         component: Component,
         key: &Key,
-        after: Instant,
-    ) -> Result<Lookup, CacheError> {
-        let _ = after;
-        self.lookup(component, key).await
-    }
+        after: Option<Instant>,
+    ) -> Result<Lookup, CacheError>;
 
-    /// As [`Self::snapshot`], but reflecting every change committed before `after` (see
-    /// [`Self::lookup_after`]).
+    /// Every per-user component for (`user_id`, `bot_name`), fresh or stale, plus the bot's
+    /// character performance for `window_hours`, reflecting every change committed before
+    /// `after` if given (see [`Self::lookup_after`]). One round trip on PostgreSQL.
     async fn snapshot_after(
         &self,
         user_id: &str,
         bot_name: &str,
         window_hours: i32,
-        after: Instant,
-    ) -> Result<Snapshot, CacheError> {
-        let _ = after;
-        self.snapshot(user_id, bot_name, window_hours).await
+        after: Option<Instant>,
+    ) -> Result<Snapshot, CacheError>;
+
+    /// The limits this store validates its input with ([`Limits::DEFAULT`] unless it says
+    /// otherwise). The reader asks for a refresh only of keys these accept, so that it and the
+    /// store never disagree on which keys a worker could write.
+    fn limits(&self) -> &Limits {
+        &Limits::DEFAULT
     }
 
-    /// The servers this store reads from, with their counters and state (empty for stores
-    /// that are not database servers).
-    fn servers(&self) -> Vec<ServerStats> {
-        Vec::new()
+    /// [`Self::lookup_after`] with no bound: what the store has now. The building block of
+    /// [`Self::get`] and [`Self::freshness`], and what the reader uses to tell a stale entry
+    /// from a missing one.
+    async fn lookup(&self, component: Component, key: &Key) -> Result<Lookup, CacheError> {
+        self.lookup_after(component, key, None).await
+    }
+
+    /// [`Self::snapshot_after`] with no bound. Only fresh entries are in
+    /// [`Snapshot::get`]; stale ones are kept apart (see [`Snapshot`]).
+    async fn snapshot(
+        &self,
+        user_id: &str,
+        bot_name: &str,
+        window_hours: i32,
+    ) -> Result<Snapshot, CacheError> {
+        self.snapshot_after(user_id, bot_name, window_hours, None)
+            .await
     }
 
     /// The fresh entry (`expires_at > now`) of `component` at `key`, or `None`.
@@ -78,16 +102,11 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     async fn freshness(&self, component: Component, key: &Key) -> Result<Freshness, CacheError> {
         Ok(self.lookup(component, key).await?.freshness())
     }
+}
 
-    /// Every fresh per-user component for (`user_id`, `bot_name`), plus the bot's character
-    /// performance for `window_hours`. One round trip on PostgreSQL.
-    async fn snapshot(
-        &self,
-        user_id: &str,
-        bot_name: &str,
-        window_hours: i32,
-    ) -> Result<Snapshot, CacheError>;
-
+/// What the enrichment worker needs of a store: writing and removing entries.
+#[async_trait]
+pub trait CacheWrite: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces one entry, unless the stored one was computed later.
     async fn upsert(&self, entry: &NewEntry) -> Result<WriteOutcome, CacheError>;
 
@@ -136,7 +155,12 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
         )
         .await
     }
+}
 
+/// What an operator (and the worker's housekeeping) needs of a store: sweeping, vacuuming,
+/// statistics and the servers read from.
+#[async_trait]
+pub trait CacheAdmin: Send + Sync + std::fmt::Debug {
     /// Deletes expired entries of every table, at most `batch` rows per statement so that no
     /// sweep holds many row locks for long; returns how many were deleted. Never deletes an
     /// entry that is fresh when it is deleted.
@@ -148,10 +172,11 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// Every refresh of an entry leaves a dead row version behind (PostgreSQL's MVCC, and the
     /// schema's `expires_at` index rules out HOT updates). Autovacuum normally reclaims them,
     /// but where it is off or falls behind, the tables grow with every refresh cycle (the soak
-    /// benchmark's growth with `autovacuum = off` is in `docs/BENCHMARKS.md`). On PostgreSQL this runs `VACUUM (ANALYZE)` on each table with more dead rows
-    /// than autovacuum's own default threshold (50 + 20 % of its live rows), so it costs
-    /// nothing where autovacuum keeps up. The worker calls it periodically
-    /// (`WorkerConfig::vacuum_interval`); stores without dead rows do nothing.
+    /// benchmark's growth with `autovacuum = off` is in `docs/BENCHMARKS.md`). On PostgreSQL
+    /// this runs `VACUUM (ANALYZE)` on each table with more dead rows than autovacuum's own
+    /// default threshold (50 + 20 % of its live rows), so it costs nothing where autovacuum
+    /// keeps up. The worker calls it periodically (`WorkerConfig::vacuum_interval`); stores
+    /// without dead rows do nothing.
     async fn vacuum_if_needed(&self) -> Result<Vec<Component>, CacheError> {
         Ok(Vec::new())
     }
@@ -159,11 +184,10 @@ pub trait CacheRepository: Send + Sync + std::fmt::Debug {
     /// Counts and ages of every table, in [`Component::ALL`] order.
     async fn stats(&self) -> Result<Vec<TableStats>, CacheError>;
 
-    /// The limits this store validates its input with ([`Limits::DEFAULT`] unless it says
-    /// otherwise). The reader asks for a refresh only of keys these accept, so that it and the
-    /// store never disagree on which keys a worker could write.
-    fn limits(&self) -> &Limits {
-        &Limits::DEFAULT
+    /// The servers this store reads from, with their counters and state (empty for stores
+    /// that are not database servers).
+    fn servers(&self) -> Vec<ServerStats> {
+        Vec::new()
     }
 }
 

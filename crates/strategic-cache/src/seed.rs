@@ -1,5 +1,5 @@
 //! The Python seed's helpers, in one place: what code ported from the Python service calls,
-//! by table name, on a store ([`SeedHelpers`], for every [`CacheRepository`]) and on the
+//! by table name, on a store ([`SeedHelpers`], for every store that reads ([`CacheRead`])) and on the
 //! reader ([`CacheReader`], which turns every failure into "no data" as its other reads do).
 //!
 //! The table name is matched against the six names, never put in SQL.
@@ -11,12 +11,12 @@ use crate::component::Component;
 use crate::error::CacheError;
 use crate::keys::Key;
 use crate::reader::CacheReader;
-use crate::repository::CacheRepository;
+use crate::repository::CacheRead;
 
-/// The seed's helpers on a store. Implemented for every [`CacheRepository`], `dyn` included:
+/// The seed's helpers on a store. Implemented for every [`CacheRead`] store, `dyn` included:
 /// bring the trait into scope (`use strategic_cache::SeedHelpers;`) to call them.
 #[async_trait]
-pub trait SeedHelpers: CacheRepository {
+pub trait SeedHelpers: CacheRead {
     /// The seed's helper, for code ported from the Python service: the fresh entry of
     /// `table_name` for (`user_id`, `bot_name`) as a JSON object of its columns, or `None`.
     ///
@@ -52,7 +52,7 @@ pub trait SeedHelpers: CacheRepository {
 }
 
 #[async_trait]
-impl<R: CacheRepository + ?Sized> SeedHelpers for R {}
+impl<R: CacheRead + ?Sized> SeedHelpers for R {}
 
 impl CacheReader {
     /// The seed's helper: the fresh entry of `table_name` for (`user_id`, `bot_name`) as a
@@ -100,9 +100,9 @@ impl CacheReader {
 mod tests {
     use crate::entries::NewEntry;
     use crate::keys::Key;
+    use crate::prelude::*;
     use crate::reader::CacheReader;
     use crate::reader::tests::{health, memory};
-    use crate::repository::CacheRepository;
     use crate::test_support::{StubMode, StubRepository};
 
     /// An unknown table name is `None`/false without calling the store; a known one returns

@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -33,7 +33,7 @@ use crate::error::CacheError;
 use crate::hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
 use crate::keys::Key;
 use crate::payload::MemoryHealth;
-use crate::repository::CacheRepository;
+use crate::repository::{CacheAdmin, CacheRead, CacheWrite};
 
 /// How a [`StubRepository`] answers reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,12 +149,23 @@ impl StubRepository {
 }
 
 #[async_trait]
-impl CacheRepository for StubRepository {
-    async fn lookup(&self, _: Component, _: &Key) -> Result<Lookup, CacheError> {
+impl CacheRead for StubRepository {
+    async fn lookup_after(
+        &self,
+        _: Component,
+        _: &Key,
+        _: Option<Instant>,
+    ) -> Result<Lookup, CacheError> {
         self.answer(|| Lookup::Fresh(self.entry.clone()), || Lookup::Missing)
             .await
     }
-    async fn snapshot(&self, _: &str, _: &str, _: i32) -> Result<Snapshot, CacheError> {
+    async fn snapshot_after(
+        &self,
+        _: &str,
+        _: &str,
+        _: i32,
+        _: Option<Instant>,
+    ) -> Result<Snapshot, CacheError> {
         let fresh = || {
             let mut snapshot = Snapshot::default();
             let slot = Component::MemoryHealth.index();
@@ -166,6 +177,10 @@ impl CacheRepository for StubRepository {
         };
         self.answer(fresh, Snapshot::default).await
     }
+}
+
+#[async_trait]
+impl CacheWrite for StubRepository {
     async fn upsert(&self, _: &NewEntry) -> Result<WriteOutcome, CacheError> {
         Ok(WriteOutcome::Written)
     }
@@ -175,6 +190,10 @@ impl CacheRepository for StubRepository {
     async fn invalidate(&self, _: Component, _: &Key) -> Result<bool, CacheError> {
         Ok(false)
     }
+}
+
+#[async_trait]
+impl CacheAdmin for StubRepository {
     async fn sweep_expired(&self, _: u32) -> Result<u64, CacheError> {
         Ok(0)
     }

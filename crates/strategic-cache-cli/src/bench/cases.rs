@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use strategic_cache::metrics::MetricsRecorder;
+use strategic_cache::prelude::*;
 use strategic_cache::test_support::{StubMode, StubRepository};
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, DEFAULT_WINDOW_HOURS, Key, Lookup, PgCacheRepository,
-    ReaderConfig, WriteOutcome,
+    CacheReader, CacheRepository, Component, DEFAULT_WINDOW_HOURS, Key, Lookup, NearConfig,
+    PgCacheRepository, ReaderConfig, WriteOutcome,
 };
 
 use super::Progress;
@@ -302,8 +303,14 @@ impl Bench {
     /// working set, from one stream and from ten: what a bot's message costs once the tier
     /// holds its (user, bot). The rows beside them (`snapshot`, `single_read`) are the same
     /// reads from the database.
-    async fn near_cases(&mut self, url: &str) {
-        let reader = self.reader().with_near_tier(url);
+    async fn near_cases(&mut self, _url: &str) {
+        let reader = match self.repo.near_tier(&NearConfig::default()) {
+            Ok(near) => self.reader().with_near(near),
+            Err(error) => {
+                eprintln!("bench: near tier not started: {error}");
+                return;
+            }
+        };
         let shape = self.shape;
         // Until the listener holds its lease and has subscribed the bots, nothing is kept.
         let started = Instant::now();

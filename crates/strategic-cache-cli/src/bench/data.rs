@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::Utc;
-use strategic_cache::{CacheRepository, Component, Key, NewEntry, PgCacheRepository};
+use strategic_cache::prelude::*;
+use strategic_cache::{Component, Key, NewEntry, PgCacheRepository};
 
 use crate::workload::{mix, payload};
 

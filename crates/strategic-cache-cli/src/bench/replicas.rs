@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
+use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheRepository, Key, MemoryHealth, NewEntry, PgCacheRepository, PgConfig, ServerRole,
-    ServerStats, WriteOutcome,
+    Key, MemoryHealth, NewEntry, PgCacheRepository, PgConfig, ServerRole, ServerStats, WriteOutcome,
 };
 use tokio_postgres::NoTls;
 

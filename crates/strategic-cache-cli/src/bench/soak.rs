@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
+use strategic_cache::prelude::*;
 use strategic_cache::scheduler::WorkerConfig;
 use strategic_cache::{CacheReader, CacheRepository, Component, PgCacheRepository, ReaderConfig};
 

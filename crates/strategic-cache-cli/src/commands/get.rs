@@ -3,9 +3,8 @@
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
-use strategic_cache::{
-    CacheRepository, CachedEntry, Component, Freshness, Key, Lookup, ServerStats,
-};
+use strategic_cache::prelude::*;
+use strategic_cache::{CachedEntry, Component, Freshness, Key, Lookup, ServerStats};
 
 use super::{
     Context, KeyArgs, Outcome, UserForPerBot, human_duration, key_json, key_text, served_by,

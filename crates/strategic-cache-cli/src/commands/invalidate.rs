@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
-use strategic_cache::{CacheRepository, Component, DEFAULT_WINDOW_HOURS, Key};
+use strategic_cache::prelude::*;
+use strategic_cache::{Component, DEFAULT_WINDOW_HOURS, Key};
 
 use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};
 use crate::exit::bad_input;

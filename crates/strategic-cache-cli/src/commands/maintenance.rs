@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Value, json};
-use strategic_cache::{CacheRepository, Component, TableHealth};
+use strategic_cache::prelude::*;
+use strategic_cache::{Component, TableHealth};
 
 use super::{Context, Outcome, human_duration};
 

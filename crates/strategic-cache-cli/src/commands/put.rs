@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
+use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheRepository, Component, DEFAULT_WINDOW_HOURS, NewEntry, Payload, TtlPolicy, WriteOutcome,
+    Component, DEFAULT_WINDOW_HOURS, NewEntry, Payload, TtlPolicy, WriteOutcome,
 };
 
 use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};

@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::{Value, json};
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Freshness, PgCacheRepository, PgConfig, ReaderConfig,
+    CacheReader, Component, Freshness, NearConfig, PgCacheRepository, PgConfig, ReaderConfig,
     ServerRole, ServerStats,
 };
 
@@ -52,9 +52,10 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
     })?;
     let replicas = !config.replicas.is_empty();
     let repo = Arc::new(PgCacheRepository::connect(&url, config).await?);
-    let reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>)
+    let near = repo.near_tier(&NearConfig::default())?;
+    let reader = CacheReader::new(repo.clone())
         .with_config(ReaderConfig::default())
-        .with_near_tier(&url);
+        .with_near(near);
     let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reads = 0u64;

@@ -18,7 +18,7 @@ use strategic_cache::scheduler::{
     RequesterConfig, Worker, WorkerConfig,
 };
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Key, MemoryCacheRepository, Payload,
+    CacheReader, CacheRepository, Component, Key, MemoryCacheRepository, NearConfig, Payload,
     PgCacheRepository, PgConfig, ReaderConfig, TokioClock, TtlPolicy,
 };
 use tokio::time::Instant;
@@ -194,10 +194,11 @@ pub(super) async fn set_up(
         .with_config(reader_config)
         .with_refresh_sink(requester.clone());
     // The near tier needs PostgreSQL's LISTEN; on by default there, as in a bot.
-    let near = match database_url {
-        Some(url) if !args.no_near => {
-            reader = reader.with_near_tier(url);
-            reader.near_stats().is_some()
+    let near = match &bot_pg {
+        Some(bot) if !args.no_near => {
+            let near = bot.near_tier(&NearConfig::default())?;
+            reader = reader.with_near(near);
+            true
         }
         _ => false,
     };

@@ -16,68 +16,28 @@
 //! `m20251207_000005_create_sender_check` for rows in notifications to be installed (without it
 //! they only invalidate: see `listener.rs`, "Whose notifications are believed").
 
+mod config;
 mod listener;
+mod source;
 mod store;
 mod weight;
 
-use std::str::FromStr;
+pub use config::NearConfig;
+pub(crate) use source::ChangeSource;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 
 use crate::component::Component;
 use crate::entries::{Lookup, Snapshot};
 use crate::error::CacheError;
-use crate::keys::Key;
+use crate::keys::{DEFAULT_WINDOW_HOURS, Key};
+use crate::repository::CacheRead;
+use crate::task::TaskGuard;
 
 use store::{NearData, NearKeyRef, NearState};
-
-/// Settings of the near tier (part of [`ReaderConfig`](crate::ReaderConfig)).
-#[derive(Clone, Debug)]
-pub struct NearConfig {
-    /// Whether a reader given a database URL by
-    /// [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier) keeps a near tier.
-    /// Off: the reader reads the store on every call, exactly as without a near tier.
-    pub enabled: bool,
-    /// Bound on the memory the tier holds, in bytes. Its values as decoded (every string,
-    /// array and JSON object node at its allocated size), their keys and the cache's own slots
-    /// are weighed, and the cache keeps four fifths of this, leaving the rest to the
-    /// allocator's fragmentation: the process's resident memory grows by at most 1.25 × this
-    /// (measured; see the usage guide, "Memory"). Least recently useful values are evicted.
-    pub max_bytes: u64,
-    /// How long a lease round trip lets the tier serve from memory: the staleness bound.
-    pub lease: Duration,
-    /// How often the listener renews the lease (and so how soon a change is applied).
-    pub probe_interval: Duration,
-    /// Longest the listener waits to connect.
-    pub connect_timeout: Duration,
-    /// `application_name` of the listening connection (visible in `pg_stat_activity`).
-    pub application_name: String,
-    /// How long the server keeps the listening session of a process that stopped reading
-    /// (frozen, paused, swapped out): the listener sets the session's `idle_session_timeout`
-    /// and `tcp_user_timeout` to it. PostgreSQL's notification queue cannot advance past a
-    /// listener that does not read, and once the queue is full every write to a cache table
-    /// fails; a live listener probes every `probe_interval`, so its session is never idle that
-    /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
-    pub frozen_after: Duration,
-}
-
-impl Default for NearConfig {
-    fn default() -> Self {
-        NearConfig {
-            enabled: true,
-            max_bytes: 64 * 1024 * 1024,
-            lease: Duration::from_millis(800),
-            probe_interval: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(2),
-            application_name: "strategic-cache-near".to_string(),
-            frozen_after: Duration::from_secs(5),
-        }
-    }
-}
 
 /// The state of the near tier now (for operators and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -140,47 +100,26 @@ impl crate::metrics::WindowSource for NearTier {
     }
 }
 
-/// Aborts the listener task when the last handle goes.
-#[derive(Debug)]
-struct TaskGuard(tokio::task::AbortHandle);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A running near tier: the memory and its listener task. Cheap to clone; the listener stops
 /// when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct NearTier {
     state: Arc<NearState>,
+    /// What a miss is read from: the store's reading part, never the reader.
+    store: Arc<dyn CacheRead>,
     _task: Arc<TaskGuard>,
 }
 
 impl NearTier {
-    /// Starts a near tier listening on `database_url`. Must be called within a Tokio runtime.
-    /// Never fails: until the listener has connected and proved itself, reads go to the store.
-    pub fn start(database_url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
-        if !config.frozen_after.is_zero() && config.frozen_after < config.probe_interval * 4 {
-            return Err(CacheError::InvalidInput {
-                field: "frozen_after",
-                reason: format!(
-                    "must be zero or at least 4 × probe_interval ({:?}); got {:?}",
-                    config.probe_interval * 4,
-                    config.frozen_after
-                ),
-            });
-        }
-        let options = PgConnectOptions::from_str(database_url)
-            .map_err(|e| CacheError::InvalidInput {
-                field: "database_url",
-                reason: format!(
-                    "not a PostgreSQL URL: {}",
-                    pg_diagnostics::scrub(&e.to_string(), Some(database_url))
-                ),
-            })?
-            .application_name(&config.application_name);
+    /// Starts a near tier hearing changes from `source` and filling through `store`. Must be
+    /// called within a Tokio runtime. Never fails once started: until the source has connected
+    /// and proved itself, reads go to the store.
+    pub(crate) fn start(
+        source: ChangeSource,
+        config: &NearConfig,
+        store: Arc<dyn CacheRead>,
+    ) -> Result<NearTier, CacheError> {
+        config.validate()?;
         let handle =
             tokio::runtime::Handle::try_current().map_err(|_| CacheError::InvalidInput {
                 field: "runtime",
@@ -188,10 +127,11 @@ impl NearTier {
             })?;
         let (tx, rx) = mpsc::channel(1024);
         let state = Arc::new(NearState::new(config.max_bytes, tx));
-        let task = handle.spawn(listener::run(state.clone(), options, config.clone(), rx));
+        let task = source.spawn(&handle, state.clone(), config.clone(), rx);
         Ok(NearTier {
             state,
-            _task: Arc::new(TaskGuard(task.abort_handle())),
+            store,
+            _task: Arc::new(TaskGuard::new(&task)),
         })
     }
 
@@ -247,26 +187,28 @@ impl NearTier {
         item.shared_snapshot_below(self.state.server_now(), demand_fraction)
     }
 
-    /// The snapshot through the tier: `call` is the store's snapshot, run by one caller per
-    /// key at a time, given the instant its answer must be at least as new as (see
-    /// `NearState::fill`).
-    pub(crate) async fn snapshot_fill<Fut>(
+    /// The snapshot through the tier: read from the store by one caller per key at a time, at
+    /// least as new as the last invalidation the tier applied to it (see `NearState::fill`),
+    /// and passed through `keep` (the reader's choice of stale entries) before it is kept.
+    pub(crate) async fn snapshot_fill(
         &self,
         user_id: &str,
         bot_name: &str,
-        call: impl FnOnce(Option<Instant>) -> Fut,
-    ) -> Result<Snapshot, CacheError>
-    where
-        Fut: Future<Output = Result<Snapshot, CacheError>>,
-    {
+        keep: impl FnOnce(&mut Snapshot),
+    ) -> Result<Snapshot, CacheError> {
         let key = NearKeyRef::Snapshot {
             user: user_id,
             bot: bot_name,
         };
+        let store = &self.store;
         let item = self
             .state
             .fill(key, |after| async move {
-                call(after).await.map(|s| NearData::Snapshot(Arc::new(s)))
+                let mut snapshot = store
+                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
+                    .await?;
+                keep(&mut snapshot);
+                Ok(NearData::Snapshot(Arc::new(snapshot)))
             })
             .await?;
         Ok(item.snapshot_at(self.state.server_now()))
@@ -279,19 +221,19 @@ impl NearTier {
     }
 
     /// The lookup through the tier (single flight, as [`NearTier::snapshot_fill`]).
-    pub(crate) async fn lookup_fill<Fut>(
+    pub(crate) async fn lookup_fill(
         &self,
         component: Component,
         key: &Key,
-        call: impl FnOnce(Option<Instant>) -> Fut,
-    ) -> Result<Lookup, CacheError>
-    where
-        Fut: Future<Output = Result<Lookup, CacheError>>,
-    {
+    ) -> Result<Lookup, CacheError> {
+        let store = &self.store;
         let item = self
             .state
             .fill(NearKeyRef::Entry { component, key }, |after| async move {
-                call(after).await.map(NearData::Lookup)
+                store
+                    .lookup_after(component, key, after)
+                    .await
+                    .map(NearData::Lookup)
             })
             .await?;
         Ok(item.lookup_at(self.state.server_now()))
@@ -300,8 +242,22 @@ impl NearTier {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use sea_orm::sqlx::postgres::PgConnectOptions;
+
     use super::*;
     use crate::metrics::WindowSource;
+
+    /// A tier listening at `url` over an empty in-memory store.
+    fn start(url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
+        let source = ChangeSource::Listen(PgConnectOptions::from_str(url).unwrap());
+        let store = Arc::new(crate::MemoryCacheRepository::with_clock(Arc::new(
+            crate::SystemClock,
+        )));
+        NearTier::start(source, config, store)
+    }
 
     /// The `strategic_cache_near` line carries the tier's counters, the three kinds of
     /// notification included.
@@ -309,7 +265,7 @@ mod tests {
     async fn near_line_carries_the_notification_counters() {
         // Nothing listens on port 1 of loopback: the tier never connects, which is all this
         // needs.
-        let tier = NearTier::start("postgres://u@127.0.0.1:1/db", &NearConfig::default()).unwrap();
+        let tier = start("postgres://u@127.0.0.1:1/db", &NearConfig::default()).unwrap();
         let c = &tier.state.counters;
         c.notifications.store(6, Ordering::Relaxed);
         c.notifications_believed.store(3, Ordering::Relaxed);
@@ -336,7 +292,7 @@ mod tests {
             frozen_after: Duration::from_millis(300),
             ..NearConfig::default()
         };
-        match NearTier::start("postgres://postgres@127.0.0.1:1/none", &config) {
+        match start("postgres://postgres@127.0.0.1:1/none", &config) {
             Err(CacheError::InvalidInput { field, .. }) => assert_eq!(field, "frozen_after"),
             other => panic!("expected InvalidInput for frozen_after, got {other:?}"),
         }

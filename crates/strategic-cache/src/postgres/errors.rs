@@ -45,6 +45,16 @@ pub(super) fn classify(error: DbErr, statement_timeout: Option<Duration>) -> Cac
     }
 }
 
+/// `error` with the password of `url` masked in its message: the one place a message that may
+/// quote a server's URL (the primary's or a replica's) is scrubbed.
+pub(super) fn scrubbed(error: CacheError, url: &str) -> CacheError {
+    match error {
+        CacheError::Unavailable(m) => CacheError::Unavailable(scrub(&m, Some(url))),
+        CacheError::Database(m) => CacheError::Database(scrub(&m, Some(url))),
+        other => other,
+    }
+}
+
 /// A row of `component`'s table that cannot be decoded.
 pub(super) fn corrupt(component: Component, error: impl fmt::Display) -> CacheError {
     CacheError::Corrupt(format!("{}: {error}", component.table_name()))

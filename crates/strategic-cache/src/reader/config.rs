@@ -22,10 +22,6 @@ pub struct ReaderConfig {
     pub demand_fraction: f64,
     /// Least time between two warnings about failing reads.
     pub warn_interval: Duration,
-    /// The near tier (see [`NearConfig`](crate::NearConfig)): used only by a reader
-    /// given a database URL through
-    /// [`CacheReader::with_near_tier`](super::CacheReader::with_near_tier).
-    pub near: crate::near::NearConfig,
     /// Most prefetch hints ([`CacheReader::prefetch`](super::CacheReader::prefetch)) being
     /// looked up at once; a hint beyond it is dropped (and counted in
     /// [`ReaderStats::prefetch_dropped`](super::ReaderStats::prefetch_dropped)), so that a
@@ -49,7 +45,6 @@ impl Default for ReaderConfig {
             refresh_ahead_fraction: 0.8,
             demand_fraction: 0.5,
             warn_interval: Duration::from_secs(10),
-            near: crate::near::NearConfig::default(),
             prefetch_concurrency: 64,
             serve_stale_for: Duration::ZERO,
         }

@@ -33,7 +33,7 @@ use crate::entries::{CachedEntry, Freshness, Lookup, Snapshot};
 use crate::error::CacheError;
 use crate::hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, RefreshSink};
 use crate::keys::{DEFAULT_WINDOW_HOURS, Key};
-use crate::repository::CacheRepository;
+use crate::repository::CacheRead;
 use breaker::{Admission, Breaker, ProbeGuard};
 pub use config::ReaderConfig;
 use stats::Counters;
@@ -92,7 +92,8 @@ use warn_limit::WarnLimit;
 /// ```
 #[derive(Debug, Clone)]
 pub struct CacheReader {
-    repo: Arc<dyn CacheRepository>,
+    /// The store's reading part: all a reader uses of it.
+    repo: Arc<dyn CacheRead>,
     config: ReaderConfig,
     observer: Option<Arc<dyn ReadObserver>>,
     refresh: Option<Arc<dyn RefreshSink>>,
@@ -151,8 +152,9 @@ enum Failure {
 }
 
 impl CacheReader {
-    /// A reader over `repo` with default settings.
-    pub fn new(repo: Arc<dyn CacheRepository>) -> Self {
+    /// A reader over `repo` with default settings. Any store will do
+    /// (`Arc<dyn CacheRepository>` too): the reader keeps only its reading part.
+    pub fn new(repo: Arc<dyn CacheRead>) -> Self {
         CacheReader {
             repo,
             config: ReaderConfig::default(),
@@ -181,19 +183,12 @@ impl CacheReader {
         self
     }
 
-    /// Serves reads from an in-process near tier kept coherent with the database at
-    /// `database_url` (one listening connection), if `config().near.enabled`; call after
-    /// [`CacheReader::with_config`]. Within a Tokio runtime. If the tier cannot start (a URL
-    /// that does not parse, no runtime) it warns and the reader reads the store as before.
-    pub fn with_near_tier(mut self, database_url: &str) -> Self {
-        if !self.config.near.enabled {
-            self.near = None;
-            return self;
-        }
-        match crate::near::NearTier::start(database_url, &self.config.near) {
-            Ok(tier) => self.near = Some(tier),
-            Err(error) => tracing::warn!(%error, "strategic cache near tier not started: {error}"),
-        }
+    /// Serves reads from `near`, an in-process near tier kept coherent with the database
+    /// ([`PgCacheRepository::near_tier`](crate::PgCacheRepository::near_tier) makes one):
+    /// a read is then answered from its memory, or read through it from the store it was
+    /// made over.
+    pub fn with_near(mut self, near: crate::near::NearTier) -> Self {
+        self.near = Some(near);
         self
     }
 
@@ -263,17 +258,7 @@ impl CacheReader {
                     near_hit = true;
                     Ok(lookup)
                 }
-                None => {
-                    // `after`: the near tier's last invalidation of this key, which the store
-                    // must have (a replica that has not replayed it is not read).
-                    let call = near.lookup_fill(component, key, |after| async move {
-                        match after {
-                            Some(after) => self.repo.lookup_after(component, key, after).await,
-                            None => self.repo.lookup(component, key).await,
-                        }
-                    });
-                    self.guarded(call, 1).await
-                }
+                None => self.guarded(near.lookup_fill(component, key), 1).await,
             },
             None => self.guarded(self.repo.lookup(component, key), 1).await,
         };
@@ -359,9 +344,8 @@ impl CacheReader {
                     Ok(snapshot)
                 }
                 None => {
-                    // As in `get_key`: the store must have the last invalidation applied.
-                    let call = near.snapshot_fill(user_id, bot_name, |after| {
-                        self.store_snapshot(user_id, bot_name, after)
+                    let call = near.snapshot_fill(user_id, bot_name, |snapshot| {
+                        self.keep_servable_stale(snapshot)
                     });
                     self.guarded(call, parts).await
                 }
@@ -393,32 +377,6 @@ impl CacheReader {
             "strategic cache snapshot"
         );
         snapshot
-    }
-
-    /// The store's snapshot for a message, at least as new as `after` if given (the near
-    /// tier's last invalidation of it).
-    async fn store_snapshot(
-        &self,
-        user_id: &str,
-        bot_name: &str,
-        after: Option<std::time::Instant>,
-    ) -> Result<Snapshot, CacheError> {
-        let mut snapshot = match after {
-            Some(after) => {
-                self.repo
-                    .snapshot_after(user_id, bot_name, DEFAULT_WINDOW_HOURS, after)
-                    .await
-            }
-            None => {
-                self.repo
-                    .snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS)
-                    .await
-            }
-        }?;
-        // Before the near tier keeps it: with stale reads off it then holds none, and its
-        // shared snapshots are as before.
-        self.keep_servable_stale(&mut snapshot);
-        Ok(snapshot)
     }
 
     /// Drops the stale entries this reader does not serve: all of them by default, those
@@ -685,6 +643,7 @@ pub(crate) mod tests {
     use crate::limits::{Limits, TtlPolicy};
     use crate::memory::MemoryCacheRepository;
     use crate::payload::{CharacterPerformance, MemoryHealth};
+    use crate::prelude::*;
     use crate::test_support::{RecordingObserver, RecordingSink, StubMode, StubRepository};
 
     const MIN: Duration = Duration::from_secs(60);

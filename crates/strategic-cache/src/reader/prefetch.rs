@@ -15,7 +15,7 @@ use super::{CacheReader, Counters};
 use crate::component::Component;
 use crate::entries::{Freshness, Snapshot};
 use crate::hooks::{RefreshReason, RefreshRequest};
-use crate::keys::Key;
+use crate::keys::{DEFAULT_WINDOW_HOURS, Key};
 
 impl CacheReader {
     /// Hints that a message from `user_id` to `bot_name` is coming: call it on a typing event
@@ -63,8 +63,8 @@ impl CacheReader {
             Some(near) => match near.snapshot_hit(user_id, bot_name) {
                 Some(snapshot) => Some(snapshot),
                 None => {
-                    let call = near.snapshot_fill(user_id, bot_name, |after| {
-                        self.store_snapshot(user_id, bot_name, after)
+                    let call = near.snapshot_fill(user_id, bot_name, |snapshot| {
+                        self.keep_servable_stale(snapshot)
                     });
                     tokio::time::timeout(self.config.budget, call)
                         .await
@@ -73,7 +73,7 @@ impl CacheReader {
                 }
             },
             None => {
-                let call = self.store_snapshot(user_id, bot_name, None);
+                let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
                 tokio::time::timeout(self.config.budget, call)
                     .await
                     .ok()
@@ -144,8 +144,8 @@ mod tests {
 
     use super::*;
     use crate::entries::NewEntry;
+    use crate::prelude::*;
     use crate::reader::tests::{health, memory};
-    use crate::repository::CacheRepository;
     use crate::test_support::RecordingSink;
 
     /// Runs the spawned hint tasks (the test runtime is single-threaded) until `n` hints

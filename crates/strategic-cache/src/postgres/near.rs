@@ -1,0 +1,63 @@
+//! The near tier a [`PgCacheRepository`] hands out: a `LISTEN` connection to its server (or
+//! another URL of the same database) as the tier's change source, and the repository's reads
+//! as what the tier fills from.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sea_orm::sqlx::postgres::PgConnectOptions;
+
+use super::PgCacheRepository;
+use super::config::{check_url, invalid_url};
+use crate::error::CacheError;
+use crate::near::{ChangeSource, NearConfig, NearTier};
+use crate::repository::CacheRead;
+
+impl PgCacheRepository {
+    /// A near tier for this repository: it listens on the server this repository connected
+    /// to, and reads what it does not hold through this repository. Give it to
+    /// [`CacheReader::with_near`](crate::CacheReader::with_near). Within a Tokio runtime.
+    ///
+    /// Invalid settings (see [`NearConfig`]) are [`CacheError::InvalidInput`] and start
+    /// nothing; once started the tier never fails: until its listener has connected and
+    /// proved itself, and whenever it cannot, reads go to the repository. A repository made by
+    /// [`PgCacheRepository::from_connection`] has no URL to listen on: use
+    /// [`PgCacheRepository::near_tier_at`].
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), strategic_cache::CacheError> {
+    /// use std::sync::Arc;
+    /// use strategic_cache::{CacheReader, NearConfig, PgCacheRepository, PgConfig};
+    ///
+    /// let repo = PgCacheRepository::connect("postgres://bot@db/cache", PgConfig::default()).await?;
+    /// let near = repo.near_tier(&NearConfig::default())?;
+    /// let reader = CacheReader::new(Arc::new(repo)).with_near(near);
+    /// # Ok(()) }
+    /// ```
+    pub fn near_tier(&self, config: &NearConfig) -> Result<NearTier, CacheError> {
+        let Some(url) = self.url.as_deref() else {
+            return Err(CacheError::invalid(
+                "near_tier",
+                "a repository made from a connection has no URL to listen on; use \
+                 PgCacheRepository::near_tier_at",
+            ));
+        };
+        PgCacheRepository::near_tier_at(url, Arc::new(self.clone()), config)
+    }
+
+    /// A near tier listening at `listen_url` and filling through `store`: for a store that
+    /// wraps a repository of the same database (to observe or delay its reads, say), or a
+    /// repository made by [`PgCacheRepository::from_connection`]. `listen_url` is checked as
+    /// [`PgCacheRepository::connect`] checks its URL.
+    pub fn near_tier_at(
+        listen_url: &str,
+        store: Arc<dyn CacheRead>,
+        config: &NearConfig,
+    ) -> Result<NearTier, CacheError> {
+        check_url("near_url", listen_url)?;
+        let options = PgConnectOptions::from_str(listen_url)
+            .map_err(|e| invalid_url("near_url", listen_url, &e))?
+            .application_name(&config.application_name);
+        NearTier::start(ChangeSource::Listen(options), config, store)
+    }
+}
