@@ -30,9 +30,9 @@ use crate::repository::{CacheAdmin, CacheRead, CacheWrite};
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
+/// use strategic_cache::prelude::*;
 /// use strategic_cache::{
-///     CacheRepository, Component, Key, Limits, ManualClock, MemoryCacheRepository,
-///     MemoryHealth, NewEntry, TtlPolicy,
+///     Component, Key, Limits, ManualClock, MemoryCacheRepository, MemoryHealth, NewEntry, TtlPolicy,
 /// };
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {

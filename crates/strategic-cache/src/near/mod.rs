@@ -3,15 +3,21 @@
 //! writer.
 //!
 //! # Layout
+//! - `config`: [`NearConfig`] and its check.
+//! - `source`: the seam a change source plugs into ([`ChangeSource`]), and what every source
+//!   must guarantee of the lease.
 //! - `store`: the byte-bounded `quick_cache` of shared values, the epoch (O(1) flush), the
 //!   striped generations (a fill that started before an invalidation is never served after
 //!   it), the lease and the database clock's offset.
-//! - `listener`: the one listening connection per tier: applies the triggers' notifications
-//!   and renews the lease by a round trip on that connection.
+//! - `listener`: the `LISTEN` source, one listening connection per tier: applies the
+//!   triggers' notifications and renews the lease by a round trip on that connection.
+//! - `weight`: what each value really holds in memory, for the byte bound.
 //!
-//! Bot code does not use this module directly: it turns the tier on through
-//! [`ReaderConfig::near`](crate::ReaderConfig) and
-//! [`CacheReader::with_near_tier`](crate::CacheReader::with_near_tier). The migration
+//! A read comes down once: the reader asks the tier, which answers from memory or reads through
+//! the store it was made over, never back up through the reader. Bot code does not use this
+//! module directly: [`PgCacheRepository::near_tier`](crate::PgCacheRepository::near_tier)
+//! makes a tier and [`CacheReader::with_near`](crate::CacheReader::with_near) takes it. The
+//! migration
 //! `m20251130_000004_create_notify_triggers` must have run (it is part of `Migrator`), and
 //! `m20251207_000005_create_sender_check` for rows in notifications to be installed (without it
 //! they only invalidate: see `listener.rs`, "Whose notifications are believed").
