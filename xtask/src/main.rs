@@ -166,6 +166,28 @@ fn ci(args: &[String]) -> Result<()> {
         "warnings",
     ]);
     system::run(clippy)?;
+    // The library's feature sets a bot may choose, each alone and none at all, so that a
+    // trimmed build stays warning-free (the line above covers all of them on).
+    for features in LIBRARY_FEATURE_SETS {
+        let mut trimmed = cargo();
+        trimmed.args(["clippy", "-p", "strategic-cache", "--no-default-features"]);
+        if !features.is_empty() {
+            trimmed.args(["--features", features]);
+        }
+        trimmed.args(["--", "-D", "warnings"]);
+        system::run(trimmed)?;
+    }
+    let mut nodefault_doc = cargo();
+    nodefault_doc
+        .args([
+            "doc",
+            "-p",
+            "strategic-cache",
+            "--no-deps",
+            "--no-default-features",
+        ])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    system::run(nodefault_doc)?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
@@ -181,6 +203,9 @@ fn ci(args: &[String]) -> Result<()> {
     system::run(package)?;
     test(args)
 }
+
+/// The library's cargo features as `cargo xtask ci` checks them: none, then each alone.
+const LIBRARY_FEATURE_SETS: [&str; 4] = ["", "near", "influx", "scheduler"];
 
 /// The crates `cargo xtask ci` packages: what a bot (strategic-cache and what it depends on)
 /// or an operator (the CLI, the migration runner) would depend on.

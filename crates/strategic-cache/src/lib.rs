@@ -6,7 +6,7 @@
 //! (missing, stale, database slow or down) the bot gets "no data" and carries on.
 //!
 //! Every type has one path, at the root (`strategic_cache::CacheReader`); only the
-//! [`metrics`] and [`scheduler`] families keep a module of their own.
+//! [`metrics`] and `scheduler` families keep a module of their own.
 //!
 //! # Layout
 //! - `component`: the six tables as the [`Component`] enum.
@@ -38,7 +38,7 @@
 //! - `near/`: the reader's near tier: entries in memory, coherent with
 //!   PostgreSQL within a lease through a listening connection.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
-//! - [`scheduler`]: refresh-ahead and on-demand scheduling for the enrichment worker.
+//! - `scheduler`: refresh-ahead and on-demand scheduling for the enrichment worker.
 //! - [`metrics`]: in-process aggregation of reads and export as InfluxDB line protocol.
 //! - `clock`: [`Clock`], [`SystemClock`], [`ManualClock`], [`TokioClock`].
 //! - `error`: the error type, [`CacheError`].
@@ -53,11 +53,13 @@ mod keys;
 mod limits;
 mod memory;
 pub mod metrics;
+#[cfg(feature = "near")]
 mod near;
 mod payload;
 mod postgres;
 mod reader;
 mod repository;
+#[cfg(feature = "scheduler")]
 pub mod scheduler;
 mod seed;
 mod task;
@@ -72,6 +74,7 @@ pub use hooks::{ReadObserver, ReadOutcome, RefreshReason, RefreshRequest, Refres
 pub use keys::{DEFAULT_WINDOW_HOURS, Key};
 pub use limits::{Limits, TtlPolicy};
 pub use memory::MemoryCacheRepository;
+#[cfg(feature = "near")]
 pub use near::{NearConfig, NearStats, NearTier};
 pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,

@@ -7,7 +7,7 @@
 //! b-tree index on `expires_at`. No background purge task is needed: stale entries are served as
 //! [`Lookup::Stale`] until someone calls [`sweep_expired`], exactly as on PostgreSQL.
 //!
-//! [`sweep_expired`]: CacheRepository::sweep_expired
+//! [`sweep_expired`]: CacheAdmin::sweep_expired
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -212,7 +212,7 @@ impl ServerRole {
     }
 }
 
-/// One server of a store and what it has done ([`CacheRepository::servers`]).
+/// One server of a store and what it has done ([`CacheAdmin::servers`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ServerStats {
     /// `host:port/database`; never the user or the password.
@@ -236,7 +236,7 @@ pub struct ServerStats {
 
 impl ServerStats {
     /// `now` with each server's `reads` and `errors` counted since `earlier` (two readings of
-    /// [`CacheRepository::servers`]), matched by position: the list is fixed when the store
+    /// [`CacheAdmin::servers`]), matched by position: the list is fixed when the store
     /// connects, and a name may repeat (the primary's URL given as a replica). A server
     /// missing from `earlier` counts from zero; lag and eligibility are `now`'s.
     pub fn since(now: Vec<ServerStats>, earlier: &[ServerStats]) -> Vec<ServerStats> {

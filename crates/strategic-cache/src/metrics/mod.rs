@@ -11,10 +11,10 @@
 //!   `(table, bot)` cell; it never allocates except the first time a bot is seen, never blocks
 //!   on I/O and never fails. The number of distinct bots is capped
 //!   ([`RecorderConfig::max_bots`]); beyond it reads are folded into `bot="_other"` and counted.
-//! - [`MetricsExporter`] is a background tokio task that every
-//!   [`ExporterConfig::flush_interval`] swaps out the window, renders it
-//!   ([`line_protocol`]) and POSTs it to InfluxDB ([`InfluxConfig`]). When the sink is down it
-//!   keeps at most [`ExporterConfig::max_pending_windows`] rendered windows, drops the oldest
+//! - `MetricsExporter` is a background tokio task that every
+//!   `ExporterConfig::flush_interval` swaps out the window, renders it
+//!   ([`line_protocol`]) and POSTs it to InfluxDB (`InfluxConfig`). When the sink is down it
+//!   keeps at most `ExporterConfig::max_pending_windows` rendered windows, drops the oldest
 //!   beyond that (counted), and retries with exponential backoff.
 //!
 //! # Measurements
@@ -33,12 +33,14 @@
 //! The exporter's own counters are cumulative since the process started. `docs/METRICS.md`
 //! describes each field and what healthy looks like.
 
+#[cfg(feature = "influx")]
 mod export;
 mod histogram;
 pub mod line_protocol;
 mod recorder;
 mod servers;
 
+#[cfg(feature = "influx")]
 pub use export::{
     ExporterConfig, ExporterHandle, ExporterStats, InfluxApi, InfluxConfig, MetricsExporter,
 };
@@ -133,16 +135,16 @@ pub const EXPORTER_FIELDS: [&str; 4] = [
     FIELD_PENDING_WINDOWS,
 ];
 
-/// Measurement of a [`Worker`](crate::scheduler::Worker)'s counters, one point per worker per
+/// Measurement of a `Worker`'s counters, one point per worker per
 /// window (cumulative since the worker started), tagged [`TAG_WORKER`].
 pub const MEASUREMENT_WORKER: &str = "strategic_cache_worker";
-/// Measurement of a [`RefreshRequester`](crate::scheduler::RefreshRequester)'s counters (the
+/// Measurement of a `RefreshRequester`'s counters (the
 /// bot process's side of the scheduler), cumulative.
 pub const MEASUREMENT_REFRESH_REQUESTS: &str = "strategic_cache_refresh_requests";
 /// The worker id tag of [`MEASUREMENT_WORKER`].
 pub const TAG_WORKER: &str = "worker";
 /// The fields of [`MEASUREMENT_WORKER`], by name: each is the
-/// [`WorkerStats`](crate::scheduler::WorkerStats) field of the same name (docs/METRICS.md
+/// `WorkerStats` field of the same name (docs/METRICS.md
 /// says what each means).
 pub mod worker_field {
     /// Claims taken (integer).
@@ -183,7 +185,7 @@ pub const WORKER_FIELDS: [&str; 11] = [
     worker_field::QUEUE_DUE,
 ];
 /// The fields of [`MEASUREMENT_REFRESH_REQUESTS`], by name: each is the
-/// [`RequesterStats`](crate::scheduler::RequesterStats) field of the same name.
+/// `RequesterStats` field of the same name.
 pub mod refresh_request_field {
     /// Requests the reader sent (integer).
     pub const RECEIVED: &str = "received";
@@ -209,7 +211,7 @@ pub const REFRESH_REQUEST_FIELDS: [&str; 6] = [
 ];
 
 /// Measurement of the servers a store reads from
-/// ([`CacheRepository::servers`](crate::CacheRepository::servers)): one point per server per
+/// (`CacheAdmin::servers`): one point per server per
 /// window, tagged [`TAG_SERVER`] and [`TAG_ROLE`]. Written by a [`ServersSource`].
 pub const MEASUREMENT_SERVER: &str = "strategic_cache_server";
 /// Tag of [`MEASUREMENT_SERVER`]: the server's `host:port/database`.
@@ -241,12 +243,12 @@ pub const SERVER_FIELDS: [&str; 4] = [
 /// Every tag of [`MEASUREMENT_SERVER`].
 pub const SERVER_TAGS: [&str; 2] = [TAG_ROLE, TAG_SERVER];
 
-/// Measurement of a reader's near tier ([`NearStats`](crate::NearStats)), one point per tier
+/// Measurement of a reader's near tier (`NearStats`), one point per tier
 /// per window, cumulative since the tier started (like [`MEASUREMENT_WORKER`]). Register the
 /// tier with [`MetricsRecorder::add_source`]:
 /// `recorder.add_source(Arc::new(reader.near_tier().unwrap()))`.
 pub const MEASUREMENT_NEAR: &str = "strategic_cache_near";
-/// The fields of [`MEASUREMENT_NEAR`], by name: each is the [`NearStats`](crate::NearStats)
+/// The fields of [`MEASUREMENT_NEAR`], by name: each is the `NearStats`
 /// field of the same name.
 pub mod near_field {
     /// Whether the lease is held (boolean).
@@ -292,9 +294,9 @@ pub const NEAR_FIELDS: [&str; 12] = [
 ];
 
 /// Something whose counters go out with every exported window, beside the read metrics:
-/// the scheduler's [`Worker`](crate::scheduler::Worker) and
-/// [`RefreshRequester`](crate::scheduler::RefreshRequester), a reader's
-/// [`NearTier`](crate::NearTier). Register it with
+/// the scheduler's `Worker` and
+/// `RefreshRequester`, a reader's
+/// `NearTier`. Register it with
 /// [`MetricsRecorder::add_source`]. Rendering must be cheap and must not block.
 pub trait WindowSource: Send + Sync + std::fmt::Debug {
     /// Appends this source's line-protocol lines, stamped `timestamp_ns`.

@@ -277,7 +277,7 @@ impl MetricsRecorder {
     }
 
     /// Exports `source`'s counters with every window from now on (e.g. a scheduler
-    /// [`Worker`](crate::scheduler::Worker) of this process).
+    /// `Worker` of this process).
     pub fn add_source(&self, source: Arc<dyn WindowSource>) {
         self.sources
             .write()

@@ -9,7 +9,7 @@ use crate::repository::{CacheRepository, ServerStats};
 
 /// A [`WindowSource`] writing one [`MEASUREMENT_SERVER`] point per server of a store per
 /// window: the reads and errors of the window (deltas of
-/// [`CacheRepository::servers`]' counters, like the read metrics' counts), and the lag and
+/// [`CacheAdmin::servers`](crate::CacheAdmin::servers)' counters, like the read metrics' counts), and the lag and
 /// eligibility at its end. A store without servers (the in-memory one) writes nothing.
 ///
 /// ```no_run

@@ -145,10 +145,10 @@ struct Tag {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum NearData {
-    /// A snapshot (`CacheRepository::snapshot`), shared as is by
+    /// A snapshot (`CacheRead::snapshot`), shared as is by
     /// `CacheReader::snapshot_shared`.
     Snapshot(Arc<Snapshot>),
-    /// One entry (`CacheRepository::lookup`).
+    /// One entry (`CacheRead::lookup`).
     Lookup(Lookup),
 }
 

@@ -38,7 +38,7 @@ impl TableHealth {
 }
 
 /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
-/// `CacheRepository::vacuum_if_needed` (the worker, or `strategic-cache vacuum`) keeps
+/// `CacheAdmin::vacuum_if_needed` (the worker, or `strategic-cache vacuum`) keeps
 /// the tables from growing with every refresh.
 pub(super) async fn autovacuum_enabled(
     db: &DatabaseConnection,

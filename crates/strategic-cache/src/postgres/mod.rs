@@ -41,6 +41,7 @@ mod config;
 mod errors;
 mod lag_monitor;
 mod maintenance;
+#[cfg(feature = "near")]
 mod near;
 mod policy;
 mod read;
@@ -53,8 +54,11 @@ mod tables;
 mod write;
 
 pub use config::{PgConfig, check_url};
+#[cfg(feature = "scheduler")]
 pub(crate) use errors::map_db_err;
 pub use maintenance::TableHealth;
 pub use repository::PgCacheRepository;
+#[cfg(feature = "near")]
 pub(crate) use statements::distributed_tables_sql;
+#[cfg(feature = "near")]
 pub(crate) use tables::decode_json_row;

@@ -192,14 +192,14 @@ impl PgCacheRepository {
         &self.db
     }
 
-    /// The SQL text [`CacheRepository::lookup`] runs for `component` (`$1`, `$2`: the key's
+    /// The SQL text [`CacheRead::lookup`](crate::CacheRead::lookup) runs for `component` (`$1`, `$2`: the key's
     /// two columns), so that a tool can time the very same statement on another driver (the
     /// benchmark's bare-driver limit rows) without a copy that could drift.
     pub fn lookup_statement(component: Component) -> &'static str {
         &sql(component).lookup
     }
 
-    /// The SQL text [`CacheRepository::snapshot`] runs (`$1` user, `$2` bot, `$3` window,
+    /// The SQL text [`CacheRead::snapshot`](crate::CacheRead::snapshot) runs (`$1` user, `$2` bot, `$3` window,
     /// an `int4`); see [`Self::lookup_statement`] for why it is exposed.
     pub fn snapshot_statement() -> &'static str {
         snapshot_sql()
@@ -236,7 +236,7 @@ impl PgCacheRepository {
     }
 
     /// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
-    /// [`CacheRepository::vacuum_if_needed`] (the worker, or `strategic-cache vacuum`) keeps
+    /// [`CacheAdmin::vacuum_if_needed`](crate::CacheAdmin::vacuum_if_needed) (the worker, or `strategic-cache vacuum`) keeps
     /// the tables from growing with every refresh.
     pub async fn autovacuum_enabled(&self) -> Result<bool, CacheError> {
         maintenance::autovacuum_enabled(&self.db, |e| self.err(e)).await

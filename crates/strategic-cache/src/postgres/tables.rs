@@ -352,6 +352,7 @@ pub(super) fn ttl_secs(ttl: Duration) -> Value {
 /// A row of `component`'s table as `row_to_json` renders it (what the near tier's notify
 /// triggers carry), decoded through the entity `Model`'s own serde, the same typed definition
 /// every other reader uses; `None` if it does not decode. Its `age` is left at zero.
+#[cfg(feature = "near")]
 pub(crate) fn decode_json_row(component: Component, row: serde_json::Value) -> Option<CachedEntry> {
     fn parts<E: CacheTable>(row: serde_json::Value) -> Option<Parts>
     where

@@ -22,7 +22,7 @@ impl CacheWrite for PgCacheRepository {
     /// Upserts one entry in one statement.
     ///
     /// A `computed_at` in the future is checked against this process's clock with the
-    /// [`Limits::max_future_skew`] allowance (60 s by default) rather than the database's: the
+    /// `Limits::max_future_skew` allowance (60 s by default) rather than the database's: the
     /// allowance exists for exactly that skew, and asking the database would cost a second
     /// round trip. `computed_at: None` is the database's `now()`, and `expires_at` is always
     /// computed in SQL from the stored `computed_at`.

@@ -98,11 +98,18 @@ pub struct CacheReader {
     observer: Option<Arc<dyn ReadObserver>>,
     refresh: Option<Arc<dyn RefreshSink>>,
     /// The near tier, if on (`crate::near`); `None` reads the store every time.
-    near: Option<crate::near::NearTier>,
+    near: Option<Near>,
     /// Breaker, counters and warning limits, behind an `Arc` so that clones of one reader
     /// (one per bot task, say) agree on whether the store is failing.
     shared: Arc<Shared>,
 }
+
+/// The near tier a reader may hold. Without the `near` feature there is none, and no value of
+/// this type can exist, so the reads' near-tier arms are compiled out.
+#[cfg(feature = "near")]
+type Near = crate::near::NearTier;
+#[cfg(not(feature = "near"))]
+type Near = std::convert::Infallible;
 
 /// The reader's mutable state: atomics only, so that concurrent reads never wait on each other.
 #[derive(Debug)]
@@ -187,6 +194,7 @@ impl CacheReader {
     /// ([`PgCacheRepository::near_tier`](crate::PgCacheRepository::near_tier) makes one):
     /// a read is then answered from its memory, or read through it from the store it was
     /// made over.
+    #[cfg(feature = "near")]
     pub fn with_near(mut self, near: crate::near::NearTier) -> Self {
         self.near = Some(near);
         self
@@ -195,11 +203,13 @@ impl CacheReader {
     /// The reader's near tier, if it has one: a handle to register with
     /// [`MetricsRecorder::add_source`](crate::metrics::MetricsRecorder::add_source) (the
     /// `strategic_cache_near` lines). The listener runs while any handle is held.
+    #[cfg(feature = "near")]
     pub fn near_tier(&self) -> Option<crate::near::NearTier> {
         self.near.clone()
     }
 
     /// The near tier's state, if the reader has one.
+    #[cfg(feature = "near")]
     pub fn near_stats(&self) -> Option<crate::near::NearStats> {
         self.near.as_ref().map(|n| n.stats())
     }
@@ -211,6 +221,7 @@ impl CacheReader {
     /// `expires_at` are exact); otherwise this is `Arc::new(self.snapshot(..))`, with the
     /// same counters, observer calls and refresh signals either way.
     pub async fn snapshot_shared(&self, user_id: &str, bot_name: &str) -> Arc<Snapshot> {
+        #[cfg(feature = "near")]
         if let Some(near) = &self.near
             && let Some(shared) =
                 near.snapshot_hit_shared(user_id, bot_name, self.config.demand_fraction)
@@ -251,16 +262,19 @@ impl CacheReader {
         let started = std::time::Instant::now();
         Counters::add(&self.shared.counters.reads, 1);
         // With a near tier: a hit from memory, else a single-flight read through it.
-        let mut near_hit = false;
-        let result = match &self.near {
+        let (result, near_hit) = match &self.near {
+            #[cfg(feature = "near")]
             Some(near) => match near.lookup_hit(component, key) {
-                Some(lookup) => {
-                    near_hit = true;
-                    Ok(lookup)
-                }
-                None => self.guarded(near.lookup_fill(component, key), 1).await,
+                Some(lookup) => (Ok(lookup), true),
+                None => (
+                    self.guarded(near.lookup_fill(component, key), 1).await,
+                    false,
+                ),
             },
-            None => self.guarded(self.repo.lookup(component, key), 1).await,
+            _ => (
+                self.guarded(self.repo.lookup(component, key), 1).await,
+                false,
+            ),
         };
         let query_time = started.elapsed();
         let (outcome, served) = match result {
@@ -335,24 +349,21 @@ impl CacheReader {
         let started = std::time::Instant::now();
         let parts = Component::ALL.len() as u64;
         Counters::add(&self.shared.counters.reads, parts);
-        let mut near_hit = false;
         // With a near tier: a hit from memory, else a single-flight read through it.
-        let result = match &self.near {
+        let (result, near_hit) = match &self.near {
+            #[cfg(feature = "near")]
             Some(near) => match near.snapshot_hit(user_id, bot_name) {
-                Some(snapshot) => {
-                    near_hit = true;
-                    Ok(snapshot)
-                }
+                Some(snapshot) => (Ok(snapshot), true),
                 None => {
                     let call = near.snapshot_fill(user_id, bot_name, |snapshot| {
                         self.keep_servable_stale(snapshot)
                     });
-                    self.guarded(call, parts).await
+                    (self.guarded(call, parts).await, false)
                 }
             },
-            None => {
+            _ => {
                 let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
-                self.guarded(call, parts).await
+                (self.guarded(call, parts).await, false)
             }
         };
         let query_time = started.elapsed();

@@ -60,6 +60,7 @@ impl CacheReader {
     /// component that needs recomputing.
     async fn prefetch_now(&self, user_id: &str, bot_name: &str) {
         let found: Option<Snapshot> = match &self.near {
+            #[cfg(feature = "near")]
             Some(near) => match near.snapshot_hit(user_id, bot_name) {
                 Some(snapshot) => Some(snapshot),
                 None => {
@@ -72,7 +73,7 @@ impl CacheReader {
                         .and_then(Result::ok)
                 }
             },
-            None => {
+            _ => {
                 let call = self.repo.snapshot(user_id, bot_name, DEFAULT_WINDOW_HOURS);
                 tokio::time::timeout(self.config.budget, call)
                     .await

@@ -67,7 +67,7 @@ pub struct WorkerConfig {
     pub ttl: TtlPolicy,
     /// How often [`Worker::run`] samples the queue depth for its stats and metrics.
     pub depth_interval: Duration,
-    /// How often [`Worker::run`] calls [`CacheRepository::vacuum_if_needed`] (in a task of
+    /// How often [`Worker::run`] calls [`CacheAdmin::vacuum_if_needed`](crate::CacheAdmin::vacuum_if_needed) (in a task of
     /// its own, so that claims go on meanwhile); zero never. Every refresh leaves a dead row
     /// version: where the server's autovacuum is off or behind, this keeps the tables from
     /// growing with every refresh cycle, and where it keeps up, this finds nothing to do.
