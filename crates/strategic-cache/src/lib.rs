@@ -9,40 +9,62 @@
 //! [`metrics`] and `scheduler` families keep a module of their own.
 //!
 //! # Layout
+//! Every module, by role (a test keeps this list and the tree in step, and no file over 700
+//! lines before its tests). A read walks down once: `reader` → `near` → a store's
+//! `CacheRead` (`postgres`: `read` → `routing` → `server` → `read_pool`), never back up.
 //! - `component`: the six tables as the [`Component`] enum.
 //! - `payload`: one typed payload struct per table ([`Payload`] for any of them).
 //! - `keys`: [`Key`], which row of which table an entry is.
 //! - `entries`: what stores trade in: [`NewEntry`], [`CachedEntry`], [`Lookup`],
 //!   [`Freshness`], [`Snapshot`], [`TableStats`], [`WriteOutcome`].
 //! - `limits`: [`Limits`] (input validation) and the [`TtlPolicy`].
-//! - `repository`: the [`CacheRepository`] trait every store implements.
+//! - `repository`: what a store can do, by audience: [`CacheRead`] (the reader),
+//!   [`CacheWrite`] (the worker), [`CacheAdmin`] (the operator), and [`CacheRepository`], all
+//!   three ([`prelude`] brings them into scope).
 //! - `seed`: the Python seed's helpers by table name, [`SeedHelpers`] on every store and the
 //!   same two on the reader.
-//! - `postgres/`: [`PgCacheRepository`], on sea-orm and the `entity` crate:
-//!   - `mod.rs`: the repository, its configuration and connect;
+//! - `postgres/`: [`PgCacheRepository`], on sea-orm and the `entity` crate; `mod.rs` is the
+//!   face over files named by role:
+//!   - `config`: [`PgConfig`] and the one check of its URLs and replica rules;
+//!   - `repository`: the repository, its connect and the error mapping its parts share;
+//!   - `read`, `write`, `admin`: its [`CacheRead`], [`CacheWrite`] and [`CacheAdmin`];
+//!   - `near` (feature `near`): the near tier it hands out ([`PgCacheRepository::near_tier`]);
+//!   - `routing`: the server set of the hot-path reads (the primary and its replicas) and
+//!     which one each read goes to; `policy`: its pure decisions; `lag_monitor`: each
+//!     replica's measured lag;
+//!   - `server`: one server, its read pool and batcher, and how one read runs on it;
+//!   - `read_pool`: the hot path's own connection pool; `batch`: merges concurrent lookups;
 //!   - `tables`: the six tables described once from their entities, with encode and decode;
-//!   - `statements`: the SQL generated from those descriptions;
-//!   - `errors`: driver errors mapped to [`CacheError`], passwords masked;
-//!   - `maintenance`: dead-row health and `VACUUM`;
-//!   - `read_pool`: the hot path's own connection pool;
-//!   - `batch`: the batcher that merges concurrent lookups into one statement.
+//!     `statements`: the SQL generated from them; `maintenance`: dead-row health and `VACUUM`;
+//!     `errors`: driver errors mapped to [`CacheError`], passwords masked.
 //! - `memory`: [`MemoryCacheRepository`], in-process with an injected [`Clock`].
 //! - `reader/`: [`CacheReader`], the facade bot code holds: time budget, circuit breaker,
 //!   errors turned into misses; never fails the bot:
-//!   - `mod.rs`: the facade;
-//!   - `config`: [`ReaderConfig`];
-//!   - `stats`: [`ReaderStats`] and its counters;
-//!   - `breaker`: the circuit breaker;
-//!   - `prefetch`: the hint that a message is coming ([`CacheReader::prefetch`]);
-//!   - `warn_limit`: the rate limit of its warnings.
-//! - `near/`: the reader's near tier: entries in memory, coherent with
-//!   PostgreSQL within a lease through a listening connection.
+//!   - `mod.rs`: the facade; `config`: [`ReaderConfig`]; `stats`: [`ReaderStats`] and its
+//!     counters; `breaker`: the circuit breaker; `prefetch`: the hint that a message is
+//!     coming ([`CacheReader::prefetch`]); `warn_limit`: the rate limit of its warnings.
+//! - `near/` (feature `near`): the reader's near tier, entries in memory coherent with
+//!   PostgreSQL within a lease:
+//!   - `config`: `NearConfig`; `source`: the seam a change source plugs into; `listener`: the
+//!     `LISTEN` source; `store`: the memory, the lease and the generations; `weight`: what
+//!     each value really holds, for the byte bound.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
-//! - `scheduler`: refresh-ahead and on-demand scheduling for the enrichment worker.
-//! - [`metrics`]: in-process aggregation of reads and export as InfluxDB line protocol.
+//! - `scheduler/` (feature `scheduler`): refresh-ahead and on-demand scheduling for the
+//!   enrichment worker: `requester` (the reader's demand, batched), `memory` and `postgres`
+//!   (the refresh queues), `worker` (the loop that computes and writes).
+//! - [`metrics`] (`metrics/`): in-process aggregation of reads (`recorder`, `histogram`), rendered as
+//!   InfluxDB line protocol (`line_protocol`), with the servers' own lines (`servers`) and the
+//!   exporter (`export`, feature `influx`).
 //! - `clock`: [`Clock`], [`SystemClock`], [`ManualClock`], [`TokioClock`].
 //! - `error`: the error type, [`CacheError`].
+//! - `task`: a background task that lives as long as its owner.
 //! - `test_support` (feature `test-support`): test doubles, a stub store and recording hooks.
+//! - `layout_tests` (tests only): this list and the size of files, checked.
+//!
+//! # Features
+//! All on by default. `near`: the near tier (and `quick_cache`); `influx`: the metrics exporter
+//! (and `reqwest`); `scheduler`: the worker's scheduling. A bot that only reads takes
+//! `default-features = false, features = ["near"]`; `test-support` is for tests only.
 
 mod clock;
 mod component;
@@ -101,6 +123,9 @@ pub use async_trait;
 pub use chrono;
 /// `serde_json`: payloads convert to and from `serde_json::Value`.
 pub use serde_json;
+
+#[cfg(test)]
+mod layout_tests;
 
 /// The usage document's examples, compiled as doctests so that it stays accurate to the code.
 #[cfg(doctest)]
