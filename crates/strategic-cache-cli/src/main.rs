@@ -16,7 +16,11 @@
 mod bench;
 mod cli;
 mod commands;
+mod context;
+mod dispatch;
 mod exit;
+mod progress;
+mod render;
 mod scratch;
 mod simulate;
 mod workload;
@@ -67,7 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(commands::run(
+    match runtime.block_on(dispatch::run(
         cli,
         url_on_command_line,
         replicas_on_command_line,

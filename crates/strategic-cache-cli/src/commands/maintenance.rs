@@ -7,7 +7,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use strategic_cache::{CacheRepository, Component, TableHealth};
 
-use super::{Context, Outcome, human_duration};
+use crate::context::Context;
+use crate::render::{Outcome, human_duration};
 
 /// Arguments of `sweep`.
 #[derive(Debug, Args)]
