@@ -22,8 +22,8 @@ use strategic_cache::{
     PgConfig, ReaderConfig, RefreshReason, RefreshRequest, WriteOutcome,
 };
 
-use crate::cli::run;
 use crate::support::TestDb;
+use crate::support::cli::run;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{connect, flush_stats, one_connection_writer};
 use crate::support::fixtures::*;
@@ -311,7 +311,7 @@ async fn migrate_distribute_refuses_without_citus() {
     pg(&t).upsert(&mh("u1", BOT, 1.0, 5)).await.unwrap();
     let url = Some(t.url.as_str());
     let schema = schema_digest(&t.db).await;
-    let rows = crate::cli::fingerprint(&t.db).await;
+    let rows = crate::support::cli::fingerprint(&t.db).await;
 
     let refused = run(url, &["migrate", "distribute", "--shards", "8"], b"").await;
     refused.expect_code(1, "distribute without citus");
@@ -324,7 +324,7 @@ async fn migrate_distribute_refuses_without_citus() {
     assert!(lines[0].contains("nothing was changed"), "{refused:#?}");
     assert!(refused.stdout.is_empty(), "{refused:#?}");
     assert_eq!(schema_digest(&t.db).await, schema);
-    assert_eq!(crate::cli::fingerprint(&t.db).await, rows);
+    assert_eq!(crate::support::cli::fingerprint(&t.db).await, rows);
 
     let bad = run(url, &["migrate", "distribute", "--shards", "0"], b"").await;
     bad.expect_code(2, "--shards 0");

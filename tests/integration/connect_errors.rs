@@ -90,7 +90,7 @@ async fn missing_database_is_named_and_not_called_a_timeout() {
 #[tokio::test]
 async fn cli_names_the_database_once_and_the_role() {
     let url = with_user(&server_url().await, "no_such_role_cli");
-    let result = crate::cli::run(
+    let result = crate::support::cli::run(
         None,
         &["get", "--database-url", &url, "--user", "u", "--bot", "b"],
         b"",
@@ -134,7 +134,7 @@ async fn migrate_connection_errors_are_prefixed_and_say_whether_a_password_was_g
         for command in [&["migrate", "status"][..], &["stats"][..]] {
             let mut args = vec!["--database-url", url.as_str()];
             args.extend_from_slice(command);
-            let result = crate::cli::run(None, &args, b"").await;
+            let result = crate::support::cli::run(None, &args, b"").await;
             assert_eq!(result.code, 1, "{command:?} {result:#?}");
             let stderr = result.stderr.trim_end();
             assert_one_clean_line(stderr);

@@ -8,9 +8,9 @@ use std::time::Duration;
 use sea_orm::ConnectionTrait;
 use strategic_cache::{PgCacheRepository, PgConfig};
 
-use crate::near::{BOUND, WriteMix, coherence, two_readers};
 use crate::support::cluster::PgCluster;
 use crate::support::db::{TestDb, connect, server_url};
+use crate::support::near::{BOUND, WriteMix, coherence, two_readers};
 use crate::support::proxy::Proxy;
 
 /// Terminating the listeners' backends every second (filtered by `application_name`) never
@@ -171,7 +171,7 @@ async fn near_tier_is_coherent_across_a_server_restart() {
 /// was: no writer can ever fail because a bot process froze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
-    use crate::near::{BOT, seeded};
+    use crate::support::near::{BOT, seeded};
     let (t, _repo) = seeded(&["frozen"], 0).await;
     let scalar = |sql: &'static str| {
         let db = t.db.clone();
@@ -191,7 +191,7 @@ async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
                             WHERE application_name = 'strategic-cache-near' \
                               AND datname = current_database()";
     const USAGE: &str = "SELECT pg_notification_queue_usage()";
-    let mut child = tokio::process::Command::new(crate::cli::binary())
+    let mut child = tokio::process::Command::new(crate::support::cli::binary())
         .args([
             "watch",
             "--user",

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use migration::{READER_ROLE, WRITER_ROLE};
 use strategic_cache::{CacheReader, CacheRepository, Component, Key, NewEntry, PgCacheRepository};
 
-use crate::near::{BOT, BOUND, near_reader, seeded, version_of, versioned, warm};
 use crate::support::db::TestDb;
 use crate::support::login::LoginUser;
+use crate::support::near::{BOT, BOUND, near_reader, seeded, version_of, versioned, warm};
 use crate::support::replicas::client;
 use crate::support::timing::poll_until;
 

@@ -18,7 +18,7 @@ use strategic_cache::{
     PgCacheRepository, PgConfig, RefreshReason, RefreshRequest,
 };
 
-use crate::cli::{run, run_logging, seed};
+use crate::support::cli::{run, run_logging, seed};
 use crate::support::db::TestDb;
 use crate::support::login::{LoginUser, PASSWORD};
 

@@ -16,9 +16,11 @@ use strategic_cache::{
     ReadOutcome, ReaderConfig, ServerRole, ServerStats,
 };
 
-use crate::near::{BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm};
 use crate::support::db::connect;
 use crate::support::fixtures::TTL;
+use crate::support::near::{
+    BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm,
+};
 use crate::support::proxy::Proxy;
 use crate::support::replicas::{ReplicaSet, client, lag_sample};
 use crate::support::timing::poll_until;
@@ -620,7 +622,7 @@ async fn cli_get_warns_once(primary: &str, replica: &str, warning: &str) {
         "--bot",
         BOT,
     ];
-    let run = crate::cli::run(Some(primary), &args, b"").await;
+    let run = crate::support::cli::run(Some(primary), &args, b"").await;
     run.expect_code(0, &format!("{args:?}"));
     let lines = run.stderr.lines().filter(|l| l.contains(warning)).count();
     assert_eq!(lines, 1, "{run:#?}");
@@ -800,8 +802,8 @@ async fn simulate_reports_reads_by_server() {
         "0.1",
     ];
     let (json, text) = tokio::join!(
-        crate::cli::run(None, &args, b""),
-        crate::cli::run(None, &args[1..], b"")
+        crate::support::cli::run(None, &args, b""),
+        crate::support::cli::run(None, &args[1..], b"")
     );
     json.expect_code(0, "simulate --replica --json");
     let report = json.json();

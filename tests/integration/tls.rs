@@ -26,7 +26,7 @@ use strategic_cache::{
     CacheError, CacheReader, CacheRepository, Component, Lookup, PgCacheRepository, PgConfig,
 };
 
-use crate::cli::run;
+use crate::support::cli::run;
 use crate::support::cluster::PgCluster;
 use crate::support::db::connect;
 use crate::support::fixtures::{key, mh};
@@ -282,7 +282,7 @@ async fn unverified_tls_loads_no_ca_bundle() {
     std::fs::create_dir_all(&empty_dir).unwrap();
     for sslmode in ["require", "prefer"] {
         let url = cache_url(&cluster, &format!("sslmode={sslmode}"));
-        let child = tokio::process::Command::new(crate::cli::binary())
+        let child = tokio::process::Command::new(crate::support::cli::binary())
             .args(["--database-url", &url, "migrate", "status"])
             .env("SSL_CERT_FILE", fifo.path())
             .env("SSL_CERT_DIR", &empty_dir)

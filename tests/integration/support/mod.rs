@@ -3,10 +3,12 @@
 //! ([`replicas`]), login users of a test's own ([`login`]), a TCP fault proxy ([`proxy`]), a
 //! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
 
+pub mod cli;
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod login;
+pub mod near;
 pub mod proxy;
 pub mod replicas;
 pub mod timing;
