@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 use strategic_cache::{
     CacheError, CacheRepository, Component, Freshness, Key, Lookup, MemoryCacheRepository,
@@ -15,15 +16,8 @@ use strategic_cache::{
 };
 
 use crate::support::TestDb;
+use crate::support::backend::{Backend, backends};
 use crate::support::fixtures::*;
-
-/// Which store a contract case runs against.
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    /// `PgCacheRepository::connect`: reads on its own pool, writes through sea-orm.
-    Postgres,
-    Memory,
-}
 
 /// A store under test; holds the test database (if any) so it lives as long as the test.
 struct Store {
@@ -51,11 +45,9 @@ impl Backend {
 }
 
 /// A fresh entry is read back as written.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn hit(#[case] backend: Backend) {
+async fn hit(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 10);
     assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
@@ -85,11 +77,9 @@ async fn hit(#[case] backend: Backend) {
 }
 
 /// A key never written is a miss in every read.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn miss(#[case] backend: Backend) {
+async fn miss(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("other", "bot", 1.0, 0)).await.unwrap();
     let k = key(Component::MemoryHealth, "nobody", "bot");
@@ -105,11 +95,9 @@ async fn miss(#[case] backend: Backend) {
 }
 
 /// An entry past its TTL is stale: kept, reported with its age, but not served by `get`.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn stale(#[case] backend: Backend) {
+async fn stale(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 301);
     assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
@@ -136,11 +124,9 @@ async fn stale(#[case] backend: Backend) {
 
 /// Either side of the TTL: computed 299 s ago is fresh, 301 s ago is stale, and expires_at is
 /// exactly computed_at + TTL; a per-entry TTL overrides the policy.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn ttl_boundary(#[case] backend: Backend) {
+async fn ttl_boundary(backend: Backend) {
     let s = backend.open().await;
     let before = mh("before", "bot", 1.0, 299);
     let after = mh("after", "bot", 1.0, 301);
@@ -180,11 +166,9 @@ async fn ttl_boundary(#[case] backend: Backend) {
 
 /// Freshness reports the age of fresh entries, and the policy TTL applies when the entry has
 /// none (written with the store's own `now`).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn freshness(#[case] backend: Backend) {
+async fn freshness(backend: Backend) {
     let s = backend.open().await;
     let k = key(Component::EngagementOpportunities, "u1", "bot");
     let e = NewEntry::new(k.clone(), payload(Component::EngagementOpportunities, 1.0));
@@ -213,11 +197,9 @@ async fn freshness(#[case] backend: Backend) {
 
 /// A snapshot returns every fresh component of the (user, bot) and the bot's performance for
 /// the asked window; a stale one has no entry but its age; other users and windows are apart.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn snapshot(#[case] backend: Backend) {
+async fn snapshot(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         let age = if c == Component::MemoryBehavior {
@@ -292,11 +274,9 @@ async fn snapshot(#[case] backend: Backend) {
 }
 
 /// A later write replaces the entry, every column of it.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn replace(#[case] backend: Backend) {
+async fn replace(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         let first = entry(c, "u1", "bot", 1.0, 20);
@@ -311,11 +291,9 @@ async fn replace(#[case] backend: Backend) {
 }
 
 /// A write computed before the stored entry is Superseded and changes nothing.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn older_write_loses(#[case] backend: Backend) {
+async fn older_write_loses(backend: Backend) {
     let s = backend.open().await;
     let newer = mh("u1", "bot", 1.0, 10);
     let older = mh("u1", "bot", 2.0, 20);
@@ -342,11 +320,9 @@ async fn older_write_loses(#[case] backend: Backend) {
 }
 
 /// A write with the same computed_at as the stored entry replaces it (as if written after).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn equal_computed_at_replaces(#[case] backend: Backend) {
+async fn equal_computed_at_replaces(backend: Backend) {
     let s = backend.open().await;
     let at = ago(10);
     let first = mh("u1", "bot", 1.0, 0).computed_at(at);
@@ -363,11 +339,9 @@ async fn equal_computed_at_replaces(#[case] backend: Backend) {
 }
 
 /// Invalidate removes exactly the entry at the key and says whether there was one.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn invalidate(#[case] backend: Backend) {
+async fn invalidate(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         s.repo.upsert(&entry(c, "u1", "bot", 1.0, 5)).await.unwrap();
@@ -397,11 +371,9 @@ async fn invalidate(#[case] backend: Backend) {
 }
 
 /// `invalidate_user` removes the user's five per-user entries and leaves the bot's shared character performance and other users' entries; `invalidate_bot_shared` removes exactly that shared entry.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
+async fn invalidate_user_keeps_the_shared_entry(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         s.repo.upsert(&entry(c, "u1", "bot", 1.0, 5)).await.unwrap();
@@ -461,11 +433,9 @@ async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
 
 /// A sweep deletes only expired rows, of every table, in batches, and counts them; a batch
 /// of 0 is invalid.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn sweep(#[case] backend: Backend) {
+async fn sweep(backend: Backend) {
     let s = backend.open().await;
     // 5 expired memory-health rows (more than two batches of 2), one expired row in every
     // other table, and one fresh row per table.
@@ -511,11 +481,9 @@ async fn sweep(#[case] backend: Backend) {
 }
 
 /// Stats count fresh and stale rows per table and report their ages.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn stats(#[case] backend: Backend) {
+async fn stats(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("a", "bot", 1.0, 10)).await.unwrap();
     s.repo.upsert(&mh("b", "bot", 1.0, 100)).await.unwrap();
@@ -542,11 +510,9 @@ async fn stats(#[case] backend: Backend) {
 /// Every kind of bad input to a write is InvalidInput whose message names the field and the
 /// limit at fault, alone or in a batch, and nothing is written (the tables are read back
 /// empty).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn bad_input_writes_nothing(#[case] backend: Backend) {
+async fn bad_input_writes_nothing(backend: Backend) {
     let s = backend.open().await;
     let long = "x".repeat(257);
     let base = || mh("u1", "bot", 1.0, 5);
@@ -721,11 +687,9 @@ async fn bad_input_writes_nothing(#[case] backend: Backend) {
 /// Every limit is inclusive: a 256-byte user_id and bot_name, exactly 1 MiB of JSON, a TTL of
 /// exactly 7 days and a `computed_at` 59 s ahead of the store's clock are written and read
 /// back as written.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
+async fn limits_are_accepted_at_their_bounds(backend: Backend) {
     let s = backend.open().await;
     let at_limit = "k".repeat(256);
     let long_key = mh(&at_limit, &at_limit, 1.0, 5);
@@ -787,11 +751,9 @@ async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
 }
 
 /// Reads with a key that could never be stored are misses, not errors.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
+async fn bad_key_read_is_a_miss(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     let long = "x".repeat(257);
@@ -826,11 +788,9 @@ async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
 
 /// A batch with one bad entry writes nothing; a good batch writes every entry, reports
 /// outcomes in input order, and resolves same-key entries by computed_at.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn upsert_many(#[case] backend: Backend) {
+async fn upsert_many(backend: Backend) {
     let s = backend.open().await;
     let mut batch: Vec<NewEntry> = Component::ALL
         .iter()
@@ -909,11 +869,9 @@ async fn upsert_many(#[case] backend: Backend) {
 /// Eight concurrent writers of the same keys with different computed_at, released together by
 /// a barrier: the newest wins after every round, whatever order they land in, and the newest
 /// write itself is never superseded.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers(#[case] backend: Backend) {
+async fn concurrent_writers(backend: Backend) {
     let s = backend.open().await;
     let base = ago(100);
     for round in 0..3 {
@@ -977,11 +935,9 @@ async fn concurrent_writers(#[case] backend: Backend) {
 
 /// The seed's helpers: fresh entries as JSON objects of their columns, stale and missing as
 /// None, freshness as a bool, and table names matched, never put in SQL.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn seed_helpers(#[case] backend: Backend) {
+async fn seed_helpers(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     s.repo

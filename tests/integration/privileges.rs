@@ -15,11 +15,12 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use strategic_cache::scheduler::{PgRefreshQueue, RefreshQueue, RefreshRequester, RequesterConfig};
 use strategic_cache::{
     CacheError, CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry,
-    PgCacheRepository, PgConfig, RefreshReason, RefreshRequest,
+    PgCacheRepository, PgConfig,
 };
 
 use crate::support::cli::{run, run_logging, seed};
 use crate::support::db::TestDb;
+use crate::support::fixtures::miss;
 use crate::support::login::{LoginUser, PASSWORD};
 
 fn entry(user: &str) -> NewEntry {
@@ -30,15 +31,6 @@ fn entry(user: &str) -> NewEntry {
             ..MemoryHealth::default()
         },
     )
-}
-
-fn miss(user: &str) -> RefreshRequest {
-    RefreshRequest {
-        component: Component::MemoryHealth,
-        key: Key::user_bot(user, "elena"),
-        reason: RefreshReason::Miss,
-        due_at: None,
-    }
 }
 
 /// Asserts `sql` is refused with a permission error (SQLSTATE 42501) or for not owning the

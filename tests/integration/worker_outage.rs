@@ -18,11 +18,11 @@ use strategic_cache::scheduler::{
 };
 use strategic_cache::{
     CacheRepository, Component, Key, Lookup, MemoryHealth, Payload, PgCacheRepository, PgConfig,
-    RefreshReason, RefreshRequest,
 };
 use tokio::sync::watch;
 
 use crate::support::TestDb;
+use crate::support::fixtures::miss;
 use crate::support::proxy::{Proxy, upstream_of};
 use crate::support::timing::poll_until;
 
@@ -72,15 +72,6 @@ impl InsightEngine for GatedEngine {
             ..MemoryHealth::default()
         }
         .into())
-    }
-}
-
-fn miss(user: &str) -> RefreshRequest {
-    RefreshRequest {
-        component: Component::MemoryHealth,
-        key: Key::user_bot(user, "elena"),
-        reason: RefreshReason::Miss,
-        due_at: None,
     }
 }
 

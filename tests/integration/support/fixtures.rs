@@ -8,7 +8,7 @@ use serde_json::json;
 use strategic_cache::{
     CacheError, CacheRepository, CharacterPerformance, Component, ConversationPatterns,
     EngagementOpportunities, Key, Limits, MemoryBehavior, MemoryHealth, NewEntry, Payload,
-    PersonalityProfile, PgCacheRepository, PgConfig, TtlPolicy,
+    PersonalityProfile, PgCacheRepository, PgConfig, RefreshReason, RefreshRequest, TtlPolicy,
 };
 
 use crate::support::TestDb;
@@ -122,4 +122,15 @@ pub async fn pooled(t: &TestDb, max: u32) -> PgCacheRepository {
     )
     .await
     .unwrap()
+}
+
+/// A refresh request for memory health of (`user`, "elena") after a miss: the request the
+/// scheduler, privilege and outage tests queue.
+pub fn miss(user: &str) -> RefreshRequest {
+    RefreshRequest {
+        component: Component::MemoryHealth,
+        key: Key::user_bot(user, "elena"),
+        reason: RefreshReason::Miss,
+        due_at: None,
+    }
 }

@@ -3,6 +3,7 @@
 //! ([`replicas`]), login users of a test's own ([`login`]), a TCP fault proxy ([`proxy`]), a
 //! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
 
+pub mod backend;
 pub mod cli;
 pub mod cluster;
 pub mod db;
