@@ -19,7 +19,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use strategic_cache::scheduler::{Completion, PgRefreshQueue, RefreshQueue};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, Lookup, NearConfig, NewEntry, PgCacheRepository,
-    PgConfig, ReaderConfig, RefreshReason, RefreshRequest, WriteOutcome,
+    ReaderConfig, RefreshReason, RefreshRequest, WriteOutcome,
 };
 
 use crate::support::TestDb;
@@ -27,6 +27,7 @@ use crate::support::cli::run;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{connect, flush_stats, one_connection_writer};
 use crate::support::fixtures::*;
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 const BOT: &str = "elena";
@@ -732,15 +733,7 @@ async fn citus_library_paths_work_on_distributed_tables() {
         .unwrap();
     assert!(report.changed && report.distribution.is_distributed());
 
-    let repo = PgCacheRepository::connect(
-        &url,
-        PgConfig {
-            max_connections: 2,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let repo = Repo::at(&url).with(|c| c.max_connections = 2).open().await;
     assert!(repo.distributed());
 
     let users: Vec<String> = (0..40).map(|n| format!("u{n}")).collect();

@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use migration::runner::{self, MigrateError, MigrateOptions};
-use strategic_cache::{CacheError, PgCacheRepository, PgConfig};
+use strategic_cache::CacheError;
 
 use crate::support::db::{server_url, url_with_database};
+use crate::support::repo::Repo;
 
 /// `base` with its user replaced by `user:password`.
 fn with_user(base: &str, user: &str) -> String {
@@ -33,7 +34,8 @@ fn assert_one_clean_line(message: &str) {
 async fn refused_connection_is_said_at_once() {
     let url = "postgres://bot:pw-not-shown@127.0.0.1:9/app";
     let started = Instant::now();
-    let error = PgCacheRepository::connect(url, PgConfig::default())
+    let error = Repo::at(url)
+        .connect()
         .await
         .expect_err("nothing listens on port 9");
     let elapsed = started.elapsed();
@@ -53,7 +55,8 @@ async fn refused_connection_is_said_at_once() {
 #[tokio::test]
 async fn unknown_role_is_named_without_the_servers_source_location() {
     let url = with_user(&server_url().await, "no_such_role_sc");
-    let error = PgCacheRepository::connect(&url, PgConfig::default())
+    let error = Repo::at(&url)
+        .connect()
         .await
         .expect_err("the role does not exist");
     let message = error.to_string();

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use strategic_cache::ReaderStats;
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, PgCacheRepository,
-    PgConfig, ReaderConfig,
+    CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, ReaderConfig,
 };
 
 use crate::support::TestDb;
+use crate::support::repo::Repo;
 use crate::support::run_queue::RunQueueControl;
 use crate::support::timing::Histogram;
 
@@ -44,17 +44,10 @@ struct LoadRun {
 /// (odd) users; a hit must be for a seeded user and carry exactly the seeded payload.
 async fn run_load(readers: usize, rounds: usize) -> LoadRun {
     let t = TestDb::migrated().await;
-    let repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(
-            &t.url,
-            PgConfig {
-                max_connections: 10,
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo: Arc<dyn CacheRepository> = Repo::at(&t.url)
+        .with(|c| c.max_connections = 10)
+        .shared()
+        .await;
     let seeded: Vec<NewEntry> = (0..readers)
         .step_by(2)
         .map(|i| {

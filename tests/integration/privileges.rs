@@ -22,6 +22,7 @@ use crate::support::cli::{run, run_logging, seed};
 use crate::support::db::TestDb;
 use crate::support::fixtures::miss;
 use crate::support::login::{LoginUser, PASSWORD};
+use crate::support::repo::Repo;
 
 fn entry(user: &str) -> NewEntry {
     NewEntry::new(
@@ -264,7 +265,9 @@ async fn passwords_never_reach_logs_or_errors() {
         ..PgConfig::default()
     };
     errors.push(
-        PgCacheRepository::connect(&unreachable, config.clone())
+        Repo::at(&unreachable)
+            .config(config.clone())
+            .connect()
             .await
             .unwrap_err()
             .to_string(),

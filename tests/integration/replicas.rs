@@ -23,6 +23,7 @@ use crate::support::near::{
 };
 use crate::support::proxy::Proxy;
 use crate::support::replicas::{ReplicaSet, client, lag_sample};
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 /// Users every test writes.
@@ -39,7 +40,7 @@ fn entry(i: usize, version: u64) -> NewEntry {
 
 /// A repository on `primary` with `config`.
 async fn connected(primary: &str, config: PgConfig) -> Arc<PgCacheRepository> {
-    Arc::new(PgCacheRepository::connect(primary, config).await.unwrap())
+    Repo::at(primary).config(config).shared().await
 }
 
 /// A repository on the set's primary with its replicas, lag bound `max_lag`, and a replica
@@ -853,11 +854,7 @@ async fn simulate_reports_reads_by_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_with_replicas() {
     let set = Arc::new(ReplicaSet::start(2).await);
-    let writer = Arc::new(
-        PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let writer = Repo::at(&set.primary_url()).shared().await;
     let mut repos = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..2 {
@@ -920,9 +917,7 @@ async fn a_near_fill_after_an_invalidation_reads_a_replica_only_past_it() {
     set.pause_replay(1).await;
     let invalidations = reader.near_stats().unwrap().invalidations;
     // Through a second repository, so that the reader's own counters count reads only.
-    let writer = PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
-        .await
-        .unwrap();
+    let writer = Repo::at(&set.primary_url()).open().await;
     writer.upsert(&entry(0, 2)).await.unwrap();
     let notified = poll_until(BOUND, || async {
         reader.near_stats().unwrap().invalidations > invalidations

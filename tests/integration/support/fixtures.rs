@@ -8,9 +8,10 @@ use serde_json::json;
 use strategic_cache::{
     CacheError, CacheRepository, CharacterPerformance, Component, ConversationPatterns,
     EngagementOpportunities, Key, Limits, MemoryBehavior, MemoryHealth, NewEntry, Payload,
-    PersonalityProfile, PgCacheRepository, PgConfig, RefreshReason, RefreshRequest, TtlPolicy,
+    PersonalityProfile, PgCacheRepository, RefreshReason, RefreshRequest, TtlPolicy,
 };
 
+use super::repo::Repo;
 use crate::support::TestDb;
 
 /// The TTL of every fixture entry.
@@ -112,16 +113,13 @@ pub fn pg(t: &TestDb) -> PgCacheRepository {
 
 /// A repository as bots get it: `connect`, with its hot-path read pool of `max` connections.
 pub async fn pooled(t: &TestDb, max: u32) -> PgCacheRepository {
-    PgCacheRepository::connect(
-        &t.url,
-        PgConfig {
-            max_connections: max,
-            min_connections: 1,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+    Repo::at(&t.url)
+        .with(|c| {
+            c.max_connections = max;
+            c.min_connections = 1;
+        })
+        .open()
+        .await
 }
 
 /// A refresh request for memory health of (`user`, "elena") after a miss: the request the

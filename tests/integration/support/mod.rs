@@ -13,6 +13,7 @@ pub mod login;
 pub mod near;
 pub mod proxy;
 pub mod replicas;
+pub mod repo;
 pub mod run_queue;
 pub mod timing;
 pub mod victoria;

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, MemoryHealth, NewEntry, PgCacheRepository,
-    PgConfig, ReaderConfig, Snapshot, WriteOutcome,
+    ReaderConfig, Snapshot, WriteOutcome,
 };
 
 use super::db::TestDb;
+use super::repo::Repo;
 use super::timing::poll_until;
 
 /// The bot every test reads.
@@ -49,11 +50,7 @@ pub fn versioned(version: u64) -> MemoryHealth {
 /// (with `BOT`), and a repository on it.
 pub async fn seeded(users: &[&str], version: u64) -> (TestDb, Arc<PgCacheRepository>) {
     let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let repo = Repo::at(&t.url).shared().await;
     for u in users {
         repo.upsert(&NewEntry::new(Key::user_bot(*u, BOT), versioned(version)))
             .await
@@ -412,11 +409,7 @@ pub async fn coherence(
 pub async fn two_readers(repo_url: &str, near_url: &str, budget: Duration) -> Vec<CacheReader> {
     let mut readers = Vec::new();
     for _ in 0..2 {
-        let repo: Arc<dyn CacheRepository> = Arc::new(
-            PgCacheRepository::connect(repo_url, PgConfig::default())
-                .await
-                .unwrap(),
-        );
+        let repo: Arc<dyn CacheRepository> = Repo::at(repo_url).shared().await;
         readers.push(near_reader(repo, near_url, budget));
     }
     readers
