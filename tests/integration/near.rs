@@ -14,6 +14,7 @@ use strategic_cache::{
 };
 use tokio::sync::Notify;
 
+use crate::support::cli::spawn_watch;
 use crate::support::db::TestDb;
 use crate::support::near::*;
 use crate::support::timing::poll_until;
@@ -458,29 +459,14 @@ async fn notify_triggers_migrate_up_and_down() {
 async fn watch_process_is_coherent_within_the_bound() {
     use tokio::io::AsyncBufReadExt;
     let (t, repo) = seeded(&["watched"], 0).await;
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("strategic-cache");
-    let mut child = tokio::process::Command::new(binary)
-        .args([
-            "--json",
-            "watch",
-            "--user",
-            "watched",
-            "--bot",
-            BOT,
-            "--interval-ms",
-            "20",
-        ])
-        .env("DATABASE_URL", &t.url)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_watch(
+        &t.url,
+        true,
+        "watched",
+        BOT,
+        "20",
+        std::process::Stdio::piped(),
+    );
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     // (received, read began at the latest, computed_at served, source)
     type Line = (Instant, Instant, String, String);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
 
+use crate::support::cli::spawn_watch;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{TestDb, connect, server_url};
 use crate::support::near::{BOUND, WriteMix, coherence, two_readers};
@@ -179,21 +180,14 @@ async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
                             WHERE application_name = 'strategic-cache-near' \
                               AND datname = current_database()";
     const USAGE: &str = "SELECT pg_notification_queue_usage()";
-    let mut child = tokio::process::Command::new(crate::support::cli::binary())
-        .args([
-            "watch",
-            "--user",
-            "frozen",
-            "--bot",
-            BOT,
-            "--interval-ms",
-            "50",
-        ])
-        .env("DATABASE_URL", &t.url)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_watch(
+        &t.url,
+        false,
+        "frozen",
+        BOT,
+        "50",
+        std::process::Stdio::null(),
+    );
     let pid = child.id().unwrap().to_string();
     // Its listener has connected and subscribed the bot (a read of it was made).
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -439,3 +439,32 @@ pub(crate) async fn seed(db: &DatabaseConnection) {
     )
     .await;
 }
+
+/// `strategic-cache [--json] watch --user U --bot B --interval-ms N` on `database_url`, with
+/// its stdout sent to `stdout`, left running for the test and killed when dropped.
+pub(crate) fn spawn_watch(
+    database_url: &str,
+    json: bool,
+    user: &str,
+    bot: &str,
+    interval_ms: &str,
+    stdout: Stdio,
+) -> tokio::process::Child {
+    let json = json.then_some("--json");
+    let args = json.into_iter().chain([
+        "watch",
+        "--user",
+        user,
+        "--bot",
+        bot,
+        "--interval-ms",
+        interval_ms,
+    ]);
+    tokio::process::Command::new(binary())
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .stdout(stdout)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::timing::within_cap;
+
 /// How often the run-queue counters are read.
 const SAMPLE: Duration = Duration::from_millis(10);
 
@@ -70,16 +72,12 @@ impl RunQueueControl {
     /// runtime thread off the CPU for more than `cap` within one window, a latency bound says
     /// nothing about the reader, so the run must be neither a pass nor a failure of the reader.
     pub fn late_within(&self, cap: Duration) -> Result<Duration, String> {
-        let late = self.max_late();
-        if late <= cap {
-            Ok(late)
-        } else {
-            Err(format!(
-                "inconclusive: machine too loaded: a worker thread of the test's runtime waited \
-                 {late:?} for a CPU within one read's time, over the {cap:?} above which read \
-                 latency says nothing about the reader; rerun on a quieter machine"
-            ))
-        }
+        within_cap(
+            self.max_late(),
+            cap,
+            "a worker thread of the test's runtime waited",
+            "for a CPU within one read's time",
+        )
     }
 }
 
