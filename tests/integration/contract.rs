@@ -11,8 +11,8 @@ use rstest::rstest;
 use rstest_reuse::apply;
 use serde_json::json;
 use strategic_cache::{
-    CacheError, CacheRepository, Component, Freshness, Key, Lookup, MemoryCacheRepository,
-    MemoryHealth, NewEntry, Payload, SeedHelpers, WriteOutcome,
+    CacheError, CacheRepository, CachedEntry, Component, Freshness, Key, Lookup,
+    MemoryCacheRepository, MemoryHealth, NewEntry, Payload, SeedHelpers, WriteOutcome,
 };
 
 use crate::support::TestDb;
@@ -23,6 +23,39 @@ use crate::support::fixtures::*;
 struct Store {
     repo: Arc<dyn CacheRepository>,
     _db: Option<TestDb>,
+}
+
+impl Store {
+    /// Writes `e`, asserting that it was written.
+    async fn written(&self, e: &NewEntry) {
+        assert_eq!(self.repo.upsert(e).await.unwrap(), WriteOutcome::Written);
+    }
+
+    /// The memory-health entry of `key`, asserting that it is fresh.
+    async fn fresh(&self, key: &Key) -> CachedEntry {
+        let Lookup::Fresh(found) = self
+            .repo
+            .lookup(Component::MemoryHealth, key)
+            .await
+            .unwrap()
+        else {
+            panic!("expected a fresh entry");
+        };
+        found
+    }
+
+    /// The memory-health entry of `key`, asserting that it is stale.
+    async fn stale(&self, key: &Key) -> CachedEntry {
+        let Lookup::Stale(found) = self
+            .repo
+            .lookup(Component::MemoryHealth, key)
+            .await
+            .unwrap()
+        else {
+            panic!("expected a stale entry");
+        };
+        found
+    }
 }
 
 impl Backend {
@@ -50,15 +83,8 @@ impl Backend {
 async fn hit(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 10);
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
-    let Lookup::Fresh(found) = s
-        .repo
-        .lookup(Component::MemoryHealth, &e.key)
-        .await
-        .unwrap()
-    else {
-        panic!("expected a fresh entry");
-    };
+    s.written(&e).await;
+    let found = s.fresh(&e.key).await;
     assert_eq!(found.key, e.key);
     assert_eq!(found.payload, e.payload);
     assert_eq!(Some(found.computed_at), e.computed_at);
@@ -100,15 +126,8 @@ async fn miss(backend: Backend) {
 async fn stale(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 301);
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
-    let Lookup::Stale(found) = s
-        .repo
-        .lookup(Component::MemoryHealth, &e.key)
-        .await
-        .unwrap()
-    else {
-        panic!("expected a stale entry");
-    };
+    s.written(&e).await;
+    let found = s.stale(&e.key).await;
     assert_eq!(found.payload, e.payload);
     assert!(found.age >= Duration::from_secs(301));
     assert!(found.lifetime_fraction() > 1.0);
@@ -172,7 +191,7 @@ async fn freshness(backend: Backend) {
     let s = backend.open().await;
     let k = key(Component::EngagementOpportunities, "u1", "bot");
     let e = NewEntry::new(k.clone(), payload(Component::EngagementOpportunities, 1.0));
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
+    s.written(&e).await;
     let Freshness::Fresh { age } = s
         .repo
         .freshness(Component::EngagementOpportunities, &k)
