@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::timing::within_cap;
 
@@ -21,7 +21,8 @@ const SAMPLE: Duration = Duration::from_millis(10);
 
 /// The run-queue wait of the current runtime's worker threads, sampled on a thread of its own
 /// until dropped: its figure is the most any one worker waited for a CPU within any window of
-/// the given length (the length of a read: what one read can have been delayed by).
+/// the given length (the length of a read: what one read can have been delayed by), at most
+/// that length.
 pub struct RunQueueControl {
     worst_ns: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -35,23 +36,33 @@ impl RunQueueControl {
         let worst_ns = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (worst, stopped) = (worst_ns.clone(), stop.clone());
-        let samples = (window.as_millis() / SAMPLE.as_millis()).max(1) as usize;
         let thread = std::thread::spawn(move || {
-            // Per thread, the counter's last `samples + 1` readings: the newest minus the
-            // oldest is the wait within the last window.
-            let mut history: Vec<std::collections::VecDeque<u64>> =
+            // Per thread, readings of (when, counter) covering at least the last window. The
+            // sampler itself may be delayed on a loaded machine, so a span is judged by the
+            // share of it spent waiting, scaled to one window: a figure a read of that length
+            // can have been delayed by, whatever the sampler's own delays.
+            let mut history: Vec<std::collections::VecDeque<(Instant, u64)>> =
                 tids.iter().map(|_| Default::default()).collect();
             while !stopped.load(Ordering::Relaxed) {
+                let at = Instant::now();
                 for (tid, readings) in tids.iter().zip(history.iter_mut()) {
                     let Some(now) = run_queue_ns(*tid) else {
                         continue;
                     };
-                    readings.push_back(now);
-                    if readings.len() > samples + 1 {
+                    readings.push_back((at, now));
+                    while readings.len() > 2 && at.duration_since(readings[1].0) >= window {
                         readings.pop_front();
                     }
-                    let oldest = readings.front().copied().unwrap_or(now);
-                    worst.fetch_max(now.saturating_sub(oldest), Ordering::Relaxed);
+                    let (since, oldest) = readings[0];
+                    let span = at.duration_since(since);
+                    if span >= window {
+                        let waited = now.saturating_sub(oldest) as f64;
+                        let share = waited / span.as_nanos() as f64;
+                        worst.fetch_max(
+                            (share * window.as_nanos() as f64) as u64,
+                            Ordering::Relaxed,
+                        );
+                    }
                 }
                 std::thread::sleep(SAMPLE);
             }
