@@ -33,7 +33,7 @@ use std::fmt;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 
-use crate::runner::{MigrateError, MigrateOptions, acquire_lock, classify};
+use crate::session::{MigrateError, MigrateOptions, acquire_lock, classify};
 use crate::{CACHE_TABLES, REFRESH_QUEUE_TABLE};
 
 /// The distribution column of the per-user tables.
@@ -60,8 +60,7 @@ pub const REFERENCE_TABLE: &str = "strategic_character_performance";
 /// Shards of the per-user tables when `--shards` is not given (Citus's own default).
 pub const DEFAULT_SHARDS: u32 = 32;
 
-/// The most shards `--shards` accepts (Citus's `citus.shard_count` maximum).
-pub const MAX_SHARDS: u32 = 64_000;
+pub use crate::session::MAX_SHARDS;
 
 /// The payload `distribute` sends on the near tier's flush-all channel: "the tables moved to
 /// Citus; end your session". Any listener flushes on it; ours also reconnects.

@@ -8,6 +8,8 @@
 //! - [`runner`]: what the CLI, `cargo xtask migrate` and the tests call: a bounded connect, an
 //!   advisory lock around the whole run, a short `lock_timeout`, and errors a caller can act on.
 //!   Use it instead of `sea_orm_migration::cli::run_cli`, which panics when it cannot connect.
+//! - `session` (private): what `runner` and `citus` share (options, errors, the migration
+//!   lock), so that neither imports the other; its public items are re-exported by them.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), migration::runner::MigrateError> {
@@ -30,6 +32,7 @@ mod m20251130_000004_create_notify_triggers;
 // Near tier: who sent a notification.
 mod m20251207_000005_create_sender_check;
 pub mod runner;
+mod session;
 
 pub use m20251124_000003_create_roles::{READER_ROLE, WRITER_ROLE, grant_to_existing};
 

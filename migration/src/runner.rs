@@ -14,12 +14,9 @@
 //!   database as one line that names the host but never the password.
 
 use std::fmt;
-use std::time::{Duration, Instant};
 
-use pg_diagnostics::LOCK_NOT_AVAILABLE;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
-    TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, TransactionTrait,
 };
 use sea_orm_migration::{MigrationStatus, MigratorTrait};
 
@@ -28,10 +25,8 @@ use sea_orm_migration::{MigrationStatus, MigratorTrait};
 pub use pg_diagnostics::{redact_url, scrub, sqlstate};
 
 use crate::Migrator;
-
-/// The advisory lock key every migration run takes ("STRATCAC" in ASCII), chosen so it cannot
-/// collide with keys of other applications in the same database by accident.
-pub const MIGRATION_LOCK_KEY: i64 = 0x5354_5241_5443_4143;
+pub use crate::session::{MIGRATION_LOCK_KEY, MigrateError, MigrateOptions};
+use crate::session::{acquire_lock, classify};
 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,70 +47,6 @@ pub enum Command {
     /// touches only the tables our migrations own: the cache usually shares its database with
     /// the rest of the bot platform.
     Fresh,
-}
-
-/// Timeouts of a migration run. The defaults suit a deploy: fail fast when the database is
-/// away, wait a while for another process's run, never hold up bot reads for long.
-#[derive(Clone, Debug)]
-pub struct MigrateOptions {
-    /// Bound on connecting to the server and on acquiring a pooled connection.
-    pub connect_timeout: Duration,
-    /// How long to wait for another process's migration run to finish.
-    pub advisory_lock_wait: Duration,
-    /// PostgreSQL `lock_timeout` for the migration's statements: how long DDL may wait for a
-    /// table lock (and so how long bot reads may queue behind it) before the run gives up.
-    pub lock_timeout: Duration,
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            advisory_lock_wait: Duration::from_secs(60),
-            lock_timeout: Duration::from_secs(3),
-        }
-    }
-}
-
-/// Why a migration run failed. Every message says what happened and what to do, and none
-/// contains the database password.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// The URL is not a PostgreSQL URL.
-    #[error("invalid database URL: {0}")]
-    InvalidUrl(String),
-    /// The server could not be reached, refused the connection, or refused this user or
-    /// database. The message is PostgreSQL's (or the network's), with what to do.
-    /// Prefixed as the library's `CacheError::Unavailable` is, so that every command's
-    /// connection failure reads the same.
-    #[error("cache database unavailable: {0}")]
-    Unreachable(pg_diagnostics::ConnectFailure),
-    /// Another process's run held the migration lock for longer than we were willing to wait.
-    #[error(
-        "another migration run held the migration lock for more than {0:?}; nothing was changed, retry when it has finished"
-    )]
-    Busy(Duration),
-    /// A DDL statement could not get a table lock within `lock_timeout` (a long query or
-    /// transaction holds one). Nothing was changed; retrying later is safe.
-    #[error(
-        "a migration statement waited more than {0:?} for a table lock held by another session; nothing was changed, retry later"
-    )]
-    LockTimeout(Duration),
-    /// The database already has a table of ours with another shape, or a migration failed.
-    #[error("migration failed: {0}")]
-    Migration(String),
-    /// Any other database error.
-    #[error("database error: {0}")]
-    Database(String),
-    /// `migrate distribute` where the `citus` extension is not installed in the database.
-    #[error(
-        "the citus extension is not installed in this database (CREATE EXTENSION citus on the \
-         coordinator first); nothing was changed"
-    )]
-    CitusMissing,
-    /// `migrate distribute --shards N` with N out of range.
-    #[error("--shards must be between 1 and {max}, got {0}", max = crate::citus::MAX_SHARDS)]
-    InvalidShardCount(u32),
 }
 
 /// The outcome of a run, printable for a person.
@@ -160,7 +91,7 @@ pub async fn connect(
     url: &str,
     options: &MigrateOptions,
 ) -> Result<DatabaseConnection, MigrateError> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+    if !pg_diagnostics::is_postgres_url(url) {
         return Err(MigrateError::InvalidUrl(format!(
             "expected postgres://user@host:port/database, got `{}`",
             redact_url(url)
@@ -292,49 +223,6 @@ fn transitions(before: &[(String, bool)], after: &[(String, bool)], down: bool) 
         .filter(|((_, was), (_, now))| if down { *was && !*now } else { !*was && *now })
         .map(|((name, _), _)| name.clone())
         .collect()
-}
-
-/// Waits for the migration advisory lock, polling rather than blocking so that the wait is
-/// bounded by `advisory_lock_wait` and not by `lock_timeout` (which bounds table locks only).
-pub(crate) async fn acquire_lock(
-    txn: &impl ConnectionTrait,
-    options: &MigrateOptions,
-) -> Result<(), MigrateError> {
-    let started = Instant::now();
-    loop {
-        let row = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_try_advisory_xact_lock($1) AS locked",
-                [MIGRATION_LOCK_KEY.into()],
-            ))
-            .await
-            .map_err(|e| classify(e, options))?;
-        let locked: bool = match row {
-            Some(row) => row
-                .try_get("", "locked")
-                .map_err(|e| MigrateError::Database(e.to_string()))?,
-            None => false,
-        };
-        if locked {
-            return Ok(());
-        }
-        if started.elapsed() >= options.advisory_lock_wait {
-            return Err(MigrateError::Busy(options.advisory_lock_wait));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub(crate) fn classify(error: DbErr, options: &MigrateOptions) -> MigrateError {
-    match sqlstate(&error).as_deref() {
-        // lock_not_available: lock_timeout fired.
-        Some(LOCK_NOT_AVAILABLE) => MigrateError::LockTimeout(options.lock_timeout),
-        _ => match error {
-            DbErr::Migration(message) => MigrateError::Migration(message),
-            other => MigrateError::Database(other.to_string()),
-        },
-    }
 }
 
 #[cfg(test)]

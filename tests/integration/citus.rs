@@ -20,14 +20,15 @@ use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{Completion, PgRefreshQueue, RefreshQueue};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, Key, Lookup, NearConfig, NewEntry, PgCacheRepository,
-    PgConfig, ReaderConfig, RefreshReason, RefreshRequest, WriteOutcome,
+    ReaderConfig, RefreshReason, RefreshRequest, WriteOutcome,
 };
 
-use crate::cli::run;
 use crate::support::TestDb;
+use crate::support::cli::run;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{connect, flush_stats, one_connection_writer};
 use crate::support::fixtures::*;
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 const BOT: &str = "elena";
@@ -313,7 +314,7 @@ async fn migrate_distribute_refuses_without_citus() {
     pg(&t).upsert(&mh("u1", BOT, 1.0, 5)).await.unwrap();
     let url = Some(t.url.as_str());
     let schema = schema_digest(&t.db).await;
-    let rows = crate::cli::fingerprint(&t.db).await;
+    let rows = crate::support::cli::fingerprint(&t.db).await;
 
     let refused = run(url, &["migrate", "distribute", "--shards", "8"], b"").await;
     refused.expect_code(1, "distribute without citus");
@@ -326,7 +327,7 @@ async fn migrate_distribute_refuses_without_citus() {
     assert!(lines[0].contains("nothing was changed"), "{refused:#?}");
     assert!(refused.stdout.is_empty(), "{refused:#?}");
     assert_eq!(schema_digest(&t.db).await, schema);
-    assert_eq!(crate::cli::fingerprint(&t.db).await, rows);
+    assert_eq!(crate::support::cli::fingerprint(&t.db).await, rows);
 
     let bad = run(url, &["migrate", "distribute", "--shards", "0"], b"").await;
     bad.expect_code(2, "--shards 0");
@@ -734,15 +735,7 @@ async fn citus_library_paths_work_on_distributed_tables() {
         .unwrap();
     assert!(report.changed && report.distribution.is_distributed());
 
-    let repo = PgCacheRepository::connect(
-        &url,
-        PgConfig {
-            max_connections: 2,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let repo = Repo::at(&url).with(|c| c.max_connections = 2).open().await;
     assert!(repo.distributed());
 
     let users: Vec<String> = (0..40).map(|n| format!("u{n}")).collect();

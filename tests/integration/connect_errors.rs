@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use migration::runner::{self, MigrateError, MigrateOptions};
-use strategic_cache::{CacheError, PgCacheRepository, PgConfig};
+use strategic_cache::CacheError;
 
 use crate::support::db::{server_url, url_with_database};
+use crate::support::repo::Repo;
 
 /// `base` with its user replaced by `user:password`.
 fn with_user(base: &str, user: &str) -> String {
@@ -33,7 +34,8 @@ fn assert_one_clean_line(message: &str) {
 async fn refused_connection_is_said_at_once() {
     let url = "postgres://bot:pw-not-shown@127.0.0.1:9/app";
     let started = Instant::now();
-    let error = PgCacheRepository::connect(url, PgConfig::default())
+    let error = Repo::at(url)
+        .connect()
         .await
         .expect_err("nothing listens on port 9");
     let elapsed = started.elapsed();
@@ -53,7 +55,8 @@ async fn refused_connection_is_said_at_once() {
 #[tokio::test]
 async fn unknown_role_is_named_without_the_servers_source_location() {
     let url = with_user(&server_url().await, "no_such_role_sc");
-    let error = PgCacheRepository::connect(&url, PgConfig::default())
+    let error = Repo::at(&url)
+        .connect()
         .await
         .expect_err("the role does not exist");
     let message = error.to_string();
@@ -90,7 +93,7 @@ async fn missing_database_is_named_and_not_called_a_timeout() {
 #[tokio::test]
 async fn cli_names_the_database_once_and_the_role() {
     let url = with_user(&server_url().await, "no_such_role_cli");
-    let result = crate::cli::run(
+    let result = crate::support::cli::run(
         None,
         &["get", "--database-url", &url, "--user", "u", "--bot", "b"],
         b"",
@@ -134,7 +137,7 @@ async fn migrate_connection_errors_are_prefixed_and_say_whether_a_password_was_g
         for command in [&["migrate", "status"][..], &["stats"][..]] {
             let mut args = vec!["--database-url", url.as_str()];
             args.extend_from_slice(command);
-            let result = crate::cli::run(None, &args, b"").await;
+            let result = crate::support::cli::run(None, &args, b"").await;
             assert_eq!(result.code, 1, "{command:?} {result:#?}");
             let stderr = result.stderr.trim_end();
             assert_one_clean_line(stderr);

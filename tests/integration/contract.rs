@@ -8,28 +8,54 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
-use strategic_cache::prelude::*;
 use strategic_cache::{
-    CacheError, CacheRepository, Component, Freshness, Key, Lookup, MemoryCacheRepository,
-    MemoryHealth, NewEntry, Payload, WriteOutcome,
+    CacheError, CacheRepository, CachedEntry, Component, Freshness, Key, Lookup,
+    MemoryCacheRepository, MemoryHealth, NewEntry, Payload, SeedHelpers, WriteOutcome,
 };
 
 use crate::support::TestDb;
+use crate::support::backend::{Backend, backends};
 use crate::support::fixtures::*;
-
-/// Which store a contract case runs against.
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    /// `PgCacheRepository::connect`: reads on its own pool, writes through sea-orm.
-    Postgres,
-    Memory,
-}
 
 /// A store under test; holds the test database (if any) so it lives as long as the test.
 struct Store {
     repo: Arc<dyn CacheRepository>,
     _db: Option<TestDb>,
+}
+
+impl Store {
+    /// Writes `e`, asserting that it was written.
+    async fn written(&self, e: &NewEntry) {
+        assert_eq!(self.repo.upsert(e).await.unwrap(), WriteOutcome::Written);
+    }
+
+    /// The memory-health entry of `key`, asserting that it is fresh.
+    async fn fresh(&self, key: &Key) -> CachedEntry {
+        let Lookup::Fresh(found) = self
+            .repo
+            .lookup(Component::MemoryHealth, key)
+            .await
+            .unwrap()
+        else {
+            panic!("expected a fresh entry");
+        };
+        found
+    }
+
+    /// The memory-health entry of `key`, asserting that it is stale.
+    async fn stale(&self, key: &Key) -> CachedEntry {
+        let Lookup::Stale(found) = self
+            .repo
+            .lookup(Component::MemoryHealth, key)
+            .await
+            .unwrap()
+        else {
+            panic!("expected a stale entry");
+        };
+        found
+    }
 }
 
 impl Backend {
@@ -52,22 +78,13 @@ impl Backend {
 }
 
 /// A fresh entry is read back as written.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn hit(#[case] backend: Backend) {
+async fn hit(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 10);
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
-    let Lookup::Fresh(found) = s
-        .repo
-        .lookup(Component::MemoryHealth, &e.key)
-        .await
-        .unwrap()
-    else {
-        panic!("expected a fresh entry");
-    };
+    s.written(&e).await;
+    let found = s.fresh(&e.key).await;
     assert_eq!(found.key, e.key);
     assert_eq!(found.payload, e.payload);
     assert_eq!(Some(found.computed_at), e.computed_at);
@@ -86,11 +103,9 @@ async fn hit(#[case] backend: Backend) {
 }
 
 /// A key never written is a miss in every read.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn miss(#[case] backend: Backend) {
+async fn miss(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("other", "bot", 1.0, 0)).await.unwrap();
     let k = key(Component::MemoryHealth, "nobody", "bot");
@@ -106,22 +121,13 @@ async fn miss(#[case] backend: Backend) {
 }
 
 /// An entry past its TTL is stale: kept, reported with its age, but not served by `get`.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn stale(#[case] backend: Backend) {
+async fn stale(backend: Backend) {
     let s = backend.open().await;
     let e = mh("u1", "bot", 1.0, 301);
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
-    let Lookup::Stale(found) = s
-        .repo
-        .lookup(Component::MemoryHealth, &e.key)
-        .await
-        .unwrap()
-    else {
-        panic!("expected a stale entry");
-    };
+    s.written(&e).await;
+    let found = s.stale(&e.key).await;
     assert_eq!(found.payload, e.payload);
     assert!(found.age >= Duration::from_secs(301));
     assert!(found.lifetime_fraction() > 1.0);
@@ -137,11 +143,9 @@ async fn stale(#[case] backend: Backend) {
 
 /// Either side of the TTL: computed 299 s ago is fresh, 301 s ago is stale, and expires_at is
 /// exactly computed_at + TTL; a per-entry TTL overrides the policy.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn ttl_boundary(#[case] backend: Backend) {
+async fn ttl_boundary(backend: Backend) {
     let s = backend.open().await;
     let before = mh("before", "bot", 1.0, 299);
     let after = mh("after", "bot", 1.0, 301);
@@ -181,15 +185,13 @@ async fn ttl_boundary(#[case] backend: Backend) {
 
 /// Freshness reports the age of fresh entries, and the policy TTL applies when the entry has
 /// none (written with the store's own `now`).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn freshness(#[case] backend: Backend) {
+async fn freshness(backend: Backend) {
     let s = backend.open().await;
     let k = key(Component::EngagementOpportunities, "u1", "bot");
     let e = NewEntry::new(k.clone(), payload(Component::EngagementOpportunities, 1.0));
-    assert_eq!(s.repo.upsert(&e).await.unwrap(), WriteOutcome::Written);
+    s.written(&e).await;
     let Freshness::Fresh { age } = s
         .repo
         .freshness(Component::EngagementOpportunities, &k)
@@ -214,11 +216,9 @@ async fn freshness(#[case] backend: Backend) {
 
 /// A snapshot returns every fresh component of the (user, bot) and the bot's performance for
 /// the asked window; a stale one has no entry but its age; other users and windows are apart.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn snapshot(#[case] backend: Backend) {
+async fn snapshot(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         let age = if c == Component::MemoryBehavior {
@@ -293,11 +293,9 @@ async fn snapshot(#[case] backend: Backend) {
 }
 
 /// A later write replaces the entry, every column of it.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn replace(#[case] backend: Backend) {
+async fn replace(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         let first = entry(c, "u1", "bot", 1.0, 20);
@@ -312,11 +310,9 @@ async fn replace(#[case] backend: Backend) {
 }
 
 /// A write computed before the stored entry is Superseded and changes nothing.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn older_write_loses(#[case] backend: Backend) {
+async fn older_write_loses(backend: Backend) {
     let s = backend.open().await;
     let newer = mh("u1", "bot", 1.0, 10);
     let older = mh("u1", "bot", 2.0, 20);
@@ -343,11 +339,9 @@ async fn older_write_loses(#[case] backend: Backend) {
 }
 
 /// A write with the same computed_at as the stored entry replaces it (as if written after).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn equal_computed_at_replaces(#[case] backend: Backend) {
+async fn equal_computed_at_replaces(backend: Backend) {
     let s = backend.open().await;
     let at = ago(10);
     let first = mh("u1", "bot", 1.0, 0).computed_at(at);
@@ -364,11 +358,9 @@ async fn equal_computed_at_replaces(#[case] backend: Backend) {
 }
 
 /// Invalidate removes exactly the entry at the key and says whether there was one.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn invalidate(#[case] backend: Backend) {
+async fn invalidate(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         s.repo.upsert(&entry(c, "u1", "bot", 1.0, 5)).await.unwrap();
@@ -398,11 +390,9 @@ async fn invalidate(#[case] backend: Backend) {
 }
 
 /// `invalidate_user` removes the user's five per-user entries and leaves the bot's shared character performance and other users' entries; `invalidate_bot_shared` removes exactly that shared entry.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
+async fn invalidate_user_keeps_the_shared_entry(backend: Backend) {
     let s = backend.open().await;
     for c in Component::ALL {
         s.repo.upsert(&entry(c, "u1", "bot", 1.0, 5)).await.unwrap();
@@ -462,11 +452,9 @@ async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
 
 /// A sweep deletes only expired rows, of every table, in batches, and counts them; a batch
 /// of 0 is invalid.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn sweep(#[case] backend: Backend) {
+async fn sweep(backend: Backend) {
     let s = backend.open().await;
     // 5 expired memory-health rows (more than two batches of 2), one expired row in every
     // other table, and one fresh row per table.
@@ -512,11 +500,9 @@ async fn sweep(#[case] backend: Backend) {
 }
 
 /// Stats count fresh and stale rows per table and report their ages.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn stats(#[case] backend: Backend) {
+async fn stats(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("a", "bot", 1.0, 10)).await.unwrap();
     s.repo.upsert(&mh("b", "bot", 1.0, 100)).await.unwrap();
@@ -543,11 +529,9 @@ async fn stats(#[case] backend: Backend) {
 /// Every kind of bad input to a write is InvalidInput whose message names the field and the
 /// limit at fault, alone or in a batch, and nothing is written (the tables are read back
 /// empty).
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn bad_input_writes_nothing(#[case] backend: Backend) {
+async fn bad_input_writes_nothing(backend: Backend) {
     let s = backend.open().await;
     let long = "x".repeat(257);
     let base = || mh("u1", "bot", 1.0, 5);
@@ -722,11 +706,9 @@ async fn bad_input_writes_nothing(#[case] backend: Backend) {
 /// Every limit is inclusive: a 256-byte user_id and bot_name, exactly 1 MiB of JSON, a TTL of
 /// exactly 7 days and a `computed_at` 59 s ahead of the store's clock are written and read
 /// back as written.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
+async fn limits_are_accepted_at_their_bounds(backend: Backend) {
     let s = backend.open().await;
     let at_limit = "k".repeat(256);
     let long_key = mh(&at_limit, &at_limit, 1.0, 5);
@@ -788,11 +770,9 @@ async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
 }
 
 /// Reads with a key that could never be stored are misses, not errors.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
+async fn bad_key_read_is_a_miss(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     let long = "x".repeat(257);
@@ -827,11 +807,9 @@ async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
 
 /// A batch with one bad entry writes nothing; a good batch writes every entry, reports
 /// outcomes in input order, and resolves same-key entries by computed_at.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn upsert_many(#[case] backend: Backend) {
+async fn upsert_many(backend: Backend) {
     let s = backend.open().await;
     let mut batch: Vec<NewEntry> = Component::ALL
         .iter()
@@ -910,11 +888,9 @@ async fn upsert_many(#[case] backend: Backend) {
 /// Eight concurrent writers of the same keys with different computed_at, released together by
 /// a barrier: the newest wins after every round, whatever order they land in, and the newest
 /// write itself is never superseded.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers(#[case] backend: Backend) {
+async fn concurrent_writers(backend: Backend) {
     let s = backend.open().await;
     let base = ago(100);
     for round in 0..3 {
@@ -978,11 +954,9 @@ async fn concurrent_writers(#[case] backend: Backend) {
 
 /// The seed's helpers: fresh entries as JSON objects of their columns, stale and missing as
 /// None, freshness as a bool, and table names matched, never put in SQL.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn seed_helpers(#[case] backend: Backend) {
+async fn seed_helpers(backend: Backend) {
     let s = backend.open().await;
     s.repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     s.repo

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::cli::run;
 use crate::support::TestDb;
+use crate::support::cli::run;
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

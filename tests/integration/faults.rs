@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use sea_orm::ConnectionTrait;
 use strategic_cache::{
-    CacheReader, CacheRepository, Component, Key, Lookup, MemoryHealth, NewEntry,
-    PgCacheRepository, PgConfig, ReaderConfig,
+    CacheReader, CacheRepository, Component, Key, Lookup, MemoryHealth, NewEntry, PgConfig,
+    ReaderConfig,
 };
 
 use strategic_cache::ReaderStats;
@@ -21,6 +21,7 @@ use strategic_cache::ReaderStats;
 use crate::support::cluster::PgCluster;
 use crate::support::db::TestDb;
 use crate::support::proxy::{Proxy, upstream_of};
+use crate::support::repo::Repo;
 use crate::support::timing::{Histogram, TimerControl, poll_until};
 
 /// Each read's budget.
@@ -292,11 +293,10 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
     let t = TestDb::migrated().await;
     let upstream = upstream_of(&t.url).await;
     let proxy = Proxy::start(upstream).await;
-    let repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(&proxy.url(&t.name), pg_config(10))
-            .await
-            .unwrap(),
-    );
+    let repo: Arc<dyn CacheRepository> = Repo::at(&proxy.url(&t.name))
+        .config(pg_config(10))
+        .shared()
+        .await;
     seed(repo.as_ref(), READERS as u64).await;
     let reader = CacheReader::new(repo.clone()).with_config(reader_config());
     let control = TimerControl::spawn(Duration::from_millis(10));
@@ -393,16 +393,14 @@ async fn outages_under_load_stay_within_budget_and_recover() {
     cluster.migrated("cache").await;
 
     let proxy = Proxy::start(cluster.addr()).await;
-    let repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(&proxy.url("cache"), pg_config(10))
-            .await
-            .unwrap(),
-    );
-    let writer_repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(&proxy.url("cache"), pg_config(2))
-            .await
-            .unwrap(),
-    );
+    let repo: Arc<dyn CacheRepository> = Repo::at(&proxy.url("cache"))
+        .config(pg_config(10))
+        .shared()
+        .await;
+    let writer_repo: Arc<dyn CacheRepository> = Repo::at(&proxy.url("cache"))
+        .config(pg_config(2))
+        .shared()
+        .await;
     seed(repo.as_ref(), READERS as u64).await;
     let reader = CacheReader::new(repo.clone()).with_config(reader_config());
     let control = TimerControl::spawn(Duration::from_millis(10));

@@ -11,8 +11,8 @@ use strategic_cache::{
     NewEntry, PgCacheRepository, TtlPolicy,
 };
 
-use crate::cli::{fingerprint, run, seed};
 use crate::support::TestDb;
+use crate::support::cli::{fingerprint, run, seed};
 
 /// Strings that would do harm if they ever reached SQL unbound.
 const INJECTIONS: [&str; 6] = [
@@ -147,7 +147,7 @@ async fn hostile_cli_input_exits_two_and_changes_nothing() {
     let t = TestDb::migrated().await;
     seed(&t.db).await;
     let before = fingerprint(&t.db).await;
-    let put = crate::cli::seed_put;
+    let put = crate::support::cli::seed_put;
     let good = br#"{"memory_snapshot": []}"#.to_vec();
     let nested = format!(
         r#"{{"memory_snapshot": {}1{}}}"#,

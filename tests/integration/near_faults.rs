@@ -6,23 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
-use strategic_cache::{PgCacheRepository, PgConfig};
 
-use crate::near::{BOUND, WriteMix, coherence, two_readers};
+use crate::support::cli::spawn_watch;
 use crate::support::cluster::PgCluster;
 use crate::support::db::{TestDb, connect, server_url};
+use crate::support::near::{BOUND, WriteMix, coherence, two_readers};
 use crate::support::proxy::Proxy;
+use crate::support::repo::Repo;
 
 /// Terminating the listeners' backends every second (filtered by `application_name`) never
 /// lets a stale value be served past the bound: each reconnect flushes before serving again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_when_the_listener_backend_is_terminated() {
     let t = TestDb::migrated().await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let repo = Repo::at(&t.url).shared().await;
     let readers = two_readers(&t.url, &t.url, Duration::from_secs(2)).await;
     let killer = t.db.clone();
     let terminated = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -77,11 +74,7 @@ async fn near_tier_is_coherent_when_the_listener_is_partitioned() {
     let host_port = authority.rsplit('@').next().unwrap();
     let upstream: std::net::SocketAddr = host_port.parse().unwrap();
     let proxy = Arc::new(Proxy::start(upstream).await);
-    let repo = Arc::new(
-        PgCacheRepository::connect(&t.url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let repo = Repo::at(&t.url).shared().await;
     let readers = two_readers(&t.url, &proxy.url(&t.name), Duration::from_secs(2)).await;
     let watched = readers.clone();
     let p = proxy.clone();
@@ -130,11 +123,7 @@ async fn near_tier_is_coherent_when_the_listener_is_partitioned() {
 async fn near_tier_is_coherent_across_a_server_restart() {
     let cluster = Arc::new(PgCluster::start().await);
     let url = cluster.migrated("cache").await;
-    let repo = Arc::new(
-        PgCacheRepository::connect(&url, PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let repo = Repo::at(&url).shared().await;
     let readers = two_readers(&url, &url, Duration::from_secs(2)).await;
     let c = cluster.clone();
     let fault = async move {
@@ -171,7 +160,7 @@ async fn near_tier_is_coherent_across_a_server_restart() {
 /// was: no writer can ever fail because a bot process froze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
-    use crate::near::{BOT, seeded};
+    use crate::support::near::{BOT, seeded};
     let (t, _repo) = seeded(&["frozen"], 0).await;
     let scalar = |sql: &'static str| {
         let db = t.db.clone();
@@ -191,21 +180,14 @@ async fn a_frozen_process_listening_session_is_ended_and_the_queue_advances() {
                             WHERE application_name = 'strategic-cache-near' \
                               AND datname = current_database()";
     const USAGE: &str = "SELECT pg_notification_queue_usage()";
-    let mut child = tokio::process::Command::new(crate::cli::binary())
-        .args([
-            "watch",
-            "--user",
-            "frozen",
-            "--bot",
-            BOT,
-            "--interval-ms",
-            "50",
-        ])
-        .env("DATABASE_URL", &t.url)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_watch(
+        &t.url,
+        false,
+        "frozen",
+        BOT,
+        "50",
+        std::process::Stdio::null(),
+    );
     let pid = child.id().unwrap().to_string();
     // Its listener has connected and subscribed the bot (a read of it was made).
     tokio::time::sleep(Duration::from_secs(2)).await;

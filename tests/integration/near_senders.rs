@@ -9,9 +9,9 @@ use migration::{READER_ROLE, WRITER_ROLE};
 use strategic_cache::prelude::*;
 use strategic_cache::{CacheReader, Component, Key, NewEntry, PgCacheRepository};
 
-use crate::near::{BOT, BOUND, near_reader, seeded, version_of, versioned, warm};
 use crate::support::db::TestDb;
 use crate::support::login::LoginUser;
+use crate::support::near::{BOT, BOUND, near_reader, seeded, version_of, versioned, warm};
 use crate::support::replicas::client;
 use crate::support::timing::poll_until;
 

@@ -16,12 +16,13 @@ use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{PgRefreshQueue, RefreshQueue, RefreshRequester, RequesterConfig};
 use strategic_cache::{
     CacheError, CacheReader, Component, Key, MemoryHealth, NewEntry, PgCacheRepository, PgConfig,
-    RefreshReason, RefreshRequest,
 };
 
-use crate::cli::{run, run_logging, seed};
+use crate::support::cli::{run, run_logging, seed};
 use crate::support::db::TestDb;
+use crate::support::fixtures::miss;
 use crate::support::login::{LoginUser, PASSWORD};
+use crate::support::repo::Repo;
 
 fn entry(user: &str) -> NewEntry {
     NewEntry::new(
@@ -31,15 +32,6 @@ fn entry(user: &str) -> NewEntry {
             ..MemoryHealth::default()
         },
     )
-}
-
-fn miss(user: &str) -> RefreshRequest {
-    RefreshRequest {
-        component: Component::MemoryHealth,
-        key: Key::user_bot(user, "elena"),
-        reason: RefreshReason::Miss,
-        due_at: None,
-    }
 }
 
 /// Asserts `sql` is refused with a permission error (SQLSTATE 42501) or for not owning the
@@ -273,7 +265,9 @@ async fn passwords_never_reach_logs_or_errors() {
         ..PgConfig::default()
     };
     errors.push(
-        PgCacheRepository::connect(&unreachable, config.clone())
+        Repo::at(&unreachable)
+            .config(config.clone())
+            .connect()
             .await
             .unwrap_err()
             .to_string(),

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 use strategic_cache::prelude::*;
-use strategic_cache::{Component, Key, Lookup, NewEntry, Payload, PgCacheRepository, PgConfig};
+use strategic_cache::{Component, Key, Lookup, NewEntry, Payload};
 
 use crate::support::TestDb;
 use crate::support::fixtures::*;
+use crate::support::repo::Repo;
 
 /// The pids of the read pool's backends (`application_name` `strategic-cache`).
 async fn read_pool_backends(t: &TestDb) -> Vec<i32> {
@@ -81,16 +82,13 @@ async fn pg_read_pool_reuses_a_connection_after_an_abandoned_read() {
 #[tokio::test]
 async fn pg_read_pool_replaces_terminated_connections() {
     let t = TestDb::migrated().await;
-    let repo = PgCacheRepository::connect(
-        &t.url,
-        PgConfig {
-            max_connections: 3,
-            min_connections: 3,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let repo = Repo::at(&t.url)
+        .with(|c| {
+            c.max_connections = 3;
+            c.min_connections = 3;
+        })
+        .open()
+        .await;
     repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     let k = key(Component::MemoryHealth, "u1", "bot");
     assert_eq!(repo.idle_read_connections(), Some(3));

@@ -17,11 +17,14 @@ use strategic_cache::{
     ServerRole, ServerStats,
 };
 
-use crate::near::{BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm};
 use crate::support::db::connect;
 use crate::support::fixtures::TTL;
+use crate::support::near::{
+    BOT, BOUND, WriteMix, coherence, near_reader, version_of, versioned, warm,
+};
 use crate::support::proxy::Proxy;
 use crate::support::replicas::{ReplicaSet, client, lag_sample};
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 /// Users every test writes.
@@ -38,7 +41,7 @@ fn entry(i: usize, version: u64) -> NewEntry {
 
 /// A repository on `primary` with `config`.
 async fn connected(primary: &str, config: PgConfig) -> Arc<PgCacheRepository> {
-    Arc::new(PgCacheRepository::connect(primary, config).await.unwrap())
+    Repo::at(primary).config(config).shared().await
 }
 
 /// A repository on the set's primary with its replicas, lag bound `max_lag`, and a replica
@@ -621,7 +624,7 @@ async fn cli_get_warns_once(primary: &str, replica: &str, warning: &str) {
         "--bot",
         BOT,
     ];
-    let run = crate::cli::run(Some(primary), &args, b"").await;
+    let run = crate::support::cli::run(Some(primary), &args, b"").await;
     run.expect_code(0, &format!("{args:?}"));
     let lines = run.stderr.lines().filter(|l| l.contains(warning)).count();
     assert_eq!(lines, 1, "{run:#?}");
@@ -801,8 +804,8 @@ async fn simulate_reports_reads_by_server() {
         "0.1",
     ];
     let (json, text) = tokio::join!(
-        crate::cli::run(None, &args, b""),
-        crate::cli::run(None, &args[1..], b"")
+        crate::support::cli::run(None, &args, b""),
+        crate::support::cli::run(None, &args[1..], b"")
     );
     json.expect_code(0, "simulate --replica --json");
     let report = json.json();
@@ -852,11 +855,7 @@ async fn simulate_reports_reads_by_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_with_replicas() {
     let set = Arc::new(ReplicaSet::start(2).await);
-    let writer = Arc::new(
-        PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
-            .await
-            .unwrap(),
-    );
+    let writer = Repo::at(&set.primary_url()).shared().await;
     let mut repos = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..2 {
@@ -919,9 +918,7 @@ async fn a_near_fill_after_an_invalidation_reads_a_replica_only_past_it() {
     set.pause_replay(1).await;
     let invalidations = reader.near_stats().unwrap().invalidations;
     // Through a second repository, so that the reader's own counters count reads only.
-    let writer = PgCacheRepository::connect(&set.primary_url(), PgConfig::default())
-        .await
-        .unwrap();
+    let writer = Repo::at(&set.primary_url()).open().await;
     writer.upsert(&entry(0, 2)).await.unwrap();
     let notified = poll_until(BOUND, || async {
         reader.near_stats().unwrap().invalidations > invalidations

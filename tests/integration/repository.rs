@@ -18,6 +18,7 @@ use strategic_cache::{
 use crate::support::TestDb;
 use crate::support::db as helpers;
 use crate::support::fixtures::*;
+use crate::support::repo::Repo;
 
 /// Every row of `component`'s table as read by the entity path (`Entity::find()`), as JSON.
 async fn entity_rows(t: &TestDb, component: Component) -> Vec<Value> {
@@ -231,12 +232,16 @@ async fn pg_connect() {
         ..PgConfig::default()
     };
     assert!(is_invalid(
-        &PgCacheRepository::connect("mysql://u:p@localhost/db", config()).await
-    ));
-    let err =
-        PgCacheRepository::connect("postgres://bot:hunter2secret@127.0.0.1:1/cachedb", config())
+        &Repo::at("mysql://u:p@localhost/db")
+            .config(config())
+            .connect()
             .await
-            .unwrap_err();
+    ));
+    let err = Repo::at("postgres://bot:hunter2secret@127.0.0.1:1/cachedb")
+        .config(config())
+        .connect()
+        .await
+        .unwrap_err();
     let CacheError::Unavailable(message) = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
@@ -246,7 +251,7 @@ async fn pg_connect() {
     assert!(err.is_retryable());
 
     let t = TestDb::migrated().await;
-    let repo = PgCacheRepository::connect(&t.url, config()).await.unwrap();
+    let repo = Repo::at(&t.url).config(config()).open().await;
     assert!(!format!("{repo:?}").is_empty());
     repo.upsert(&mh("u1", "bot", 1.0, 5)).await.unwrap();
     assert_eq!(repo.snapshot("u1", "bot", 168).await.unwrap().len(), 1);
@@ -257,15 +262,10 @@ async fn pg_connect() {
 #[tokio::test]
 async fn pg_statement_timeout_is_timeout() {
     let t = TestDb::migrated().await;
-    let repo = PgCacheRepository::connect(
-        &t.url,
-        PgConfig {
-            statement_timeout: Some(Duration::from_millis(200)),
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let repo = Repo::at(&t.url)
+        .with(|c| c.statement_timeout = Some(Duration::from_millis(200)))
+        .open()
+        .await;
     let tx = t.db.begin().await.unwrap();
     tx.execute_unprepared("LOCK TABLE strategic_memory_health IN ACCESS EXCLUSIVE MODE")
         .await

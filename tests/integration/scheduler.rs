@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rstest::rstest;
+use rstest_reuse::apply;
 use strategic_cache::prelude::*;
 use strategic_cache::scheduler::{Completion, MemoryRefreshQueue, PgRefreshQueue, RefreshQueue};
 use strategic_cache::{Component, Key, RefreshReason, RefreshRequest, SystemClock};
 
 use crate::support::TestDb;
+use crate::support::backend::{Backend, backends};
+use crate::support::fixtures::miss;
 
 /// A queue under test, with the database it lives in (if any) kept alive.
 pub struct QueueUnderTest {
@@ -20,12 +23,6 @@ pub struct QueueUnderTest {
     /// Never read: held so that the database outlives the queue (dropping it drops the
     /// database).
     pub db: Option<TestDb>,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub enum Backend {
-    Postgres,
-    Memory,
 }
 
 pub async fn queue(backend: Backend, capacity: u64) -> QueueUnderTest {
@@ -42,23 +39,12 @@ pub async fn queue(backend: Backend, capacity: u64) -> QueueUnderTest {
     }
 }
 
-fn miss(user: &str) -> RefreshRequest {
-    RefreshRequest {
-        component: Component::MemoryHealth,
-        key: Key::user_bot(user, "elena"),
-        reason: RefreshReason::Miss,
-        due_at: None,
-    }
-}
-
 const LEASE: Duration = Duration::from_secs(60);
 
 /// Requests for the same key share one queue row, whatever their number or reason.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn requests_for_one_key_share_a_row(#[case] backend: Backend) {
+async fn requests_for_one_key_share_a_row(backend: Backend) {
     let q = queue(backend, 1000).await;
     let report = q
         .queue
@@ -85,11 +71,9 @@ async fn requests_for_one_key_share_a_row(#[case] backend: Backend) {
 }
 
 /// A refresh-ahead request due later is not claimed now; a miss for the same key makes it due.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn only_due_requests_are_claimed(#[case] backend: Backend) {
+async fn only_due_requests_are_claimed(backend: Backend) {
     let q = queue(backend, 1000).await;
     let later = RefreshRequest {
         due_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
@@ -106,11 +90,9 @@ async fn only_due_requests_are_claimed(#[case] backend: Backend) {
 }
 
 /// Three workers claiming concurrently from one queue get every request exactly once.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_claims_never_overlap(#[case] backend: Backend) {
+async fn concurrent_claims_never_overlap(backend: Backend) {
     let q = queue(backend, 10_000).await;
     let requests: Vec<RefreshRequest> = (0..300).map(|i| miss(&format!("user-{i}"))).collect();
     q.queue.enqueue(&requests).await.unwrap();
@@ -140,11 +122,9 @@ async fn concurrent_claims_never_overlap(#[case] backend: Backend) {
 
 /// A claim whose lease ran out is taken over by another worker, and the first worker can no
 /// longer complete it.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn expired_leases_are_taken_over(#[case] backend: Backend) {
+async fn expired_leases_are_taken_over(backend: Backend) {
     let q = queue(backend, 1000).await;
     q.queue.enqueue(&[miss("u1")]).await.unwrap();
     let dead = q
@@ -171,11 +151,9 @@ async fn expired_leases_are_taken_over(#[case] backend: Backend) {
 }
 
 /// A failed claim is retried later with its attempt counted, and removed when given up on.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn failures_are_retried_then_abandoned(#[case] backend: Backend) {
+async fn failures_are_retried_then_abandoned(backend: Backend) {
     let q = queue(backend, 1000).await;
     q.queue.enqueue(&[miss("u1")]).await.unwrap();
     let first = q.queue.claim("w1", 10, LEASE).await.unwrap();
@@ -220,11 +198,9 @@ async fn failures_are_retried_then_abandoned(#[case] backend: Backend) {
 }
 
 /// A full queue refuses new keys (and says how many) but still accepts demand for queued keys.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn a_full_queue_refuses_new_keys(#[case] backend: Backend) {
+async fn a_full_queue_refuses_new_keys(backend: Backend) {
     let q = queue(backend, 5).await;
     let requests: Vec<RefreshRequest> = (0..8).map(|i| miss(&format!("user-{i}"))).collect();
     let report = q.queue.enqueue(&requests).await.unwrap();
@@ -237,11 +213,9 @@ async fn a_full_queue_refuses_new_keys(#[case] backend: Backend) {
 
 /// Completing a claim with keep-warm reschedules a key in use for its refresh point, and
 /// removes a key nobody asked for within the window.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn keep_warm_reschedules_only_keys_in_use(#[case] backend: Backend) {
+async fn keep_warm_reschedules_only_keys_in_use(backend: Backend) {
     let q = queue(backend, 1000).await;
     q.queue
         .enqueue(&[miss("in-use"), miss("idle")])
@@ -394,11 +368,9 @@ async fn drain(worker: &Worker) {
 
 /// A miss asks for a recomputation through the requester and the queue; the worker computes
 /// it, and the next read hits.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn a_miss_is_recomputed_and_the_next_read_hits(#[case] backend: Backend) {
+async fn a_miss_is_recomputed_and_the_next_read_hits(backend: Backend) {
     let s = system(backend).await;
     let requester = Arc::new(RefreshRequester::spawn(
         s.queue.clone(),
@@ -428,11 +400,9 @@ async fn a_miss_is_recomputed_and_the_next_read_hits(#[case] backend: Backend) {
 
 /// An entry being read past its refresh point is recomputed before it expires; an entry
 /// nobody reads is left alone.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn entries_in_use_are_refreshed_ahead_and_unused_ones_are_not(#[case] backend: Backend) {
+async fn entries_in_use_are_refreshed_ahead_and_unused_ones_are_not(backend: Backend) {
     let s = system(backend).await;
     let requester = Arc::new(RefreshRequester::spawn(
         s.queue.clone(),
@@ -544,11 +514,9 @@ async fn three_workers_compute_each_request_once() {
 
 /// A worker that dies holding claims loses them when its lease runs out: another worker
 /// takes them over and computes them.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn a_dead_workers_claims_are_taken_over(#[case] backend: Backend) {
+async fn a_dead_workers_claims_are_taken_over(backend: Backend) {
     let s = system(backend).await;
     let requests: Vec<RefreshRequest> = (0..5).map(|i| miss(&format!("user-{i}"))).collect();
     s.queue.enqueue(&requests).await.unwrap();
@@ -574,11 +542,9 @@ async fn a_dead_workers_claims_are_taken_over(#[case] backend: Backend) {
 
 /// A computation that keeps failing is retried with backoff, then given up on and counted;
 /// other requests are not held up by it.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn failing_computations_are_retried_then_abandoned(#[case] backend: Backend) {
+async fn failing_computations_are_retried_then_abandoned(backend: Backend) {
     let s = system(backend).await;
     s.queue
         .enqueue(&[miss("broken"), miss("fine")])
@@ -757,11 +723,9 @@ async fn hints_looked_up(reader: &CacheReader, n: u64) {
 
 /// A hint that arrives before the first message (and before the worker's next pass) has
 /// every component computed in time: the first read is all fresh, at one computation each.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn a_hint_in_time_makes_the_first_read_fresh(#[case] backend: Backend) {
+async fn a_hint_in_time_makes_the_first_read_fresh(backend: Backend) {
     let s = system(backend).await;
     let requester = Arc::new(RefreshRequester::spawn(
         s.queue.clone(),
@@ -787,11 +751,9 @@ async fn a_hint_in_time_makes_the_first_read_fresh(#[case] backend: Backend) {
 /// A hint that arrives after the message's read changes nothing for it, and the key is still
 /// computed once (the hint's requests share the miss's); a hint for keys now fresh computes
 /// nothing more.
-#[rstest]
-#[case::postgres(Backend::Postgres)]
-#[case::memory(Backend::Memory)]
+#[apply(backends)]
 #[tokio::test]
-async fn a_hint_too_late_costs_one_recomputation(#[case] backend: Backend) {
+async fn a_hint_too_late_costs_one_recomputation(backend: Backend) {
     let s = system(backend).await;
     let requester = Arc::new(RefreshRequester::spawn(
         s.queue.clone(),

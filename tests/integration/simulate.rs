@@ -9,8 +9,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::cli::{binary, fingerprint, run, seed};
 use crate::support::TestDb;
+use crate::support::cli::{binary, fingerprint, run, seed};
 use crate::support::proxy::{Proxy, upstream_of};
 
 /// An in-memory workload (virtual time) of many short sessions, so that the set of keys in

@@ -12,8 +12,8 @@ use strategic_cache::{
     ReaderConfig, RefreshReason, TtlPolicy,
 };
 
-use crate::near::{BOT, warm};
 use crate::support::db::TestDb;
+use crate::support::near::{BOT, warm};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {

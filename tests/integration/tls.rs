@@ -27,10 +27,11 @@ use strategic_cache::{
     CacheError, CacheReader, Component, Lookup, NearConfig, PgCacheRepository, PgConfig,
 };
 
-use crate::cli::run;
+use crate::support::cli::run;
 use crate::support::cluster::PgCluster;
 use crate::support::db::connect;
 use crate::support::fixtures::{key, mh};
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 /// The password in every URL here: trust authentication ignores it, and no message may show it.
@@ -173,16 +174,14 @@ async fn repository_and_near_tier_connect_over_tls(
     let cluster = tls_only_cluster(&cert).await;
     let url = cache_url(&cluster, &format!("sslmode={sslmode}"));
 
-    let repo = PgCacheRepository::connect(
-        &url,
-        PgConfig {
-            max_connections: 2,
-            min_connections: 1,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{version:?} certificate, sslmode={sslmode}: {e}"));
+    let repo = Repo::at(&url)
+        .with(|c| {
+            c.max_connections = 2;
+            c.min_connections = 1;
+        })
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{version:?} certificate, sslmode={sslmode}: {e}"));
     repo.upsert(&mh("u1", "elena", 1.0, 0)).await.unwrap();
     let key = key(Component::MemoryHealth, "u1", "elena");
     // Through the read pool (`lookup`) and through sea-orm's pool (`get`).
@@ -286,7 +285,7 @@ async fn unverified_tls_loads_no_ca_bundle() {
     std::fs::create_dir_all(&empty_dir).unwrap();
     for sslmode in ["require", "prefer"] {
         let url = cache_url(&cluster, &format!("sslmode={sslmode}"));
-        let child = tokio::process::Command::new(crate::cli::binary())
+        let child = tokio::process::Command::new(crate::support::cli::binary())
             .args(["--database-url", &url, "migrate", "status"])
             .env("SSL_CERT_FILE", fifo.path())
             .env("SSL_CERT_DIR", &empty_dir)
@@ -332,7 +331,9 @@ async fn verify_modes_still_verify() {
     };
 
     // The root is right and verify-ca does not check the name: it connects.
-    let repo = PgCacheRepository::connect(&with("verify-ca", &right_root), config.clone())
+    let repo = Repo::at(&with("verify-ca", &right_root))
+        .config(config.clone())
+        .connect()
         .await
         .unwrap_or_else(|e| panic!("verify-ca with the server's certificate as root: {e}"));
     drop(repo);
@@ -355,7 +356,9 @@ async fn verify_modes_still_verify() {
     for (mode, root, which, says) in refusals {
         let what = format!("{mode} with the {which} root");
         let url = with(mode, root);
-        let error = PgCacheRepository::connect(&url, config.clone())
+        let error = Repo::at(&url)
+            .config(config.clone())
+            .connect()
             .await
             .err()
             .unwrap_or_else(|| panic!("{what}: connected"));
@@ -397,7 +400,8 @@ async fn verify_full_accepts_a_certificate_naming_the_host() {
         &cluster,
         &format!("sslmode=verify-full&sslrootcert={}", root.path().display()),
     );
-    let repo = PgCacheRepository::connect(&url, PgConfig::default())
+    let repo = Repo::at(&url)
+        .connect()
         .await
         .unwrap_or_else(|e| panic!("verify-full: {e}"));
     repo.upsert(&mh("u1", "elena", 1.0, 0)).await.unwrap();

@@ -16,14 +16,13 @@ use chrono::{DateTime, Utc};
 use strategic_cache::scheduler::{
     InsightEngine, PgRefreshQueue, RefreshQueue, Worker, WorkerConfig,
 };
-use strategic_cache::{
-    CacheRepository, Component, Key, Lookup, MemoryHealth, Payload, PgCacheRepository, PgConfig,
-    RefreshReason, RefreshRequest,
-};
+use strategic_cache::{CacheRepository, Component, Key, Lookup, MemoryHealth, Payload};
 use tokio::sync::watch;
 
 use crate::support::TestDb;
+use crate::support::fixtures::miss;
 use crate::support::proxy::{Proxy, upstream_of};
+use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
 /// Attempts a worker that counted database failures would make before giving up.
@@ -75,15 +74,6 @@ impl InsightEngine for GatedEngine {
     }
 }
 
-fn miss(user: &str) -> RefreshRequest {
-    RefreshRequest {
-        component: Component::MemoryHealth,
-        key: Key::user_bot(user, "elena"),
-        reason: RefreshReason::Miss,
-        due_at: None,
-    }
-}
-
 /// A `Worker` claims keys before and during a 3 s outage of its cache database: every one of
 /// them fails more often than `max_attempts`, none is abandoned, and each ends up stored with
 /// the payload of its latest computation, written after the server returned.
@@ -91,21 +81,16 @@ fn miss(user: &str) -> RefreshRequest {
 async fn worker_outage_stores_every_claimed_key_after_the_server_returns() {
     let t = TestDb::migrated().await;
     let proxy = Proxy::start(upstream_of(&t.url).await).await;
-    let repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(
-            &proxy.url(&t.name),
-            PgConfig {
-                max_connections: 4,
-                min_connections: 0,
-                connect_timeout: Duration::from_millis(500),
-                acquire_timeout: Duration::from_millis(500),
-                statement_timeout: Some(Duration::from_secs(5)),
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo: Arc<dyn CacheRepository> = Repo::at(&proxy.url(&t.name))
+        .with(|c| {
+            c.max_connections = 4;
+            c.min_connections = 0;
+            c.connect_timeout = Duration::from_millis(500);
+            c.acquire_timeout = Duration::from_millis(500);
+            c.statement_timeout = Some(Duration::from_secs(5));
+        })
+        .shared()
+        .await;
     let queue: Arc<dyn RefreshQueue> = Arc::new(PgRefreshQueue::new(t.db.clone(), 10_000));
     let (hold, held) = watch::channel(true);
     let engine = Arc::new(GatedEngine {
@@ -288,19 +273,14 @@ async fn worker_outage_retries_only_keys_in_use_and_never_invalid_input(#[case] 
     const KEEP_WARM: Duration = Duration::from_secs(60);
     let t = TestDb::migrated().await;
     let proxy = Proxy::start(upstream_of(&t.url).await).await;
-    let repo: Arc<dyn CacheRepository> = Arc::new(
-        PgCacheRepository::connect(
-            &proxy.url(&t.name),
-            PgConfig {
-                min_connections: 0,
-                connect_timeout: Duration::from_millis(500),
-                acquire_timeout: Duration::from_millis(500),
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo: Arc<dyn CacheRepository> = Repo::at(&proxy.url(&t.name))
+        .with(|c| {
+            c.min_connections = 0;
+            c.connect_timeout = Duration::from_millis(500);
+            c.acquire_timeout = Duration::from_millis(500);
+        })
+        .shared()
+        .await;
     proxy.set_down(true);
     let clock = ManualClock::default();
     let queue: Arc<dyn RefreshQueue> = match kind {

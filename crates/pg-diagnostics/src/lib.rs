@@ -5,6 +5,8 @@
 //!   `***`, and a URL as `scheme://user:***@host:port/database`, whoever prints it (the
 //!   library's errors, the migration runner, the command line, the metrics exporter's
 //!   `Debug`).
+//! - [`is_postgres_url`]: the one check that a URL names a PostgreSQL server, which the
+//!   library, the migration runner and the command line all make before connecting.
 //! - [`sqlstate`] (feature `sea-orm`) and its classes: [`connection_lost`],
 //!   [`QUERY_CANCELED`], [`LOCK_NOT_AVAILABLE`].
 //! - [`ConnectFailure`] and [`probe`] (feature `sea-orm`): why a connection could not be made,
@@ -35,6 +37,19 @@ pub fn redact_url(url: &str) -> String {
     // The last `@` ends the userinfo even past a `/`: a password holding an unescaped `/`
     // must not be taken for the path and printed.
     format!("{scheme}://{}", redact_authority(rest))
+}
+
+/// Whether `url` is a `postgres://` or `postgresql://` URL, the two schemes the driver
+/// accepts. Every crate checks this before it connects so that a wrong URL (a `mysql://` one,
+/// a bare host name) is a usage error naming it, not a driver error about something else.
+///
+/// ```
+/// use pg_diagnostics::is_postgres_url;
+/// assert!(is_postgres_url("postgresql://bot@db/app"));
+/// assert!(!is_postgres_url("mysql://bot@db/app"));
+/// ```
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// Masks the password of every `scheme://user:password@` in `message` (a driver error may

@@ -3,7 +3,7 @@
 //! Parsing only: no I/O happens here. Each command's arguments live in that command's own
 //! file, beside its body (as mini-redis's `cmd/` files own their parsing): a new subcommand is
 //! a variant here, an argument struct and a body in its file, and one arm in
-//! [`crate::commands::run`].
+//! [`crate::dispatch::run`].
 
 use clap::{Arg, ArgAction, CommandFactory, Parser, Subcommand};
 

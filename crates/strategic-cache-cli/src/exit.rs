@@ -2,7 +2,7 @@
 //!
 //! Scripts branch on the exit code, so each failure is classified once, here: bad usage and
 //! bad input (which never reach or change the database) are 2, everything else is 1. A miss
-//! is not an error but an [`crate::commands::Outcome`] with code 3.
+//! is not an error but an [`crate::render::Outcome`] with code 3.
 
 use std::fmt;
 

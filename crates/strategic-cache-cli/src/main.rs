@@ -2,8 +2,14 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line ([`cli::Cli`], [`cli::Command`]); parsing only.
+//! - [`dispatch`]: the one place a parsed command line becomes a run: the [`context::Context`]
+//!   is built and the subcommand sent to its module.
 //! - [`commands`]: one module per operator command, each owning its arguments and body and
-//!   returning an [`commands::Outcome`].
+//!   returning a [`render::Outcome`].
+//! - [`context`]: what every command may need: the URL and replicas as given, validated on
+//!   use, the limits, and connecting the repository.
+//! - [`render`]: the [`render::Outcome`] a command returns and the renderings commands share.
+//! - [`progress`]: the progress bar of `simulate` and `bench`.
 //! - [`exit`]: exit codes, and every error as exactly one line on stderr.
 //! - [`simulate`]: the `simulate` command in steps: validate, set up, drive, report.
 //! - [`mod@bench`]: the `bench` command: arguments, cases, report, and the data set.
@@ -16,7 +22,11 @@
 mod bench;
 mod cli;
 mod commands;
+mod context;
+mod dispatch;
 mod exit;
+mod progress;
+mod render;
 mod scratch;
 mod simulate;
 mod workload;
@@ -67,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(commands::run(
+    match runtime.block_on(dispatch::run(
         cli,
         url_on_command_line,
         replicas_on_command_line,

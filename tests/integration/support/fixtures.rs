@@ -8,9 +8,10 @@ use serde_json::json;
 use strategic_cache::{
     CacheError, CacheRepository, CharacterPerformance, Component, ConversationPatterns,
     EngagementOpportunities, Key, Limits, MemoryBehavior, MemoryHealth, NewEntry, Payload,
-    PersonalityProfile, PgCacheRepository, PgConfig, TtlPolicy,
+    PersonalityProfile, PgCacheRepository, RefreshReason, RefreshRequest, TtlPolicy,
 };
 
+use super::repo::Repo;
 use crate::support::TestDb;
 
 /// The TTL of every fixture entry.
@@ -112,14 +113,22 @@ pub fn pg(t: &TestDb) -> PgCacheRepository {
 
 /// A repository as bots get it: `connect`, with its hot-path read pool of `max` connections.
 pub async fn pooled(t: &TestDb, max: u32) -> PgCacheRepository {
-    PgCacheRepository::connect(
-        &t.url,
-        PgConfig {
-            max_connections: max,
-            min_connections: 1,
-            ..PgConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+    Repo::at(&t.url)
+        .with(|c| {
+            c.max_connections = max;
+            c.min_connections = 1;
+        })
+        .open()
+        .await
+}
+
+/// A refresh request for memory health of (`user`, "elena") after a miss: the request the
+/// scheduler, privilege and outage tests queue.
+pub fn miss(user: &str) -> RefreshRequest {
+    RefreshRequest {
+        component: Component::MemoryHealth,
+        key: Key::user_bot(user, "elena"),
+        reason: RefreshReason::Miss,
+        due_at: None,
+    }
 }

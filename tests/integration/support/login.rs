@@ -2,8 +2,9 @@
 //! database and dropped at the end), for tests of privileges and of what a role may do.
 
 use sea_orm::ConnectionTrait;
-use strategic_cache::{PgCacheRepository, PgConfig};
+use strategic_cache::PgCacheRepository;
 
+use super::repo::Repo;
 use crate::support::db::{TestDb, connect, server_url};
 
 /// The password of every [`LoginUser`] (tests check it never reaches a log line).
@@ -35,16 +36,13 @@ impl LoginUser {
     }
 
     pub async fn repo(&self) -> PgCacheRepository {
-        PgCacheRepository::connect(
-            &self.url,
-            PgConfig {
-                max_connections: 2,
-                min_connections: 0,
-                ..PgConfig::default()
-            },
-        )
-        .await
-        .unwrap()
+        Repo::at(&self.url)
+            .with(|c| {
+                c.max_connections = 2;
+                c.min_connections = 0;
+            })
+            .open()
+            .await
     }
 }
 

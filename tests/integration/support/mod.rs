@@ -1,14 +1,20 @@
 //! The test harness, apart from the tests: a fresh database per test ([`db`]), a private
 //! PostgreSQL cluster to stop and kill ([`cluster`]), a primary with streaming replicas
 //! ([`replicas`]), login users of a test's own ([`login`]), a TCP fault proxy ([`proxy`]), a
-//! VictoriaMetrics process ([`victoria`]) and timing tools for tests under load ([`timing`]).
+//! VictoriaMetrics process ([`victoria`]), timing tools for tests under load ([`timing`]) and the
+//! run-queue wait of the runtime's own threads ([`run_queue`]).
 
+pub mod backend;
+pub mod cli;
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod login;
+pub mod near;
 pub mod proxy;
 pub mod replicas;
+pub mod repo;
+pub mod run_queue;
 pub mod timing;
 pub mod victoria;
 

@@ -121,16 +121,30 @@ impl TimerControl {
     /// delayed a plain sleeping thread by more than `cap`, a latency bound says nothing about
     /// the reader, so the run must be neither a pass nor a failure of the reader.
     pub fn late_within(&self, cap: Duration) -> Result<Duration, String> {
-        let late = self.max_late();
-        if late <= cap {
-            Ok(late)
-        } else {
-            Err(format!(
-                "inconclusive: machine too loaded: a control thread sleeping alongside woke \
-                 {late:?} late, over the {cap:?} above which read latency says nothing about \
-                 the reader; rerun on a quieter machine"
-            ))
-        }
+        within_cap(
+            self.max_late(),
+            cap,
+            "a control thread sleeping alongside woke",
+            "late",
+        )
+    }
+}
+
+/// `late`, or why a run is inconclusive: `what` was delayed by `late` (`how`), over the
+/// `cap` above which read latency says nothing about the reader.
+pub fn within_cap(
+    late: Duration,
+    cap: Duration,
+    what: &str,
+    how: &str,
+) -> Result<Duration, String> {
+    if late <= cap {
+        Ok(late)
+    } else {
+        Err(format!(
+            "inconclusive: machine too loaded: {what} {late:?} {how}, over the {cap:?} above \
+             which read latency says nothing about the reader; rerun on a quieter machine"
+        ))
     }
 }
 

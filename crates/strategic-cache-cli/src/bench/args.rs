@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub struct BenchArgs {
     /// The replicas the reads go to (global `--replica`), scoped to the scratch schema.
     #[arg(skip)]
-    pub replicas: crate::commands::Replicas,
+    pub replicas: crate::context::Replicas,
     /// Users with rows (every user has rows with every bot), written into a schema of the
     /// bench's own that is dropped at the end.
     #[arg(long, default_value_t = 100_000)]

@@ -15,11 +15,11 @@ use strategic_cache::{
     PgCacheRepository, ReaderConfig, WriteOutcome,
 };
 
-use super::Progress;
 use super::args::BenchArgs;
 use super::bare::BareConn;
 use super::data::{self, Shape};
 use super::stats::{Case, Samples};
+use crate::progress::Progress;
 
 /// Concurrency of the `_10` rows: the "10 concurrent users".
 pub(super) const CONCURRENCY: u32 = 10;

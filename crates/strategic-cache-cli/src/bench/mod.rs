@@ -29,8 +29,8 @@ mod stats;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use anyhow::Result;
+use sea_orm::ConnectionTrait;
 use serde_json::json;
 use strategic_cache::{Component, PgCacheRepository, PgConfig};
 
@@ -39,11 +39,10 @@ use self::cases::Bench;
 use self::data::Shape;
 pub use self::report::BenchReport;
 use self::report::{FillReport, ratios, targets, write_plot};
-use crate::commands::{Context, Outcome, progress_bar};
+use crate::context::{Context, Replicas};
+use crate::progress::{Progress, progress_bar};
+use crate::render::Outcome;
 use crate::scratch::{self, Scoped};
-
-/// Reports progress: a stage name and the fraction of the run done.
-pub type Progress = Arc<dyn Fn(&str, f64) + Send + Sync>;
 
 /// `bench`: needs a database given with `--database-url` on its own command line; a progress
 /// bar on stderr while it runs (hidden when stderr is not a terminal).
@@ -122,7 +121,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         bench.read_cases(url).await?;
         if !args.replicas.urls.is_empty() {
             // Without TLS, as the primary (see `plain_transport`), and in the scratch schema.
-            let replicas = crate::commands::Replicas {
+            let replicas = Replicas {
                 urls: args
                     .replicas
                     .urls
@@ -208,23 +207,6 @@ async fn vacuum(admin: &sea_orm::DatabaseConnection) -> Result<()> {
         .execute_unprepared(&format!("VACUUM ANALYZE {}", tables.join(", ")))
         .await?;
     Ok(())
-}
-
-/// Read through a connection: `SELECT` helper for the soak module.
-async fn query_f64s(repo: &PgCacheRepository, sql: &str, columns: &[&str]) -> Result<Vec<f64>> {
-    let row = repo
-        .connection()
-        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql.to_owned()))
-        .await?
-        .context("no row")?;
-    columns
-        .iter()
-        .map(|c| {
-            row.try_get::<Option<f64>>("", c)
-                .map(Option::unwrap_or_default)
-                .map_err(anyhow::Error::from)
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use strategic_cache::{
 };
 use tokio_postgres::NoTls;
 
-use crate::commands::Replicas;
+use crate::context::Replicas;
 
 use super::cases::{Bench, CONCURRENCY, drive};
 use super::data::Shape;

@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::Serialize;
 use strategic_cache::prelude::*;
 use strategic_cache::scheduler::WorkerConfig;
 use strategic_cache::{CacheReader, CacheRepository, Component, PgCacheRepository, ReaderConfig};
 
+use super::args::BenchArgs;
 use super::data::{self, Shape};
 use super::stats::{Case, Samples};
-use super::{BenchArgs, Progress, query_f64s};
+use crate::progress::Progress;
 
 /// Sizes of the six tables together.
 #[derive(Clone, Debug, Serialize)]
@@ -334,4 +336,21 @@ impl SoakReport {
         );
         out
     }
+}
+
+/// Read through a connection: `SELECT` helper for the soak module.
+async fn query_f64s(repo: &PgCacheRepository, sql: &str, columns: &[&str]) -> Result<Vec<f64>> {
+    let row = repo
+        .connection()
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql.to_owned()))
+        .await?
+        .context("no row")?;
+    columns
+        .iter()
+        .map(|c| {
+            row.try_get::<Option<f64>>("", c)
+                .map(Option::unwrap_or_default)
+                .map_err(anyhow::Error::from)
+        })
+        .collect()
 }

@@ -6,11 +6,10 @@ use serde_json::{Value, json};
 use strategic_cache::prelude::*;
 use strategic_cache::{CachedEntry, Component, Freshness, Key, Lookup, ServerStats};
 
-use super::{
-    Context, KeyArgs, Outcome, UserForPerBot, human_duration, key_json, key_text, served_by,
-    server_label,
-};
+use crate::commands::key_args::KeyArgs;
+use crate::context::{Context, UserForPerBot};
 use crate::exit::bad_input;
+use crate::render::{Outcome, human_duration, key_json, key_text, served_by, server_label};
 
 /// Arguments of `get`.
 #[derive(Debug, clap::Args)]

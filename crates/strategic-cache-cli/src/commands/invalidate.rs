@@ -7,8 +7,10 @@ use serde_json::{Value, json};
 use strategic_cache::prelude::*;
 use strategic_cache::{Component, DEFAULT_WINDOW_HOURS, Key};
 
-use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};
+use crate::commands::key_args::parse_component;
+use crate::context::{Context, UserForPerBot};
 use crate::exit::bad_input;
+use crate::render::{Outcome, key_json, key_text};
 
 /// Arguments of `invalidate`.
 #[derive(Debug, clap::Args)]

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use strategic_cache::prelude::*;
 use strategic_cache::{Component, TableHealth};
 
-use super::{Context, Outcome, human_duration};
+use crate::context::Context;
+use crate::render::{Outcome, human_duration};
 
 /// Arguments of `sweep`.
 #[derive(Debug, Args)]

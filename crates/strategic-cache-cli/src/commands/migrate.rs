@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use clap::Subcommand;
 
-use super::{Context, Outcome};
+use crate::context::Context;
+use crate::render::Outcome;
 
 /// `migrate` actions; the same runner as the `migration` binary and `cargo xtask migrate`.
 #[derive(Debug, Subcommand)]

@@ -15,8 +15,10 @@ use strategic_cache::{
     Component, DEFAULT_WINDOW_HOURS, NewEntry, Payload, TtlPolicy, WriteOutcome,
 };
 
-use super::{Context, Outcome, UserForPerBot, key_json, key_text, parse_component};
+use crate::commands::key_args::parse_component;
+use crate::context::{Context, UserForPerBot};
 use crate::exit::bad_input;
+use crate::render::{Outcome, key_json, key_text};
 
 /// Arguments of `put`.
 #[derive(Debug, Args)]
@@ -63,7 +65,7 @@ pub async fn run(context: &Context, args: PutArgs) -> anyhow::Result<Outcome> {
     };
     // The largest input worth parsing: the payload limit plus room for whitespace and field
     // names. Reading stops there, so a runaway pipe cannot exhaust memory.
-    let max_bytes = context.limits.max_payload_bytes.saturating_mul(2);
+    let max_bytes = context.limits().max_payload_bytes.saturating_mul(2);
     let bytes = read_input(args.file.as_deref(), max_bytes)?;
     let source = match &args.file {
         Some(path) => path.display().to_string(),
@@ -80,7 +82,7 @@ pub async fn run(context: &Context, args: PutArgs) -> anyhow::Result<Outcome> {
     let payload = Payload::from_json(component, value)?;
     let mut entry = NewEntry::new(key.clone(), payload);
     entry.ttl = ttl;
-    context.limits.check_entry(&entry, chrono::Utc::now())?;
+    context.limits().check_entry(&entry, chrono::Utc::now())?;
 
     let repository = context.repository().await?;
     let outcome = repository.upsert(&entry).await?;

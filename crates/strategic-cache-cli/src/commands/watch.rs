@@ -20,7 +20,8 @@ use strategic_cache::{
     ServerRole, ServerStats,
 };
 
-use super::{Context, Outcome, served_by, server_label};
+use crate::context::Context;
+use crate::render::{Outcome, served_by, server_label};
 
 /// Arguments of `watch`.
 #[derive(Debug, Args)]
@@ -47,7 +48,7 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
     let config = context.with_replicas(PgConfig {
         max_connections: 2,
         min_connections: 1,
-        limits: context.limits.clone(),
+        limits: context.limits().clone(),
         ..PgConfig::default()
     })?;
     let replicas = !config.replicas.is_empty();

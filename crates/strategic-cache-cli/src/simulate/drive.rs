@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use strategic_cache::{Component, ServerStats};
 use tokio::time::Instant;
 
-use super::SimulateArgs;
+use super::args::SimulateArgs;
 use super::setup::System;
 use crate::workload::{exp_sample, zipf_cdf};
 
@@ -158,7 +158,7 @@ pub(super) async fn drive(
     // The workers' counters when the measured window starts, and their stop when it ends
     // (on the virtual clock at those instants exactly; in compressed real time within a
     // scheduler tick).
-    let mut window = super::AbortOnDrop(vec![{
+    let mut window = AbortOnDrop(vec![{
         let system = system.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from).await;
@@ -171,7 +171,7 @@ pub(super) async fn drive(
         })
     }]);
     // Aborted if the run is dropped (Ctrl-C): see `AbortOnDrop`.
-    let mut sessions = super::AbortOnDrop(Vec::new());
+    let mut sessions = AbortOnDrop(Vec::new());
     let mut at = 0.0f64;
     let mut last_progress = Instant::now();
     loop {
@@ -282,5 +282,18 @@ impl Tally {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(micros);
+    }
+}
+
+/// Tasks of a run (its workers, its sessions), aborted if the run is dropped before it ends: a
+/// run stopped by Ctrl-C is dropped and its schema dropped next, so a task left running would
+/// read or write a schema that no longer exists, and log that it could not.
+pub(super) struct AbortOnDrop<T = ()>(pub(super) Vec<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }

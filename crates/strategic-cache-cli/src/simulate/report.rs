@@ -8,7 +8,7 @@ use serde::Serialize;
 use strategic_cache::Component;
 use strategic_cache::{ReaderStats, ServerRole, ServerStats};
 
-use super::SimulateArgs;
+use super::args::SimulateArgs;
 use super::drive::{Driven, WorkerTotals};
 use crate::workload::quantile;
 

@@ -23,7 +23,7 @@ use strategic_cache::{
 };
 use tokio::time::Instant;
 
-use super::SimulateArgs;
+use super::args::SimulateArgs;
 
 /// A fake engine: builds a plausible ~1 KB payload after `compute` time, and counts
 /// recomputations of a key that were not needed.

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::SimulateArgs;
+use super::args::SimulateArgs;
 use crate::exit::bad_input;
 
 /// Checks every argument; the error names the flag and what it must be.

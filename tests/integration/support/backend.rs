@@ -1,0 +1,22 @@
+//! The stores a contract runs against, and the rstest template that runs a test on each.
+
+use rstest_reuse::template;
+
+/// Which implementation a contract case runs against: the contract suite's repositories and
+/// the scheduler's queues both come in these two.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    /// PostgreSQL (for a repository: `PgCacheRepository::connect`, reads on its own pool,
+    /// writes through sea-orm).
+    Postgres,
+    /// The in-memory implementation.
+    Memory,
+}
+
+/// The cases of a test that runs once per [`Backend`]: `#[apply(backends)]` over an
+/// `async fn name(#[case] backend: Backend)`, named `case_1_postgres` and `case_2_memory`.
+#[template]
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::memory(Backend::Memory)]
+pub fn backends(#[case] backend: Backend) {}
