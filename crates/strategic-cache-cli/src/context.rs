@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use migration::runner;
-use strategic_cache::{Component, Key, Limits, PgCacheRepository, PgConfig};
+use strategic_cache::{CacheError, Component, Key, Limits, PgCacheRepository, PgConfig};
 
 use crate::exit::bad_input;
 
@@ -161,25 +161,37 @@ impl Context {
     /// The replicas, validated, for `simulate` and `bench` (and `get` and `watch`).
     pub fn replica_set(&self) -> anyhow::Result<Replicas> {
         let urls = self.replicas()?;
-        let probe = PgConfig::default().replica_probe_interval;
-        if !urls.is_empty() && self.max_replica_lag < probe * 2 {
-            return Err(bad_input(format!(
-                "--max-replica-lag-ms must be at least {} (twice the {} ms interval at which \
-                 replica lag is measured)",
-                (probe * 2).as_millis(),
-                probe.as_millis()
-            )));
-        }
-        if !urls.is_empty() && self.replica_read_timeout.is_zero() {
-            return Err(bad_input(
-                "--replica-read-timeout-ms must be at least 1 (a replica read needs some time)",
-            ));
-        }
-        Ok(Replicas {
+        let replicas = Replicas {
             urls,
             max_lag: self.max_replica_lag,
             read_timeout: self.replica_read_timeout,
-        })
+        };
+        // The rules are the library's (`PgConfig::validate`); only the names are the CLI's.
+        let probe = PgConfig::default().replica_probe_interval;
+        match replicas.config(PgConfig::default()).validate() {
+            Err(CacheError::InvalidInput {
+                field: "replica_probe_interval",
+                ..
+            }) => {
+                return Err(bad_input(format!(
+                    "--max-replica-lag-ms must be at least {} (twice the {} ms interval at which \
+                     replica lag is measured)",
+                    (probe * 2).as_millis(),
+                    probe.as_millis()
+                )));
+            }
+            Err(CacheError::InvalidInput {
+                field: "replica_read_timeout",
+                ..
+            }) => {
+                return Err(bad_input(
+                    "--replica-read-timeout-ms must be at least 1 (a replica read needs some time)",
+                ));
+            }
+            Err(other) => return Err(bad_input(other.to_string())),
+            Ok(()) => {}
+        }
+        Ok(replicas)
     }
 
     /// The input limits every key and payload is checked against.

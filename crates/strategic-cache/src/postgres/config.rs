@@ -114,7 +114,7 @@ fn check_replica_rules(config: &PgConfig) -> Result<(), CacheError> {
 /// Checks that `url` (the setting `field`) is a `postgres://` or `postgresql://` URL: the one
 /// check of a URL's scheme, for the repository, the near tier's listener and the CLI.
 pub fn check_url(field: &'static str, url: &str) -> Result<(), CacheError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if pg_diagnostics::is_postgres_url(url) {
         return Ok(());
     }
     Err(CacheError::invalid(
