@@ -76,10 +76,13 @@ fn function_name(component: usize) -> String {
 /// snapshot of the bot), as in migration 4.
 fn table_function(component: usize, key_col: &str) -> String {
     let name = function_name(component);
-    let rows_json = if key_col == "user_id" {
-        "(SELECT json_agg(row_to_json(n))::text FROM sc_new n WHERE n.bot_name = s.b)"
+    let (rows_json, rows_sub) = if key_col == "user_id" {
+        (
+            "json_agg(row_to_json(n))::text",
+            "(SELECT json_agg(row_to_json(n))::text FROM sc_new n WHERE n.bot_name = s.b)",
+        )
     } else {
-        "NULL::text"
+        ("NULL::text", "NULL::text")
     };
     format!(
         "\
@@ -87,26 +90,42 @@ CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
   r record;
+  same_keys boolean;
 BEGIN
+  -- Each branch names only the transition tables its operation has (a query naming a
+  -- missing one fails when planned).
   IF TG_OP = 'TRUNCATE' THEN
     PERFORM pg_notify('{FLUSH_ALL_CHANNEL}', '{{\"c\":{component},\"f\":true}}');
-  ELSIF TG_OP = 'INSERT' THEN
-    FOR r IN SELECT s.b, json_agg(DISTINCT s.k)::text AS keys, {rows_json} AS rows_json
-             FROM (SELECT bot_name, \"{key_col}\" FROM sc_new) s(b, k) GROUP BY s.b LOOP
-      PERFORM strategic_cache_send({component}, r.b, r.keys, r.rows_json);
-    END LOOP;
-  ELSIF TG_OP = 'UPDATE' THEN
-    FOR r IN SELECT s.b, json_agg(DISTINCT s.k)::text AS keys, {rows_json} AS rows_json
-             FROM (SELECT bot_name, \"{key_col}\" FROM sc_new
-                   UNION ALL SELECT bot_name, \"{key_col}\" FROM sc_old) s(b, k)
-             GROUP BY s.b LOOP
-      PERFORM strategic_cache_send({component}, r.b, r.keys, r.rows_json);
-    END LOOP;
-  ELSE
-    FOR r IN SELECT s.b, json_agg(DISTINCT s.k)::text AS keys
-             FROM (SELECT bot_name, \"{key_col}\" FROM sc_old) s(b, k) GROUP BY s.b LOOP
+  ELSIF TG_OP = 'DELETE' THEN
+    FOR r IN SELECT o.bot_name AS b, json_agg(DISTINCT o.\"{key_col}\")::text AS keys
+             FROM sc_old o GROUP BY o.bot_name LOOP
       PERFORM strategic_cache_send({component}, r.b, r.keys, NULL);
     END LOOP;
+  ELSE
+    same_keys := TG_OP = 'INSERT';
+    IF NOT same_keys THEN
+      -- An update that kept every key (an upsert always does).
+      same_keys := NOT EXISTS (
+        SELECT 1 FROM sc_old o WHERE NOT EXISTS (
+          SELECT 1 FROM sc_new n
+          WHERE n.bot_name = o.bot_name AND n.\"{key_col}\" = o.\"{key_col}\"));
+    END IF;
+    IF same_keys THEN
+      -- The new rows name every key: one pass over them.
+      FOR r IN SELECT n.bot_name AS b, json_agg(DISTINCT n.\"{key_col}\")::text AS keys,
+                      {rows_json} AS rows_json
+               FROM sc_new n GROUP BY n.bot_name LOOP
+        PERFORM strategic_cache_send({component}, r.b, r.keys, r.rows_json);
+      END LOOP;
+    ELSE
+      -- An update that changed a key: the old keys go too.
+      FOR r IN SELECT s.b, json_agg(DISTINCT s.k)::text AS keys, {rows_sub} AS rows_json
+               FROM (SELECT bot_name, \"{key_col}\" FROM sc_new
+                     UNION ALL SELECT bot_name, \"{key_col}\" FROM sc_old) s(b, k)
+               GROUP BY s.b LOOP
+        PERFORM strategic_cache_send({component}, r.b, r.keys, r.rows_json);
+      END LOOP;
+    END IF;
   END IF;
   RETURN NULL;
 END
