@@ -3,7 +3,8 @@
 # costs a write"). Usage: docs/feed-cost/run.sh URL [ROUNDS], URL a database migrated to the
 # last migration that nothing else uses (the script creates tables fc_* in it). Prints one line
 # per pgbench run: variant, writers, transactions a second. Set PGOPTIONS="-c
-# synchronous_commit=off" to see the same without the commit's wait for its WAL flush.
+# synchronous_commit=off" to see the same without the commit's wait for its WAL flush, and
+# SECONDS_PER_RUN to change the 8 s of each run.
 set -euo pipefail
 url=$1
 rounds=${2:-3}
@@ -25,13 +26,15 @@ script fc_stmtmin >"$tmp/stmtmin.sql"
 # No trigger: the same statement with one pg_notify of the key in it.
 script fc_notify | sed 's/^INSERT/WITH w AS (INSERT/; s/RETURNING \*;$/RETURNING *) SELECT pg_notify(strategic_cache_channel(w.bot_name), w.user_id) FROM w;/' >"$tmp/notify.sql"
 # Every table starts with its 10,000 rows, so that every run measures updates.
-for v in none m6 m4 row stmtmin notify; do
-  pgbench -n -t 10000 -c 1 -f "$tmp/$v.sql" "$url" >/dev/null 2>&1
+for t in fc_plain strategic_memory_health fc_m4 fc_rowtrig fc_stmtmin fc_notify; do
+  psql -q -v ON_ERROR_STOP=1 "$url" -c "INSERT INTO $t (user_id, bot_name, memory_snapshot, expires_at)
+    SELECT 'user-' || i, 'bench-bot', '{}', now() + interval '1 hour' FROM generate_series(1, 10000) i
+    ON CONFLICT (user_id, bot_name) DO NOTHING" >/dev/null
 done
 for r in $(seq "$rounds"); do
   for c in 1 8; do
     for v in none m6 m4 notify stmtmin row; do
-      pgbench -n -T 8 -c "$c" -j "$c" -M prepared -f "$tmp/$v.sql" "$url" 2>&1 |
+      pgbench -n -T "${SECONDS_PER_RUN:-8}" -c "$c" -j "$c" -M prepared -f "$tmp/$v.sql" "$url" 2>&1 |
         awk -v v="$v" -v c="$c" '/^tps/ {print v, "writers=" c, $3}'
     done
   done

@@ -1,3 +1,4 @@
+SET client_min_messages = warning;
 -- Copies of strategic_memory_health for docs/SCALING.md, "What the change feed costs a write",
 -- in a database migrated to the last migration (its own table has migration 6's triggers).
 DROP TABLE IF EXISTS fc_plain, fc_m4, fc_notify, fc_rowtrig, fc_stmtmin;
