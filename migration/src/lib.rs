@@ -31,6 +31,8 @@ mod m20251124_000003_create_roles;
 mod m20251130_000004_create_notify_triggers;
 // Near tier: who sent a notification.
 mod m20251207_000005_create_sender_check;
+// Near tier: lighter notify triggers (static SQL).
+mod m20251207_000006_lighter_notify_triggers;
 pub mod runner;
 mod session;
 
@@ -42,7 +44,7 @@ pub const ROLES_MIGRATION: &str = "m20251124_000003_create_roles";
 pub use m20251130_000004_create_notify_triggers::{FLUSH_ALL_CHANNEL, MAX_PAYLOAD_BYTES};
 pub use m20251207_000005_create_sender_check::SENDERS_FUNCTION;
 
-/// Creates the near tier's notify triggers (migration 4's `up`) and its sender check
+/// Creates the near tier's notify triggers (migration 4's `up`, made lighter by migration 6's) and its sender check
 /// (migration 5's function, without the roles' grants) on `db` without recording the
 /// migrations: for a scratch schema (`simulate`, `bench`) that applies the first two migrations
 /// but not the third, whose cluster-wide roles would outlive it, and whose readers still need
@@ -53,6 +55,11 @@ pub async fn create_notify_triggers(
     let manager = SchemaManager::new(db);
     MigrationTrait::up(
         &m20251130_000004_create_notify_triggers::Migration,
+        &manager,
+    )
+    .await?;
+    MigrationTrait::up(
+        &m20251207_000006_lighter_notify_triggers::Migration,
         &manager,
     )
     .await?;
@@ -71,6 +78,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251124_000003_create_roles::Migration),
             Box::new(m20251130_000004_create_notify_triggers::Migration),
             Box::new(m20251207_000005_create_sender_check::Migration),
+            Box::new(m20251207_000006_lighter_notify_triggers::Migration),
         ]
     }
 }

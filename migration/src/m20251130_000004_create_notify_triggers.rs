@@ -42,7 +42,7 @@ impl MigrationName for Migration {
 
 /// The key column of each table besides `bot_name`, in [`CACHE_TABLES`] order (the index is
 /// the component index the payload carries).
-const KEY_COLUMNS: [&str; 6] = [
+pub(crate) const KEY_COLUMNS: [&str; 6] = [
     "user_id",
     "time_window_hours",
     "user_id",
@@ -51,14 +51,14 @@ const KEY_COLUMNS: [&str; 6] = [
     "user_id",
 ];
 
-const CHANNEL_FUNCTION: &str = "\
+pub(crate) const CHANNEL_FUNCTION: &str = "\
 CREATE OR REPLACE FUNCTION strategic_cache_channel(bot text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 'strategic_cache_' || md5(bot) $$";
 
 /// The trigger function. Arguments: the component index and the key column. The transition
 /// tables are `sc_new` / `sc_old`, named by each trigger; the query is dynamic only because
 /// the key column differs between tables (it is a trigger argument, never user input).
-fn notify_function() -> String {
+pub(crate) fn notify_function() -> String {
     format!(
         "\
 CREATE OR REPLACE FUNCTION strategic_cache_notify() RETURNS trigger
@@ -134,7 +134,7 @@ pub(crate) async fn existing_triggers<C: ConnectionTrait>(
         .collect()
 }
 
-fn create_triggers(table: &str, component: usize, key_col: &str) -> Vec<String> {
+pub(crate) fn create_triggers(table: &str, component: usize, key_col: &str) -> Vec<String> {
     let args = format!("strategic_cache_notify('{component}', '{key_col}')");
     vec![
         format!(

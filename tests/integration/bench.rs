@@ -36,6 +36,12 @@ const REQUIRED: &[&str] = &[
     "near_snapshot_shared",
     "near_single_read",
     "near_single_read_10",
+    "upsert_1_feed",
+    "upsert_1_nofeed",
+    "upsert_8_feed",
+    "upsert_8_nofeed",
+    "upsert_batch_feed",
+    "upsert_batch_nofeed",
 ];
 
 /// The built binary, next to the test executable's `deps` directory.
@@ -137,6 +143,16 @@ async fn quick_bench_reports_every_case_without_errors() {
             .any(|t| t["name"] == "near_snapshot_shared p99 <= 2 us" && t["pass"].is_boolean()),
         "{stdout}"
     );
+    // The change feed's price: each write case against itself without the triggers.
+    for w in ["upsert_1", "upsert_8", "upsert_batch"] {
+        let name = format!("{w}_feed throughput >= 0.8 x {w}_nofeed");
+        assert!(
+            targets
+                .iter()
+                .any(|t| t["name"] == name.as_str() && t["pass"].is_boolean()),
+            "{name}: {stdout}"
+        );
+    }
     assert_eq!(hit_rate("cold_read"), 0.0);
     assert_eq!(hit_rate("stale_read"), 0.0);
     assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));

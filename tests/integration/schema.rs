@@ -18,7 +18,7 @@ type ContractColumn = (
 );
 
 /// Every migration, oldest first.
-const ALL_MIGRATIONS: [&str; 5] = [
+const ALL_MIGRATIONS: [&str; 6] = [
     "m20251124_000001_create_strategic_cache_tables",
     "m20251124_000002_create_refresh_queue",
     "m20251124_000003_create_roles",
@@ -27,6 +27,8 @@ const ALL_MIGRATIONS: [&str; 5] = [
     "m20251130_000004_create_notify_triggers",
     // Who sent a notification: one function.
     "m20251207_000005_create_sender_check",
+    // Lighter notify triggers: functions and triggers only.
+    "m20251207_000006_lighter_notify_triggers",
 ];
 
 const TS: &str = "timestamp with time zone";

@@ -20,6 +20,7 @@ mod args;
 mod bare;
 mod cases;
 mod data;
+mod feed;
 mod plot;
 mod replicas;
 mod report;
@@ -134,6 +135,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
             replica_setup = bench.replica_cases(url, &scratch.db, &replicas).await?;
         }
         bench.write_cases().await?;
+        bench.feed_cases(&scratch.db).await?;
         None
     };
     let overhead = if args.soak {

@@ -145,6 +145,23 @@ pub(super) fn targets(cases: &[Case], overhead_us: f64) -> Vec<Target> {
             detail: format!("p99 {:.2} us", n.p99_us),
         });
     }
+    // The change feed's price on writes (issue 25, item 6): each write case with the notify
+    // triggers against the same case with them disabled, in this run.
+    for w in ["upsert_1", "upsert_8", "upsert_batch"] {
+        let (feed, nofeed) = (format!("{w}_feed"), format!("{w}_nofeed"));
+        if let (Some(f), Some(n)) = (find(cases, &feed), find(cases, &nofeed)) {
+            out.push(Target {
+                name: format!("{feed} throughput >= 0.8 x {nofeed}"),
+                pass: f.throughput_per_s >= 0.8 * n.throughput_per_s,
+                detail: format!(
+                    "{:.0}/s vs {:.0}/s (ratio {:.2})",
+                    f.throughput_per_s,
+                    n.throughput_per_s,
+                    f.throughput_per_s / n.throughput_per_s.max(1e-9)
+                ),
+            });
+        }
+    }
     out.push(Target {
         name: "reader overhead <= 2 us per read".into(),
         pass: overhead_us <= 2.0,
