@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
-use strategic_cache::{CacheRepository, Component, NewEntry, WriteOutcome};
+use strategic_cache::prelude::*;
+use strategic_cache::{Component, NewEntry, WriteOutcome};
 
 use super::cases::{Bench, drive};
 use super::data::{self, Shape};
