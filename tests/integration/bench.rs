@@ -34,6 +34,7 @@ const REQUIRED: &[&str] = &[
     "near_snapshot",
     "near_snapshot_10",
     "near_snapshot_shared",
+    "near_burst_200",
     "near_single_read",
     "near_single_read_10",
     "upsert_1_feed",
@@ -136,11 +137,19 @@ async fn quick_bench_reports_every_case_without_errors() {
     assert_eq!(hit_rate("near_single_read"), 1.0);
     assert_eq!(hit_rate("near_single_read_10"), 1.0);
     assert_eq!(hit_rate("near_snapshot_shared"), hit_rate("near_snapshot"));
+    assert_eq!(hit_rate("near_burst_200"), hit_rate("near_snapshot"));
     let targets = report["targets"].as_array().unwrap();
     assert!(
         targets
             .iter()
             .any(|t| t["name"] == "near_snapshot_shared p99 <= 2 us" && t["pass"].is_boolean()),
+        "{stdout}"
+    );
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["name"] == "near_burst_200: zero errors, p95 <= 2 ms"
+                && t["pass"].is_boolean()),
         "{stdout}"
     );
     // The change feed's price: each write case against itself without the triggers.

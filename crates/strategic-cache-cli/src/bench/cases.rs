@@ -361,6 +361,9 @@ impl Bench {
         .await;
         samples.errors += reader_errors(&reader, 6);
         self.push("near_snapshot_shared", "snapshot", samples, 1.0);
+        // A message burst on warm conversations: 200 snapshots at once, from memory.
+        self.burst_through("near_burst_200", &reader, 200, Some(Self::NEAR_KEYS))
+            .await;
         for (name, tasks) in [
             ("near_single_read", 1),
             ("near_single_read_10", CONCURRENCY),
@@ -423,9 +426,22 @@ impl Bench {
     /// `bursts` times: `size` single reads started at the same instant through one reader
     /// (they queue for the pool's connections). Latency includes the wait for a connection.
     async fn burst(&mut self, size: u32) {
-        let name = format!("burst_{size}");
-        self.step(&name);
         let reader = self.reader();
+        self.burst_through(&format!("burst_{size}"), &reader, size, None)
+            .await;
+    }
+
+    /// Bursts of `size` reads at once through `reader`, each burst released by a barrier:
+    /// single reads of keys new to each burst, or with `warm` snapshots of that working set
+    /// (which the near tier holds).
+    async fn burst_through(
+        &mut self,
+        name: &str,
+        reader: &CacheReader,
+        size: u32,
+        warm: Option<u64>,
+    ) {
+        self.step(name);
         let shape = self.shape;
         let mut all = Samples::default();
         for round in 0..self.args.bursts {
@@ -435,13 +451,22 @@ impl Bench {
             let samples = drive(size, u64::from(size), None, move |t, k| {
                 let reader = r.clone();
                 let barrier = barrier.clone();
-                let (u, b) = shape.fresh_key(seed + u64::from(t), k);
                 async move {
                     barrier.wait().await;
-                    let found = reader
-                        .get(Component::MemoryHealth, &Shape::user(u), &Shape::bot(b))
-                        .await;
-                    Ok(bool_hit(found.is_some()))
+                    Ok(match warm {
+                        Some(keys) => {
+                            let (u, b) = shape.fresh_key(900, (u64::from(t) + k) % keys);
+                            let snapshot = reader.snapshot(&Shape::user(u), &Shape::bot(b)).await;
+                            snapshot.len() as f64 / 6.0
+                        }
+                        None => {
+                            let (u, b) = shape.fresh_key(seed + u64::from(t), k);
+                            let found = reader
+                                .get(Component::MemoryHealth, &Shape::user(u), &Shape::bot(b))
+                                .await;
+                            bool_hit(found.is_some())
+                        }
+                    })
                 }
             })
             .await;
@@ -451,8 +476,9 @@ impl Bench {
             // Let the pool settle between bursts, as between bursts of real traffic.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        all.errors += reader_errors(&reader, 1);
-        self.push(&name, "read", all, 1.0);
+        all.errors += reader_errors(reader, if warm.is_some() { 6 } else { 1 });
+        let unit = if warm.is_some() { "snapshot" } else { "read" };
+        self.push(name, unit, all, 1.0);
     }
 
     /// Batch upserts refreshing fresh rows, then a sweep of the stale rows with reads

@@ -138,6 +138,13 @@ pub(super) fn targets(cases: &[Case], overhead_us: f64) -> Vec<Target> {
             detail: format!("{} errors, p95 {:.0} us", b.errors, b.p95_us),
         });
     }
+    if let Some(b) = find(cases, "near_burst_200") {
+        out.push(Target {
+            name: "near_burst_200: zero errors, p95 <= 2 ms".into(),
+            pass: b.errors == 0 && b.p95_us <= 2000.0,
+            detail: format!("{} errors, p95 {:.0} us", b.errors, b.p95_us),
+        });
+    }
     if let Some(n) = find(cases, "near_snapshot_shared") {
         out.push(Target {
             name: "near_snapshot_shared p99 <= 2 us".into(),
