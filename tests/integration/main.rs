@@ -16,6 +16,7 @@ mod contract;
 mod example_bot;
 mod faults;
 mod hostile;
+mod lease_fleet;
 mod load;
 mod metrics;
 // The reader's near tier.
