@@ -208,3 +208,52 @@ async fn forged_heartbeats_anchor_no_lease() {
     assert!(result.near_hits > 100, "{result:?}");
     assert!(result.max_staleness <= BOUND, "{result:?}");
 }
+
+/// When the process holding the lock dies (`kill -9` of a `watch` whose heartbeats the other
+/// tiers renew on), one of the others holds the lock within 1 s, and their leases are held
+/// throughout (each falls back to its own probe until the new heartbeat).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_process_is_replaced_within_a_second_and_leases_hold() {
+    let (t, _repo) = seeded(&["u0"], 1).await;
+    let mut child = tokio::process::Command::new(crate::cli::binary())
+        .args(["watch", "--user", "u0", "--bot", crate::near::BOT])
+        .args(["--interval-ms", "1000"])
+        .env("DATABASE_URL", &t.url)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let held = poll_until(Duration::from_secs(10), || async {
+        !holders(&t.db).await.is_empty()
+    })
+    .await;
+    assert!(held.is_some(), "the watch process never took the lock");
+    let first = holders(&t.db).await[0];
+    let readers = fleet(&t, 2).await;
+    for r in &readers {
+        warm(r, "u0").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = counts(&readers);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (b, a) in before.iter().zip(counts(&readers)) {
+        assert!(a.1 > b.1, "a tier did not renew on the watch's heartbeat");
+        assert_eq!(a.0, b.0, "a tier sent heartbeats while the watch held the lock");
+    }
+    child.start_kill().unwrap();
+    let killed = Instant::now();
+    let mut replaced = None;
+    while killed.elapsed() < Duration::from_secs(3) {
+        for (i, r) in readers.iter().enumerate() {
+            assert!(r.near_tier().unwrap().lease_valid(), "reader {i} lost its lease");
+        }
+        if replaced.is_none() && holders(&t.db).await.first().is_some_and(|p| *p != first) {
+            replaced = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let replaced = replaced.expect("no tier took the lock over");
+    assert!(replaced <= Duration::from_secs(1), "took {replaced:?}");
+    let sent: u64 = counts(&readers).iter().map(|c| c.0).sum();
+    assert!(sent > 0, "no remaining tier sends the heartbeat");
+}
