@@ -77,9 +77,16 @@ async fn one_listener_sends_the_heartbeat_and_every_lease_is_held() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         for (i, r) in readers.iter().enumerate() {
-            assert!(r.near_tier().unwrap().lease_valid(), "reader {i} lost its lease");
+            assert!(
+                r.near_tier().unwrap().lease_valid(),
+                "reader {i} lost its lease"
+            );
         }
-        assert_eq!(holders(&t.db).await.len(), 1, "not exactly one heartbeat holder");
+        assert_eq!(
+            holders(&t.db).await.len(),
+            1,
+            "not exactly one heartbeat holder"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let after = counts(&readers);
@@ -238,14 +245,20 @@ async fn a_dead_holder_process_is_replaced_within_a_second_and_leases_hold() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (b, a) in before.iter().zip(counts(&readers)) {
         assert!(a.1 > b.1, "a tier did not renew on the watch's heartbeat");
-        assert_eq!(a.0, b.0, "a tier sent heartbeats while the watch held the lock");
+        assert_eq!(
+            a.0, b.0,
+            "a tier sent heartbeats while the watch held the lock"
+        );
     }
     child.start_kill().unwrap();
     let killed = Instant::now();
     let mut replaced = None;
     while killed.elapsed() < Duration::from_secs(3) {
         for (i, r) in readers.iter().enumerate() {
-            assert!(r.near_tier().unwrap().lease_valid(), "reader {i} lost its lease");
+            assert!(
+                r.near_tier().unwrap().lease_valid(),
+                "reader {i} lost its lease"
+            );
         }
         if replaced.is_none() && holders(&t.db).await.first().is_some_and(|p| *p != first) {
             replaced = Some(killed.elapsed());

@@ -156,7 +156,9 @@ impl Drop for Scratch {
 
 /// `url` with its database replaced by `database` (the query string kept).
 fn with_database(url: &str, database: &str) -> Result<String> {
-    let (main, query) = url.split_once('?').map_or((url, None), |(m, q)| (m, Some(q)));
+    let (main, query) = url
+        .split_once('?')
+        .map_or((url, None), |(m, q)| (m, Some(q)));
     let scheme_end = main.find("://").context("the database URL has no scheme")? + 3;
     let host_end = main[scheme_end..]
         .find('/')
@@ -193,7 +195,8 @@ struct Window {
 
 impl Window {
     fn cpu_text(&self) -> String {
-        self.cpu.map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"))
+        self.cpu
+            .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.2}"))
     }
 }
 
@@ -227,7 +230,13 @@ fn measure_fleet(
     let mut watchers = Children(Vec::new());
     for i in 0..n {
         let child = Command::new(cli)
-            .args(["watch", "--user", &format!("fleet-user-{i}"), "--bot", "fleet"])
+            .args([
+                "watch",
+                "--user",
+                &format!("fleet-user-{i}"),
+                "--bot",
+                "fleet",
+            ])
             .args(["--interval-ms", "5000", "--database-url", &scratch.url])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -243,7 +252,11 @@ fn measure_fleet(
         scratch.name
     );
     let start = Instant::now();
-    while psql(&scratch.base_url, &listening)?.parse::<usize>().unwrap_or(0) < n {
+    while psql(&scratch.base_url, &listening)?
+        .parse::<usize>()
+        .unwrap_or(0)
+        < n
+    {
         if start.elapsed() > Duration::from_secs(60) {
             bail!("the {n} `watch` processes were not all listening after 60 s");
         }
