@@ -7,8 +7,8 @@
 //! transactions a second. Here one listener of the database, the one whose session holds the
 //! advisory lock [`LOCK`] (`pg_try_advisory_lock`, taken by any listener that finds it free),
 //! sends its probe on the shared channel [`CHANNEL`]: the heartbeat. Every other listener
-//! anchors its lease on that heartbeat instead of notifying: `N` wake-ups and `N` small reads
-//! per interval, linear in `N`.
+//! anchors its lease on that heartbeat instead of notifying, on every other heartbeat: `N`
+//! wake-ups per interval and `N` small statements per two, linear in `N`.
 //!
 //! # What a heartbeat proves, and to whom
 //! A listener that is not the holder starts a round at `sent` with one statement that notifies
@@ -93,6 +93,12 @@ pub(super) struct Anchor {
     /// By the database's clock, a time before which none of the next round's notifications
     /// was sent (the next round's `since`).
     pub(super) server: DateTime<Utc>,
+    /// When the next round may start: one interval after `sent` for a probe of this
+    /// listener's own (the heartbeat's pace), two after it for a round anchored on a
+    /// heartbeat. The lease does not need more (it runs until `sent + lease`); the wake-ups
+    /// that every heartbeat costs each listener do not depend on it, the rounds do, so
+    /// renewing every other heartbeat halves what a listener adds beyond them.
+    pub(super) next: Instant,
 }
 
 /// The round's anchor: the holder's heartbeat, or this listener's own probe. Every other
@@ -159,6 +165,7 @@ pub(super) async fn anchor(
                         return Ok(Anchor {
                             sent,
                             server: started,
+                            next: sent + config.probe_interval * 2,
                         });
                     }
                     continue;
@@ -260,7 +267,11 @@ async fn own_probe(
             && notification.process_id() == own_pid
             && notification.payload() == payload
         {
-            return Ok(Anchor { sent, server });
+            return Ok(Anchor {
+                sent,
+                server,
+                next: sent + config.probe_interval,
+            });
         }
         push(state, round, lease_channel, own_pid, &notification);
     }

@@ -603,7 +603,7 @@ async fn session(
             &mut round,
         )
         .await?;
-        let (sent, server) = (anchor.sent, anchor.server);
+        let (sent, server, next) = (anchor.sent, anchor.server, anchor.next);
         let deadline = tokio::time::Instant::from_std(sent + config.lease);
         let distributed = apply_round(
             state,
@@ -644,8 +644,7 @@ async fn session(
             state.mark_subscribed(bot);
         }
         state.renew_lease(sent + config.lease);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(sent + config.probe_interval))
-            .await;
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
     }
 }
 
