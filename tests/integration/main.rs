@@ -22,6 +22,8 @@ mod example_bot;
 mod faults;
 // Hostile input the contract and CLI suites do not already cover.
 mod hostile;
+// The lease's shared heartbeat: one sender, takeover, forged heartbeats.
+mod lease_fleet;
 // A thousand concurrent readers over one reader and a pool of ten connections.
 mod load;
 // Metrics export to VictoriaMetrics, and the Grafana dashboard against the exporter.

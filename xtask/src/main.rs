@@ -12,8 +12,10 @@
 //!   testcontainers path, and removing the test containers by label.
 //! - [`system`]: running programs and installing Debian packages.
 //! - [`replicas`]: a private primary with streaming replicas for `bench --replicas`.
+//! - [`fleet`]: `bench --fleet`, the server's cost of N bot processes on one database.
 
 mod containers;
+mod fleet;
 mod prereq;
 mod replicas;
 mod system;
@@ -38,7 +40,11 @@ usage: cargo xtask <task>
   bench [BENCH ARGS]                                       strategic-cache bench, release build
   bench --replicas [N] [BENCH ARGS]                        the same against a private primary with
                                                            N (default 2) streaming replicas under
-                                                           target/xtask/, removed afterwards";
+                                                           target/xtask/, removed afterwards
+  bench --fleet N[,N...] [--database-url URL] [--window-secs S] [--cli PATH]
+                                                           server transactions a second and CPU
+                                                           of N `watch` processes on a scratch
+                                                           database, idle and under `simulate`";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -219,6 +225,9 @@ const PACKAGED: [&str; 5] = [
 
 fn bench(args: &[String]) -> Result<()> {
     build_tools()?;
+    if args.iter().any(|a| a == "--fleet") {
+        return fleet::task(args);
+    }
     let (replicas, args) = take_replicas(args)?;
     let Some(replicas) = replicas else {
         return run_bench(&args);

@@ -6,9 +6,12 @@
 //!    channel subscribed so far;
 //! 2. subscribe the bots that fills asked for since the last round;
 //! 3. note the time `sent` and run `SELECT clock_timestamp() FROM (SELECT pg_notify(own, seq))`
-//!    on this connection (a probe; its answer also measures the database clock's offset);
-//! 4. read notifications until the probe's own notification arrives (sent by this backend:
-//!    its pid is checked, so no other session can renew the lease), then judge their senders
+//!    on this connection (a probe; its answer also measures the database clock's offset), or,
+//!    where another process of the database sends the heartbeat, a statement that notifies
+//!    nobody and wait for the next heartbeat (`heartbeat.rs`, which says what one proves);
+//! 4. read notifications until the probe's own notification (or a believed heartbeat
+//!    committed after `sent`) arrives (sent by this backend: its pid is checked, so no other
+//!    session can renew the lease, the heartbeat's holder aside), then judge their senders
 //!    and apply them in order (install a row, invalidate a key, or flush). PostgreSQL delivers
 //!    notifications in commit order, so every change committed before `sent` has now been
 //!    applied;
@@ -80,7 +83,7 @@ use crate::keys::Key;
 
 /// Why a listening session ended.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(super) enum SessionError {
     #[error("{0}")]
     Sql(#[from] sea_orm::sqlx::Error),
     #[error("the lease probe did not come back within {0:?}")]
@@ -175,7 +178,7 @@ impl Sender<'_> {
 
 /// What became of a notification (counted in `NearStats`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Applied as sent.
     Believed,
     /// Applied as invalidations only (an unproven sender, or rows from a role that may
@@ -257,7 +260,7 @@ fn apply(state: &NearState, flush_all: bool, payload: &str, sender: Sender<'_>) 
 
 impl NearCounters {
     /// Counts one notification (the listener's own lease probes aside) and what became of it.
-    fn count(&self, outcome: Outcome) {
+    pub(super) fn count(&self, outcome: Outcome) {
         self.notifications.fetch_add(1, Ordering::Relaxed);
         let counter = match outcome {
             Outcome::Believed => &self.notifications_believed,
@@ -270,12 +273,12 @@ impl NearCounters {
 
 /// A notification held until the round's sender check has answered.
 #[derive(Debug)]
-struct Held {
+pub(super) struct Held {
     /// Heard on the flush-all channel (else on a bot channel).
-    flush_all: bool,
-    payload: String,
+    pub(super) flush_all: bool,
+    pub(super) payload: String,
     /// The sending backend's pid, as the protocol carries it.
-    pid: u32,
+    pub(super) pid: u32,
 }
 
 /// The one statement of a round that has notifications to judge.
@@ -530,6 +533,7 @@ async fn session(
                 .await?;
         listener.listen(entity::FLUSH_ALL_CHANNEL).await?;
         listener.listen(lease_channel).await?;
+        listener.listen(super::heartbeat::CHANNEL).await?;
         for channel in channels.values() {
             listener.listen(channel).await?;
         }
@@ -564,6 +568,7 @@ async fn session(
 
     let own_pid = u32::try_from(own_pid).unwrap_or(0);
     let mut seq: u64 = 0;
+    let mut heartbeat = super::heartbeat::Heartbeat::default();
     let mut held = false;
     let mut round: Vec<Held> = Vec::new();
     let mut new_bots: Vec<Box<str>> = Vec::new();
@@ -583,57 +588,23 @@ async fn session(
             new_bots.push(bot);
         }
 
-        seq += 1;
-        let payload = seq.to_string();
-        let sent = Instant::now();
-        let deadline = tokio::time::Instant::from_std(sent + config.lease);
-        let local_before = Utc::now();
-        let server: DateTime<Utc> = tokio::time::timeout_at(
-            deadline,
-            sea_orm::sqlx::query_scalar(
-                "SELECT clock_timestamp() FROM (SELECT pg_notify($1, $2)) AS probe",
-            )
-            .bind(lease_channel)
-            .bind(&payload)
-            .fetch_one(&mut listener),
+        // The round's anchor: the database's heartbeat, or this listener's own probe
+        // (`heartbeat.rs`); every other notification delivered before it is in `round`.
+        let anchor = super::heartbeat::anchor(
+            state,
+            &mut listener,
+            config,
+            &mut heartbeat,
+            lease_channel,
+            own_pid,
+            &mut seq,
+            since,
+            check.available,
+            &mut round,
         )
-        .await
-        .map_err(|_| SessionError::Silent(config.lease))??;
-        let local_after = Utc::now();
-        let half_rtt = ((local_after - local_before) / 2)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        state.set_clock(
-            server,
-            local_before + (local_after - local_before) / 2,
-            half_rtt,
-        );
-
-        // Take everything delivered before the probe's own notification, then judge its
-        // senders (one statement) and apply it, all before the lease is renewed past it.
-        loop {
-            let notification = tokio::time::timeout_at(deadline, listener.try_recv())
-                .await
-                .map_err(|_| SessionError::Silent(config.lease))??
-                .ok_or(SessionError::Lost)?;
-            if notification.channel() == lease_channel {
-                // The lease channel's name is no secret to a role that can read this
-                // session's queries; only this backend's own notification is the probe.
-                if notification.process_id() == own_pid {
-                    if notification.payload() == payload {
-                        break;
-                    }
-                } else {
-                    state.counters.count(Outcome::Ignored);
-                }
-                continue;
-            }
-            round.push(Held {
-                flush_all: notification.channel() == entity::FLUSH_ALL_CHANNEL,
-                payload: notification.payload().to_owned(),
-                pid: notification.process_id(),
-            });
-        }
+        .await?;
+        let (sent, server, next) = (anchor.sent, anchor.server, anchor.next);
+        let deadline = tokio::time::Instant::from_std(sent + config.lease);
         let distributed = apply_round(
             state,
             &mut listener,
@@ -659,8 +630,8 @@ async fn session(
                 return Err(SessionError::Distributed);
             }
         }
-        // The next round's notifications were all sent after this probe committed, which is
-        // after `server` by the database's clock.
+        // The next round's notifications were all sent after this round's anchor committed,
+        // which is after `server` by the database's clock.
         since = server;
 
         // Every change committed before `sent` is applied. After a connect or a lapse some
@@ -673,8 +644,7 @@ async fn session(
             state.mark_subscribed(bot);
         }
         state.renew_lease(sent + config.lease);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(sent + config.probe_interval))
-            .await;
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
     }
 }
 

@@ -11,6 +11,9 @@
 //!   it), the lease and the database clock's offset.
 //! - `listener`: the `LISTEN` source, one listening connection per tier: applies the
 //!   triggers' notifications and renews the lease by a round trip on that connection.
+//! - `heartbeat`: the lease's anchor: one heartbeat per database per interval, sent by the
+//!   listener holding an advisory lock and believed by the others, so that the server's cost
+//!   of N processes' leases grows linearly in N; a listener that hears none probes for itself.
 //! - `weight`: what each value really holds in memory, for the byte bound.
 //!
 //! A read comes down once: the reader asks the tier, which answers from memory or reads through
@@ -23,6 +26,7 @@
 //! they only invalidate: see `listener.rs`, "Whose notifications are believed").
 
 mod config;
+mod heartbeat;
 mod listener;
 mod source;
 mod store;
@@ -83,6 +87,12 @@ pub struct NearStats {
     pub connects: u64,
     /// Lease renewals.
     pub lease_renewals: u64,
+    /// Heartbeats this tier sent for the database (while its session held the heartbeat's
+    /// advisory lock; each also renewed its own lease).
+    pub heartbeats_sent: u64,
+    /// Lease renewals anchored on another process's heartbeat rather than on a probe of this
+    /// tier's own (the rest of `lease_renewals` came from its own probes or heartbeats).
+    pub heartbeat_renewals: u64,
 }
 
 impl crate::metrics::WindowSource for NearTier {
@@ -161,6 +171,8 @@ impl NearTier {
             rows_applied: get(&c.rows_applied),
             connects: get(&c.connects),
             lease_renewals: get(&c.lease_renewals),
+            heartbeats_sent: get(&c.heartbeats_sent),
+            heartbeat_renewals: get(&c.heartbeat_renewals),
         }
     }
 

@@ -208,6 +208,8 @@ pub(crate) struct NearCounters {
     pub(crate) rows_applied: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
+    pub(crate) heartbeats_sent: AtomicU64,
+    pub(crate) heartbeat_renewals: AtomicU64,
 }
 
 /// The near tier's shared state: the cache, the epoch, the generations, the lease and the
