@@ -77,6 +77,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 
 use super::NearConfig;
+use super::source::Tables;
 use super::store::{NearCounters, NearState};
 use crate::component::Component;
 use crate::keys::Key;
@@ -190,7 +191,13 @@ pub(super) enum Outcome {
 
 /// Applies one notification from `sender`, as far as it is believed. Anything not understood
 /// flushes everything: wrong is worse than a re-read.
-fn apply(state: &NearState, flush_all: bool, payload: &str, sender: Sender<'_>) -> Outcome {
+fn apply(
+    state: &NearState,
+    tables: &Tables,
+    flush_all: bool,
+    payload: &str,
+    sender: Sender<'_>,
+) -> Outcome {
     let parsed = serde_json::from_str::<Change>(payload);
     let component = parsed.as_ref().ok().and_then(|c| c.c);
     let trust = sender.trust(component);
@@ -232,7 +239,7 @@ fn apply(state: &NearState, flush_all: bool, payload: &str, sender: Sender<'_>) 
     };
     let mut applied = Vec::with_capacity(rows.len());
     for row in rows {
-        match crate::postgres::decode_json_row(component, row) {
+        match (tables.decode)(component, row) {
             Some(entry) if entry.key.bot_name() == bot => {
                 if let Key::UserBot { user_id, .. } = &entry.key {
                     applied.push(user_id.clone());
@@ -421,7 +428,7 @@ async fn apply_round(
                 }
             }
         } else {
-            apply(state, h.flush_all, &h.payload, sender)
+            apply(state, &check.tables, h.flush_all, &h.payload, sender)
         };
         state.counters.count(outcome);
         if outcome == Outcome::Ignored
@@ -433,18 +440,22 @@ async fn apply_round(
     Ok(distributed)
 }
 
-/// The sender check's state over one connection.
+/// The sender check's state over one connection, and the tables the rows of believed
+/// notifications decode as.
 #[derive(Debug)]
 struct CheckState {
     /// False once the function turned out missing or not executable on this connection.
     available: bool,
     warnings: SenderWarnings,
+    /// The store's tables (see [`Tables`]).
+    tables: Tables,
 }
 
 /// Runs until the tier is dropped (the task is aborted then).
 pub(crate) async fn run(
     state: Arc<NearState>,
     options: PgConnectOptions,
+    tables: Tables,
     config: NearConfig,
     mut requests: mpsc::Receiver<Box<str>>,
 ) {
@@ -456,6 +467,7 @@ pub(crate) async fn run(
     let mut check = CheckState {
         available: true,
         warnings: SenderWarnings::default(),
+        tables,
     };
     loop {
         let started = Instant::now();
@@ -559,7 +571,7 @@ async fn session(
         .execute(&mut listener)
         .await?;
     }
-    let distributed: i32 = sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
+    let distributed: i32 = sea_orm::sqlx::query_scalar(check.tables.distributed_sql)
         .fetch_one(&mut listener)
         .await?;
     if distributed > 0 {
@@ -621,8 +633,7 @@ async fn session(
             // them distributed.
             let distributed: i32 = tokio::time::timeout_at(
                 deadline,
-                sea_orm::sqlx::query_scalar(crate::postgres::distributed_tables_sql())
-                    .fetch_one(&mut listener),
+                sea_orm::sqlx::query_scalar(check.tables.distributed_sql).fetch_one(&mut listener),
             )
             .await
             .map_err(|_| SessionError::Silent(config.lease))??;
@@ -692,10 +703,16 @@ mod tests {
         let state = NearState::new(1 << 20, tx);
         let reader = info([false; 6], [false; 6]);
         let payload = r#"{"c":0,"f":true}"#;
-        let outcome = apply(&state, true, payload, Sender::Proven(&reader));
+        let outcome = apply(
+            &state,
+            &Tables::none(),
+            true,
+            payload,
+            Sender::Proven(&reader),
+        );
         assert_eq!(outcome, Outcome::Ignored);
         assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 0);
-        let outcome = apply(&state, true, payload, Sender::Unproven);
+        let outcome = apply(&state, &Tables::none(), true, payload, Sender::Unproven);
         assert_eq!(outcome, Outcome::Downgraded);
         assert_eq!(state.counters.flushes.load(Ordering::Relaxed), 1);
     }

@@ -33,7 +33,7 @@ mod store;
 mod weight;
 
 pub use config::NearConfig;
-pub(crate) use source::ChangeSource;
+pub(crate) use source::{ChangeSource, Tables};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -270,7 +270,7 @@ mod tests {
 
     /// A tier listening at `url` over an empty in-memory store.
     fn start(url: &str, config: &NearConfig) -> Result<NearTier, CacheError> {
-        let source = ChangeSource::Listen(PgConnectOptions::from_str(url).unwrap());
+        let source = ChangeSource::Listen(PgConnectOptions::from_str(url).unwrap(), Tables::none());
         let store = Arc::new(crate::MemoryCacheRepository::with_clock(Arc::new(
             crate::SystemClock,
         )));

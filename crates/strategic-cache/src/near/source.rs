@@ -14,12 +14,38 @@ use tokio::sync::mpsc;
 use super::config::NearConfig;
 use super::listener;
 use super::store::NearState;
+use crate::component::Component;
+use crate::entries::CachedEntry;
 
 /// A source of changes for one tier.
 #[derive(Debug)]
 pub(crate) enum ChangeSource {
-    /// `LISTEN` on one PostgreSQL server, at these options (`listener.rs`).
-    Listen(PgConnectOptions),
+    /// `LISTEN` on one PostgreSQL server, at these options (`listener.rs`), with what the
+    /// store knows of its tables.
+    Listen(PgConnectOptions, Tables),
+}
+
+/// What a source needs to know of the store's tables, handed in by the store that makes the
+/// tier (`postgres/near.rs`): the tier itself knows no schema and no SQL of the store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tables {
+    /// A row of `component`'s table as the triggers send it (JSON), decoded; `None` if it
+    /// does not decode.
+    pub(crate) decode: fn(Component, serde_json::Value) -> Option<CachedEntry>,
+    /// One statement whose one row's `int4` is the number of cache tables Citus distributes.
+    pub(crate) distributed_sql: &'static str,
+}
+
+#[cfg(test)]
+impl Tables {
+    /// Tables whose rows never decode, on a server with nothing distributed: for unit tests
+    /// that never reach either.
+    pub(crate) fn none() -> Tables {
+        Tables {
+            decode: |_, _| None,
+            distributed_sql: "SELECT 0",
+        }
+    }
 }
 
 impl ChangeSource {
@@ -33,8 +59,8 @@ impl ChangeSource {
         requests: mpsc::Receiver<Box<str>>,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            ChangeSource::Listen(options) => {
-                handle.spawn(listener::run(state, options, config, requests))
+            ChangeSource::Listen(options, tables) => {
+                handle.spawn(listener::run(state, options, tables, config, requests))
             }
         }
     }

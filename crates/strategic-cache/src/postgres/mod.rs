@@ -58,7 +58,3 @@ pub use config::{PgConfig, check_url};
 pub(crate) use errors::map_db_err;
 pub use maintenance::TableHealth;
 pub use repository::PgCacheRepository;
-#[cfg(feature = "near")]
-pub(crate) use statements::distributed_tables_sql;
-#[cfg(feature = "near")]
-pub(crate) use tables::decode_json_row;

@@ -9,8 +9,10 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 
 use super::PgCacheRepository;
 use super::config::{check_url, invalid_url};
+use super::statements::distributed_tables_sql;
+use super::tables::decode_json_row;
 use crate::error::CacheError;
-use crate::near::{ChangeSource, NearConfig, NearTier};
+use crate::near::{ChangeSource, NearConfig, NearTier, Tables};
 use crate::repository::CacheRead;
 
 impl PgCacheRepository {
@@ -58,6 +60,10 @@ impl PgCacheRepository {
         let options = PgConnectOptions::from_str(listen_url)
             .map_err(|e| invalid_url("near_url", listen_url, &e))?
             .application_name(&config.application_name);
-        NearTier::start(ChangeSource::Listen(options), config, store)
+        let tables = Tables {
+            decode: decode_json_row,
+            distributed_sql: distributed_tables_sql(),
+        };
+        NearTier::start(ChangeSource::Listen(options, tables), config, store)
     }
 }
