@@ -76,7 +76,7 @@ pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,
     MemoryHealth, Payload, PersonalityProfile,
 };
-pub use postgres::{PgCacheRepository, PgConfig, TableHealth};
+pub use postgres::{PgCacheRepository, PgConfig, Pooler, TableHealth};
 pub use reader::{CacheReader, ReaderConfig, ReaderStats};
 pub use repository::{CacheRepository, ServerRole, ServerStats};
 pub use seed::SeedHelpers;

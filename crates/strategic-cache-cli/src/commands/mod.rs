@@ -19,7 +19,7 @@ use clap::Args;
 use migration::runner;
 use serde_json::Value;
 use strategic_cache::{
-    Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig, ServerRole,
+    Component, DEFAULT_WINDOW_HOURS, Key, Limits, PgCacheRepository, PgConfig, Pooler, ServerRole,
     ServerStats,
 };
 
@@ -86,6 +86,10 @@ pub struct Context {
     max_replica_lag: Duration,
     /// `--replica-read-timeout-ms`.
     replica_read_timeout: Duration,
+    /// `--pooler`.
+    pub pooler: Pooler,
+    /// `--listen-url` (or `STRATEGIC_CACHE_LISTEN_URL`).
+    pub listen_url: Option<String>,
     limits: Limits,
 }
 
@@ -254,6 +258,7 @@ impl Context {
             max_connections: 2,
             min_connections: 0,
             limits: self.limits.clone(),
+            pooler: self.pooler,
             ..PgConfig::default()
         }
     }
@@ -330,6 +335,8 @@ pub async fn run(
         },
         max_replica_lag: Duration::from_millis(cli.max_replica_lag_ms),
         replica_read_timeout: Duration::from_millis(cli.replica_read_timeout_ms),
+        pooler: cli.pooler,
+        listen_url: cli.listen_url,
         limits: Limits::default(),
     };
     match cli.command {

@@ -48,12 +48,13 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         max_connections: 2,
         min_connections: 1,
         limits: context.limits.clone(),
+        pooler: context.pooler,
         ..PgConfig::default()
     })?;
     let replicas = !config.replicas.is_empty();
     let repo = Arc::new(PgCacheRepository::connect(&url, config).await?);
     let reader = CacheReader::new(repo.clone() as Arc<dyn CacheRepository>)
-        .with_config(ReaderConfig::default())
+        .with_config(listening_at(context.listen_url.clone()))
         .with_near_tier(&url);
     let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,4 +192,11 @@ fn replica_text(replica: &ServerStats) -> String {
         "ineligible"
     };
     format!("{} lag={lag} {state}", replica.name)
+}
+
+/// The reader's defaults, with the near tier's listener at `listen_url` when one is given.
+fn listening_at(listen_url: Option<String>) -> ReaderConfig {
+    let mut config = ReaderConfig::default();
+    config.near.listen_url = listen_url;
+    config
 }

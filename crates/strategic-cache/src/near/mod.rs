@@ -63,6 +63,12 @@ pub struct NearConfig {
     /// fails; a live listener probes every `probe_interval`, so its session is never idle that
     /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
     pub frozen_after: Duration,
+    /// Where the listener connects, when that is not the reader's database URL: behind a
+    /// pooler in transaction pooling, which cannot keep a `LISTEN`, this is the database's own
+    /// address (see the usage guide, "Behind a connection pooler"). It is trusted as the main
+    /// URL is: its TLS settings are its own, its password is masked in every message, and
+    /// notifications on it pass the same sender check. `None` (the default): the reader's URL.
+    pub listen_url: Option<String>,
 }
 
 impl Default for NearConfig {
@@ -75,6 +81,7 @@ impl Default for NearConfig {
             connect_timeout: Duration::from_secs(2),
             application_name: "strategic-cache-near".to_string(),
             frozen_after: Duration::from_secs(5),
+            listen_url: None,
         }
     }
 }
@@ -172,9 +179,13 @@ impl NearTier {
                 ),
             });
         }
+        let (field, database_url) = match &config.listen_url {
+            Some(url) => ("listen_url", url.as_str()),
+            None => ("database_url", database_url),
+        };
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| CacheError::InvalidInput {
-                field: "database_url",
+                field,
                 reason: format!(
                     "not a PostgreSQL URL: {}",
                     pg_diagnostics::scrub(&e.to_string(), Some(database_url))

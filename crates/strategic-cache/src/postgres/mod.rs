@@ -29,6 +29,7 @@
 mod batch;
 mod errors;
 mod maintenance;
+mod pooler;
 mod read_pool;
 mod replicas;
 mod statements;
@@ -60,6 +61,7 @@ use crate::repository::{CacheRepository, ServerStats};
 pub(crate) use errors::map_db_err;
 use errors::{classify, corrupt};
 pub use maintenance::TableHealth;
+pub use pooler::Pooler;
 use read_pool::ReadPool;
 use replicas::{Read, Servers, TaskGuard};
 pub(crate) use statements::distributed_tables_sql;
@@ -103,6 +105,9 @@ pub struct PgConfig {
     /// below the reader's budget, with room for the primary's read. Must be positive. Default
     /// 20 ms (a replica read takes well under 1 ms on a local network).
     pub replica_read_timeout: Duration,
+    /// A pooler in front of the database (and of every replica): [`Pooler::Transaction`] for
+    /// PgBouncer in transaction pooling. Default [`Pooler::None`].
+    pub pooler: Pooler,
 }
 
 impl Default for PgConfig {
@@ -119,6 +124,7 @@ impl Default for PgConfig {
             max_replica_lag: Duration::from_secs(1),
             replica_probe_interval: Duration::from_millis(100),
             replica_read_timeout: Duration::from_millis(20),
+            pooler: Pooler::None,
         }
     }
 }
@@ -198,7 +204,9 @@ impl PgCacheRepository {
             // connection shows up as an error on the read instead, which the reader absorbs.
             .test_before_acquire(false)
             .sqlx_logging(false);
-        if let Some(timeout) = config.statement_timeout {
+        if !config.pooler.keeps_sessions() {
+            options.map_sqlx_postgres_opts(pooler::without_session_state);
+        } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
         let unavailable = |e: &dyn fmt::Display| {
@@ -225,6 +233,7 @@ impl PgCacheRepository {
             config.connect_timeout,
             config.acquire_timeout,
             config.statement_timeout,
+            config.pooler,
         )
         .map_err(|e| unavailable(&e))?;
         reads
