@@ -16,12 +16,16 @@ use strategic_cache::{
 
 use crate::support::TestDb;
 use crate::support::fixtures::*;
+use crate::support::pgbouncer::PgBouncer;
 
 /// Which store a contract case runs against.
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     /// `PgCacheRepository::connect`: reads on its own pool, writes through sea-orm.
     Postgres,
+    /// As `Postgres`, through a PgBouncer of the test's own in session pooling, with
+    /// `PgConfig::pooler` set (issue 25).
+    PgBouncer,
     Memory,
 }
 
@@ -29,6 +33,7 @@ enum Backend {
 struct Store {
     repo: Arc<dyn CacheRepository>,
     _db: Option<TestDb>,
+    _bouncer: Option<PgBouncer>,
 }
 
 impl Backend {
@@ -40,11 +45,23 @@ impl Backend {
                 Store {
                     repo: Arc::new(repo),
                     _db: Some(t),
+                    _bouncer: None,
+                }
+            }
+            Backend::PgBouncer => {
+                let t = TestDb::migrated().await;
+                let bouncer = PgBouncer::start(&t.url, "session", "");
+                let repo = through_pooler(&bouncer.url(&t.url), 2).await;
+                Store {
+                    repo: Arc::new(repo),
+                    _db: Some(t),
+                    _bouncer: Some(bouncer),
                 }
             }
             Backend::Memory => Store {
                 repo: Arc::new(MemoryCacheRepository::default()),
                 _db: None,
+                _bouncer: None,
             },
         }
     }
@@ -53,6 +70,7 @@ impl Backend {
 /// A fresh entry is read back as written.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn hit(#[case] backend: Backend) {
@@ -87,6 +105,7 @@ async fn hit(#[case] backend: Backend) {
 /// A key never written is a miss in every read.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn miss(#[case] backend: Backend) {
@@ -107,6 +126,7 @@ async fn miss(#[case] backend: Backend) {
 /// An entry past its TTL is stale: kept, reported with its age, but not served by `get`.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn stale(#[case] backend: Backend) {
@@ -138,6 +158,7 @@ async fn stale(#[case] backend: Backend) {
 /// exactly computed_at + TTL; a per-entry TTL overrides the policy.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn ttl_boundary(#[case] backend: Backend) {
@@ -182,6 +203,7 @@ async fn ttl_boundary(#[case] backend: Backend) {
 /// none (written with the store's own `now`).
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn freshness(#[case] backend: Backend) {
@@ -215,6 +237,7 @@ async fn freshness(#[case] backend: Backend) {
 /// the asked window; a stale one has no entry but its age; other users and windows are apart.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn snapshot(#[case] backend: Backend) {
@@ -294,6 +317,7 @@ async fn snapshot(#[case] backend: Backend) {
 /// A later write replaces the entry, every column of it.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn replace(#[case] backend: Backend) {
@@ -313,6 +337,7 @@ async fn replace(#[case] backend: Backend) {
 /// A write computed before the stored entry is Superseded and changes nothing.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn older_write_loses(#[case] backend: Backend) {
@@ -344,6 +369,7 @@ async fn older_write_loses(#[case] backend: Backend) {
 /// A write with the same computed_at as the stored entry replaces it (as if written after).
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn equal_computed_at_replaces(#[case] backend: Backend) {
@@ -365,6 +391,7 @@ async fn equal_computed_at_replaces(#[case] backend: Backend) {
 /// Invalidate removes exactly the entry at the key and says whether there was one.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn invalidate(#[case] backend: Backend) {
@@ -399,6 +426,7 @@ async fn invalidate(#[case] backend: Backend) {
 /// `invalidate_user` removes the user's five per-user entries and leaves the bot's shared character performance and other users' entries; `invalidate_bot_shared` removes exactly that shared entry.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
@@ -463,6 +491,7 @@ async fn invalidate_user_keeps_the_shared_entry(#[case] backend: Backend) {
 /// of 0 is invalid.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn sweep(#[case] backend: Backend) {
@@ -513,6 +542,7 @@ async fn sweep(#[case] backend: Backend) {
 /// Stats count fresh and stale rows per table and report their ages.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn stats(#[case] backend: Backend) {
@@ -544,6 +574,7 @@ async fn stats(#[case] backend: Backend) {
 /// empty).
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn bad_input_writes_nothing(#[case] backend: Backend) {
@@ -723,6 +754,7 @@ async fn bad_input_writes_nothing(#[case] backend: Backend) {
 /// back as written.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
@@ -789,6 +821,7 @@ async fn limits_are_accepted_at_their_bounds(#[case] backend: Backend) {
 /// Reads with a key that could never be stored are misses, not errors.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
@@ -828,6 +861,7 @@ async fn bad_key_read_is_a_miss(#[case] backend: Backend) {
 /// outcomes in input order, and resolves same-key entries by computed_at.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn upsert_many(#[case] backend: Backend) {
@@ -911,6 +945,7 @@ async fn upsert_many(#[case] backend: Backend) {
 /// write itself is never superseded.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers(#[case] backend: Backend) {
@@ -979,6 +1014,7 @@ async fn concurrent_writers(#[case] backend: Backend) {
 /// None, freshness as a bool, and table names matched, never put in SQL.
 #[rstest]
 #[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
 #[case::memory(Backend::Memory)]
 #[tokio::test]
 async fn seed_helpers(#[case] backend: Backend) {

@@ -23,6 +23,8 @@ mod near;
 mod near_faults;
 // The near tier believes only writers (issue 21).
 mod near_senders;
+// Behind PgBouncer (issue 25).
+mod pgbouncer;
 mod privileges;
 mod races;
 mod read_pool;

@@ -26,7 +26,7 @@ Environment:
   STRATEGIC_CACHE_REPLICAS
                 streaming replicas of that database, comma-separated (or --replica, repeated)
   STRATEGIC_CACHE_POOLER
-                `transaction` behind a pooler in transaction pooling (or --pooler)
+                `pgbouncer` behind PgBouncer (or --pooler)
   STRATEGIC_CACHE_LISTEN_URL
                 where the near-tier listener connects, if not the database URL (or --listen-url)
   RUST_LOG      log filter for stderr (default: warn)";
@@ -70,15 +70,14 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "N", default_value_t = 20)]
     pub replica_read_timeout_ms: u64,
 
-    /// What sits in front of the database: `transaction` for a pooler in transaction pooling
-    /// (PgBouncer `pool_mode = transaction`), which gets no named prepared statements and no
-    /// session startup parameters; `none` (or `session`) otherwise. See
+    /// What sits in front of the database: `pgbouncer` sends none of the startup parameters
+    /// PgBouncer refuses (set statement_timeout on the role instead); `none` otherwise. See
     /// docs/STRATEGIC_CACHE_USAGE.md, "Behind a connection pooler".
     #[arg(
         long,
         env = "STRATEGIC_CACHE_POOLER",
         global = true,
-        value_name = "MODE",
+        value_name = "POOLER",
         default_value = "none"
     )]
     pub pooler: strategic_cache::Pooler,

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod login;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod replicas;
 pub mod timing;

@@ -105,8 +105,8 @@ pub struct PgConfig {
     /// below the reader's budget, with room for the primary's read. Must be positive. Default
     /// 20 ms (a replica read takes well under 1 ms on a local network).
     pub replica_read_timeout: Duration,
-    /// A pooler in front of the database (and of every replica): [`Pooler::Transaction`] for
-    /// PgBouncer in transaction pooling. Default [`Pooler::None`].
+    /// A pooler in front of the database (and of every replica): [`Pooler::PgBouncer`] sends
+    /// none of the startup parameters PgBouncer refuses. Default [`Pooler::None`].
     pub pooler: Pooler,
 }
 
@@ -205,7 +205,7 @@ impl PgCacheRepository {
             .test_before_acquire(false)
             .sqlx_logging(false);
         if !config.pooler.keeps_sessions() {
-            options.map_sqlx_postgres_opts(pooler::without_session_state);
+            options.map_sqlx_postgres_opts(pooler::without_startup_parameters);
         } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }

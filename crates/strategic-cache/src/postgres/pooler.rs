@@ -1,25 +1,27 @@
-//! Running behind a connection pooler in transaction pooling (PgBouncer's
-//! `pool_mode = transaction`), chosen by [`PgConfig::pooler`](super::PgConfig::pooler).
+//! Running behind a connection pooler (PgBouncer), chosen by
+//! [`PgConfig::pooler`](super::PgConfig::pooler).
 //!
-//! Such a pooler hands each transaction to whichever server connection is free, so nothing
-//! tied to a session survives from one statement to the next. Three things the driver does by
-//! default depend on a session, and the setting turns each off:
+//! sqlx opens every connection with two startup parameters that PgBouncer refuses unless its
+//! `ignore_startup_parameters` lists them ("unsupported startup parameter", SQLSTATE 08P01):
 //!
-//! * named prepared statements (`sqlx_s_1`, ...): prepared on one server connection, they are
-//!   missing on the next ("prepared statement does not exist") or already there from another
-//!   client ("already exists"). With the statement cache at capacity 0, sqlx prepares every
-//!   statement as the unnamed statement, which lives only until the next `Parse` on that
-//!   connection; this covers every path at once (the read pool, the batcher, sea-orm's pool),
-//!   because all of them build their connections from options shaped here. Poolers older than
-//!   PgBouncer 1.21 (Debian 12 ships 1.18) cannot track named statements at all.
-//! * the `extra_float_digits` startup parameter, which sqlx sends and PgBouncer refuses unless
-//!   `ignore_startup_parameters` lists it. The library decodes every value in binary, where
-//!   the setting has no effect, so it is left out.
-//! * the `options` startup parameter, which carried `statement_timeout`; PgBouncer refuses it
-//!   too, and a `SET` after connect would land on one server connection and then apply to
-//!   whichever client gets that connection next. Behind a pooler the timeout is the server's:
-//!   set it on the role or database (`ALTER ROLE bot SET statement_timeout = '5s'`), which every
-//!   server connection the pooler opens picks up at login (see the usage guide).
+//! * `extra_float_digits`, which sqlx always sends. The library decodes every value in binary,
+//!   where the setting has no effect, so it is left out.
+//! * `options`, which carried `statement_timeout`. A `SET` after connect would not do instead:
+//!   in transaction pooling it lands on one server connection and then applies to whichever
+//!   client gets that connection next. Behind a pooler the timeout is the server's: set it on
+//!   the role or database (`ALTER ROLE bot SET statement_timeout = '5s'`), which every server
+//!   connection the pooler opens picks up at login (see the usage guide).
+//!
+//! Statements stay named prepared statements (`sqlx_s_1`, ...). Unnamed ones are no way round a
+//! pooler that cannot track prepared statements (PgBouncer before 1.21, what Debian 12 ships)
+//! in transaction pooling: sqlx sends `Parse`/`Describe`/`Sync`, waits, then `Bind`/`Execute`/
+//! `Sync`, and the pooler may hand the two halves to different server connections, so that a
+//! `Bind` runs another client's statement. Measured through PgBouncer 1.18 with the contract
+//! suite: "bind message supplies 2 parameters, but prepared statement \"\" requires 8" and
+//! "unsupported jsonb version number 63" (a value bound to another statement's parameter).
+//! Named statements fail the same way, but loudly ("already exists"). So the supported
+//! deployments are session pooling on any PgBouncer, and transaction pooling on a PgBouncer
+//! that tracks prepared statements (1.21 and later with `max_prepared_statements` set).
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,12 +33,12 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 /// pooler".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Pooler {
-    /// Nothing, or a pooler in session pooling: every connection is a session of its own.
+    /// Nothing: the library's `statement_timeout` is sent with each connection.
     #[default]
     None,
-    /// A pooler in transaction pooling (PgBouncer `pool_mode = transaction`): no named
-    /// prepared statements, no session-level startup parameters.
-    Transaction,
+    /// PgBouncer (or a pooler that likewise refuses session startup parameters): no
+    /// `extra_float_digits`, no `options`, and so no `statement_timeout` of the library's.
+    PgBouncer,
 }
 
 impl Pooler {
@@ -52,7 +54,7 @@ impl Pooler {
                 options.options([("statement_timeout", timeout.as_millis().to_string())])
             }
             (Pooler::None, None) => options,
-            (Pooler::Transaction, _) => without_session_state(options),
+            (Pooler::PgBouncer, _) => without_startup_parameters(options),
         }
     }
 
@@ -62,9 +64,9 @@ impl Pooler {
     }
 }
 
-/// `options` that need no session: statements unnamed, no `extra_float_digits`.
-pub(crate) fn without_session_state(options: PgConnectOptions) -> PgConnectOptions {
-    options.statement_cache_capacity(0).extra_float_digits(None)
+/// `options` without the startup parameters PgBouncer refuses (`options` is not set here).
+pub(crate) fn without_startup_parameters(options: PgConnectOptions) -> PgConnectOptions {
+    options.extra_float_digits(None)
 }
 
 impl FromStr for Pooler {
@@ -72,10 +74,10 @@ impl FromStr for Pooler {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "none" | "session" => Ok(Pooler::None),
-            "transaction" => Ok(Pooler::Transaction),
+            "none" => Ok(Pooler::None),
+            "pgbouncer" => Ok(Pooler::PgBouncer),
             other => Err(format!(
-                "unknown pooler {other:?}: expected \"none\", \"session\" or \"transaction\""
+                "unknown pooler {other:?}: expected \"none\" or \"pgbouncer\""
             )),
         }
     }
@@ -85,7 +87,7 @@ impl fmt::Display for Pooler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Pooler::None => "none",
-            Pooler::Transaction => "transaction",
+            Pooler::PgBouncer => "pgbouncer",
         })
     }
 }
@@ -94,17 +96,16 @@ impl fmt::Display for Pooler {
 mod tests {
     use super::*;
 
-    /// The three spellings parse, and anything else is refused with the choices named.
+    /// Both spellings parse, and anything else is refused with the choices named.
     #[test]
     fn parses() {
-        assert_eq!("transaction".parse(), Ok(Pooler::Transaction));
-        assert_eq!("session".parse(), Ok(Pooler::None));
+        assert_eq!("pgbouncer".parse(), Ok(Pooler::PgBouncer));
         assert_eq!("none".parse(), Ok(Pooler::None));
         assert!(
-            "statement"
+            "pgpool"
                 .parse::<Pooler>()
                 .unwrap_err()
-                .contains("transaction")
+                .contains("pgbouncer")
         );
     }
 }
