@@ -13,6 +13,7 @@ use strategic_cache::{
 
 use crate::near::{BOUND, WriteMix, coherence, seeded};
 use crate::support::TestDb;
+use crate::support::cluster::PgCluster;
 use crate::support::fixtures::{mh, through_pooler};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::timing::poll_until;
@@ -182,5 +183,24 @@ async fn a_refused_connection_is_one_line() {
     };
     println!("{message}");
     assert!(message.contains("no more connections allowed"), "{message}");
+    assert_one_clean_line(message);
+}
+
+/// A server at its `max_connections` ("too many clients already") makes `connect` fail with
+/// one line saying so: the private cluster admits one connection, and a repository needs two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_out_of_connections_is_one_line() {
+    let cluster =
+        PgCluster::start_with("-c max_connections=2 -c superuser_reserved_connections=0").await;
+    let url = cluster.migrated("cache").await;
+    let _held = crate::support::db::connect(&url).await;
+    let error = PgCacheRepository::connect(&url, PgConfig::default())
+        .await
+        .unwrap_err();
+    let CacheError::Unavailable(message) = &error else {
+        panic!("not Unavailable: {error:?}");
+    };
+    println!("{message}");
+    assert!(message.contains("too many clients"), "{message}");
     assert_one_clean_line(message);
 }

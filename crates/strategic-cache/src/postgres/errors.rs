@@ -50,13 +50,22 @@ pub(super) fn classify(error: DbErr, statement_timeout: Option<Duration>) -> Cac
 /// "at line N", the line of the C file of PostgreSQL (or of the pooler) that raised it, which
 /// tells a caller nothing and makes the same error read differently from server to server.
 fn without_source_line(error: &DbErr, message: String) -> String {
-    let (DbErr::Conn(RuntimeErr::SqlxError(e))
-    | DbErr::Exec(RuntimeErr::SqlxError(e))
-    | DbErr::Query(RuntimeErr::SqlxError(e))) = error
-    else {
-        return message;
-    };
-    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else {
+    match error {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => strip_source_line(e, message),
+        _ => message,
+    }
+}
+
+/// `error`'s text (a driver error outside sea-orm: the read pool's), without the server's
+/// source position.
+pub(super) fn sqlx_message(error: &sea_orm::sqlx::Error) -> String {
+    strip_source_line(error, error.to_string())
+}
+
+fn strip_source_line(error: &sea_orm::sqlx::Error, message: String) -> String {
+    let sea_orm::sqlx::Error::Database(db) = error else {
         return message;
     };
     match db.try_downcast_ref::<PgDatabaseError>() {

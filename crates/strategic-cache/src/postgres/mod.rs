@@ -209,11 +209,11 @@ impl PgCacheRepository {
         } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
-        let unavailable = |e: &dyn fmt::Display| {
+        let unavailable = |e: &sea_orm::sqlx::Error| {
             CacheError::Unavailable(format!(
                 "cannot connect to {}: {}",
                 redact_url(url),
-                scrub(&e.to_string(), Some(url))
+                scrub(&errors::sqlx_message(e), Some(url))
             ))
         };
         // One direct attempt first: a refusal, a wrong user or a missing database is said at
