@@ -497,6 +497,8 @@ mod tests {
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             max_replica_lag: Duration::from_secs(1),
             replica_read_timeout: Duration::from_millis(20),
+            pooler: Pooler::None,
+            listen_url: None,
             limits: Limits::default(),
         };
         let error = context(&["mysql://u:secret@h/db"]).replicas().unwrap_err();

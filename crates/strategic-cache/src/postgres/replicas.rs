@@ -1212,7 +1212,7 @@ mod tests {
                     Duration::from_secs(1),
                     Duration::from_secs(1),
                     None,
-                    super::Pooler::None,
+                    crate::Pooler::None,
                 )
                 .unwrap(),
             );
