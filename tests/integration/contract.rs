@@ -16,13 +16,15 @@ use strategic_cache::{
 };
 
 use crate::support::TestDb;
-use crate::support::backend::{Backend, backends};
+use crate::support::backend::{Backend, stores};
 use crate::support::fixtures::*;
+use crate::support::pgbouncer::PgBouncer;
 
 /// A store under test; holds the test database (if any) so it lives as long as the test.
 struct Store {
     repo: Arc<dyn CacheRepository>,
     _db: Option<TestDb>,
+    _bouncer: Option<PgBouncer>,
 }
 
 impl Store {
@@ -67,18 +69,30 @@ impl Backend {
                 Store {
                     repo: Arc::new(repo),
                     _db: Some(t),
+                    _bouncer: None,
+                }
+            }
+            Backend::PgBouncer => {
+                let t = TestDb::migrated().await;
+                let bouncer = PgBouncer::start(&t.url, "session", "");
+                let repo = through_pooler(&bouncer.url(&t.url), 2).await;
+                Store {
+                    repo: Arc::new(repo),
+                    _db: Some(t),
+                    _bouncer: Some(bouncer),
                 }
             }
             Backend::Memory => Store {
                 repo: Arc::new(MemoryCacheRepository::default()),
                 _db: None,
+                _bouncer: None,
             },
         }
     }
 }
 
 /// A fresh entry is read back as written.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn hit(backend: Backend) {
     let s = backend.open().await;
@@ -103,7 +117,7 @@ async fn hit(backend: Backend) {
 }
 
 /// A key never written is a miss in every read.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn miss(backend: Backend) {
     let s = backend.open().await;
@@ -121,7 +135,7 @@ async fn miss(backend: Backend) {
 }
 
 /// An entry past its TTL is stale: kept, reported with its age, but not served by `get`.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn stale(backend: Backend) {
     let s = backend.open().await;
@@ -143,7 +157,7 @@ async fn stale(backend: Backend) {
 
 /// Either side of the TTL: computed 299 s ago is fresh, 301 s ago is stale, and expires_at is
 /// exactly computed_at + TTL; a per-entry TTL overrides the policy.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn ttl_boundary(backend: Backend) {
     let s = backend.open().await;
@@ -185,7 +199,7 @@ async fn ttl_boundary(backend: Backend) {
 
 /// Freshness reports the age of fresh entries, and the policy TTL applies when the entry has
 /// none (written with the store's own `now`).
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn freshness(backend: Backend) {
     let s = backend.open().await;
@@ -216,7 +230,7 @@ async fn freshness(backend: Backend) {
 
 /// A snapshot returns every fresh component of the (user, bot) and the bot's performance for
 /// the asked window; a stale one has no entry but its age; other users and windows are apart.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn snapshot(backend: Backend) {
     let s = backend.open().await;
@@ -293,7 +307,7 @@ async fn snapshot(backend: Backend) {
 }
 
 /// A later write replaces the entry, every column of it.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn replace(backend: Backend) {
     let s = backend.open().await;
@@ -310,7 +324,7 @@ async fn replace(backend: Backend) {
 }
 
 /// A write computed before the stored entry is Superseded and changes nothing.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn older_write_loses(backend: Backend) {
     let s = backend.open().await;
@@ -339,7 +353,7 @@ async fn older_write_loses(backend: Backend) {
 }
 
 /// A write with the same computed_at as the stored entry replaces it (as if written after).
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn equal_computed_at_replaces(backend: Backend) {
     let s = backend.open().await;
@@ -358,7 +372,7 @@ async fn equal_computed_at_replaces(backend: Backend) {
 }
 
 /// Invalidate removes exactly the entry at the key and says whether there was one.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn invalidate(backend: Backend) {
     let s = backend.open().await;
@@ -390,7 +404,7 @@ async fn invalidate(backend: Backend) {
 }
 
 /// `invalidate_user` removes the user's five per-user entries and leaves the bot's shared character performance and other users' entries; `invalidate_bot_shared` removes exactly that shared entry.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn invalidate_user_keeps_the_shared_entry(backend: Backend) {
     let s = backend.open().await;
@@ -452,7 +466,7 @@ async fn invalidate_user_keeps_the_shared_entry(backend: Backend) {
 
 /// A sweep deletes only expired rows, of every table, in batches, and counts them; a batch
 /// of 0 is invalid.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn sweep(backend: Backend) {
     let s = backend.open().await;
@@ -500,7 +514,7 @@ async fn sweep(backend: Backend) {
 }
 
 /// Stats count fresh and stale rows per table and report their ages.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn stats(backend: Backend) {
     let s = backend.open().await;
@@ -529,7 +543,7 @@ async fn stats(backend: Backend) {
 /// Every kind of bad input to a write is InvalidInput whose message names the field and the
 /// limit at fault, alone or in a batch, and nothing is written (the tables are read back
 /// empty).
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn bad_input_writes_nothing(backend: Backend) {
     let s = backend.open().await;
@@ -706,7 +720,7 @@ async fn bad_input_writes_nothing(backend: Backend) {
 /// Every limit is inclusive: a 256-byte user_id and bot_name, exactly 1 MiB of JSON, a TTL of
 /// exactly 7 days and a `computed_at` 59 s ahead of the store's clock are written and read
 /// back as written.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn limits_are_accepted_at_their_bounds(backend: Backend) {
     let s = backend.open().await;
@@ -770,7 +784,7 @@ async fn limits_are_accepted_at_their_bounds(backend: Backend) {
 }
 
 /// Reads with a key that could never be stored are misses, not errors.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn bad_key_read_is_a_miss(backend: Backend) {
     let s = backend.open().await;
@@ -807,7 +821,7 @@ async fn bad_key_read_is_a_miss(backend: Backend) {
 
 /// A batch with one bad entry writes nothing; a good batch writes every entry, reports
 /// outcomes in input order, and resolves same-key entries by computed_at.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn upsert_many(backend: Backend) {
     let s = backend.open().await;
@@ -888,7 +902,7 @@ async fn upsert_many(backend: Backend) {
 /// Eight concurrent writers of the same keys with different computed_at, released together by
 /// a barrier: the newest wins after every round, whatever order they land in, and the newest
 /// write itself is never superseded.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers(backend: Backend) {
     let s = backend.open().await;
@@ -954,7 +968,7 @@ async fn concurrent_writers(backend: Backend) {
 
 /// The seed's helpers: fresh entries as JSON objects of their columns, stale and missing as
 /// None, freshness as a bool, and table names matched, never put in SQL.
-#[apply(backends)]
+#[apply(stores)]
 #[tokio::test]
 async fn seed_helpers(backend: Backend) {
     let s = backend.open().await;

@@ -34,6 +34,8 @@ mod near;
 mod near_faults;
 // The near tier believes only writers (issue 21).
 mod near_senders;
+// Behind PgBouncer in session pooling: the listener direct, faults, one-line errors.
+mod pgbouncer;
 // Least privilege: the reader and writer roles, and passwords kept out of logs.
 mod privileges;
 // Races beyond the contract: batches against single writes, sweeps against refreshes.

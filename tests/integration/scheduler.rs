@@ -32,6 +32,7 @@ pub async fn queue(backend: Backend, capacity: u64) -> QueueUnderTest {
             let queue = Arc::new(PgRefreshQueue::new(t.db.clone(), capacity));
             QueueUnderTest { queue, db: Some(t) }
         }
+        Backend::PgBouncer => unreachable!("the scheduler's queues are not run through a pooler"),
         Backend::Memory => QueueUnderTest {
             queue: Arc::new(MemoryRefreshQueue::new(capacity, Arc::new(SystemClock))),
             db: None,

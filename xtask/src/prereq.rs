@@ -1,8 +1,9 @@
 //! What the tests need, checked before anything is built: OpenSSL's development files (every
 //! build needs them: the PostgreSQL driver's TLS links the system OpenSSL), a PostgreSQL
 //! server (the one `DATABASE_URL` names, or a container engine for testcontainers),
-//! PostgreSQL's own programs (the fault tests run private clusters), and `victoria-metrics`
-//! (the metrics tests' real line-protocol server).
+//! PostgreSQL's own programs (the fault tests run private clusters), `victoria-metrics`
+//! (the metrics tests' real line-protocol server) and `pgbouncer` (the pooler tests start
+//! their own).
 //!
 //! Whatever can be provided is provided: on Debian as root, packages are installed and the
 //! engine started, as on CI. Whatever cannot is reported in one line each, saying how to get
@@ -60,6 +61,9 @@ pub fn plan() -> Vec<String> {
     }
     if !system::has_program("victoria-metrics") {
         plan.push("install victoria-metrics (the metrics tests' line-protocol server)".to_owned());
+    }
+    if !system::has_program("pgbouncer") {
+        plan.push("install pgbouncer (the pooler tests start their own)".to_owned());
     }
     plan
 }
@@ -128,6 +132,18 @@ pub fn prepare() -> Result<Ready> {
             missing.push(
                 "victoria-metrics: the metrics tests export to this real line-protocol server; \
                  install it (Debian: apt-get install victoria-metrics) and put it on PATH"
+                    .to_owned(),
+            );
+        }
+    }
+
+    if !system::has_program("pgbouncer") {
+        if system::can_install() {
+            system::apt_install(&["pgbouncer"])?;
+        } else {
+            missing.push(
+                "pgbouncer: the pooler tests start their own in front of the test database; \
+                 install it (Debian: apt-get install pgbouncer) and put it on PATH"
                     .to_owned(),
             );
         }

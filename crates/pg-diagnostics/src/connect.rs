@@ -183,6 +183,9 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
     let options: sqlx::postgres::PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| ConnectFailure::from_sqlx(url, &e))?;
+    // The probe runs no statement, so it sends no `extra_float_digits`: a pooler such as
+    // PgBouncer refuses that startup parameter unless told to ignore it.
+    let options = options.extra_float_digits(None);
     match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options)).await {
         Ok(Ok(connection)) => {
             let _ = connection.close().await;

@@ -25,6 +25,10 @@ Environment:
                 `simulate` and `bench`, which take a database only from --database-url
   STRATEGIC_CACHE_REPLICAS
                 streaming replicas of that database, comma-separated (or --replica, repeated)
+  STRATEGIC_CACHE_POOLER
+                `pgbouncer` behind PgBouncer (or --pooler)
+  STRATEGIC_CACHE_LISTEN_URL
+                where the near-tier listener connects, if not the database URL (or --listen-url)
   RUST_LOG      log filter for stderr (default: warn)";
 
 /// Operate the strategic cache: migrate its schema, inspect, write and repair entries.
@@ -65,6 +69,30 @@ pub struct Cli {
     /// docs/STRATEGIC_CACHE_USAGE.md, "Replicas").
     #[arg(long, global = true, value_name = "N", default_value_t = 20)]
     pub replica_read_timeout_ms: u64,
+
+    /// What sits in front of the database: `pgbouncer` sends none of the startup parameters
+    /// PgBouncer refuses (set statement_timeout on the role instead); `none` otherwise. See
+    /// docs/STRATEGIC_CACHE_USAGE.md, "Behind a connection pooler".
+    #[arg(
+        long,
+        env = "STRATEGIC_CACHE_POOLER",
+        global = true,
+        value_name = "POOLER",
+        default_value = "none"
+    )]
+    pub pooler: strategic_cache::Pooler,
+
+    /// Where `watch`'s near-tier listener connects (postgres:// URL), when that is not the
+    /// database URL: behind a pooler in transaction pooling, the database's own address,
+    /// since a LISTEN needs a session of its own.
+    #[arg(
+        long,
+        env = "STRATEGIC_CACHE_LISTEN_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub listen_url: Option<String>,
 
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use migration::runner;
-use strategic_cache::{CacheError, Component, Key, Limits, PgCacheRepository, PgConfig};
+use strategic_cache::{CacheError, Component, Key, Limits, PgCacheRepository, PgConfig, Pooler};
 
 use crate::exit::bad_input;
 
@@ -23,6 +23,10 @@ pub struct Context {
     max_replica_lag: Duration,
     /// `--replica-read-timeout-ms`.
     replica_read_timeout: Duration,
+    /// `--pooler`.
+    pub pooler: Pooler,
+    /// `--listen-url` (or `STRATEGIC_CACHE_LISTEN_URL`).
+    pub listen_url: Option<String>,
     limits: Limits,
 }
 
@@ -84,8 +88,12 @@ impl Context {
         replicas: Vec<String>,
         max_replica_lag: Duration,
         replica_read_timeout: Duration,
+        pooler: Pooler,
+        listen_url: Option<String>,
     ) -> Context {
         Context {
+            pooler,
+            listen_url,
             database_url,
             url_on_command_line,
             replicas,
@@ -227,6 +235,7 @@ impl Context {
             max_connections: 2,
             min_connections: 0,
             limits: self.limits.clone(),
+            pooler: self.pooler,
             ..PgConfig::default()
         }
     }
@@ -296,6 +305,8 @@ mod tests {
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             max_replica_lag: Duration::from_secs(1),
             replica_read_timeout: Duration::from_millis(20),
+            pooler: Pooler::None,
+            listen_url: None,
             limits: Limits::default(),
         };
         let error = context(&["mysql://u:secret@h/db"]).replicas().unwrap_err();

@@ -31,6 +31,8 @@ pub async fn run(
         },
         Duration::from_millis(cli.max_replica_lag_ms),
         Duration::from_millis(cli.replica_read_timeout_ms),
+        cli.pooler,
+        cli.listen_url,
     );
     match cli.command {
         Command::Migrate { action } => migrate::run(&context, action).await,

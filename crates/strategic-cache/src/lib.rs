@@ -34,6 +34,7 @@
 //!     replica's measured lag;
 //!   - `server`: one server, its read pool and batcher, and how one read runs on it;
 //!   - `read_pool`: the hot path's own connection pool; `batch`: merges concurrent lookups;
+//!     `pooler`: [`Pooler`], what a connection pooler in front refuses;
 //!   - `tables`: the six tables described once from their entities, with encode and decode;
 //!     `statements`: the SQL generated from them; `maintenance`: dead-row health and `VACUUM`;
 //!     `errors`: driver errors mapped to [`CacheError`], passwords masked.
@@ -46,8 +47,9 @@
 //! - `near/` (feature `near`): the reader's near tier, entries in memory coherent with
 //!   PostgreSQL within a lease:
 //!   - `config`: `NearConfig`; `source`: the seam a change source plugs into; `listener`: the
-//!     `LISTEN` source; `store`: the memory, the lease and the generations; `weight`: what
-//!     each value really holds, for the byte bound.
+//!     `LISTEN` source; `heartbeat`: the lease's shared anchor, one per database; `store`: the
+//!     memory, the lease and the generations; `weight`: what each value really holds, for the byte
+//!     bound.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - `scheduler/` (feature `scheduler`): refresh-ahead and on-demand scheduling for the
 //!   enrichment worker: `requester` (the reader's demand, batched), `memory` and `postgres`
@@ -102,7 +104,7 @@ pub use payload::{
     CharacterPerformance, ConversationPatterns, EngagementOpportunities, MemoryBehavior,
     MemoryHealth, Payload, PersonalityProfile,
 };
-pub use postgres::{PgCacheRepository, PgConfig, TableHealth, check_url};
+pub use postgres::{PgCacheRepository, PgConfig, Pooler, TableHealth, check_url};
 pub use reader::{CacheReader, ReaderConfig, ReaderStats};
 pub use repository::{CacheAdmin, CacheRead, CacheRepository, CacheWrite, ServerRole, ServerStats};
 pub use seed::SeedHelpers;

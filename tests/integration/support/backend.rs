@@ -9,6 +9,9 @@ pub enum Backend {
     /// PostgreSQL (for a repository: `PgCacheRepository::connect`, reads on its own pool,
     /// writes through sea-orm).
     Postgres,
+    /// As `Postgres`, through a PgBouncer of the test's own in session pooling, with
+    /// `PgConfig::pooler` set (issue 25): repositories only.
+    PgBouncer,
     /// The in-memory implementation.
     Memory,
 }
@@ -20,3 +23,12 @@ pub enum Backend {
 #[case::postgres(Backend::Postgres)]
 #[case::memory(Backend::Memory)]
 pub fn backends(#[case] backend: Backend) {}
+
+/// As [`backends`], with PostgreSQL through PgBouncer between the two: the repository
+/// contract's cases (`case_1_postgres`, `case_2_pgbouncer`, `case_3_memory`).
+#[template]
+#[rstest]
+#[case::postgres(Backend::Postgres)]
+#[case::pgbouncer(Backend::PgBouncer)]
+#[case::memory(Backend::Memory)]
+pub fn stores(#[case] backend: Backend) {}

@@ -111,6 +111,22 @@ pub fn pg(t: &TestDb) -> PgCacheRepository {
     PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default())
 }
 
+/// A repository at `url`, a PgBouncer (`PgConfig::pooler`), with at most `max` connections
+/// in each pool.
+pub async fn through_pooler(url: &str, max: u32) -> PgCacheRepository {
+    PgCacheRepository::connect(
+        url,
+        strategic_cache::PgConfig {
+            max_connections: max,
+            min_connections: 1,
+            pooler: strategic_cache::Pooler::PgBouncer,
+            ..strategic_cache::PgConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// A repository as bots get it: `connect`, with its hot-path read pool of `max` connections.
 pub async fn pooled(t: &TestDb, max: u32) -> PgCacheRepository {
     Repo::at(&t.url)

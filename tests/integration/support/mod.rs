@@ -11,6 +11,7 @@ pub mod db;
 pub mod fixtures;
 pub mod login;
 pub mod near;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod replicas;
 pub mod repo;

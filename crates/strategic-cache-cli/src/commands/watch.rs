@@ -49,11 +49,15 @@ pub async fn run(context: &Context, args: WatchArgs, json: bool) -> anyhow::Resu
         max_connections: 2,
         min_connections: 1,
         limits: context.limits().clone(),
+        pooler: context.pooler,
         ..PgConfig::default()
     })?;
     let replicas = !config.replicas.is_empty();
     let repo = Arc::new(PgCacheRepository::connect(&url, config).await?);
-    let near = repo.near_tier(&NearConfig::default())?;
+    let near = repo.near_tier(&NearConfig {
+        listen_url: context.listen_url.clone(),
+        ..NearConfig::default()
+    })?;
     let reader = CacheReader::new(repo.clone())
         .with_config(ReaderConfig::default())
         .with_near(near);

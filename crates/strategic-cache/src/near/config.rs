@@ -29,6 +29,13 @@ pub struct NearConfig {
     /// fails; a live listener probes every `probe_interval`, so its session is never idle that
     /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
     pub frozen_after: Duration,
+    /// Where the listener connects, when that is not the repository's URL: behind a pooler
+    /// that cannot keep a `LISTEN` (transaction pooling), this is the database's own address
+    /// (see the usage guide, "Behind a connection pooler"). It is trusted as the main URL is:
+    /// its TLS settings are its own, its password is masked in every message, and
+    /// notifications on it pass the same sender check. `None` (the default): the repository's
+    /// URL.
+    pub listen_url: Option<String>,
 }
 
 impl Default for NearConfig {
@@ -40,6 +47,7 @@ impl Default for NearConfig {
             connect_timeout: Duration::from_secs(2),
             application_name: "strategic-cache-near".to_string(),
             frozen_after: Duration::from_secs(5),
+            listen_url: None,
         }
     }
 }

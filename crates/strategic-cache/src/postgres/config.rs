@@ -8,6 +8,7 @@ use std::time::Duration;
 use pg_diagnostics::{redact_url, scrub};
 use sea_orm::sqlx::postgres::PgConnectOptions;
 
+use super::pooler::Pooler;
 use crate::error::CacheError;
 use crate::limits::{Limits, TtlPolicy};
 
@@ -46,6 +47,9 @@ pub struct PgConfig {
     /// below the reader's budget, with room for the primary's read. Must be positive. Default
     /// 20 ms (a replica read takes well under 1 ms on a local network).
     pub replica_read_timeout: Duration,
+    /// A pooler in front of the database (and of every replica): [`Pooler::PgBouncer`] sends
+    /// none of the startup parameters PgBouncer refuses. Default [`Pooler::None`].
+    pub pooler: Pooler,
 }
 
 impl Default for PgConfig {
@@ -62,6 +66,7 @@ impl Default for PgConfig {
             max_replica_lag: Duration::from_secs(1),
             replica_probe_interval: Duration::from_millis(100),
             replica_read_timeout: Duration::from_millis(20),
+            pooler: Pooler::None,
         }
     }
 }

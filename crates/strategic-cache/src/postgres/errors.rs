@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use pg_diagnostics::{QUERY_CANCELED, connection_lost, scrub, sqlstate};
+use sea_orm::sqlx::postgres::PgDatabaseError;
 use sea_orm::{DbErr, RuntimeErr};
 
 use crate::component::Component;
@@ -19,7 +20,7 @@ pub(crate) fn map_db_err(error: DbErr) -> CacheError {
 
 pub(super) fn classify(error: DbErr, statement_timeout: Option<Duration>) -> CacheError {
     let code = sqlstate(&error);
-    let message = scrub(&error.to_string(), None);
+    let message = without_source_line(&error, scrub(&error.to_string(), None));
     match code.as_deref() {
         Some(QUERY_CANCELED) => return CacheError::Timeout(statement_timeout.unwrap_or_default()),
         // The session is gone, going or refused (see `connection_lost` for the codes): "come
@@ -52,6 +53,39 @@ pub(super) fn scrubbed(error: CacheError, url: &str) -> CacheError {
         CacheError::Unavailable(m) => CacheError::Unavailable(scrub(&m, Some(url))),
         CacheError::Database(m) => CacheError::Database(scrub(&m, Some(url))),
         other => other,
+    }
+}
+
+/// `message` without the server's source position: sqlx ends a database error's text with
+/// "at line N", the line of the C file of PostgreSQL (or of the pooler) that raised it, which
+/// tells a caller nothing and makes the same error read differently from server to server.
+fn without_source_line(error: &DbErr, message: String) -> String {
+    match error {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => strip_source_line(e, message),
+        _ => message,
+    }
+}
+
+/// `error`'s text (a driver error outside sea-orm: the read pool's), without the server's
+/// source position.
+pub(super) fn sqlx_message(error: &sea_orm::sqlx::Error) -> String {
+    strip_source_line(error, error.to_string())
+}
+
+fn strip_source_line(error: &sea_orm::sqlx::Error, message: String) -> String {
+    let sea_orm::sqlx::Error::Database(db) = error else {
+        return message;
+    };
+    match db.try_downcast_ref::<PgDatabaseError>() {
+        Some(pg) => match pg.line() {
+            Some(line) => {
+                message.replace(&format!("{} at line {line}", pg.message()), pg.message())
+            }
+            None => message,
+        },
+        None => message,
     }
 }
 

@@ -24,6 +24,7 @@
 //! - `policy`: the routing's pure decisions (eligibility, round-robin, coverage, failures);
 //! - `server`: one server: its read pool and batcher, and how one read runs on it;
 //! - `batch`: merges concurrent lookups of one table into one statement on one server's pool;
+//! - `pooler`: [`Pooler`], what a connection pooler in front of the database refuses;
 //! - `read_pool`: the hot path's own connection pool;
 //! - `maintenance`: dead-row health ([`TableHealth`]) and `VACUUM`;
 //! - `statements`: the SQL generated from the table descriptions;
@@ -44,6 +45,7 @@ mod maintenance;
 #[cfg(feature = "near")]
 mod near;
 mod policy;
+mod pooler;
 mod read;
 mod read_pool;
 mod repository;
@@ -57,4 +59,5 @@ pub use config::{PgConfig, check_url};
 #[cfg(feature = "scheduler")]
 pub(crate) use errors::map_db_err;
 pub use maintenance::TableHealth;
+pub use pooler::Pooler;
 pub use repository::PgCacheRepository;

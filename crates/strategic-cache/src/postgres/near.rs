@@ -17,7 +17,7 @@ use crate::repository::CacheRead;
 
 impl PgCacheRepository {
     /// A near tier for this repository: it listens on the server this repository connected
-    /// to, and reads what it does not hold through this repository. Give it to
+    /// to (or at [`NearConfig::listen_url`]), and reads what it does not hold through this repository. Give it to
     /// [`CacheReader::with_near`](crate::CacheReader::with_near). Within a Tokio runtime.
     ///
     /// Invalid settings (see [`NearConfig`]) are [`CacheError::InvalidInput`] and start
@@ -37,7 +37,7 @@ impl PgCacheRepository {
     /// # Ok(()) }
     /// ```
     pub fn near_tier(&self, config: &NearConfig) -> Result<NearTier, CacheError> {
-        let Some(url) = self.url.as_deref() else {
+        let Some(url) = config.listen_url.as_deref().or(self.url.as_deref()) else {
             return Err(CacheError::invalid(
                 "near_tier",
                 "a repository made from a connection has no URL to listen on; use \
@@ -56,9 +56,9 @@ impl PgCacheRepository {
         store: Arc<dyn CacheRead>,
         config: &NearConfig,
     ) -> Result<NearTier, CacheError> {
-        check_url("near_url", listen_url)?;
+        check_url("listen_url", listen_url)?;
         let options = PgConnectOptions::from_str(listen_url)
-            .map_err(|e| invalid_url("near_url", listen_url, &e))?
+            .map_err(|e| invalid_url("listen_url", listen_url, &e))?
             .application_name(&config.application_name);
         let tables = Tables {
             decode: decode_json_row,

@@ -32,6 +32,8 @@ use sea_orm::sqlx::query::Query;
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _, Postgres};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
+use super::pooler::Pooler;
+
 /// Connections are replaced after this long (sqlx's default `max_lifetime`), so that server
 /// side memory held by a backend and configuration reloads do not live forever.
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
@@ -81,15 +83,15 @@ impl ReadPool {
         connect_timeout: Duration,
         acquire_timeout: Duration,
         statement_timeout: Option<Duration>,
+        pooler: Pooler,
     ) -> Result<ReadPool, sqlx::Error> {
         let mut options: PgConnectOptions = url.parse()?;
         if options.get_application_name().is_none() {
             options = options.application_name("strategic-cache");
         }
-        if let Some(timeout) = statement_timeout {
-            options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
-        }
-        let options = options.disable_statement_logging();
+        let options = pooler
+            .shape(options, statement_timeout)
+            .disable_statement_logging();
         let max = usize::try_from(max_connections.max(1)).unwrap_or(1);
         Ok(ReadPool {
             options: Arc::new(options),

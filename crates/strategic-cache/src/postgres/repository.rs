@@ -9,8 +9,9 @@ use pg_diagnostics::{redact_url, scrub};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
 
 use super::config::{PgConfig, check_url};
-use super::errors::{classify, scrubbed};
+use super::errors::{self, classify, scrubbed};
 use super::maintenance::{self, TableHealth};
+use super::pooler;
 use super::read_pool::ReadPool;
 use super::routing::{self, Servers};
 use super::statements::{distributed_tables_sql, snapshot_sql, sql, stmt};
@@ -90,14 +91,16 @@ impl PgCacheRepository {
             // connection shows up as an error on the read instead, which the reader absorbs.
             .test_before_acquire(false)
             .sqlx_logging(false);
-        if let Some(timeout) = config.statement_timeout {
+        if !config.pooler.keeps_sessions() {
+            options.map_sqlx_postgres_opts(pooler::without_startup_parameters);
+        } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
-        let unavailable = |e: &dyn fmt::Display| {
+        let unavailable = |e: &sea_orm::sqlx::Error| {
             CacheError::Unavailable(format!(
                 "cannot connect to {}: {}",
                 redact_url(url),
-                scrub(&e.to_string(), Some(url))
+                scrub(&errors::sqlx_message(e), Some(url))
             ))
         };
         // One direct attempt first: a refusal, a wrong user or a missing database is said at
@@ -117,6 +120,7 @@ impl PgCacheRepository {
             config.connect_timeout,
             config.acquire_timeout,
             config.statement_timeout,
+            config.pooler,
         )
         .map_err(|e| unavailable(&e))?;
         reads

@@ -362,6 +362,7 @@ pub(super) async fn start(
             config.connect_timeout,
             config.acquire_timeout,
             config.statement_timeout,
+            config.pooler,
         )
         .map_err(|e| invalid_url("replicas", replica, &e))?;
         replicas.push(server(replica, pool));
@@ -405,6 +406,7 @@ mod tests {
                     Duration::from_secs(1),
                     Duration::from_secs(1),
                     None,
+                    crate::Pooler::None,
                 )
                 .unwrap(),
             );
