@@ -12,12 +12,12 @@ use strategic_cache::prelude::*;
 use strategic_cache::test_support::{StubMode, StubRepository};
 use strategic_cache::{
     CacheReader, CacheRepository, Component, DEFAULT_WINDOW_HOURS, Key, Lookup, NearConfig,
-    PgCacheRepository, ReaderConfig, WriteOutcome,
+    PgCacheRepository, ReaderConfig,
 };
 
 use super::args::BenchArgs;
 use super::bare::BareConn;
-use super::data::{self, Shape};
+use super::data::Shape;
 use super::stats::{Case, Samples};
 use crate::progress::Progress;
 
@@ -485,39 +485,8 @@ impl Bench {
     /// running beside it; the stale rows are put back afterwards for the next run.
     pub(super) async fn write_cases(&mut self) -> Result<()> {
         self.step("upsert_batch");
-        let shape = self.shape;
-        let batch = self.args.batch.max(5);
         let batches = (self.args.reads / 200).clamp(3, 30);
-        let mut samples = Samples::default();
-        let started = Instant::now();
-        let mut rows = 0u64;
-        for n in 0..batches {
-            let mut entries = Vec::with_capacity(batch + 5);
-            let mut k = 0;
-            while entries.len() < batch {
-                let (u, b) = shape.fresh_key(5000 + n, k);
-                data::user_entries(&shape, u, b, false, &mut entries);
-                k += 1;
-            }
-            let begun = Instant::now();
-            let result = self.repo.upsert_many(&entries).await;
-            samples
-                .latencies_ns
-                .push(u64::try_from(begun.elapsed().as_nanos()).unwrap_or(u64::MAX));
-            match result {
-                Ok(outcomes) => {
-                    rows += outcomes
-                        .iter()
-                        .filter(|o| **o == WriteOutcome::Written)
-                        .count() as u64
-                }
-                Err(_) => samples.errors += 1,
-            }
-        }
-        samples.wall = started.elapsed();
-        let mut case = Case::from_samples("upsert_batch", "batch", samples, 0.0);
-        case.throughput_per_s = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        case.unit = format!("batch of {batch} (throughput: rows/s)");
+        let case = self.batches("upsert_batch", 50, batches).await;
         self.cases.push(case);
 
         self.sweep_case().await

@@ -47,7 +47,8 @@ impl Bench {
             set_triggers(db, feed).await?;
             let name = format!("upsert_batch_{}", suffix(feed));
             self.step(&name);
-            let case = self.batches(&name, 7000 + u64::from(feed)).await;
+            let count = if self.args.quick { 3 } else { 10 };
+            let case = self.batches(&name, 7000 + u64::from(feed), count).await;
             self.cases.push(case);
         }
         Ok(())
@@ -71,10 +72,10 @@ impl Bench {
         .await
     }
 
-    /// `upsert_many` batches of `--batch` entries, throughput in rows a second.
-    async fn batches(&self, name: &str, seed: u64) -> Case {
+    /// `count` `upsert_many` batches of `--batch` entries (keys from `seed`), throughput in
+    /// rows a second.
+    pub(super) async fn batches(&self, name: &str, seed: u64, count: u64) -> Case {
         let batch = self.args.batch.max(5);
-        let count = if self.args.quick { 3 } else { 10 };
         let mut samples = Samples::default();
         let mut rows = 0u64;
         let started = Instant::now();
