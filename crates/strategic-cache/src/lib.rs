@@ -28,7 +28,7 @@
 //!   - `config`: [`PgConfig`] and the one check of its URLs and replica rules;
 //!   - `repository`: the repository, its connect and the error mapping its parts share;
 //!   - `read`, `write`, `admin`: its [`CacheRead`], [`CacheWrite`] and [`CacheAdmin`];
-//!   - `near` (feature `near`): the near tier it hands out ([`PgCacheRepository::near_tier`]);
+//!   - `near` (feature `near`): the near tier it hands out (`PgCacheRepository::near_tier`);
 //!   - `routing`: the server set of the hot-path reads (the primary and its replicas) and
 //!     which one each read goes to; `policy`: its pure decisions; `lag_monitor`: each
 //!     replica's measured lag;
