@@ -377,8 +377,9 @@ async fn roles_survive_repeated_and_reversed_migrations() {
     let t = TestDb::migrated().await;
     let options = MigrateOptions::default();
     runner::run(&t.db, Command::Up, &options).await.unwrap();
-    // Three steps: the near tier's sender check and triggers, then the roles.
-    runner::run(&t.db, Command::Down { steps: Some(3) }, &options)
+    // Four steps: the lighter notify triggers, the near tier's sender check and triggers,
+    // then the roles.
+    runner::run(&t.db, Command::Down { steps: Some(4) }, &options)
         .await
         .unwrap();
     let row = t

@@ -71,11 +71,15 @@ pub struct Cli {
     pub replica_read_timeout_ms: u64,
 
     /// What sits in front of the database: `pgbouncer` sends none of the startup parameters
-    /// PgBouncer refuses (set statement_timeout on the role instead); `none` otherwise. See
-    /// docs/STRATEGIC_CACHE_USAGE.md, "Behind a connection pooler".
+    /// PgBouncer refuses (set statement_timeout on the role instead); `none` otherwise. Also
+    /// from STRATEGIC_CACHE_POOLER. See docs/STRATEGIC_CACHE_USAGE.md, "Behind a connection
+    /// pooler".
+    // `hide_env`: `simulate --help` and `bench --help` say `[env: ...]` of nothing (their
+    // servers come from their own command line only); the variable is named in the text.
     #[arg(
         long,
         env = "STRATEGIC_CACHE_POOLER",
+        hide_env = true,
         global = true,
         value_name = "POOLER",
         default_value = "none"
@@ -84,12 +88,12 @@ pub struct Cli {
 
     /// Where `watch`'s near-tier listener connects (postgres:// URL), when that is not the
     /// database URL: behind a pooler in transaction pooling, the database's own address,
-    /// since a LISTEN needs a session of its own.
+    /// since a LISTEN needs a session of its own. Also from STRATEGIC_CACHE_LISTEN_URL.
     #[arg(
         long,
         env = "STRATEGIC_CACHE_LISTEN_URL",
+        hide_env = true,
         global = true,
-        hide_env_values = true,
         value_name = "URL"
     )]
     pub listen_url: Option<String>,
