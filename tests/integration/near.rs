@@ -26,20 +26,7 @@ use crate::support::timing::poll_until;
 async fn near_tier_is_coherent_under_random_writes() {
     let (t, repo) = seeded(&[], 0).await;
     let readers = two_readers(&t.url, &t.url, Duration::from_secs(2)).await;
-    let result = coherence(
-        readers,
-        repo,
-        t.db.clone(),
-        16,
-        Duration::from_secs(5),
-        WriteMix::default(),
-        async {},
-    )
-    .await;
-    println!("near coherence: {result:?}");
-    assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
-    assert!(result.near_hits > 100, "no near hits: {result:?}");
-    assert!(result.max_staleness <= BOUND, "{result:?}");
+    assert_coherent("near coherence", readers, repo, t.db.clone()).await;
 }
 
 /// A batch whose keys do not fit one notification ("flush this table") is still seen

@@ -15,7 +15,7 @@ use strategic_cache::{
 use crate::support::TestDb;
 use crate::support::cluster::PgCluster;
 use crate::support::fixtures::{mh, through_pooler};
-use crate::support::near::{BOUND, WriteMix, coherence, seeded};
+use crate::support::near::{assert_coherent, seeded};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::timing::poll_until;
 
@@ -56,20 +56,13 @@ async fn near_tier_is_coherent_through_pgbouncer_with_the_listener_direct() {
                 .with_near(tier),
         );
     }
-    let result = coherence(
+    assert_coherent(
+        "near coherence through pgbouncer",
         readers,
         repo,
         t.db.clone(),
-        16,
-        Duration::from_secs(5),
-        WriteMix::default(),
-        async {},
     )
     .await;
-    println!("near coherence through pgbouncer: {result:?}");
-    assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
-    assert!(result.near_hits > 100, "no near hits: {result:?}");
-    assert!(result.max_staleness <= BOUND, "{result:?}");
 }
 
 /// With PgBouncer killed, reads through it are misses (never an error or a panic for the

@@ -210,6 +210,31 @@ pub async fn sql_upsert(db: &DatabaseConnection, users: &[String], version: u64)
     db.execute_unprepared(&sql).await.is_ok()
 }
 
+/// The plain coherence run (16 users for 5 s, the default writes, no fault) with the
+/// assertions every such run makes: enough writes and reads, near hits, and no value served
+/// past the bound. `label` names the run in what it prints.
+pub async fn assert_coherent(
+    label: &str,
+    readers: Vec<CacheReader>,
+    repo: Arc<PgCacheRepository>,
+    sql: DatabaseConnection,
+) {
+    let result = coherence(
+        readers,
+        repo,
+        sql,
+        16,
+        Duration::from_secs(5),
+        WriteMix::default(),
+        async {},
+    )
+    .await;
+    println!("{label}: {result:?}");
+    assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
+    assert!(result.near_hits > 100, "no near hits: {result:?}");
+    assert!(result.max_staleness <= BOUND, "{result:?}");
+}
+
 /// Runs `readers` (each a reader with its own near tier: a process each) for `duration`
 /// while one writer writes `users` keys at random through `repo` and plain SQL on `sql`,
 /// and `fault` runs alongside. Returns what it measured. Reads returning nothing are not
