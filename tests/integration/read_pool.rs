@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 use strategic_cache::prelude::*;
-use strategic_cache::{Component, Key, Lookup, NewEntry, Payload};
+use strategic_cache::{CacheReader, Component, Key, Lookup, NearConfig, NewEntry, Payload};
 
 use crate::support::TestDb;
 use crate::support::fixtures::*;
+use crate::support::near::BOT;
 use crate::support::repo::Repo;
 
 /// The pids of the read pool's backends (`application_name` `strategic-cache`).
@@ -263,4 +264,75 @@ async fn pg_lookups_queued_for_a_connection_are_batched() {
         (4..=12).contains(&statements),
         "{statements} statements for 72 lookups"
     );
+}
+
+/// Backends per `application_name` starting with `prefix`, in this test's database.
+async fn backends_named(t: &TestDb, prefix: &str) -> Vec<(String, i64)> {
+    let rows =
+        t.db.query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!(
+                "SELECT application_name, count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND starts_with(application_name, '{prefix}') \
+                 GROUP BY 1 ORDER BY 1"
+            ),
+        ))
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "application_name").unwrap(),
+                r.try_get::<i64>("", "n").unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (up to 5 s: a closed connection's backend leaves `pg_stat_activity` a moment after)
+/// until the backends named `prefix…` are exactly `expected`, and asserts it.
+async fn assert_backends(t: &TestDb, prefix: &str, expected: &[(String, i64)], when: &str) {
+    crate::support::timing::poll_until(Duration::from_secs(5), || async {
+        backends_named(t, prefix).await == expected
+    })
+    .await;
+    assert_eq!(backends_named(t, prefix).await, expected, "{when}");
+}
+
+/// A bot process that only reads (`connect`, `near_tier`, `CacheReader`, reads from the
+/// database and from memory) holds exactly the connections it uses: one of the read pool and
+/// the listener, none of the write pool; its first write opens the write pool's one (N + 1)
+/// and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_only_bot_holds_the_read_pool_and_the_listener_only() {
+    let t = TestDb::migrated().await;
+    let app = format!("sc_conns_{}", std::process::id());
+    let url = format!(
+        "{}{}application_name={app}",
+        t.url,
+        if t.url.contains('?') { '&' } else { '?' }
+    );
+    let users: Vec<String> = (0..4).map(crate::support::near::user).collect();
+    assert!(crate::support::near::sql_upsert(&t.db, &users, 1).await);
+    let repo = Repo::at(&url).shared().await;
+    let near = NearConfig {
+        application_name: format!("{app}_near"),
+        ..NearConfig::default()
+    };
+    let tier = repo.near_tier(&near).unwrap();
+    let reader = CacheReader::new(repo.clone()).with_near(tier);
+    crate::support::near::warm(&reader, &users[0]).await;
+    for round in 0..3 {
+        for u in &users {
+            let found = reader.get(Component::MemoryHealth, u, BOT).await;
+            assert!(found.is_some(), "round {round}: {u} not found");
+        }
+    }
+    assert!(reader.stats().near_hits > 0, "no read from memory");
+    let reading = [(app.clone(), 1), (format!("{app}_near"), 1)];
+    assert_backends(&t, &app, &reading, "reader only: read pool + listener").await;
+
+    repo.upsert(&mh("writer", BOT, 1.0, 5)).await.unwrap();
+    let writing = [(app.clone(), 2), (format!("{app}_near"), 1)];
+    assert_backends(&t, &app, &writing, "after a write: + the write pool's").await;
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pg_diagnostics::{redact_url, scrub};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
 
 use super::config::{PgConfig, check_url};
 use super::errors::{self, classify, scrubbed};
@@ -14,7 +14,7 @@ use super::maintenance::{self, TableHealth};
 use super::pooler;
 use super::read_pool::ReadPool;
 use super::routing::{self, Servers};
-use super::statements::{distributed_tables_sql, snapshot_sql, sql, stmt};
+use super::statements::{distributed_tables_sql, snapshot_sql, sql};
 use crate::component::Component;
 use crate::error::CacheError;
 use crate::limits::{Limits, TtlPolicy};
@@ -29,8 +29,8 @@ use crate::task::TaskGuard;
 /// A repository made by [`PgCacheRepository::connect`] holds two pools of up to
 /// `max_connections` each: sea-orm's, for writes and maintenance, and its own for the two
 /// hot-path reads, which hands a connection back without the round trip sqlx's pool spends
-/// testing it on every release (see `read_pool.rs`). A bot that only reads keeps
-/// `min_connections` open in the first. One made by [`PgCacheRepository::from_connection`]
+/// testing it on every release (see `read_pool.rs`). The first opens its connections on
+/// first use, so a bot that only reads holds none of it. One made by [`PgCacheRepository::from_connection`]
 /// reads through the connection it is given.
 ///
 /// With [`PgConfig::replicas`], each replica gets a read pool of its own, and `lookup` and
@@ -84,7 +84,11 @@ impl PgCacheRepository {
         let mut options = ConnectOptions::new(url);
         options
             .max_connections(config.max_connections)
-            .min_connections(config.min_connections.min(config.max_connections))
+            // The write pool opens its first connection on first use and keeps none idle
+            // (sqlx closes them after its 10-minute idle timeout): a bot that only reads never
+            // holds one (issue 25). `min_connections` is the read pool's.
+            .min_connections(0)
+            .connect_lazy(true)
             .connect_timeout(config.connect_timeout)
             .acquire_timeout(config.acquire_timeout)
             // A ping on every checkout would double the latency of every hot-path read; a dead
@@ -127,9 +131,11 @@ impl PgCacheRepository {
             .warm(config.min_connections.min(config.max_connections))
             .await
             .map_err(|e| unavailable(&e))?;
-        let distributed = detect_distributed(&db)
-            .await
-            .map_err(|e| scrubbed(classify(e, config.statement_timeout), url))?;
+        // On the read pool, whose connection the reader keeps and uses anyway.
+        let distributed = detect_distributed(&reads).await.map_err(|e| {
+            let error = DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)));
+            scrubbed(classify(error, config.statement_timeout), url)
+        })?;
         let (servers, monitor) = routing::start(url, reads, &config).await?;
         let repository = PgCacheRepository {
             db,
@@ -275,12 +281,13 @@ impl PgCacheRepository {
 
 /// The number of cache tables Citus distributes, in one statement (see
 /// `statements::distributed_tables_sql`); 0 on plain PostgreSQL.
-async fn detect_distributed(db: &DatabaseConnection) -> Result<bool, DbErr> {
-    let row = db
-        .query_one_raw(stmt(distributed_tables_sql(), Vec::new()))
+async fn detect_distributed(reads: &ReadPool) -> Result<bool, sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::Row as _;
+    let row = reads
+        .fetch_optional(sea_orm::sqlx::query(distributed_tables_sql()))
         .await?;
     let count: i32 = match row {
-        Some(row) => row.try_get("", "distributed")?,
+        Some(row) => row.try_get("distributed")?,
         None => 0,
     };
     Ok(count > 0)
