@@ -17,7 +17,9 @@ use crate::limits::{Limits, TtlPolicy};
 pub struct PgConfig {
     /// Pool size.
     pub max_connections: u32,
-    /// Connections kept open when idle.
+    /// Connections of the hot-path read pool opened by `connect` and kept open when idle.
+    /// The write pool opens on first use and keeps none (a bot that only reads never holds
+    /// one).
     pub min_connections: u32,
     /// Bound on opening one connection.
     pub connect_timeout: Duration,

@@ -68,7 +68,9 @@ impl fmt::Debug for PgCacheRepository {
 }
 
 impl PgCacheRepository {
-    /// Connects a pool with `config`'s bounds.
+    /// Connects with `config`'s bounds: one direct connection proves the server reachable
+    /// (closed at once), the read pool opens `min_connections` and asks there whether Citus
+    /// distributes the tables, and the write pool opens on the first write.
     ///
     /// The URL must be `postgres://` or `postgresql://` ([`CacheError::InvalidInput`]
     /// otherwise). A failure to connect is [`CacheError::Unavailable`], naming the host and
