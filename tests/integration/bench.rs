@@ -43,6 +43,8 @@ const REQUIRED: &[&str] = &[
     "upsert_8_nofeed",
     "upsert_batch_feed",
     "upsert_batch_nofeed",
+    "near_memory_32mib",
+    "near_memory_64mib",
 ];
 
 /// The built binary, next to the test executable's `deps` directory.
@@ -162,6 +164,38 @@ async fn quick_bench_reports_every_case_without_errors() {
             "{name}: {stdout}"
         );
     }
+    // The near tier's memory, each bound in a child process: filled past the bound, the
+    // growth measured (no figure is asserted here; the target is a boolean of the report).
+    let near_memory = report["near_memory"].as_array().expect("near_memory");
+    let bounds: Vec<u64> = near_memory
+        .iter()
+        .map(|m| m["mib"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bounds, [32, 64], "{stdout}");
+    for m in near_memory {
+        let max_bytes = m["max_bytes"].as_u64().unwrap();
+        assert!(m["rss_after_bytes"].as_u64().unwrap() > 0, "{m}");
+        assert!(
+            m["growth_bytes"].is_u64() && m["growth_ratio"].is_number(),
+            "{m}"
+        );
+        assert!(m["tier_bytes"].as_u64().unwrap() <= max_bytes, "{m}");
+        assert!(
+            m["keys"].as_u64().unwrap() * 8 * 1024 >= 2 * max_bytes,
+            "not filled past the bound: {m}"
+        );
+        let name = format!(
+            "near_memory_{}mib: RSS growth <= 1.25 x max_bytes",
+            m["mib"]
+        );
+        assert!(
+            targets
+                .iter()
+                .any(|t| t["name"] == name.as_str() && t["pass"].is_boolean()),
+            "{name}: {stdout}"
+        );
+    }
+    assert_eq!(hit_rate("near_memory_32mib"), 1.0);
     assert_eq!(hit_rate("cold_read"), 0.0);
     assert_eq!(hit_rate("stale_read"), 0.0);
     assert!(report["targets"].as_array().is_some_and(|t| !t.is_empty()));

@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// `--replica` only).
     #[arg(long, default_value_t = 200)]
     pub lag_samples: u64,
+    /// Run only the near tier's memory case at this bound (MiB) and print what it measured:
+    /// how `bench` runs each `near_memory_*` case in a process of its own.
+    #[arg(long, value_name = "MIB", hide = true)]
+    pub near_memory_child: Option<u64>,
     /// Write the latency distributions to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,

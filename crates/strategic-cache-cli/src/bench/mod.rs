@@ -11,6 +11,7 @@
 //! - [`soak`]: `--soak`, many refresh cycles with reads in parallel, table sizes over time.
 //! - [`plot`]: `--plot FILE.svg`, the latency distributions as SVG.
 //! - [`replicas`]: with `--replica URL`, the read cases on the replicas and the replication lag.
+//! - [`near_memory`]: the near tier filled past its bound, its RSS growth measured in a child.
 //!
 //! The payloads come from [`crate::workload`], shared with `simulate`. Everything is written
 //! into a scratch schema ([`crate::scratch`]) dropped at the end: the tables of the database
@@ -21,6 +22,7 @@ mod bare;
 mod cases;
 mod data;
 mod feed;
+mod near_memory;
 mod plot;
 mod replicas;
 mod report;
@@ -28,7 +30,7 @@ mod soak;
 mod stats;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sea_orm::ConnectionTrait;
@@ -49,6 +51,14 @@ use crate::scratch::{self, Scoped};
 /// bar on stderr while it runs (hidden when stderr is not a terminal).
 pub async fn command(context: &Context, args: &BenchArgs) -> Result<Outcome> {
     let url = context.url_from_command_line("bench")?;
+    if let Some(mib) = args.near_memory_child {
+        let budget = Duration::from_millis(args.budget_ms);
+        let measured = near_memory::child(url, mib, args.quick, budget).await?;
+        return Ok(Outcome::ok(
+            format!("{measured:?}"),
+            serde_json::to_value(&measured)?,
+        ));
+    }
     let bar = progress_bar("bench {bar:40} {percent:>3}% {elapsed} {msg}");
     let shown = bar.clone();
     let progress: Progress = Arc::new(move |stage: &str, done: f64| {
@@ -114,6 +124,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
     bench.warm_up().await?;
 
     let mut replica_setup = serde_json::Value::Null;
+    let mut near = Vec::new();
     let soak = if args.soak {
         let report = soak::run(&repo, shape, &args, &bench.progress).await?;
         bench.cases.push(report.reads.clone());
@@ -136,6 +147,11 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         }
         bench.write_cases().await?;
         bench.feed_cases(&scratch.db).await?;
+        bench.step("near_memory");
+        near = near_memory::run(url, args.quick, args.budget_ms).await?;
+        for measured in &near {
+            bench.cases.push(measured.case.clone());
+        }
         None
     };
     let overhead = if args.soak {
@@ -144,11 +160,12 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         bench.reader_overhead().await
     };
     let ratios = ratios(&bench.cases);
-    let targets = if args.soak {
+    let mut targets = if args.soak {
         Vec::new()
     } else {
         targets(&bench.cases, overhead)
     };
+    targets.extend(near_memory::targets(&near));
     Ok(BenchReport {
         setup: json!({
             "users": shape.users,
@@ -167,6 +184,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         ratios,
         reader_overhead_us: overhead,
         targets,
+        near_memory: near,
         soak,
     })
 }

@@ -4,6 +4,7 @@
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+use super::near_memory::NearMemory;
 use super::plot;
 use super::soak::SoakReport;
 use super::stats::Case;
@@ -60,6 +61,8 @@ pub struct BenchReport {
     pub reader_overhead_us: f64,
     /// The targets.
     pub targets: Vec<Target>,
+    /// The near tier's memory against its bound, per bound (empty with `--soak`).
+    pub near_memory: Vec<NearMemory>,
     /// The soak test, with `--soak`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<SoakReport>,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::workload::quantile;
 
@@ -28,8 +28,8 @@ impl Samples {
     }
 }
 
-/// One row of the report.
-#[derive(Clone, Debug, Serialize)]
+/// One row of the report (read back from a child process by `near_memory.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Case {
     /// Stable name (used by scripts and the integration test).
     pub name: String,
