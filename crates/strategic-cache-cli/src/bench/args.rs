@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// `--replica` only).
     #[arg(long, default_value_t = 200)]
     pub lag_samples: u64,
+    /// Run only the near tier's memory cases: a tier of 32 MiB, then one of 64 MiB, each in a
+    /// process of its own, filled past its bound with about 1 KB of JSON per entry; reports
+    /// the process's RSS growth against the bound (no data set is written).
+    #[arg(long, conflicts_with = "soak")]
+    pub near_memory: bool,
     /// Run only the near tier's memory case at this bound (MiB) and print what it measured:
     /// how `bench` runs each `near_memory_*` case in a process of its own.
     #[arg(long, value_name = "MIB", hide = true)]

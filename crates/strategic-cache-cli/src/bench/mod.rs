@@ -96,6 +96,9 @@ fn plain_transport(url: &str) -> String {
 async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<BenchReport> {
     let args = args.effective();
     let url = &scratch.url;
+    if args.near_memory {
+        return near_memory_only(&args, url, &progress).await;
+    }
     let shape = Shape {
         users: args.users.max(1),
         bots: args.bots.max(1),
@@ -186,6 +189,38 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
         targets,
         near_memory: near,
         soak,
+    })
+}
+
+/// `--near-memory`: the near tier's memory cases alone (no data set, no other case).
+async fn near_memory_only(args: &BenchArgs, url: &str, progress: &Progress) -> Result<BenchReport> {
+    progress("near_memory", 0.0);
+    let near = near_memory::run(url, args.quick, args.budget_ms).await?;
+    Ok(BenchReport {
+        setup: json!({
+            "users": 0,
+            "bots": 0,
+            "stale_percent": 0,
+            "pool": 0,
+            "tls": !url.contains("sslmode=disable"),
+            "budget_ms": args.budget_ms,
+            "quick": args.quick,
+            "near_memory": true,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "replicas": serde_json::Value::Null,
+        }),
+        fill: FillReport {
+            rows: 0,
+            secs: 0.0,
+            rows_per_s: 0.0,
+            vacuum_secs: 0.0,
+        },
+        cases: near.iter().map(|m| m.case.clone()).collect(),
+        ratios: Vec::new(),
+        reader_overhead_us: 0.0,
+        targets: near_memory::targets(&near),
+        near_memory: near,
+        soak: None,
     })
 }
 

@@ -185,6 +185,21 @@ impl BenchReport {
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
+        if self.setup["near_memory"] == true {
+            let _ = writeln!(
+                out,
+                "near tier memory only (--near-memory): each bound in a process of its own"
+            );
+        } else {
+            self.render_setup(&mut out);
+        }
+        self.render_cases(&mut out);
+        out
+    }
+
+    /// The data set, the fill and the replicas.
+    fn render_setup(&self, out: &mut String) {
+        use std::fmt::Write as _;
         let _ = writeln!(
             out,
             "data set: {} users x {} bots, {}% stale, {} rows; pool {}; TLS {}; {} cores",
@@ -218,6 +233,11 @@ impl BenchReport {
                 replicas["replica_case_reads_on_primary"],
             );
         }
+    }
+
+    /// The cases, the ratios, the soak and the targets.
+    fn render_cases(&self, out: &mut String) {
+        use std::fmt::Write as _;
         let _ = writeln!(
             out,
             "\n{:<22} {:>7} {:>9} {:>9} {:>9} {:>10} {:>11} {:>6} {:>6}",
@@ -258,7 +278,6 @@ impl BenchReport {
             let verdict = if t.pass { "PASS" } else { "FAIL" };
             let _ = writeln!(out, "{verdict} {}: {}", t.name, t.detail);
         }
-        out
     }
 }
 
