@@ -9,8 +9,9 @@
 //! - server transactions a second: the delta of `xact_commit + xact_rollback` of the scratch
 //!   database in `pg_stat_database` (read from the base database, so the measuring adds
 //!   nothing);
-//! - server CPU: the `utime + stime` (from `/proc/<pid>/stat`) of the scratch database's
-//!   backends (`pg_stat_activity`), as a percentage of one core; "n/a" when the server's
+//! - server CPU: the CPU time of the scratch database's backends (`pg_stat_activity`), from
+//!   `/proc/<pid>/schedstat` (nanoseconds; `utime + stime` of `/proc/<pid>/stat` where it is
+//!   missing), as a percentage of one core; "n/a" when the server's
 //!   processes are not visible here (a server on another host).
 //!
 //! It shells out to `psql` and to the CLI binary (`--cli PATH`, by default the workspace's
@@ -302,7 +303,7 @@ fn window(scratch: &Scratch, length: Duration, ticks: f64) -> Result<Window> {
     .lines()
     .filter_map(|l| l.trim().parse().ok())
     .collect();
-    let before_cpu: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let before_cpu: Vec<Option<u64>> = pids.iter().map(|p| cpu_ns(*p, ticks)).collect();
     let before = xacts()?;
     let started = Instant::now();
     std::thread::sleep(length);
@@ -311,19 +312,31 @@ fn window(scratch: &Scratch, length: Duration, ticks: f64) -> Result<Window> {
     let mut used = 0u64;
     let mut seen = false;
     for (pid, before) in pids.iter().zip(before_cpu) {
-        if let (Some(b), Some(a)) = (before, cpu_ticks(*pid)) {
+        if let (Some(b), Some(a)) = (before, cpu_ns(*pid, ticks)) {
             used += a.saturating_sub(b);
             seen = true;
         }
     }
     Ok(Window {
         tps: (after - before) / elapsed,
-        cpu: seen.then(|| used as f64 / ticks / elapsed * 100.0),
+        cpu: seen.then(|| used as f64 / 1e9 / elapsed * 100.0),
     })
 }
 
-/// `utime + stime` of process `pid`, in clock ticks (`None` if it is not visible here).
-fn cpu_ticks(pid: u32) -> Option<u64> {
+/// CPU time of process `pid` in nanoseconds (`None` if it is not visible here): the
+/// scheduler's own account (`/proc/<pid>/schedstat`, first field), else `utime + stime` of
+/// `/proc/<pid>/stat` in clock ticks of `1 / ticks` s. The ticks are sampled: a backend that
+/// runs for a few microseconds at a time is charged a whole tick or none, so over a 10 s window
+/// each of N idle backends is off by about a tick, which at N = 20 is about 2 % of a core.
+fn cpu_ns(pid: u32, ticks: f64) -> Option<u64> {
+    if let Ok(schedstat) = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        && let Some(ns) = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+    {
+        return Some(ns);
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces, hence the last ')'): state is
     // field 3, utime 14, stime 15.
@@ -331,7 +344,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(((utime + stime) as f64 * 1e9 / ticks) as u64)
 }
 
 #[cfg(test)]
