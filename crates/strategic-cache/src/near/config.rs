@@ -16,9 +16,7 @@ pub struct NearConfig {
     pub max_bytes: u64,
     /// How long a lease round trip lets the tier serve from memory: the staleness bound.
     pub lease: Duration,
-    /// How often the listener renews the lease (and so how soon a change is applied) when it
-    /// probes for itself. Where listeners of the database share a heartbeat (the usual case,
-    /// see the usage guide), every one of them renews on it, every 1.5 × this.
+    /// How often the listener renews the lease (and so how soon a change is applied).
     pub probe_interval: Duration,
     /// Longest the listener waits to connect.
     pub connect_timeout: Duration,
@@ -28,9 +26,8 @@ pub struct NearConfig {
     /// (frozen, paused, swapped out): the listener sets the session's `idle_session_timeout`
     /// and `tcp_user_timeout` to it. PostgreSQL's notification queue cannot advance past a
     /// listener that does not read, and once the queue is full every write to a cache table
-    /// fails; a live listener runs a statement at least every 2.5 × `probe_interval` (a
-    /// heartbeat period and one interval), so its session is never idle that long. At least
-    /// 4 × `probe_interval`; zero leaves the server's settings alone.
+    /// fails; a live listener probes every `probe_interval`, so its session is never idle that
+    /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
     pub frozen_after: Duration,
     /// Where the listener connects, when that is not the repository's URL: behind a pooler
     /// that cannot keep a `LISTEN` (transaction pooling), this is the database's own address
