@@ -1,4 +1,4 @@
-//! The lease's anchor: one heartbeat per database per period instead of one probe per
+//! The lease's anchor: one heartbeat per database per interval instead of one probe per
 //! process (issue 25).
 //!
 //! PostgreSQL (every released version) wakes every listening backend of a database on every
@@ -6,10 +6,9 @@
 //! probe per listener per interval, N listening processes cost about `10 · N · (N + 1)`
 //! transactions a second. Here one listener of the database, the one whose session holds the
 //! advisory lock [`LOCK`] (`pg_try_advisory_lock`, taken by any listener that finds it free),
-//! sends its probe on the shared channel [`CHANNEL`]: the heartbeat, every [`period`] (one
-//! and a half probe intervals). Every other listener anchors its lease on that heartbeat
-//! instead of notifying, on every heartbeat: per period, `N` wake-ups and `N` small
-//! statements, linear in `N`.
+//! sends its probe on the shared channel [`CHANNEL`]: the heartbeat. Every other listener
+//! anchors its lease on that heartbeat instead of notifying, on every other heartbeat: `N`
+//! wake-ups per interval and `N` small statements per two, linear in `N`.
 //!
 //! # What a heartbeat proves, and to whom
 //! A listener that is not the holder starts a round at `sent` with one statement that notifies
@@ -44,7 +43,7 @@
 //! the holder: one process alone, or every process of a fleet, still renews its lease. When the
 //! holder's session ends (a crash, `pg_terminate_backend`, or the server ending a frozen
 //! process's session after `NearConfig::frozen_after`), the lock is free and the next listener
-//! to start a round (within one period) takes it.
+//! to start a round (within one interval) takes it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -70,24 +69,11 @@ const MAX_CHECKS: usize = 2;
 /// How long a verdict on a heartbeat's sender is kept.
 const VERDICT_TTL: Duration = Duration::from_secs(10);
 
-/// The heartbeat's period, and so the pace of every round of a fleet: one and a half probe
-/// intervals. Every heartbeat wakes every listening backend of the database, so each one is
-/// sent for every listener to renew on: a heartbeat that no listener anchors a round on costs
-/// the server `N` wake-ups for the holder's lease alone. A listener renews on each heartbeat,
-/// so its lease is at most about two periods old when renewed (a round that starts just
-/// after a heartbeat committed waits for the next), well inside the lease.
-pub(super) fn period(config: &NearConfig) -> Duration {
-    config.probe_interval * 3 / 2
-}
-
-/// How long a listener waits for a believable heartbeat before probing for itself: a
-/// period (the longest a round waits for the next heartbeat) and one interval of delay (the
-/// slack it had when heartbeats came every interval and it waited two), and never more than
-/// half the lease, so the fallback probe still has time to come back. It is also the longest
-/// a listener's session stays idle between statements, inside the smallest `frozen_after`
-/// allowed (four intervals).
+/// How long a listener waits for a believable heartbeat before probing for itself: two
+/// intervals (a heartbeat is sent every interval), and never more than half the lease, so the
+/// fallback probe still has time to come back.
 pub(super) fn fallback_wait(config: &NearConfig) -> Duration {
-    (period(config) + config.probe_interval).min(config.lease / 2)
+    (config.probe_interval * 2).min(config.lease / 2)
 }
 
 /// The heartbeat's state over one connection.
@@ -107,9 +93,11 @@ pub(super) struct Anchor {
     /// By the database's clock, a time before which none of the next round's notifications
     /// was sent (the next round's `since`).
     pub(super) server: DateTime<Utc>,
-    /// When the next round may start: one [`period`] after `sent` for the heartbeat and for
-    /// a round anchored on it (each listener renews on every heartbeat), one interval after it
-    /// for a private probe (a listener without a believable heartbeat, as before issue 25).
+    /// When the next round may start: one interval after `sent` for a probe of this
+    /// listener's own (the heartbeat's pace), two after it for a round anchored on a
+    /// heartbeat. The lease does not need more (it runs until `sent + lease`); the wake-ups
+    /// that every heartbeat costs each listener do not depend on it, the rounds do, so
+    /// renewing every other heartbeat halves what a listener adds beyond them.
     pub(super) next: Instant,
 }
 
@@ -177,7 +165,7 @@ pub(super) async fn anchor(
                         return Ok(Anchor {
                             sent,
                             server: started,
-                            next: sent + period(config),
+                            next: sent + config.probe_interval * 2,
                         });
                     }
                     continue;
@@ -279,15 +267,10 @@ async fn own_probe(
             && notification.process_id() == own_pid
             && notification.payload() == payload
         {
-            let pace = if holder {
-                period(config)
-            } else {
-                config.probe_interval
-            };
             return Ok(Anchor {
                 sent,
                 server,
-                next: sent + pace,
+                next: sent + config.probe_interval,
             });
         }
         push(state, round, lease_channel, own_pid, &notification);
