@@ -26,8 +26,9 @@ pub struct NearConfig {
     /// (frozen, paused, swapped out): the listener sets the session's `idle_session_timeout`
     /// and `tcp_user_timeout` to it. PostgreSQL's notification queue cannot advance past a
     /// listener that does not read, and once the queue is full every write to a cache table
-    /// fails; a live listener probes every `probe_interval`, so its session is never idle that
-    /// long. At least 4 × `probe_interval`; zero leaves the server's settings alone.
+    /// fails; a live listener runs a statement at least every 2.5 × `probe_interval` (its
+    /// probe, or its round on the shared heartbeat), so its session is never idle that long.
+    /// At least 4 × `probe_interval`; zero leaves the server's settings alone.
     pub frozen_after: Duration,
     /// Where the listener connects, when that is not the repository's URL: behind a pooler
     /// that cannot keep a `LISTEN` (transaction pooling), this is the database's own address
