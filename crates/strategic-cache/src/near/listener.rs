@@ -464,6 +464,8 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
     let mut told_distributed = false;
+    // Bots heard while the source read the nodes' logs, to be subscribed again here.
+    let mut heard: Vec<Box<str>> = Vec::new();
     let mut check = CheckState {
         available: true,
         warnings: SenderWarnings::default(),
@@ -480,6 +482,7 @@ pub(crate) async fn run(
             &lease_channel,
             &mut channels,
             &mut requests,
+            &mut heard,
             &mut check,
         )
         .await;
@@ -488,15 +491,46 @@ pub(crate) async fn run(
         state.flush();
         state.clear();
         if let Err(SessionError::Distributed) = result {
-            if !told_distributed {
-                told_distributed = true;
-                tracing::warn!(
-                    "strategic cache near tier: off, the cache tables are distributed by Citus \
-                     (writes on the workers send no change notifications the tier could hear); \
-                     every read goes to the database"
-                );
+            // The writes run on the nodes, where no trigger of ours fires: hear each node's
+            // log instead (`wal.rs`) until that ends, then start again from here.
+            let ended = super::wal::session(
+                &state,
+                &options,
+                &config,
+                &check.tables,
+                &mut requests,
+                &mut heard,
+            )
+            .await;
+            state.lapse();
+            state.flush();
+            state.clear();
+            match ended {
+                super::wal::WalError::NotDistributed => {}
+                super::wal::WalError::Unavailable(why) => {
+                    if !told_distributed {
+                        told_distributed = true;
+                        tracing::warn!(
+                            "strategic cache near tier: off, the cache tables are distributed \
+                             by Citus and their changes cannot be read from the nodes' logs \
+                             ({why}); every read goes to the database"
+                        );
+                    }
+                    tokio::time::sleep(DISTRIBUTED_RECHECK).await;
+                }
+                error => {
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(
+                            %error,
+                            "strategic cache near tier: change source on Citus down ({error}); \
+                             reading from the database until it is back"
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             }
-            tokio::time::sleep(DISTRIBUTED_RECHECK).await;
             continue;
         }
         if let Err(error) = result
@@ -524,6 +558,7 @@ async fn session(
     lease_channel: &str,
     channels: &mut HashMap<Box<str>, String>,
     requests: &mut mpsc::Receiver<Box<str>>,
+    heard: &mut Vec<Box<str>>,
     check: &mut CheckState,
 ) -> Result<(), SessionError> {
     let connect = async {
@@ -587,7 +622,11 @@ async fn session(
     loop {
         // Subscribe the bots fills asked for. LISTEN takes effect when it returns, before the
         // probe below is sent; the bots are marked subscribed only after that probe.
-        while let Ok(bot) = requests.try_recv() {
+        let again = std::mem::take(heard);
+        for bot in again
+            .into_iter()
+            .chain(std::iter::from_fn(|| requests.try_recv().ok()))
+        {
             if channels.contains_key(&bot) {
                 continue;
             }

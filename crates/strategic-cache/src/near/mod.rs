@@ -30,6 +30,8 @@ mod heartbeat;
 mod listener;
 mod source;
 mod store;
+mod wal;
+mod wal_text;
 mod weight;
 
 pub use config::NearConfig;

@@ -9,7 +9,7 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 
 use super::PgCacheRepository;
 use super::config::{check_url, invalid_url};
-use super::statements::distributed_tables_sql;
+use super::statements::{distributed_tables_sql, shards_sql};
 use super::tables::decode_json_row;
 use crate::error::CacheError;
 use crate::near::{ChangeSource, NearConfig, NearTier, Tables};
@@ -63,6 +63,7 @@ impl PgCacheRepository {
         let tables = Tables {
             decode: decode_json_row,
             distributed_sql: distributed_tables_sql(),
+            shards_sql: shards_sql(),
         };
         NearTier::start(ChangeSource::Listen(options, tables), config, store)
     }

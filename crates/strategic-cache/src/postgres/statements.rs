@@ -259,6 +259,25 @@ pub(super) fn health_sql() -> &'static str {
     })
 }
 
+/// The shards of the cache tables (those the search path finds), as `(schema, table, shard
+/// id)` rows: what the near tier's change source on Citus takes a decoded change's table for.
+pub(crate) fn shards_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = Component::ALL
+            .iter()
+            .map(|c| format!("'{}'", c.table_name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT n.nspname::text, c.relname::text, s.shardid FROM pg_dist_shard s \
+             JOIN pg_class c ON c.oid = s.logicalrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE s.logicalrelid IN (SELECT to_regclass(t) FROM unnest(ARRAY[{tables}]) t)"
+        )
+    })
+}
+
 /// The number of cache tables Citus distributes (listed in `pg_dist_partition`), in one
 /// statement that also runs where Citus is not installed: the catalog is named only inside
 /// `query_to_xml`'s text, which is planned only when that branch runs. `pg_dist_partition` is
