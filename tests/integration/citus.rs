@@ -435,7 +435,7 @@ async fn every_statement_works_after_the_key_change() {
 
 /// Whether those binaries have the citus extension (`citus.control` in
 /// `$(pg_config --sharedir)/extension`). Otherwise prints the one line of the skip.
-fn citus_available(test: &str) -> bool {
+pub(crate) fn citus_available(test: &str) -> bool {
     let sharedir = std::process::Command::new(crate::support::cluster::pg_bin().join("pg_config"))
         .arg("--sharedir")
         .output()
@@ -458,14 +458,15 @@ fn citus_available(test: &str) -> bool {
 const CITUS_DB: &str = "cache";
 
 /// A coordinator and two workers, each a private cluster with `citus` preloaded and the
-/// extension created in [`CITUS_DB`], the workers added to the coordinator's metadata.
-struct CitusCluster {
-    coordinator: PgCluster,
-    _workers: [PgCluster; 2],
+/// extension created in [`CITUS_DB`], the workers added to the coordinator's metadata, and
+/// `wal_level = logical` (what the near tier's change source on Citus needs).
+pub(crate) struct CitusCluster {
+    pub(crate) coordinator: PgCluster,
+    pub(crate) workers: [PgCluster; 2],
 }
 
 impl CitusCluster {
-    async fn start() -> CitusCluster {
+    pub(crate) async fn start() -> CitusCluster {
         let nodes = [
             PgCluster::start().await,
             PgCluster::start().await,
@@ -480,6 +481,7 @@ impl CitusCluster {
             .await;
             // Dead rows stay until the test's own vacuum.
             exec(&admin, "ALTER SYSTEM SET autovacuum = off").await;
+            exec(&admin, "ALTER SYSTEM SET wal_level = logical").await;
             exec(&admin, &format!("CREATE DATABASE {CITUS_DB}")).await;
             let _ = admin.close().await;
             node.stop_immediate().await;
@@ -511,14 +513,19 @@ impl CitusCluster {
         let _ = db.close().await;
         CitusCluster {
             coordinator,
-            _workers: [w1, w2],
+            workers: [w1, w2],
         }
     }
 
     /// The coordinator's URL. `CREATE EXTENSION citus` turns TLS on with a certificate our
     /// client does not parse yet (the TLS part of issue 15), so the tests connect without TLS.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         no_tls(&self.coordinator.url(CITUS_DB))
+    }
+
+    /// A worker's URL (of the database Citus uses), without TLS as [`CitusCluster::url`].
+    pub(crate) fn worker_url(&self, i: usize) -> String {
+        no_tls(&self.workers[i].url(CITUS_DB))
     }
 }
 
