@@ -324,19 +324,20 @@ async fn citus_change_source_believes_only_the_cache_shards() {
         .iter()
         .position(|w| i64::from(w.addr().port()) == port)
         .unwrap();
-    let admin = connect(&cluster.worker_url(i)).await;
-    exec(&admin, "CREATE ROLE forger LOGIN").await;
-    exec(&admin, "CREATE SCHEMA AUTHORIZATION forger").await;
-    exec(&admin, "CREATE ROLE peeker LOGIN").await;
-    exec(&admin, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO peeker").await;
-    let _ = admin.close().await;
+    // Roles and schemas are made on the coordinator, which propagates them to every node.
+    exec(&db, "CREATE ROLE forger LOGIN").await;
+    exec(&db, "CREATE SCHEMA AUTHORIZATION forger").await;
+    exec(&db, "CREATE ROLE peeker LOGIN").await;
+    exec(&db, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO peeker").await;
     let forger_url = cluster.worker_url(i).replace("postgres@", "forger@");
     let forger = connect(&forger_url).await;
     let table = format!("forger.strategic_memory_health_{shard}");
     exec(
         &forger,
         &format!(
-            "CREATE TABLE {table} (LIKE public.strategic_memory_health_{shard}); \
+            "CREATE TABLE {table} (id uuid, user_id text, bot_name text, memory_snapshot jsonb, \
+               avg_memory_age_hours float8, retrieval_frequency_trend text, \
+               forgetting_risk_memories jsonb, computed_at timestamptz, expires_at timestamptz); \
              INSERT INTO {table} (id, user_id, bot_name, memory_snapshot, \
                avg_memory_age_hours, computed_at, expires_at) VALUES (gen_random_uuid(), \
                '{user}', '{BOT}', '{{}}', 666, now() + interval '1 minute', \
