@@ -292,13 +292,12 @@ async fn citus_change_source_believes_only_the_cache_shards() {
     let version = |reader: &CacheReader| {
         let reader = reader.clone();
         async move {
+            // A snapshot: the form in which the tier installs rows it hears.
             reader
-                .get(Component::MemoryHealth, user, BOT)
+                .snapshot(user, BOT)
                 .await
-                .and_then(|e| match e.payload {
-                    strategic_cache::Payload::MemoryHealth(p) => p.avg_memory_age_hours,
-                    _ => None,
-                })
+                .memory_health()
+                .and_then(|p| p.avg_memory_age_hours)
         }
     };
     let hit = poll_until(Duration::from_secs(5), || async {
@@ -340,7 +339,7 @@ async fn citus_change_source_believes_only_the_cache_shards() {
                forgetting_risk_memories jsonb, computed_at timestamptz, expires_at timestamptz); \
              INSERT INTO {table} (id, user_id, bot_name, memory_snapshot, \
                avg_memory_age_hours, computed_at, expires_at) VALUES (gen_random_uuid(), \
-               '{user}', '{BOT}', '{{}}', 666, now() + interval '1 minute', \
+               '{user}', '{BOT}', '{{}}', 666, now(), \
                now() + interval '1 hour')"
         ),
     )
@@ -354,6 +353,11 @@ async fn citus_change_source_believes_only_the_cache_shards() {
             .await
             .is_err()
     );
+    // Several rounds later: the real value, from memory.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = reader.stats().near_hits;
+    assert_eq!(version(&reader).await, Some(7.0), "the forged row was served");
+    assert!(reader.stats().near_hits > before, "not served from memory");
     let flushes = reader.near_stats().unwrap().flushes;
     exec(&forger, &format!("TRUNCATE {table}")).await;
     let peeker = connect(&cluster.worker_url(i).replace("postgres@", "peeker@")).await;
