@@ -351,15 +351,21 @@ fn code(error: &sea_orm::sqlx::Error) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
-/// The one-line reason for errors that mean "this deployment cannot decode its log".
+/// The one-line reason for errors that mean "this deployment cannot decode its log": the
+/// server's message and what usually causes it.
 fn unavailable(error: &sea_orm::sqlx::Error, node: &str) -> Option<WalError> {
-    let why = match code(error).as_deref() {
-        Some("42501") => "the role lacks REPLICATION (logical decoding needs it)".to_owned(),
-        Some("55000") => "wal_level is not logical (postgresql.conf, then restart)".to_owned(),
-        Some("53400") => "no free replication slot (raise max_replication_slots)".to_owned(),
+    let hint = match code(error).as_deref() {
+        Some("42501") => {
+            "the role needs REPLICATION, and the server must allow test_decoding as an output \
+             plugin"
+        }
+        Some("55000") => "set wal_level = logical in postgresql.conf and restart",
+        Some("53400") => "raise max_replication_slots (one slot per bot process per node)",
+        Some("58P01") => "install PostgreSQL's contrib test_decoding",
         _ => return None,
     };
-    Some(WalError::Unavailable(format!("node {node}: {why}")))
+    let message = error.as_database_error().map_or("", |e| e.message());
+    Some(WalError::Unavailable(format!("node {node}: {message}; {hint}")))
 }
 
 /// What became of one line.
