@@ -408,3 +408,65 @@ async fn citus_change_source_believes_only_the_cache_shards() {
         assert_eq!(slots, 1, "worker {i}: only the first reader's slot");
     }
 }
+
+/// A bot process that stops (SIGSTOP) keeps no log on any node: its sessions are ended by the
+/// server within 10 s (`NearConfig::frozen_after`, 5 s by default), and their temporary slots,
+/// which hold the log a slot has not consumed, go with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn citus_a_frozen_process_keeps_no_slot() {
+    if !citus_available("citus_a_frozen_process_keeps_no_slot") {
+        return;
+    }
+    let (cluster, _db, _repo) = distributed().await;
+    let mut child = crate::support::cli::spawn_watch(
+        &cluster.url(),
+        false,
+        "frozen",
+        BOT,
+        "50",
+        std::process::Stdio::null(),
+    );
+    let pid = child.id().unwrap().to_string();
+    let nodes = [cluster.url(), cluster.worker_url(0), cluster.worker_url(1)];
+    let mut dbs = Vec::new();
+    for url in &nodes {
+        dbs.push(connect(url).await);
+    }
+    const SLOTS: &str = "SELECT count(*) FROM pg_replication_slots \
+                         WHERE slot_name LIKE 'strategic_cache_%'";
+    let slots = |dbs: &[DatabaseConnection]| {
+        let dbs = dbs.to_vec();
+        async move {
+            let mut n = Vec::new();
+            for db in &dbs {
+                n.push(number(db, SLOTS).await);
+            }
+            n
+        }
+    };
+    let up = poll_until(Duration::from_secs(20), || async {
+        slots(&dbs).await == [1, 1, 1]
+    })
+    .await;
+    assert!(up.is_some(), "the watch process has no slot on every node: {:?}", slots(&dbs).await);
+    let stop = tokio::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(stop.success());
+    let stopped = Instant::now();
+    let gone = poll_until(Duration::from_secs(12), || async {
+        slots(&dbs).await == [0, 0, 0]
+    })
+    .await;
+    let after = stopped.elapsed();
+    let _ = tokio::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .await;
+    child.kill().await.unwrap();
+    println!("citus frozen process: slots gone after {after:?}");
+    assert!(gone.is_some(), "slots left: {:?}", slots(&dbs).await);
+    assert!(after <= Duration::from_secs(10), "took {after:?}");
+}
