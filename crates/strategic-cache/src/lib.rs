@@ -47,9 +47,10 @@
 //! - `near/` (feature `near`): the reader's near tier, entries in memory coherent with
 //!   PostgreSQL within a lease:
 //!   - `config`: `NearConfig`; `source`: the seam a change source plugs into; `listener`: the
-//!     `LISTEN` source; `heartbeat`: the lease's shared anchor, one per database; `store`: the
-//!     memory, the lease and the generations; `weight`: what each value really holds, for the byte
-//!     bound.
+//!     `LISTEN` source; `heartbeat`: the lease's shared anchor, one per database; `wal`: the
+//!     source where Citus distributes the tables, every node's write-ahead log by logical
+//!     decoding, and `wal_text`: the decoder's text read back; `store`: the memory, the lease
+//!     and the generations; `weight`: what each value really holds, for the byte bound.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - `scheduler/` (feature `scheduler`): refresh-ahead and on-demand scheduling for the
 //!   enrichment worker: `requester` (the reader's demand, batched), `memory` and `postgres`

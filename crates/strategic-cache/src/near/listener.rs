@@ -47,20 +47,21 @@
 //! The check runs before the lease is renewed and within the probe's deadline: a round that
 //! does not get its answer by `sent + lease` ends the session like a silent probe.
 //!
-//! Where Citus distributes the cache tables, the tier never takes the lease. Writes there run
-//! on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
+//! Where Citus distributes the cache tables, this source hands over to `wal.rs`. Writes there
+//! run on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
 //! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
-//! on, and even then they fire on the workers, whose notifications a listener on the
-//! coordinator never hears). Serving from memory without invalidations would break the bound
-//! above, so each session first asks whether the tables are distributed (one statement,
-//! `distributed_tables_sql`) and, if so, ends without a lease, says why once, and asks again a
-//! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
-//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a session that may change a cache
-//! table (the operator migrating owns them) or an unproven one (the command has usually exited
-//! by then), it flushes and the listener asks at once whether the tables are distributed,
-//! ending the session if they are, so a tier that held a lease when the tables moved stops
-//! serving from memory before its next renewal. From a session that may change no cache table
-//! it is ignored.
+//! on, and even then every multi-shard write would fail at `PREPARE` with a `NOTIFY` in it). So
+//! each session first asks whether the tables are distributed (one statement,
+//! `distributed_tables_sql`) and, if so, ends without a lease; the run loop then reads every
+//! node's write-ahead log instead until that session ends, and comes back here. Where the log
+//! cannot be read (no `REPLICATION`, `wal_level` not `logical`), the tier is off, says why
+//! once, and asks again a while later: every read goes to the store. `migrate distribute`
+//! also notifies the flush-all channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a
+//! session that may change a cache table (the operator migrating owns them) or an unproven one
+//! (the command has usually exited by then), it flushes and the listener asks at once whether
+//! the tables are distributed, ending the session if they are, so a tier that held a lease when
+//! the tables moved stops serving from memory before its next renewal. From a session that may
+//! change no cache table it is ignored.
 //!
 //! Every invalidation and flush applied here records its instant before it bumps a generation
 //! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
@@ -97,7 +98,8 @@ pub(super) enum SessionError {
     Distributed,
 }
 
-/// How long a tier that found the tables distributed waits before asking again.
+/// How long a tier that found the tables distributed and their logs unreadable waits before
+/// asking again.
 const DISTRIBUTED_RECHECK: Duration = Duration::from_secs(60);
 
 /// The payload `migrate distribute` sends on the flush-all channel (the `migration` crate's
