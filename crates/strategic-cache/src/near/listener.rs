@@ -465,9 +465,9 @@ pub(crate) async fn run(
     let mut channels: HashMap<Box<str>, String> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
-    let mut told_distributed = false;
     // Bots heard while the source read the nodes' logs, to be subscribed again here.
     let mut heard: Vec<Box<str>> = Vec::new();
+    let mut said = super::wal::Said::default();
     let mut check = CheckState {
         available: true,
         warnings: SenderWarnings::default(),
@@ -495,40 +495,20 @@ pub(crate) async fn run(
         if let Err(SessionError::Distributed) = result {
             // The writes run on the nodes, where no trigger of ours fires: hear each node's
             // log instead (`wal.rs`) until that ends, then start again from here.
-            let ended = super::wal::session(
+            let next = super::wal::take_over(
                 &state,
                 &options,
                 &config,
                 &check.tables,
                 &mut requests,
                 &mut heard,
+                &mut said,
             )
             .await;
-            state.lapse();
-            state.flush();
-            state.clear();
-            match ended {
-                super::wal::WalError::NotDistributed => {}
-                super::wal::WalError::Unavailable(why) => {
-                    if !told_distributed {
-                        told_distributed = true;
-                        tracing::warn!(
-                            "strategic cache near tier: off, the cache tables are distributed \
-                             by Citus and their changes cannot be read from the nodes' logs \
-                             ({why}); every read goes to the database"
-                        );
-                    }
-                    tokio::time::sleep(DISTRIBUTED_RECHECK).await;
-                }
-                error => {
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(
-                            %error,
-                            "strategic cache near tier: change source on Citus down ({error}); \
-                             reading from the database until it is back"
-                        );
-                    }
+            match next {
+                super::wal::Next::Listen => {}
+                super::wal::Next::Recheck => tokio::time::sleep(DISTRIBUTED_RECHECK).await,
+                super::wal::Next::Retry => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

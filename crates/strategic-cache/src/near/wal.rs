@@ -161,19 +161,66 @@ impl Shards {
     }
 }
 
-/// Runs one session: returns only with why it ended. `heard` collects the bots that fills
-/// asked for (all are heard here); the caller hands them back to the `LISTEN` session.
-pub(super) async fn session(
+/// What the listener's loop does once a session here has ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// The tables are no longer distributed: back to `LISTEN` at once.
+    Listen,
+    /// The logs cannot be read here (said once): ask again a while later.
+    Recheck,
+    /// A fault: again after the listener's backoff.
+    Retry,
+}
+
+/// What has been said, so that each thing is said once (or once per 10 s).
+#[derive(Debug, Default)]
+pub(super) struct Said {
+    unavailable: bool,
+    down: Option<Instant>,
+}
+
+/// Runs one session (the `LISTEN` session found the tables distributed) and, once it has
+/// ended, drops everything in memory and says why where that is news. `heard` collects the
+/// bots that fills asked for (all are heard here); the caller hands them back to `LISTEN`.
+pub(super) async fn take_over(
     state: &NearState,
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
     requests: &mut mpsc::Receiver<Box<str>>,
     heard: &mut Vec<Box<str>>,
-) -> WalError {
-    match run(state, options, config, tables, requests, heard).await {
+    said: &mut Said,
+) -> Next {
+    let ended = match run(state, options, config, tables, requests, heard).await {
         Ok(never) => match never {},
         Err(error) => error,
+    };
+    state.lapse();
+    state.flush();
+    state.clear();
+    match ended {
+        WalError::NotDistributed => Next::Listen,
+        WalError::Unavailable(why) => {
+            if !std::mem::replace(&mut said.unavailable, true) {
+                tracing::warn!(
+                    "strategic cache near tier: off, the cache tables are distributed by Citus \
+                     and their changes cannot be read from the nodes' logs ({why}); every read \
+                     goes to the database"
+                );
+            }
+            Next::Recheck
+        }
+        error => {
+            if said.down.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                said.down = Some(Instant::now());
+                tracing::warn!(
+                    %error,
+                    "strategic cache near tier: change source on Citus down ({error}); reading \
+                     from the database until it is back"
+                );
+            }
+            Next::Retry
+        }
     }
 }
 
