@@ -310,7 +310,9 @@ async fn citus_change_source_believes_only_the_cache_shards() {
     // The forger: on the worker holding user's shard, a role with a schema of its own.
     let shard = number(
         &db,
-        &format!("SELECT get_shard_id_for_distribution_column('strategic_memory_health', '{user}')"),
+        &format!(
+            "SELECT get_shard_id_for_distribution_column('strategic_memory_health', '{user}')"
+        ),
     )
     .await;
     let port = number(
@@ -356,7 +358,11 @@ async fn citus_change_source_believes_only_the_cache_shards() {
     // Several rounds later: the real value, from memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = reader.stats().near_hits;
-    assert_eq!(version(&reader).await, Some(7.0), "the forged row was served");
+    assert_eq!(
+        version(&reader).await,
+        Some(7.0),
+        "the forged row was served"
+    );
     assert!(reader.stats().near_hits > before, "not served from memory");
     let flushes = reader.near_stats().unwrap().flushes;
     exec(&forger, &format!("TRUNCATE {table}")).await;
@@ -448,7 +454,11 @@ async fn citus_a_frozen_process_keeps_no_slot() {
         slots(&dbs).await == [1, 1, 1]
     })
     .await;
-    assert!(up.is_some(), "the watch process has no slot on every node: {:?}", slots(&dbs).await);
+    assert!(
+        up.is_some(),
+        "the watch process has no slot on every node: {:?}",
+        slots(&dbs).await
+    );
     let stop = tokio::process::Command::new("kill")
         .args(["-STOP", &pid])
         .status()
@@ -468,6 +478,9 @@ async fn citus_a_frozen_process_keeps_no_slot() {
         .await;
     child.kill().await.unwrap();
     println!("citus frozen process: slots gone after {after:?}");
-    assert!(gone.is_some(), "slots left on the nodes after {after:?}: {left:?}");
+    assert!(
+        gone.is_some(),
+        "slots left on the nodes after {after:?}: {left:?}"
+    );
     assert!(after <= Duration::from_secs(10), "took {after:?}");
 }

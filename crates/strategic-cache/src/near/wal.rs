@@ -62,8 +62,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::ConnectOptions;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::mpsc;
 
 use super::NearConfig;
@@ -211,7 +211,10 @@ pub(super) async fn take_over(
             Next::Recheck
         }
         error => {
-            if said.down.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            if said
+                .down
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
                 said.down = Some(Instant::now());
                 tracing::warn!(
                     %error,
@@ -248,16 +251,17 @@ async fn run(
         let deadline = tokio::time::Instant::from_std(sent + config.lease);
         let local_before = Utc::now();
         let coordinator = &mut nodes[0].conn;
-        let (listed, server): (Vec<(String, i32)>, DateTime<Utc>) = within(deadline, config, async {
-            let listed = sea_orm::sqlx::query_as(NODES_SQL)
-                .fetch_all(&mut *coordinator)
-                .await?;
-            let server = sea_orm::sqlx::query_scalar("SELECT clock_timestamp()")
-                .fetch_one(&mut *coordinator)
-                .await?;
-            Ok::<_, WalError>((listed, server))
-        })
-        .await?;
+        let (listed, server): (Vec<(String, i32)>, DateTime<Utc>) =
+            within(deadline, config, async {
+                let listed = sea_orm::sqlx::query_as(NODES_SQL)
+                    .fetch_all(&mut *coordinator)
+                    .await?;
+                let server = sea_orm::sqlx::query_scalar("SELECT clock_timestamp()")
+                    .fetch_one(&mut *coordinator)
+                    .await?;
+                Ok::<_, WalError>((listed, server))
+            })
+            .await?;
         super::heartbeat::set_clock(state, server, local_before);
         if addresses(&listed) != workers {
             return Err(WalError::NodesChanged);
@@ -335,7 +339,12 @@ async fn connect(
     // One name for this session's slots, one on each node.
     let slot = format!("strategic_cache_{}", uuid::Uuid::new_v4().simple());
     let here = (options.get_host().to_owned(), options.get_port());
-    create_slot(&mut coordinator, &slot, &format!("{}:{} (coordinator)", here.0, here.1)).await?;
+    create_slot(
+        &mut coordinator,
+        &slot,
+        &format!("{}:{} (coordinator)", here.0, here.1),
+    )
+    .await?;
     let mut nodes = vec![Node {
         addr: here,
         conn: coordinator,
@@ -412,7 +421,9 @@ fn unavailable(error: &sea_orm::sqlx::Error, node: &str) -> Option<WalError> {
         _ => return None,
     };
     let message = error.as_database_error().map_or("", |e| e.message());
-    Some(WalError::Unavailable(format!("node {node}: {message}; {hint}")))
+    Some(WalError::Unavailable(format!(
+        "node {node}: {message}; {hint}"
+    )))
 }
 
 /// What became of one line.

@@ -222,10 +222,13 @@ pub(super) fn row_json(columns: &[Column<'_>]) -> Option<serde_json::Value> {
 
 /// The quoted text of column `name`, if it is there and quoted.
 pub(super) fn text<'c>(columns: &'c [Column<'_>], name: &str) -> Option<&'c str> {
-    columns.iter().find(|c| c.name == name).and_then(|c| match &c.value {
-        Value::Quoted(text) => Some(text.as_str()),
-        _ => None,
-    })
+    columns
+        .iter()
+        .find(|c| c.name == name)
+        .and_then(|c| match &c.value {
+            Value::Quoted(text) => Some(text.as_str()),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
@@ -269,7 +272,11 @@ mod tests {
                 col("user_id", "text", q("u'1")),
                 col("n", "double precision", Value::Bare("1.5".into())),
                 col("payload", "jsonb", q("{\"a\": [1, \"x y\"]}")),
-                col("t", "timestamp with time zone", q("2026-12-07 11:21:10.964879+00")),
+                col(
+                    "t",
+                    "timestamp with time zone",
+                    q("2026-12-07 11:21:10.964879+00")
+                ),
                 col("o", "text", Value::Null),
             ]
         );
@@ -302,7 +309,10 @@ mod tests {
                 schema: "public",
                 table: "t_1",
                 action: Action::Delete,
-                old_key: Some(vec![col("user_id", "text", q("u1")), col("bot_name", "text", q("b"))]),
+                old_key: Some(vec![
+                    col("user_id", "text", q("u1")),
+                    col("bot_name", "text", q("b"))
+                ]),
                 new: None,
             }
         );
@@ -320,7 +330,11 @@ mod tests {
             parse("table public.a_1, \"Odd\".b: TRUNCATE: restart_seqs"),
             Line::Truncate(vec![Some(("public", "a_1")), None])
         );
-        for other in ["BEGIN", "COMMIT", "message: transactional: 1 prefix: x, sz: 3 content:abc"] {
+        for other in [
+            "BEGIN",
+            "COMMIT",
+            "message: transactional: 1 prefix: x, sz: 3 content:abc",
+        ] {
             assert_eq!(parse(other), Line::Other);
         }
     }
