@@ -75,10 +75,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use tokio::sync::mpsc;
 
 use super::NearConfig;
-use super::source::Tables;
+use super::source::{Tables, Wanted};
 use super::store::{NearCounters, NearState};
 use crate::component::Component;
 use crate::keys::Key;
@@ -459,14 +458,12 @@ pub(crate) async fn run(
     options: PgConnectOptions,
     tables: Tables,
     config: NearConfig,
-    mut requests: mpsc::Receiver<Box<str>>,
+    mut wanted: Wanted,
 ) {
     let lease_channel = format!("strategic_cache_lease_{}", uuid::Uuid::new_v4().simple());
     let mut channels: HashMap<Box<str>, String> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
-    // Bots heard while the source read the nodes' logs, to be subscribed again here.
-    let mut heard: Vec<Box<str>> = Vec::new();
     let mut said = super::wal::Said::default();
     let mut check = CheckState {
         available: true,
@@ -483,8 +480,7 @@ pub(crate) async fn run(
             &config,
             &lease_channel,
             &mut channels,
-            &mut requests,
-            &mut heard,
+            &mut wanted,
             &mut check,
         )
         .await;
@@ -500,8 +496,7 @@ pub(crate) async fn run(
                 &options,
                 &config,
                 &check.tables,
-                &mut requests,
-                &mut heard,
+                &mut wanted,
                 &mut said,
             )
             .await;
@@ -539,8 +534,7 @@ async fn session(
     config: &NearConfig,
     lease_channel: &str,
     channels: &mut HashMap<Box<str>, String>,
-    requests: &mut mpsc::Receiver<Box<str>>,
-    heard: &mut Vec<Box<str>>,
+    wanted: &mut Wanted,
     check: &mut CheckState,
 ) -> Result<(), SessionError> {
     let connect = async {
@@ -604,11 +598,7 @@ async fn session(
     loop {
         // Subscribe the bots fills asked for. LISTEN takes effect when it returns, before the
         // probe below is sent; the bots are marked subscribed only after that probe.
-        let again = std::mem::take(heard);
-        for bot in again
-            .into_iter()
-            .chain(std::iter::from_fn(|| requests.try_recv().ok()))
-        {
+        while let Some(bot) = wanted.next() {
             if channels.contains_key(&bot) {
                 continue;
             }
@@ -682,6 +672,8 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+
     use super::*;
 
     fn info(may_write: [bool; 6], may_change: [bool; 6]) -> SenderInfo {

@@ -40,6 +40,21 @@ pub(crate) struct Tables {
     pub(crate) shards_sql: &'static str,
 }
 
+/// The bots whose changes fills asked the tier to hear: new requests, and those the log
+/// source (`wal.rs`) heard, which `LISTEN` must subscribe again when it takes over.
+#[derive(Debug)]
+pub(crate) struct Wanted {
+    pub(crate) requests: mpsc::Receiver<Box<str>>,
+    pub(crate) heard: Vec<Box<str>>,
+}
+
+impl Wanted {
+    /// The next bot to subscribe, heard ones first.
+    pub(crate) fn next(&mut self) -> Option<Box<str>> {
+        self.heard.pop().or_else(|| self.requests.try_recv().ok())
+    }
+}
+
 #[cfg(test)]
 impl Tables {
     /// Tables whose rows never decode, on a server with nothing distributed: for unit tests
@@ -64,9 +79,16 @@ impl ChangeSource {
         requests: mpsc::Receiver<Box<str>>,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            ChangeSource::Listen(options, tables) => {
-                handle.spawn(listener::run(state, options, tables, config, requests))
-            }
+            ChangeSource::Listen(options, tables) => handle.spawn(listener::run(
+                state,
+                options,
+                tables,
+                config,
+                Wanted {
+                    requests,
+                    heard: Vec::new(),
+                },
+            )),
         }
     }
 }

@@ -64,10 +64,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::ConnectOptions;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
-use tokio::sync::mpsc;
 
 use super::NearConfig;
-use super::source::Tables;
+use super::source::{Tables, Wanted};
 use super::store::NearState;
 use super::wal_text::{self, Action, Column, Line};
 use crate::component::Component;
@@ -180,18 +179,17 @@ pub(super) struct Said {
 }
 
 /// Runs one session (the `LISTEN` session found the tables distributed) and, once it has
-/// ended, drops everything in memory and says why where that is news. `heard` collects the
-/// bots that fills asked for (all are heard here); the caller hands them back to `LISTEN`.
+/// ended, drops everything in memory and says why where that is news. The bots that fills
+/// ask for (all are heard here) are kept in `wanted.heard` for `LISTEN` to subscribe again.
 pub(super) async fn take_over(
     state: &NearState,
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
-    requests: &mut mpsc::Receiver<Box<str>>,
-    heard: &mut Vec<Box<str>>,
+    wanted: &mut Wanted,
     said: &mut Said,
 ) -> Next {
-    let ended = match run(state, options, config, tables, requests, heard).await {
+    let ended = match run(state, options, config, tables, wanted).await {
         Ok(never) => match never {},
         Err(error) => error,
     };
@@ -232,8 +230,7 @@ async fn run(
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
-    requests: &mut mpsc::Receiver<Box<str>>,
-    heard: &mut Vec<Box<str>>,
+    wanted: &mut Wanted,
 ) -> Result<std::convert::Infallible, WalError> {
     let (mut nodes, mut shards) =
         tokio::time::timeout(config.connect_timeout, connect(options, config, tables))
@@ -244,7 +241,7 @@ async fn run(
     let mut held = false;
     let mut new_bots: Vec<Box<str>> = Vec::new();
     loop {
-        while let Ok(bot) = requests.try_recv() {
+        while let Ok(bot) = wanted.requests.try_recv() {
             new_bots.push(bot);
         }
         let sent = Instant::now();
@@ -293,7 +290,7 @@ async fn run(
             held = true;
         }
         for bot in new_bots.drain(..) {
-            heard.push(bot.clone());
+            wanted.heard.push(bot.clone());
             state.mark_subscribed(bot);
         }
         state.renew_lease(sent + config.lease);
