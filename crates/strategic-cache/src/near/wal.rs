@@ -7,16 +7,16 @@
 //! in the log of the node that made it, though, so the listener reads the logs.
 //!
 //! # The loop
-//! One session per process, on one connection to the coordinator and one to each other node
-//! of `pg_dist_node` (active primaries; the coordinator too, which holds the reference table's
-//! changes):
+//! One session per process, on one connection to the coordinator (at the tier's URL; it holds
+//! the reference table's changes) and one to each other active primary of `pg_dist_node`:
 //! 1. on each connection, create a temporary logical slot with PostgreSQL's `test_decoding`
 //!    plugin (`pg_create_logical_replication_slot(.., temporary => true)`): it decodes every
 //!    change committed after its creation, and it is dropped by the server when the session
 //!    ends, so a process that dies or freezes keeps no log on any node (the session is ended
 //!    after `NearConfig::frozen_after` idle, as the `LISTEN` session's is);
-//! 2. note `sent`, read the node list on the coordinator (a node added or removed ends the
-//!    session, which starts again with a slot on every node), then on each node take every
+//! 2. note `sent`, read the node list and the clock on the coordinator (one statement; a node
+//!    added or removed ends the session, which starts again with a slot on every node), then
+//!    on each node take every
 //!    change decoded so far (`pg_logical_slot_get_changes`) and apply it (install a row,
 //!    invalidate a key, flush on a truncate or on anything not understood);
 //! 3. renew the lease until `sent + lease` (flushing first after a connect), and wait until
@@ -91,11 +91,16 @@ pub(super) enum WalError {
     NotDistributed,
 }
 
-/// The active primaries other than the coordinator (whose own connection, at the URL the
-/// tier was given, is the first node).
-const NODES_SQL: &str = "SELECT nodename, nodeport FROM pg_dist_node \
-                         WHERE isactive AND noderole = 'primary' AND groupid <> 0 \
-                         ORDER BY nodename, nodeport";
+/// The database clock, and the active primaries other than the coordinator (whose own
+/// connection, at the URL the tier was given, is the first node), in one row.
+const NODES_SQL: &str = "SELECT clock_timestamp(), \
+                           COALESCE(array_agg(nodename::text ORDER BY nodename, nodeport), '{}'), \
+                           COALESCE(array_agg(nodeport ORDER BY nodename, nodeport), '{}') \
+                         FROM pg_dist_node \
+                         WHERE isactive AND noderole = 'primary' AND groupid <> 0";
+
+/// [`NODES_SQL`]'s row.
+type Listed = (DateTime<Utc>, Vec<String>, Vec<i32>);
 
 /// Every change decoded since the last call, one line each.
 const CHANGES_SQL: &str = "SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL, \
@@ -247,19 +252,13 @@ async fn run(
         let sent = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent + config.lease);
         let local_before = Utc::now();
-        let coordinator = &mut nodes[0].conn;
-        let (listed, server): (Vec<(String, i32)>, DateTime<Utc>) =
-            within(deadline, config, async {
-                let listed = sea_orm::sqlx::query_as(NODES_SQL)
-                    .fetch_all(&mut *coordinator)
-                    .await?;
-                let server = sea_orm::sqlx::query_scalar("SELECT clock_timestamp()")
-                    .fetch_one(&mut *coordinator)
-                    .await?;
-                Ok::<_, WalError>((listed, server))
-            })
-            .await?;
-        super::heartbeat::set_clock(state, server, local_before);
+        let listed: Listed = within(
+            deadline,
+            config,
+            sea_orm::sqlx::query_as(NODES_SQL).fetch_one(&mut nodes[0].conn),
+        )
+        .await?;
+        super::heartbeat::set_clock(state, listed.0, local_before);
         if addresses(&listed) != workers {
             return Err(WalError::NodesChanged);
         }
@@ -312,9 +311,10 @@ async fn within<T, E: Into<WalError>>(
 }
 
 /// The listed nodes, as addresses.
-fn addresses(listed: &[(String, i32)]) -> Vec<(String, u16)> {
-    listed
+fn addresses((_, hosts, ports): &Listed) -> Vec<(String, u16)> {
+    hosts
         .iter()
+        .zip(ports)
         .map(|(host, port)| (host.clone(), u16::try_from(*port).unwrap_or(0)))
         .collect()
 }
@@ -330,8 +330,8 @@ async fn connect(
     if shards.by_name.is_empty() {
         return Err(WalError::NotDistributed);
     }
-    let listed: Vec<(String, i32)> = sea_orm::sqlx::query_as(NODES_SQL)
-        .fetch_all(&mut coordinator)
+    let listed: Listed = sea_orm::sqlx::query_as(NODES_SQL)
+        .fetch_one(&mut coordinator)
         .await?;
     // One name for this session's slots, one on each node.
     let slot = format!("strategic_cache_{}", uuid::Uuid::new_v4().simple());
