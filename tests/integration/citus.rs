@@ -468,28 +468,10 @@ pub(crate) struct CitusCluster {
 impl CitusCluster {
     pub(crate) async fn start() -> CitusCluster {
         let nodes = [
-            PgCluster::start().await,
-            PgCluster::start().await,
-            PgCluster::start().await,
+            CitusCluster::node().await,
+            CitusCluster::node().await,
+            CitusCluster::node().await,
         ];
-        for node in &nodes {
-            let admin = connect(&no_tls(&node.url("postgres"))).await;
-            exec(
-                &admin,
-                "ALTER SYSTEM SET shared_preload_libraries = 'citus'",
-            )
-            .await;
-            // Dead rows stay until the test's own vacuum.
-            exec(&admin, "ALTER SYSTEM SET autovacuum = off").await;
-            exec(&admin, "ALTER SYSTEM SET wal_level = logical").await;
-            exec(&admin, &format!("CREATE DATABASE {CITUS_DB}")).await;
-            let _ = admin.close().await;
-            node.stop_immediate().await;
-            node.start_server().await;
-            let db = connect(&no_tls(&node.url(CITUS_DB))).await;
-            exec(&db, "CREATE EXTENSION citus").await;
-            let _ = db.close().await;
-        }
         let [coordinator, w1, w2] = nodes;
         let db = connect(&no_tls(&coordinator.url(CITUS_DB))).await;
         exec(
@@ -515,6 +497,29 @@ impl CitusCluster {
             coordinator,
             workers: [w1, w2],
         }
+    }
+
+    /// A node not yet in the cluster: a private cluster with `citus` preloaded, the extension
+    /// created in [`CITUS_DB`] and `wal_level = logical` (`citus_add_node` adds it).
+    pub(crate) async fn node() -> PgCluster {
+        let node = PgCluster::start().await;
+        let admin = connect(&no_tls(&node.url("postgres"))).await;
+        exec(
+            &admin,
+            "ALTER SYSTEM SET shared_preload_libraries = 'citus'",
+        )
+        .await;
+        // Dead rows stay until the test's own vacuum.
+        exec(&admin, "ALTER SYSTEM SET autovacuum = off").await;
+        exec(&admin, "ALTER SYSTEM SET wal_level = logical").await;
+        exec(&admin, &format!("CREATE DATABASE {CITUS_DB}")).await;
+        let _ = admin.close().await;
+        node.stop_immediate().await;
+        node.start_server().await;
+        let db = connect(&no_tls(&node.url(CITUS_DB))).await;
+        exec(&db, "CREATE EXTENSION citus").await;
+        let _ = db.close().await;
+        node
     }
 
     /// The coordinator's URL. `CREATE EXTENSION citus` turns TLS on with a certificate our

@@ -484,3 +484,74 @@ async fn citus_a_frozen_process_keeps_no_slot() {
     );
     assert!(after <= Duration::from_secs(10), "took {after:?}");
 }
+
+/// A node added while the readers read and the writer writes, and a shard group moved onto it:
+/// the tiers' sessions start again with a slot on the new node (their connects grow), and no
+/// value is served stale past the bound, the writes on the new node included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn citus_near_tier_hears_a_node_added_later() {
+    if !citus_available("citus_near_tier_hears_a_node_added_later") {
+        return;
+    }
+    let (cluster, db, repo) = distributed().await;
+    let readers = readers(&cluster.url(), &repo);
+    leased(&readers).await;
+    let before: u64 = readers
+        .iter()
+        .map(|r| r.near_stats().unwrap().connects)
+        .sum();
+    let new = crate::citus::CitusCluster::node().await;
+    let port = new.addr().port();
+    let mover = db.clone();
+    let fault = async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        exec(
+            &mover,
+            &format!("SELECT citus_add_node('127.0.0.1', {port})"),
+        )
+        .await;
+        // A shard moves only to a node that holds the reference tables.
+        exec(
+            &mover,
+            "SELECT replicate_reference_tables(shard_transfer_mode => 'force_logical')",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        exec(
+            &mover,
+            &format!(
+                "SELECT citus_move_shard_placement(s.shardid, p.nodename, p.nodeport, \
+                 '127.0.0.1', {port}, shard_transfer_mode => 'force_logical') \
+                 FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid) \
+                 WHERE s.shardid = get_shard_id_for_distribution_column(\
+                 'strategic_memory_health', 'user-0000')"
+            ),
+        )
+        .await;
+    };
+    let result = coherence(
+        readers.clone(),
+        repo.clone(),
+        db.clone(),
+        16,
+        Duration::from_secs(8),
+        WriteMix {
+            batch_every: 8,
+            batch_users: 24,
+            judge_misses: false,
+        },
+        fault,
+    )
+    .await;
+    println!("citus near coherence, node added: {result:?}");
+    let on_new = number(
+        &db,
+        &format!("SELECT count(*) FROM pg_dist_shard_placement WHERE nodeport = {port}"),
+    )
+    .await;
+    assert!(on_new > 0, "no shard moved to the new node");
+    assert!(result.connects >= before + 2, "{result:?}, {before} before");
+    assert!(result.near_hits > 100, "{result:?}");
+    assert!(result.max_staleness <= BOUND, "{result:?}");
+    drop(new);
+}
