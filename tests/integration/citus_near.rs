@@ -503,6 +503,9 @@ async fn citus_near_tier_hears_a_node_added_later() {
     let new = crate::citus::CitusCluster::node().await;
     let port = new.addr().port();
     let mover = db.clone();
+    let started = Instant::now();
+    let moved_at = Arc::new(std::sync::Mutex::new(None));
+    let record = moved_at.clone();
     let fault = async move {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         exec(
@@ -528,13 +531,14 @@ async fn citus_near_tier_hears_a_node_added_later() {
             ),
         )
         .await;
+        *record.lock().unwrap() = Some(started.elapsed());
     };
     let result = coherence(
         readers.clone(),
         repo.clone(),
         db.clone(),
         16,
-        Duration::from_secs(8),
+        Duration::from_secs(14),
         WriteMix {
             batch_every: 8,
             batch_users: 24,
@@ -543,15 +547,21 @@ async fn citus_near_tier_hears_a_node_added_later() {
         fault,
     )
     .await;
-    println!("citus near coherence, node added: {result:?}");
+    let moved_at = moved_at.lock().unwrap().expect("the move did not finish");
+    println!("citus near coherence, node added: {result:?}; moved after {moved_at:?}");
+    // Writes and reads ran on the new node for at least 4 s.
+    assert!(
+        moved_at <= Duration::from_secs(10),
+        "moved after {moved_at:?}"
+    );
     let on_new = number(
         &db,
         &format!("SELECT count(*) FROM pg_dist_shard_placement WHERE nodeport = {port}"),
     )
     .await;
     assert!(on_new > 0, "no shard moved to the new node");
+    assert!(result.max_staleness <= BOUND, "{result:?}");
     assert!(result.connects >= before + 2, "{result:?}, {before} before");
     assert!(result.near_hits > 100, "{result:?}");
-    assert!(result.max_staleness <= BOUND, "{result:?}");
     drop(new);
 }
