@@ -538,7 +538,7 @@ async fn citus_near_tier_hears_a_node_added_later() {
         repo.clone(),
         db.clone(),
         16,
-        Duration::from_secs(14),
+        Duration::from_secs(20),
         WriteMix {
             batch_every: 8,
             batch_users: 24,
@@ -549,9 +549,10 @@ async fn citus_near_tier_hears_a_node_added_later() {
     .await;
     let moved_at = moved_at.lock().unwrap().expect("the move did not finish");
     println!("citus near coherence, node added: {result:?}; moved after {moved_at:?}");
-    // Writes and reads ran on the new node for at least 4 s.
+    // Writes and reads ran on the new node for at least 5 s (adding a node and moving a shard
+    // took 9.7-10.2 s on a loaded 2-core machine).
     assert!(
-        moved_at <= Duration::from_secs(10),
+        moved_at <= Duration::from_secs(15),
         "moved after {moved_at:?}"
     );
     let on_new = number(
