@@ -16,7 +16,7 @@ use strategic_cache::{CacheReader, Component, Key, NearConfig, NewEntry, PgCache
 use crate::citus::{CitusCluster, citus_available};
 use crate::support::db::connect;
 use crate::support::fixtures::*;
-use crate::support::near::{BOUND, WriteMix, coherence, near_reader_with, versioned};
+use crate::support::near::{BOUND, Coherence, WriteMix, coherence, near_reader_with, versioned};
 use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
@@ -90,6 +90,32 @@ async fn leased(readers: &[CacheReader]) {
     );
 }
 
+/// The coherence run on Citus: 16 users for `secs` seconds, every 8th write a batch of 24
+/// users (on every shard of both workers), `fault` alongside; misses judged if `judge_misses`.
+async fn run(
+    readers: &[CacheReader],
+    repo: &Arc<PgCacheRepository>,
+    db: &DatabaseConnection,
+    secs: u64,
+    judge_misses: bool,
+    fault: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Coherence {
+    coherence(
+        readers.to_vec(),
+        repo.clone(),
+        db.clone(),
+        16,
+        Duration::from_secs(secs),
+        WriteMix {
+            batch_every: 8,
+            batch_users: 24,
+            judge_misses,
+        },
+        fault,
+    )
+    .await
+}
+
 /// Writes through the coordinator (the repository's single-row upserts and deletes, its
 /// multi-shard `upsert_many`, plain SQL single- and multi-row) for 6 s: every read within the
 /// bound, near hits, and a character-performance (reference table) change served within the
@@ -102,21 +128,7 @@ async fn citus_near_tier_is_coherent_with_writes_through_the_coordinator() {
     let (cluster, db, repo) = distributed().await;
     let readers = readers(&cluster.url(), &repo);
     leased(&readers).await;
-    let result = coherence(
-        readers.clone(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(6),
-        // Every 8th write a batch of 24 users: on every shard of both workers.
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses: true,
-        },
-        async {},
-    )
-    .await;
+    let result = run(&readers, &repo, &db, 6, true, async {}).await;
     println!("citus near coherence: {result:?}");
     assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
     assert!(result.near_hits > 100, "no near hits: {result:?}");
@@ -189,20 +201,7 @@ async fn citus_near_tier_is_coherent_when_a_worker_connection_dies_and_a_worker_
         c.workers[1].stop_immediate().await;
         c.workers[1].start_server().await;
     };
-    let result = coherence(
-        readers.clone(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(9),
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses: false,
-        },
-        fault,
-    )
-    .await;
+    let result = run(&readers, &repo, &db, 9, false, fault).await;
     println!("citus near coherence, worker faults: {result:?}");
     let terminated = terminated.load(Ordering::Relaxed);
     assert!(terminated >= 4, "only {terminated} sessions terminated");
@@ -251,20 +250,7 @@ async fn citus_near_tier_is_coherent_while_a_shard_moves() {
         mover.execute_unprepared(sql).await.unwrap();
         done.fetch_add(1, Ordering::Relaxed);
     };
-    let result = coherence(
-        readers.clone(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(8),
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses: false,
-        },
-        fault,
-    )
-    .await;
+    let result = run(&readers, &repo, &db, 8, false, fault).await;
     println!("citus near coherence, shard moved: {result:?}");
     assert_eq!(moved.load(Ordering::Relaxed), 1, "the shard did not move");
     assert!(result.near_hits > 100, "{result:?}");
@@ -533,20 +519,7 @@ async fn citus_near_tier_hears_a_node_added_later() {
         .await;
         *record.lock().unwrap() = Some(started.elapsed());
     };
-    let result = coherence(
-        readers.clone(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(20),
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses: false,
-        },
-        fault,
-    )
-    .await;
+    let result = run(&readers, &repo, &db, 20, false, fault).await;
     let moved_at = moved_at.lock().unwrap().expect("the move did not finish");
     println!("citus near coherence, node added: {result:?}; moved after {moved_at:?}");
     // Writes and reads ran on the new node for at least 5 s (adding a node and moving a shard
