@@ -46,7 +46,9 @@
 //! (`pg_logical_emit_message`), temporary tables and every other table are ignored; a truncate
 //! flushes only if it names a cache shard. An unknown shard id of a cache table (a split since
 //! the map was read) reads the map again, once a round, and is otherwise believed only as a
-//! key to invalidate.
+//! key to invalidate. The map is also read every 10 s: tables no longer distributed end the
+//! session (back to `LISTEN`); until then the tables' own names are heard too (where
+//! `undistribute_table` puts their rows).
 //!
 //! Shard moves and splits copy rows to their new node, which that node's slot hears as
 //! inserts of the values already served (the store never installs a row older than it holds);
@@ -102,6 +104,10 @@ const NODES_SQL: &str = "SELECT clock_timestamp(), \
 /// [`NODES_SQL`]'s row.
 type Listed = (DateTime<Utc>, Vec<String>, Vec<i32>);
 
+/// How often the shard map is read again (besides when a line names a shard not in it): a
+/// split's new shards, or tables no longer distributed (the session then ends).
+const SHARDS_REREAD: Duration = Duration::from_secs(10);
+
 /// Every change decoded since the last call, one line each.
 const CHANGES_SQL: &str = "SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL, \
                            'skip-empty-xacts', '1', 'include-xids', '0')";
@@ -152,7 +158,10 @@ impl Shards {
     /// What `schema.name` is: a known shard, a cache table's shard not in the map (`Err`), or
     /// nothing of ours (`None`).
     fn component(&self, schema: &str, name: &str) -> Option<Result<Component, Component>> {
-        if let Some(c) = self.by_name.get(&(schema.to_owned(), name.to_owned())) {
+        let key = (schema.to_owned(), name.to_owned());
+        // A shard, or the table itself (the coordinator's own, written locally once the
+        // tables are undistributed, until the map is read again and says so).
+        if let Some(c) = self.by_name.get(&key).or_else(|| self.tables.get(&key)) {
             return Some(Ok(*c));
         }
         let (table, id) = name.rsplit_once('_')?;
@@ -245,6 +254,7 @@ async fn run(
     let workers: Vec<(String, u16)> = nodes[1..].iter().map(|n| n.addr.clone()).collect();
     let mut held = false;
     let mut new_bots: Vec<Box<str>> = Vec::new();
+    let mut reread_at = Instant::now() + SHARDS_REREAD;
     loop {
         while let Ok(bot) = wanted.requests.try_recv() {
             new_bots.push(bot);
@@ -278,7 +288,8 @@ async fn run(
                 }
             }
         }
-        if reread {
+        if reread || sent >= reread_at {
+            reread_at = sent + SHARDS_REREAD;
             shards = within(deadline, config, Shards::read(&mut nodes[0].conn, tables)).await?;
             if shards.by_name.is_empty() {
                 return Err(WalError::NotDistributed);
