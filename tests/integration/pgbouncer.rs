@@ -135,7 +135,7 @@ async fn reads_miss_while_pgbouncer_is_down_and_recover(#[case] pooler: Pooler) 
         "reads did not recover after pgbouncer came back"
     );
     let written = poll_until(Duration::from_secs(10), || async {
-        repo.upsert(&mh("u1", "bot", 3.0, 1)).await.ok()
+        repo.upsert(&mh("u1", "bot", 3.0, 1)).await.is_ok()
     })
     .await;
     assert!(written.is_some(), "writes did not recover");
