@@ -346,3 +346,41 @@ async fn a_server_out_of_connections_is_one_line() {
     assert!(message.contains("too many clients"), "{message}");
     assert_one_clean_line(message);
 }
+
+/// Through transaction pooling, where the reads' values are written into their SQL, keys
+/// holding quotes, backslashes, a `$1`, an injection attempt and non-ASCII text read back
+/// exactly their own rows (by lookup and by snapshot), and never another key's.
+#[tokio::test]
+async fn hostile_keys_read_their_own_rows_through_transaction_pooling() {
+    let t = TestDb::migrated().await;
+    let bouncer = PgBouncer::transaction(&t.url);
+    let repo = through(&bouncer.url(&t.url), 2, Pooler::PgBouncerTransaction).await;
+    let users = [
+        "o'brien",
+        r"back\slash",
+        r"\'",
+        "$1",
+        "x' OR '1'='1",
+        "ünïcødé 😀",
+    ];
+    repo.upsert(&mh("x", "bot", 99.0, 10)).await.unwrap();
+    for (i, user) in users.iter().enumerate() {
+        repo.upsert(&mh(user, "bot", i as f64, 10)).await.unwrap();
+    }
+    for (i, user) in users.iter().enumerate() {
+        let key = Key::for_message(Component::MemoryHealth, user, "bot");
+        let found = repo.lookup(Component::MemoryHealth, &key).await.unwrap();
+        let entry = found.into_fresh().expect("a fresh entry");
+        assert_eq!(entry.key, key);
+        assert_eq!(
+            entry.payload,
+            mh(user, "bot", i as f64, 10).payload,
+            "{user}"
+        );
+        let snapshot = repo.snapshot(user, "bot", 168).await.unwrap();
+        let entry = snapshot
+            .get(Component::MemoryHealth)
+            .expect("in the snapshot");
+        assert_eq!(entry.key, key, "{user}");
+    }
+}
