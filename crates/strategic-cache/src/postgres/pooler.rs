@@ -37,7 +37,7 @@
 //!   without a statement cache (unnamed statements) inside a transaction of its own, which the
 //!   pooler keeps on one server connection from `BEGIN` to `COMMIT`: two round trips more;
 //! * nothing that needs a session goes through the pooler: the near tier's `LISTEN` needs
-//!   [`NearConfig::listen_url`](crate::NearConfig::listen_url) (refused without it), and
+//!   `NearConfig::listen_url` (refused without it), and
 //!   `vacuum` runs under the server's `statement_timeout` rather than lifting it with a
 //!   `SET`, which would stay on the server connection for its next client.
 //!
