@@ -16,6 +16,7 @@ use strategic_cache::{
 };
 
 use crate::support::TestDb;
+use crate::support::cli::{put_args, run, sample};
 use crate::support::cluster::PgCluster;
 use crate::support::fixtures::{mh, through};
 use crate::support::near::{assert_coherent, seeded};
@@ -383,4 +384,41 @@ async fn hostile_keys_read_their_own_rows_through_transaction_pooling() {
             .expect("in the snapshot");
         assert_eq!(entry.key, key, "{user}");
     }
+}
+
+/// The CLI through transaction pooling (`--pooler pgbouncer-transaction`): `put` writes,
+/// `get` reads it back fresh, and `stats` counts it.
+#[tokio::test]
+async fn the_cli_works_through_transaction_pooling() {
+    let t = TestDb::migrated().await;
+    let bouncer = PgBouncer::transaction(&t.url);
+    let url = bouncer.url(&t.url);
+    let pooler = ["--pooler", "pgbouncer-transaction"];
+    let payload = serde_json::to_vec(&sample(Component::MemoryHealth)).unwrap();
+    let mut args = pooler.to_vec();
+    args.extend(put_args(Component::MemoryHealth, "cli-user", "cli-bot"));
+    run(Some(&url), &args, &payload)
+        .await
+        .expect_code(0, "put through the pooler");
+    let mut args = pooler.to_vec();
+    args.extend([
+        "get",
+        "--user",
+        "cli-user",
+        "--bot",
+        "cli-bot",
+        "--component",
+    ]);
+    args.push(Component::MemoryHealth.short_name());
+    run(Some(&url), &args, b"")
+        .await
+        .expect_code(0, "get through the pooler");
+    let mut args = pooler.to_vec();
+    args.extend(["--json", "stats"]);
+    let stats = run(Some(&url), &args, b"").await;
+    stats.expect_code(0, "stats through the pooler");
+    assert!(
+        stats.stdout.contains("strategic_memory_health"),
+        "{stats:#?}"
+    );
 }
