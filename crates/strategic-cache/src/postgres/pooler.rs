@@ -25,7 +25,8 @@
 //! connections, so that a `Bind` runs another client's statement. Measured through PgBouncer
 //! 1.18 with the contract suite: "bind message supplies 2 parameters, but prepared statement
 //! \"\" requires 8", "unsupported jsonb version number 63" (a value bound to another
-//! statement's parameter), and rows of another client's key.
+//! statement's parameter); with the library's statements unnamed, in
+//! `tests/integration/pgbouncer.rs`, "invalid byte sequence for encoding \"UTF8\": 0x00".
 //!
 //! So under this setting nothing relies on state that survives from one `Sync` to the next
 //! outside an explicit transaction:
