@@ -34,7 +34,8 @@
 //!     replica's measured lag;
 //!   - `server`: one server, its read pool and batcher, and how one read runs on it;
 //!   - `read_pool`: the hot path's own connection pool; `batch`: merges concurrent lookups;
-//!     `pooler`: [`Pooler`], what a connection pooler in front refuses;
+//!     `pooler`: [`Pooler`], what a connection pooler in front refuses; `inline`: the reads
+//!     with their values written in, for a pooler that keeps no prepared statement;
 //!   - `tables`: the six tables described once from their entities, with encode and decode;
 //!     `statements`: the SQL generated from them; `maintenance`: dead-row health and `VACUUM`;
 //!     `errors`: driver errors mapped to [`CacheError`], passwords masked.

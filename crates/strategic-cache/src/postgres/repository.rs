@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pg_diagnostics::{redact_url, scrub};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, ExecResult, QueryResult,
+    RuntimeErr, Statement, TransactionTrait,
+};
 
 use super::config::{PgConfig, check_url};
 use super::errors::{self, classify, scrubbed};
 use super::maintenance::{self, TableHealth};
-use super::pooler;
+use super::pooler::Pooler;
 use super::read_pool::ReadPool;
 use super::routing::{self, Servers};
 use super::statements::{distributed_tables_sql, snapshot_sql, sql, stmt};
@@ -52,6 +55,8 @@ pub struct PgCacheRepository {
     pub(super) statement_timeout: Option<Duration>,
     /// Whether Citus distributes the cache tables (found at connect).
     pub(super) distributed: bool,
+    /// What sits in front of the database ([`PgConfig::pooler`]).
+    pub(super) pooler: Pooler,
 }
 
 impl fmt::Debug for PgCacheRepository {
@@ -92,7 +97,8 @@ impl PgCacheRepository {
             .test_before_acquire(false)
             .sqlx_logging(false);
         if !config.pooler.keeps_sessions() {
-            options.map_sqlx_postgres_opts(pooler::without_startup_parameters);
+            let pooler = config.pooler;
+            options.map_sqlx_postgres_opts(move |o| pooler.pooled(o));
         } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
@@ -127,7 +133,7 @@ impl PgCacheRepository {
             .warm(config.min_connections.min(config.max_connections))
             .await
             .map_err(|e| unavailable(&e))?;
-        let distributed = detect_distributed(&db)
+        let distributed = detect_distributed(&db, config.pooler)
             .await
             .map_err(|e| scrubbed(classify(e, config.statement_timeout), url))?;
         let (servers, monitor) = routing::start(url, reads, &config).await?;
@@ -140,6 +146,7 @@ impl PgCacheRepository {
             url: Some(url.to_owned()),
             statement_timeout: config.statement_timeout,
             distributed: false,
+            pooler: config.pooler,
         };
         Ok(repository.with_distributed(distributed))
     }
@@ -188,6 +195,7 @@ impl PgCacheRepository {
             url: None,
             statement_timeout: None,
             distributed: false,
+            pooler: Pooler::None,
         }
     }
 
@@ -243,20 +251,81 @@ impl PgCacheRepository {
     /// [`CacheAdmin::vacuum_if_needed`](crate::CacheAdmin::vacuum_if_needed) (the worker, or `strategic-cache vacuum`) keeps
     /// the tables from growing with every refresh.
     pub async fn autovacuum_enabled(&self) -> Result<bool, CacheError> {
-        maintenance::autovacuum_enabled(&self.db, |e| self.err(e)).await
+        let statement = maintenance::autovacuum_sql();
+        let row = self.query_one(statement).await?;
+        maintenance::autovacuum_on(row).map_err(|e| self.err(e))
     }
 
     /// Live and dead row versions, size and vacuums of each table, from the server's
     /// statistics (which lag writes by up to a few seconds).
     pub async fn table_health(&self) -> Result<Vec<TableHealth>, CacheError> {
-        maintenance::table_health(&self.db, self.distributed, |e| self.err(e)).await
+        let rows = self
+            .query_all(maintenance::table_health_sql(self.distributed))
+            .await?;
+        maintenance::table_health(&rows).map_err(|e| self.err(e))
     }
 
     /// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
     /// skipped). Runs on one connection of the write pool whose statement timeout is lifted
-    /// for it, and which is closed afterwards rather than returned with that setting.
+    /// for it, and which is closed afterwards rather than returned with that setting; behind
+    /// a transaction pooler, under the server's timeout (a `SET` would stay on the server
+    /// connection for its next client).
     pub async fn vacuum(&self, components: &[Component]) -> Result<(), CacheError> {
-        maintenance::vacuum(&self.db, components, |e| self.err(e)).await
+        let lift_timeout = self.pooler.keeps_statements();
+        maintenance::vacuum(&self.db, components, lift_timeout, |e| self.err(e)).await
+    }
+
+    /// Runs `statement` on the write pool and returns its rows; under a pooler that keeps no
+    /// prepared statement ([`Pooler::PgBouncerTransaction`]), in a transaction of its own,
+    /// which keeps the statement's two halves on one server connection (see `pooler.rs`).
+    pub(super) async fn query_all(
+        &self,
+        statement: Statement,
+    ) -> Result<Vec<QueryResult>, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .query_all_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let rows = tx.query_all_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// As [`Self::query_all`], for a statement of at most one row.
+    pub(super) async fn query_one(
+        &self,
+        statement: Statement,
+    ) -> Result<Option<QueryResult>, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .query_one_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let row = tx.query_one_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(row)
+    }
+
+    /// As [`Self::query_all`], for a statement that returns no rows.
+    pub(super) async fn execute(&self, statement: Statement) -> Result<ExecResult, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .execute_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let result = tx.execute_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(result)
     }
 
     /// The servers of the hot-path reads: the primary first, then each replica, with the
@@ -274,11 +343,18 @@ impl PgCacheRepository {
 }
 
 /// The number of cache tables Citus distributes, in one statement (see
-/// `statements::distributed_tables_sql`); 0 on plain PostgreSQL.
-async fn detect_distributed(db: &DatabaseConnection) -> Result<bool, DbErr> {
-    let row = db
-        .query_one_raw(stmt(distributed_tables_sql(), Vec::new()))
-        .await?;
+/// `statements::distributed_tables_sql`); 0 on plain PostgreSQL. In a transaction of its own
+/// under a pooler that keeps no prepared statement.
+async fn detect_distributed(db: &DatabaseConnection, pooler: Pooler) -> Result<bool, DbErr> {
+    let statement = stmt(distributed_tables_sql(), Vec::new());
+    let row = if pooler.keeps_statements() {
+        db.query_one_raw(statement).await?
+    } else {
+        let tx = db.begin().await?;
+        let row = tx.query_one_raw(statement).await?;
+        tx.commit().await?;
+        row
+    };
     let count: i32 = match row {
         Some(row) => row.try_get("", "distributed")?,
         None => 0,
