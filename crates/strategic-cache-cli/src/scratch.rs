@@ -420,6 +420,31 @@ mod tests {
         );
     }
 
+    /// Where the tables were reads as the reports print it; the announcement says the tables
+    /// will be distributed only on Citus.
+    #[test]
+    fn tables_and_the_announcement_say_distributed_only_on_citus() {
+        assert_eq!(Tables::local().to_string(), "local");
+        let distributed = Tables {
+            placement: "distributed",
+            citus_version: Some("13.0-1".into()),
+            workers: 2,
+            shards: 32,
+        };
+        assert!(distributed.distributed() && !Tables::local().distributed());
+        assert_eq!(
+            distributed.to_string(),
+            "distributed (Citus 13.0-1, 2 workers, 32 shards)"
+        );
+        let plain = announcement("bench", "postgres://h/db", "s1", false);
+        let citus = announcement("bench", "postgres://h/db", "s1", true);
+        assert!(!plain.contains("Citus"), "{plain}");
+        assert!(
+            citus.contains("distribute them with Citus as `migrate distribute` does (32 shards)"),
+            "{citus}"
+        );
+    }
+
     /// Schema names are plain identifiers with the recognisable prefix.
     #[test]
     fn schema_names_are_plain_identifiers() {
