@@ -14,7 +14,9 @@
 //!
 //! The payloads come from [`crate::workload`], shared with `simulate`. Everything is written
 //! into a scratch schema ([`crate::scratch`]) dropped at the end: the tables of the database
-//! itself are never read, changed or emptied.
+//! itself are never read, changed or emptied. Where the database has Citus, the scratch
+//! tables are distributed as `migrate distribute` distributes the database's own, so that the
+//! figures are Citus's; the report says which (`tables: distributed (...)` or `local`).
 
 mod args;
 mod bare;
@@ -135,7 +137,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
             replica_setup = bench.replica_cases(url, &scratch.db, &replicas).await?;
         }
         bench.write_cases().await?;
-        bench.feed_cases(&scratch.db).await?;
+        bench.feed_cases(&scratch.db, &scratch.tables).await?;
         None
     };
     let overhead = if args.soak {
@@ -162,6 +164,7 @@ async fn run(args: &BenchArgs, scratch: Scoped, progress: Progress) -> Result<Be
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "replicas": replica_setup,
         }),
+        tables: scratch.tables.clone(),
         fill,
         cases: bench.cases,
         ratios,
