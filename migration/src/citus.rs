@@ -14,7 +14,11 @@
 //!    Citus refuses ("UNIQUE, EXCLUDE, or PRIMARY KEY constraints that do not include the
 //!    partition column"), and make `uq_*_user_bot` their replica identity (online shard moves
 //!    need one). No statement of ours relies on the `id` key: upserts name `uq_*` as their
-//!    `ON CONFLICT` target, and the sweep matches `id` without needing it unique;
+//!    `ON CONFLICT` target, and the sweep matches `id` without needing it unique. The per-bot
+//!    table keeps its primary key, but its key `uq_character_perf_bot_window` becomes its
+//!    replica identity too, so that a deleted row's change (logical decoding, which the near
+//!    tier's change data capture source reads) carries the key it invalidates rather than `id`
+//!    alone ([`crate::cdc`] checks both);
 //! 3. `create_distributed_table` of the five per-user tables by `user_id`, the first with
 //!    `shard_count => N` and a colocation group of its own, the others `colocate_with` it (Citus
 //!    refuses `shard_count` together with `colocate_with` a table), so that a user's rows share
@@ -24,6 +28,9 @@
 //! 5. a notification on the near tier's flush-all channel ([`DISTRIBUTED_PAYLOAD`]) that ends
 //!    every listener's session, so that a near tier already holding a lease reconnects, finds
 //!    the tables distributed and stops serving from memory.
+//!
+//! [`distribute_scratch`] runs steps 1 to 4 for the scratch schema of `simulate` and `bench`.
+//! After either, [`crate::cdc::check`] says what else each node lacks for the near tier.
 //!
 //! The refresh queue stays a local table on the coordinator: as a reference table its enqueue
 //! statements fail, and `FOR UPDATE SKIP LOCKED` would lock the whole table; as a distributed
@@ -56,6 +63,9 @@ pub const DISTRIBUTED_TABLES: [(&str, &str); 5] = [
 
 /// The per-bot table, made a reference table (a copy on every node).
 pub const REFERENCE_TABLE: &str = "strategic_character_performance";
+
+/// The per-bot table's key (bot, window), made its replica identity.
+pub const REFERENCE_UNIQUE: &str = "uq_character_perf_bot_window";
 
 /// Shards of the per-user tables when `--shards` is not given (Citus's own default).
 pub const DEFAULT_SHARDS: u32 = 32;
@@ -148,14 +158,23 @@ impl fmt::Display for Distribution {
 pub struct DistributeReport {
     /// `false` when the tables were already distributed and nothing was changed.
     pub changed: bool,
+    /// Whether tables were distributed; `false` with `changed` when only the per-bot table's
+    /// replica identity was set (tables distributed by an earlier version).
+    pub moved: bool,
     /// Where the tables are now.
     pub distribution: Distribution,
 }
 
 impl fmt::Display for DistributeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.changed {
+        if self.moved {
             writeln!(f, "distributed the cache tables by {DISTRIBUTION_COLUMN}")?;
+        } else if self.changed {
+            writeln!(
+                f,
+                "already distributed; made {REFERENCE_UNIQUE} the replica identity of \
+                 {REFERENCE_TABLE}"
+            )?;
         } else {
             writeln!(f, "already distributed: nothing changed")?;
         }
@@ -178,6 +197,11 @@ pub fn key_change_sql() -> Vec<String> {
         .collect()
 }
 
+/// Makes the per-bot table's key its replica identity. Idempotent.
+pub fn reference_identity_sql() -> String {
+    format!("ALTER TABLE {REFERENCE_TABLE} REPLICA IDENTITY USING INDEX {REFERENCE_UNIQUE}")
+}
+
 fn stmt(sql: &str, values: Vec<sea_orm::Value>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
@@ -187,7 +211,7 @@ fn db_err(e: sea_orm::DbErr) -> MigrateError {
 }
 
 /// The installed `citus` extension's version, if any.
-async fn citus_version(db: &impl ConnectionTrait) -> Result<Option<String>, MigrateError> {
+pub async fn citus_version(db: &impl ConnectionTrait) -> Result<Option<String>, MigrateError> {
     let row = db
         .query_one_raw(stmt(
             "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'citus'",
@@ -304,12 +328,80 @@ pub async fn distribute(
             pending.join(", ")
         )));
     }
-    if before.is_distributed() {
+    let mut plan = plan(&txn, &before, shards, options).await?;
+    if plan.steps.is_empty() {
         return Ok(DistributeReport {
             changed: false,
+            moved: false,
             distribution: before,
         });
     }
+    // 5. Near tiers holding a lease: reconnect (they then find the tables distributed).
+    if plan.moves {
+        plan.steps.push(format!(
+            "SELECT pg_notify('{}', '{DISTRIBUTED_PAYLOAD}')",
+            entity::FLUSH_ALL_CHANNEL
+        ));
+    }
+    for sql in &plan.steps {
+        txn.execute_unprepared(sql)
+            .await
+            .map_err(|e| classify(e, options))?;
+    }
+    let after = distribution(&txn).await?;
+    txn.commit().await.map_err(|e| classify(e, options))?;
+    Ok(DistributeReport {
+        changed: true,
+        moved: plan.moves,
+        distribution: after,
+    })
+}
+
+/// Distributes the cache tables that `db`'s search path finds exactly as [`distribute`] does
+/// (the same steps, in one transaction), for a scratch schema of `simulate` or `bench` that
+/// holds the tables and nothing of the database's own: without the migration lock (which
+/// serializes changes to the database's own tables), without the check that every migration
+/// is applied (a scratch schema applies only the first two), and without the flush-all
+/// notification, which would reach every near tier listening on the database, not only the
+/// run's own. Refuses with [`MigrateError::CitusMissing`] without the `citus` extension.
+pub async fn distribute_scratch(
+    db: &DatabaseConnection,
+    shards: u32,
+) -> Result<Distribution, MigrateError> {
+    if !(1..=MAX_SHARDS).contains(&shards) {
+        return Err(MigrateError::InvalidShardCount(shards));
+    }
+    let options = MigrateOptions::default();
+    let txn = db.begin().await.map_err(|e| classify(e, &options))?;
+    let before = distribution(&txn).await?;
+    if before.citus_version.is_none() {
+        return Err(MigrateError::CitusMissing);
+    }
+    let plan = plan(&txn, &before, shards, &options).await?;
+    for sql in &plan.steps {
+        txn.execute_unprepared(sql)
+            .await
+            .map_err(|e| classify(e, &options))?;
+    }
+    let after = distribution(&txn).await?;
+    txn.commit().await.map_err(|e| classify(e, &options))?;
+    Ok(after)
+}
+
+/// The statements that take the tables from `before` to distributed, steps 1 to 4 of the
+/// module documentation, each left out where already done.
+struct Plan {
+    steps: Vec<String>,
+    /// Whether a table changes placement (steps 3 and 4), which near tiers must hear of.
+    moves: bool,
+}
+
+async fn plan(
+    txn: &impl ConnectionTrait,
+    before: &Distribution,
+    shards: u32,
+    options: &MigrateOptions,
+) -> Result<Plan, MigrateError> {
     let placement = |name: &str| {
         before
             .tables
@@ -320,7 +412,7 @@ pub async fn distribute(
     };
     let mut steps: Vec<String> = Vec::new();
     // 1. The notify triggers, where they are.
-    let triggers = crate::m20251130_000004_create_notify_triggers::existing_triggers(&txn)
+    let triggers = crate::m20251130_000004_create_notify_triggers::existing_triggers(txn)
         .await
         .map_err(|e| classify(e, options))?;
     for (table, trigger) in triggers {
@@ -334,7 +426,17 @@ pub async fn distribute(
             steps.extend_from_slice(&key_change[2 * i..2 * i + 2]);
         }
     }
+    // The per-bot table's replica identity: its key, not `id` (Citus propagates the ALTER to
+    // every copy where the table is already a reference table).
+    let identities = crate::cdc::replica_identities(txn).await?;
+    if identities
+        .iter()
+        .any(|identity| identity.table == REFERENCE_TABLE && !identity.is_index(REFERENCE_UNIQUE))
+    {
+        steps.push(reference_identity_sql());
+    }
     // 3. and 4. Distribution.
+    let mut moves = false;
     let (first, _) = DISTRIBUTED_TABLES[0];
     for (i, (table, _)) in DISTRIBUTED_TABLES.iter().enumerate() {
         match placement(table) {
@@ -346,7 +448,7 @@ pub async fn distribute(
                 "SELECT create_distributed_table('{table}', '{DISTRIBUTION_COLUMN}', \
                  colocate_with => '{first}')"
             )),
-            Placement::Distributed { .. } => {}
+            Placement::Distributed { .. } => continue,
             other => {
                 return Err(MigrateError::Migration(format!(
                     "{table} is already a {other}, not distributed by {DISTRIBUTION_COLUMN}: \
@@ -354,11 +456,15 @@ pub async fn distribute(
                 )));
             }
         }
+        moves = true;
     }
     match placement(REFERENCE_TABLE) {
-        Placement::Local => steps.push(format!(
-            "SELECT create_reference_table('{REFERENCE_TABLE}')"
-        )),
+        Placement::Local => {
+            steps.push(format!(
+                "SELECT create_reference_table('{REFERENCE_TABLE}')"
+            ));
+            moves = true;
+        }
         Placement::Reference => {}
         other => {
             return Err(MigrateError::Migration(format!(
@@ -367,22 +473,7 @@ pub async fn distribute(
             )));
         }
     }
-    // 5. Near tiers holding a lease: reconnect (they then find the tables distributed).
-    steps.push(format!(
-        "SELECT pg_notify('{}', '{DISTRIBUTED_PAYLOAD}')",
-        entity::FLUSH_ALL_CHANNEL
-    ));
-    for sql in &steps {
-        txn.execute_unprepared(sql)
-            .await
-            .map_err(|e| classify(e, options))?;
-    }
-    let after = distribution(&txn).await?;
-    txn.commit().await.map_err(|e| classify(e, options))?;
-    Ok(DistributeReport {
-        changed: true,
-        distribution: after,
-    })
+    Ok(Plan { steps, moves })
 }
 
 #[cfg(test)]

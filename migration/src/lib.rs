@@ -5,6 +5,8 @@
 //! - [`Migrator`]: the sea-orm-migration migrator, one file per migration (`m*.rs`).
 //! - [`citus`]: `migrate distribute` (the cache tables distributed by `user_id` on a Citus
 //!   coordinator; not a migration, applied only on request) and where the tables are now.
+//! - [`cdc`]: what the near tier's change data capture source needs of every Citus node and
+//!   of the tables, checked (`migrate distribute` and `migrate status` warn of what is missing).
 //! - [`runner`]: what the CLI, `cargo xtask migrate` and the tests call: a bounded connect, an
 //!   advisory lock around the whole run, a short `lock_timeout`, and errors a caller can act on.
 //!   Use it instead of `sea_orm_migration::cli::run_cli`, which panics when it cannot connect.
@@ -22,6 +24,7 @@
 
 pub use sea_orm_migration::prelude::*;
 
+pub mod cdc;
 pub mod citus;
 
 mod m20251124_000001_create_strategic_cache_tables;

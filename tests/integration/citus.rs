@@ -435,7 +435,7 @@ async fn every_statement_works_after_the_key_change() {
 
 /// Whether those binaries have the citus extension (`citus.control` in
 /// `$(pg_config --sharedir)/extension`). Otherwise prints the one line of the skip.
-fn citus_available(test: &str) -> bool {
+pub(crate) fn citus_available(test: &str) -> bool {
     let sharedir = std::process::Command::new(crate::support::cluster::pg_bin().join("pg_config"))
         .arg("--sharedir")
         .output()
@@ -458,36 +458,29 @@ fn citus_available(test: &str) -> bool {
 const CITUS_DB: &str = "cache";
 
 /// A coordinator and two workers, each a private cluster with `citus` preloaded and the
-/// extension created in [`CITUS_DB`], the workers added to the coordinator's metadata.
-struct CitusCluster {
-    coordinator: PgCluster,
-    _workers: [PgCluster; 2],
+/// extension created in [`CITUS_DB`], the workers added to the coordinator's metadata, and
+/// `wal_level = logical` (what the near tier's change source on Citus needs).
+pub(crate) struct CitusCluster {
+    pub(crate) coordinator: PgCluster,
+    pub(crate) workers: [PgCluster; 2],
 }
 
 impl CitusCluster {
-    async fn start() -> CitusCluster {
+    pub(crate) async fn start() -> CitusCluster {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// As [`CitusCluster::start`], with `settings(node)` (name and value, as `ALTER SYSTEM`
+    /// takes them) set on each node (0 the coordinator, 1 and 2 the workers), after the
+    /// defaults of [`CitusCluster::node_with`].
+    async fn start_with(
+        settings: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+    ) -> CitusCluster {
         let nodes = [
-            PgCluster::start().await,
-            PgCluster::start().await,
-            PgCluster::start().await,
+            CitusCluster::node_with(settings(0)).await,
+            CitusCluster::node_with(settings(1)).await,
+            CitusCluster::node_with(settings(2)).await,
         ];
-        for node in &nodes {
-            let admin = connect(&no_tls(&node.url("postgres"))).await;
-            exec(
-                &admin,
-                "ALTER SYSTEM SET shared_preload_libraries = 'citus'",
-            )
-            .await;
-            // Dead rows stay until the test's own vacuum.
-            exec(&admin, "ALTER SYSTEM SET autovacuum = off").await;
-            exec(&admin, &format!("CREATE DATABASE {CITUS_DB}")).await;
-            let _ = admin.close().await;
-            node.stop_immediate().await;
-            node.start_server().await;
-            let db = connect(&no_tls(&node.url(CITUS_DB))).await;
-            exec(&db, "CREATE EXTENSION citus").await;
-            let _ = db.close().await;
-        }
         let [coordinator, w1, w2] = nodes;
         let db = connect(&no_tls(&coordinator.url(CITUS_DB))).await;
         exec(
@@ -511,14 +504,73 @@ impl CitusCluster {
         let _ = db.close().await;
         CitusCluster {
             coordinator,
-            _workers: [w1, w2],
+            workers: [w1, w2],
         }
+    }
+
+    /// A node not yet in the cluster: a private cluster with `citus` preloaded, the extension
+    /// created in [`CITUS_DB`] and `wal_level = logical` (`citus_add_node` adds it).
+    pub(crate) async fn node() -> PgCluster {
+        CitusCluster::node_with(Vec::new()).await
+    }
+
+    /// As [`CitusCluster::node`], then `settings` (name and value, as `ALTER SYSTEM` takes
+    /// them). A setting the server does not have is left out (`output_plugin_libraries` exists
+    /// only in Debian's PostgreSQL 15 builds); Citus's own (`citus.*`) exist only once it is
+    /// loaded, so they are set after the restart, with a reload.
+    async fn node_with(settings: Vec<(&'static str, &'static str)>) -> PgCluster {
+        let node = PgCluster::start().await;
+        let admin = connect(&no_tls(&node.url("postgres"))).await;
+        exec(
+            &admin,
+            "ALTER SYSTEM SET shared_preload_libraries = 'citus'",
+        )
+        .await;
+        // Dead rows stay until the test's own vacuum.
+        exec(&admin, "ALTER SYSTEM SET autovacuum = off").await;
+        exec(&admin, "ALTER SYSTEM SET wal_level = logical").await;
+        for (name, value) in &settings {
+            if !name.starts_with("citus.") {
+                set_if_known(&admin, name, value).await;
+            }
+        }
+        exec(&admin, &format!("CREATE DATABASE {CITUS_DB}")).await;
+        let _ = admin.close().await;
+        node.stop_immediate().await;
+        node.start_server().await;
+        let db = connect(&no_tls(&node.url(CITUS_DB))).await;
+        exec(&db, "CREATE EXTENSION citus").await;
+        for (name, value) in &settings {
+            if name.starts_with("citus.") {
+                set_if_known(&db, name, value).await;
+            }
+        }
+        exec(&db, "SELECT pg_reload_conf()").await;
+        let _ = db.close().await;
+        node
     }
 
     /// The coordinator's URL. `CREATE EXTENSION citus` turns TLS on with a certificate our
     /// client does not parse yet (the TLS part of issue 15), so the tests connect without TLS.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         no_tls(&self.coordinator.url(CITUS_DB))
+    }
+
+    /// A worker's URL (of the database Citus uses), without TLS as [`CitusCluster::url`].
+    pub(crate) fn worker_url(&self, i: usize) -> String {
+        no_tls(&self.workers[i].url(CITUS_DB))
+    }
+}
+
+/// `ALTER SYSTEM SET name = value`, where the server has the setting.
+async fn set_if_known(db: &DatabaseConnection, name: &str, value: &str) {
+    let known = number(
+        db,
+        &format!("SELECT count(*) AS n FROM pg_settings WHERE name = '{name}'"),
+    )
+    .await;
+    if known > 0 {
+        exec(db, &format!("ALTER SYSTEM SET {name} = {value}")).await;
     }
 }
 
@@ -845,7 +897,8 @@ async fn citus_library_paths_work_on_distributed_tables() {
             .unwrap()
     );
 
-    // A reader with a near tier: never a lease, every read from the store.
+    // A reader with a near tier: it takes its lease from the nodes' logs (`citus_near.rs`
+    // proves its coherence) and serves the store's value.
     let reader = CacheReader::new(Arc::new(repo.clone()))
         .with_config(ReaderConfig {
             budget: Duration::from_secs(2),
@@ -858,7 +911,277 @@ async fn citus_library_paths_work_on_distributed_tables() {
             .await
             .is_some()
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!reader.near_stats().unwrap().lease_valid);
+    let leased = poll_until(Duration::from_secs(20), || async {
+        reader.near_stats().unwrap().lease_valid
+    })
+    .await;
+    assert!(leased.is_some(), "{:?}", reader.near_stats());
     let _ = db.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// What the near tier's change data capture source needs (issue 24), and `bench` and
+// `simulate` measuring Citus.
+// ---------------------------------------------------------------------------------------
+
+/// `migrate distribute` and `migrate status` on a cluster whose second worker lacks `wal_level = logical` name it in one line (the node, the setting, its value, the value needed) and still succeed; a per-bot table whose replica identity lost its key is named too, and a second `migrate distribute` restores it.
+#[tokio::test]
+async fn citus_distribute_names_the_setting_a_node_lacks() {
+    if !citus_available("citus_distribute_names_the_setting_a_node_lacks") {
+        return;
+    }
+    let cluster = CitusCluster::start_with(|node| {
+        if node == 2 {
+            vec![("wal_level", "replica")]
+        } else {
+            Vec::new()
+        }
+    })
+    .await;
+    let url = cluster.url();
+    let url = Some(url.as_str());
+    run(url, &["migrate", "up"], b"").await.expect_code(0, "up");
+    let lacking = format!(
+        "strategic-cache: worker 127.0.0.1:{}: wal_level is replica; the near tier needs logical \
+         (postgresql.conf, restart)",
+        cluster.workers[1].addr().port()
+    );
+    let distributed = run(url, &["migrate", "distribute", "--shards", "2"], b"").await;
+    distributed.expect_code(0, "distribute: warnings are not a failure");
+    assert!(
+        distributed
+            .stdout
+            .contains("distributed the cache tables by user_id"),
+        "{distributed:#?}"
+    );
+    assert_eq!(
+        distributed.stderr.lines().collect::<Vec<_>>(),
+        [lacking.as_str()],
+        "{distributed:#?}"
+    );
+    let status = run(url, &["--json", "migrate", "status"], b"").await;
+    status.expect_code(0, "status");
+    assert_eq!(
+        status.stderr.lines().collect::<Vec<_>>(),
+        [lacking.as_str()],
+        "{status:#?}"
+    );
+    let shortfalls = status.json()["near_tier_shortfalls"].clone();
+    assert_eq!(shortfalls.as_array().map(Vec::len), Some(1), "{shortfalls}");
+    assert_eq!(shortfalls[0]["setting"], "wal_level", "{shortfalls}");
+    assert_eq!(shortfalls[0]["is"], "replica", "{shortfalls}");
+
+    // A replica identity that no longer carries the per-bot table's key.
+    let db = connect(&cluster.url()).await;
+    exec(
+        &db,
+        "ALTER TABLE strategic_character_performance REPLICA IDENTITY DEFAULT",
+    )
+    .await;
+    let status = run(url, &["migrate", "status"], b"").await;
+    status.expect_code(0, "status");
+    let identity = "strategic-cache: table strategic_character_performance: replica identity is \
+                    the primary key (id); the near tier needs one that carries its key (bot_name, \
+                    time_window_hours), which a deleted row's change must name (ALTER TABLE \
+                    strategic_character_performance REPLICA IDENTITY USING INDEX \
+                    uq_character_perf_bot_window)";
+    assert_eq!(
+        status.stderr.lines().collect::<Vec<_>>(),
+        [lacking.as_str(), identity],
+        "{status:#?}"
+    );
+    let again = run(url, &["migrate", "distribute"], b"").await;
+    again.expect_code(0, "second distribute");
+    assert!(
+        again
+            .stdout
+            .contains("made uq_character_perf_bot_window the replica identity"),
+        "{again:#?}"
+    );
+    assert_eq!(
+        again.stderr.lines().collect::<Vec<_>>(),
+        [lacking.as_str()],
+        "{again:#?}"
+    );
+    let _ = db.close().await;
+}
+
+/// With every node set for the near tier's change source, `migrate distribute` and `migrate status` print no warning, and `--json` lists no shortfall.
+#[tokio::test]
+async fn citus_distribute_on_a_ready_cluster_warns_of_nothing() {
+    if !citus_available("citus_distribute_on_a_ready_cluster_warns_of_nothing") {
+        return;
+    }
+    // The test clusters' defaults: `wal_level = logical` on every node, test_decoding allowed.
+    let cluster = CitusCluster::start().await;
+    let url = cluster.url();
+    let url = Some(url.as_str());
+    run(url, &["migrate", "up"], b"").await.expect_code(0, "up");
+    let distributed = run(
+        url,
+        &["--json", "migrate", "distribute", "--shards", "2"],
+        b"",
+    )
+    .await;
+    distributed.expect_code(0, "distribute");
+    assert_eq!(distributed.stderr, "", "{distributed:#?}");
+    let json = distributed.json();
+    assert_eq!(json["changed"], true, "{json}");
+    assert_eq!(
+        json["near_tier_shortfalls"],
+        serde_json::json!([]),
+        "{json}"
+    );
+    let status = run(url, &["migrate", "status"], b"").await;
+    status.expect_code(0, "status");
+    assert_eq!(status.stderr, "", "{status:#?}");
+}
+
+/// Every scratch schema left on any node of `cluster`, and every Citus table the coordinator
+/// still lists in one: what a `bench` or `simulate` run must not leave behind.
+async fn scratch_leftovers(cluster: &CitusCluster) -> Vec<String> {
+    let mut left = Vec::new();
+    let nodes = [
+        &cluster.coordinator,
+        &cluster.workers[0],
+        &cluster.workers[1],
+    ];
+    for node in nodes {
+        let db = connect(&no_tls(&node.url(CITUS_DB))).await;
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT nspname::text AS n FROM pg_namespace \
+                 WHERE nspname LIKE 'strategic\\_cache\\_scratch\\_%' \
+                 UNION ALL SELECT logicalrelid::text FROM pg_dist_partition \
+                 WHERE logicalrelid::text LIKE 'strategic\\_cache\\_scratch\\_%'"
+                    .to_owned(),
+            ))
+            .await
+            .unwrap();
+        for row in rows {
+            left.push(format!(
+                "{}: {}",
+                node.addr(),
+                row.try_get::<String>("", "n").unwrap()
+            ));
+        }
+        let _ = db.close().await;
+    }
+    left
+}
+
+/// `bench --quick` against a Citus coordinator distributes its scratch tables as `migrate distribute` does (the report says distributed, over 2 workers, 32 shards), its read and write cases run without errors, and no node keeps its schema.
+#[tokio::test]
+async fn citus_bench_measures_distributed_tables_and_leaves_nothing() {
+    if !citus_available("citus_bench_measures_distributed_tables_and_leaves_nothing") {
+        return;
+    }
+    let cluster = CitusCluster::start().await;
+    let url = cluster.url();
+    let bench = run(
+        None,
+        &[
+            "bench",
+            "--quick",
+            "--json",
+            "--budget-ms",
+            "10000",
+            "--database-url",
+            &url,
+        ],
+        b"",
+    )
+    .await;
+    bench.expect_code(0, "bench on Citus");
+    assert!(
+        bench.stderr.contains("distribute them with Citus"),
+        "{bench:#?}"
+    );
+    let report = bench.json();
+    let tables = &report["tables"];
+    assert_eq!(tables["placement"], "distributed", "{tables}");
+    assert_eq!(tables["workers"], 2, "{tables}");
+    assert_eq!(
+        tables["shards"],
+        migration::citus::DEFAULT_SHARDS,
+        "{tables}"
+    );
+    let cases = report["cases"].as_array().unwrap();
+    for name in [
+        "single_read",
+        "single_read_10",
+        "snapshot",
+        "snapshot_10",
+        "bare_snapshot",
+        "burst_200",
+        "sustained",
+        "upsert_batch",
+        "sweep",
+        "read_during_sweep",
+        "upsert_1_nofeed",
+        "upsert_8_nofeed",
+        "upsert_batch_nofeed",
+    ] {
+        let case = cases
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("case {name} missing: {report}"));
+        assert!(
+            case["n"].as_u64().unwrap() > 0,
+            "{name} ran nothing: {case}"
+        );
+        assert_eq!(case["errors"], 0, "{name} had errors: {case}");
+    }
+    assert_eq!(scratch_leftovers(&cluster).await, Vec::<String>::new());
+}
+
+/// `simulate` against a Citus coordinator runs on distributed scratch tables (the report says so, in text and in JSON), none of its workers' writes fails, and no node keeps its schema.
+#[tokio::test]
+async fn citus_simulate_runs_on_distributed_tables_and_leaves_nothing() {
+    if !citus_available("citus_simulate_runs_on_distributed_tables_and_leaves_nothing") {
+        return;
+    }
+    let cluster = CitusCluster::start().await;
+    let url = cluster.url();
+    let args = [
+        "simulate",
+        "--database-url",
+        &url,
+        "--hours",
+        "0.05",
+        "--warmup-hours",
+        "0.01",
+        "--users",
+        "20",
+        "--speedup",
+        "60",
+    ];
+    let text = run(None, &args, b"").await;
+    text.expect_code(0, "simulate on Citus");
+    assert!(
+        text.stdout.contains(&format!(
+            "tables: distributed (Citus {}, 2 workers, {} shards)",
+            citus_version(&cluster).await,
+            migration::citus::DEFAULT_SHARDS
+        )),
+        "{text:#?}"
+    );
+    let mut json_args = vec!["--json"];
+    json_args.extend(args);
+    let json = run(None, &json_args, b"").await;
+    json.expect_code(0, "simulate --json on Citus");
+    let report = json.json();
+    assert_eq!(report["tables"]["placement"], "distributed", "{report}");
+    assert_eq!(report["write_errors"], 0, "{report}");
+    assert!(report["recomputes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(scratch_leftovers(&cluster).await, Vec::<String>::new());
+}
+
+/// The coordinator's Citus version, as `pg_extension` has it.
+async fn citus_version(cluster: &CitusCluster) -> String {
+    let db = connect(&cluster.url()).await;
+    let version = migration::citus::citus_version(&db).await.unwrap().unwrap();
+    let _ = db.close().await;
+    version
 }

@@ -82,6 +82,21 @@ impl Backend {
                     _bouncer: Some(bouncer),
                 }
             }
+            Backend::PgBouncerTransaction => {
+                let t = TestDb::migrated().await;
+                let bouncer = PgBouncer::transaction(&t.url);
+                let repo = through(
+                    &bouncer.url(&t.url),
+                    2,
+                    strategic_cache::Pooler::PgBouncerTransaction,
+                )
+                .await;
+                Store {
+                    repo: Arc::new(repo),
+                    _db: Some(t),
+                    _bouncer: Some(bouncer),
+                }
+            }
             Backend::Memory => Store {
                 repo: Arc::new(MemoryCacheRepository::default()),
                 _db: None,

@@ -10,6 +10,8 @@
 mod bench;
 // Citus (issue 15): statements that differ on a coordinator, and `migrate distribute`.
 mod citus;
+// The near tier on a real Citus (issue 24): coherence fed by every node's log, its faults, who it believes.
+mod citus_near;
 // The binary as a subprocess: exit codes, `--json`, round trips, bad input that exits 2.
 mod cli;
 // Connection failures: at once, in one line, in PostgreSQL's words, without passwords.

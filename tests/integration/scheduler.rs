@@ -32,7 +32,9 @@ pub async fn queue(backend: Backend, capacity: u64) -> QueueUnderTest {
             let queue = Arc::new(PgRefreshQueue::new(t.db.clone(), capacity));
             QueueUnderTest { queue, db: Some(t) }
         }
-        Backend::PgBouncer => unreachable!("the scheduler's queues are not run through a pooler"),
+        Backend::PgBouncer | Backend::PgBouncerTransaction => {
+            unreachable!("the scheduler's queues are not run through a pooler")
+        }
         Backend::Memory => QueueUnderTest {
             queue: Arc::new(MemoryRefreshQueue::new(capacity, Arc::new(SystemClock))),
             db: None,

@@ -26,7 +26,8 @@ Environment:
   STRATEGIC_CACHE_REPLICAS
                 streaming replicas of that database, comma-separated (or --replica, repeated)
   STRATEGIC_CACHE_POOLER
-                `pgbouncer` behind PgBouncer (or --pooler)
+                `pgbouncer` behind PgBouncer in session pooling, `pgbouncer-transaction` in
+                transaction pooling (or --pooler)
   STRATEGIC_CACHE_LISTEN_URL
                 where the near-tier listener connects, if not the database URL (or --listen-url)
   RUST_LOG      log filter for stderr (default: warn)";
@@ -71,7 +72,9 @@ pub struct Cli {
     pub replica_read_timeout_ms: u64,
 
     /// What sits in front of the database: `pgbouncer` sends none of the startup parameters
-    /// PgBouncer refuses (set statement_timeout on the role instead); `none` otherwise. Also
+    /// PgBouncer refuses (set statement_timeout on the role instead); `pgbouncer-transaction`
+    /// also keeps no prepared statement, for transaction pooling on a PgBouncer before 1.21
+    /// (with --listen-url for the near tier); `none` otherwise. Also
     /// from STRATEGIC_CACHE_POOLER. See docs/STRATEGIC_CACHE_USAGE.md, "Behind a connection
     /// pooler".
     // `hide_env`: `simulate --help` and `bench --help` say `[env: ...]` of nothing (their

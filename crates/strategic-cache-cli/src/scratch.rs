@@ -13,14 +13,22 @@
 //! third creates the cluster-wide roles `strategic_cache_reader` and `strategic_cache_writer`,
 //! which would outlive the schema (and even `dropdb`), needs `CREATEROLE`, and is not needed:
 //! the command connects as the given user, which owns the schema and everything in it.
+//!
+//! Where the database has the `citus` extension, the schema's tables are then distributed as
+//! `migrate distribute` distributes the database's own (`migration::citus::distribute_scratch`:
+//! the same steps, the five per-user tables colocated in [`citus::DEFAULT_SHARDS`] shards, the
+//! per-bot table a reference table, the queue local), so that the command measures Citus;
+//! Citus creates the schema on the workers and drops it there with the coordinator's.
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use migration::MigratorTrait as _;
+use migration::citus;
 use migration::runner::{self, MigrateOptions};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use serde::Serialize;
 
 /// Migrations applied in the scratch schema: the tables and the refresh queue, not the roles.
 const MIGRATIONS: u32 = 2;
@@ -38,6 +46,51 @@ pub struct Scoped {
     pub schema: String,
     /// A connection on `url` without a statement timeout, for maintenance (VACUUM).
     pub db: DatabaseConnection,
+    /// Where the schema's tables are: local, or distributed by Citus.
+    pub tables: Tables,
+}
+
+/// Where a scratch schema's tables are, as the reports of `bench` and `simulate` say it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Tables {
+    /// `distributed` (Citus) or `local`.
+    pub placement: &'static str,
+    /// The `citus` extension's version, where the database has it.
+    pub citus_version: Option<String>,
+    /// Active primary workers in the Citus cluster (0 without Citus).
+    pub workers: u32,
+    /// Shards of each per-user table (0 when local).
+    pub shards: u32,
+}
+
+impl Tables {
+    /// Plain local tables.
+    pub fn local() -> Tables {
+        Tables {
+            placement: "local",
+            citus_version: None,
+            workers: 0,
+            shards: 0,
+        }
+    }
+
+    /// Whether Citus distributes them.
+    pub fn distributed(&self) -> bool {
+        self.placement == "distributed"
+    }
+}
+
+impl std::fmt::Display for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.citus_version {
+            Some(version) if self.distributed() => write!(
+                f,
+                "distributed (Citus {version}, {} workers, {} shards)",
+                self.workers, self.shards
+            ),
+            _ => f.write_str("local"),
+        }
+    }
 }
 
 /// A schema of the command's own, and the connections to manage it.
@@ -74,13 +127,22 @@ fn schema_name(command: &str) -> String {
     )
 }
 
-/// The one line said before anything is done to the database.
-pub fn announcement(command: &str, target: &str, schema: &str) -> String {
+/// The one line said before anything is done to the database; `citus` where the database
+/// has the extension (the tables are then distributed).
+pub fn announcement(command: &str, target: &str, schema: &str, citus: bool) -> String {
+    let distributed = if citus {
+        format!(
+            ", distribute them with Citus as `migrate distribute` does ({} shards)",
+            citus::DEFAULT_SHARDS
+        )
+    } else {
+        String::new()
+    };
     format!(
         "{command} will create the schema {schema} in {target}, create the six cache tables and \
          strategic_refresh_queue in it (migrations 1 and 2, and the near tier's notify triggers \
-         and sender check; not the cluster-wide roles), write only there, and drop the schema when it ends; \
-         nothing outside it is read or changed"
+         and sender check; not the cluster-wide roles){distributed}, write only there, and drop \
+         the schema when it ends; nothing outside it is read or changed"
     )
 }
 
@@ -99,13 +161,15 @@ where
     // Connecting changes nothing, so it comes before the announcement: an unreachable server
     // is still the one-line error of every other command.
     let admin = runner::connect(url, &options).await?;
+    // Reading the catalog changes nothing either.
+    let citus_version = citus::citus_version(&admin).await?;
     let schema = schema_name(command);
     eprintln!(
         "strategic-cache: {}",
-        announcement(command, &target, &schema)
+        announcement(command, &target, &schema, citus_version.is_some())
     );
     let scratch = tokio::select! {
-        created = create(admin.clone(), url, &schema) => created?,
+        created = create(admin.clone(), url, &schema, citus_version) => created?,
         signal = signals.recv() => {
             drop_schema(&admin, &schema).await?;
             return Err(interrupted(signal, &schema));
@@ -132,9 +196,15 @@ where
     }
 }
 
-/// Creates the schema on `admin`, connects to it and migrates it. On any failure after the
-/// schema exists it is dropped again before the error is returned.
-async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Scratch> {
+/// Creates the schema on `admin`, connects to it and migrates it, and distributes its tables
+/// where `citus_version` says the database has Citus. On any failure after the schema exists
+/// it is dropped again before the error is returned.
+async fn create(
+    admin: DatabaseConnection,
+    url: &str,
+    schema: &str,
+    citus_version: Option<String>,
+) -> Result<Scratch> {
     let target = runner::redact_url(url);
     admin
         .execute_unprepared(&format!("CREATE SCHEMA \"{schema}\""))
@@ -168,25 +238,64 @@ async fn create(admin: DatabaseConnection, url: &str, schema: &str) -> Result<Sc
             .map_err(|e| {
                 anyhow!("cannot create the notify triggers in the schema {schema}: {e}")
             })?;
-        anyhow::Ok(scoped)
+        let tables = match citus_version {
+            Some(version) => distribute(&scoped, schema, version).await?,
+            None => Tables::local(),
+        };
+        anyhow::Ok((scoped, tables))
     }
     .await;
-    let scratch = |db| Scratch {
+    let scratch = |db, tables| Scratch {
         schema: schema.to_owned(),
         scoped: Scoped {
             url: scoped_url.clone(),
             db,
             schema: schema.to_owned(),
+            tables,
         },
         admin: admin.clone(),
     };
     match migrated {
-        Ok(scoped) => Ok(scratch(scoped)),
+        Ok((scoped, tables)) => Ok(scratch(scoped, tables)),
         Err(error) => {
             let _ = drop_schema(&admin, schema).await;
             Err(error)
         }
     }
+}
+
+/// Distributes the scratch tables on `scoped` (whose search path is the schema) as
+/// `migrate distribute` does, and says where they are.
+async fn distribute(scoped: &DatabaseConnection, schema: &str, version: String) -> Result<Tables> {
+    let distribution = citus::distribute_scratch(scoped, citus::DEFAULT_SHARDS)
+        .await
+        .map_err(|e| {
+            anyhow!("cannot distribute the tables of the schema {schema} with Citus: {e}")
+        })?;
+    let shards = distribution
+        .tables
+        .iter()
+        .find_map(|(_, placement)| match placement {
+            citus::Placement::Distributed { shards } => Some(*shards),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let row = scoped
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*)::int8 AS n FROM pg_catalog.pg_dist_node \
+             WHERE isactive AND noderole = 'primary' AND groupid <> 0"
+                .to_owned(),
+        ))
+        .await?
+        .context("counting the Citus workers returned no row")?;
+    let workers: i64 = row.try_get("", "n")?;
+    Ok(Tables {
+        placement: "distributed",
+        citus_version: Some(version),
+        workers: u32::try_from(workers).unwrap_or(0),
+        shards,
+    })
 }
 
 /// The schema unqualified names resolve to on `db`.
@@ -308,6 +417,31 @@ mod tests {
         assert_eq!(
             scoped_url("postgres://u@h/db?sslmode=disable", "s1"),
             "postgres://u@h/db?sslmode=disable&options=-c%20search_path%3Ds1"
+        );
+    }
+
+    /// Where the tables were reads as the reports print it; the announcement says the tables
+    /// will be distributed only on Citus.
+    #[test]
+    fn tables_and_the_announcement_say_distributed_only_on_citus() {
+        assert_eq!(Tables::local().to_string(), "local");
+        let distributed = Tables {
+            placement: "distributed",
+            citus_version: Some("13.0-1".into()),
+            workers: 2,
+            shards: 32,
+        };
+        assert!(distributed.distributed() && !Tables::local().distributed());
+        assert_eq!(
+            distributed.to_string(),
+            "distributed (Citus 13.0-1, 2 workers, 32 shards)"
+        );
+        let plain = announcement("bench", "postgres://h/db", "s1", false);
+        let citus = announcement("bench", "postgres://h/db", "s1", true);
+        assert!(!plain.contains("Citus"), "{plain}");
+        assert!(
+            citus.contains("distribute them with Citus as `migrate distribute` does (32 shards)"),
+            "{citus}"
         );
     }
 

@@ -34,7 +34,8 @@
 //!     replica's measured lag;
 //!   - `server`: one server, its read pool and batcher, and how one read runs on it;
 //!   - `read_pool`: the hot path's own connection pool; `batch`: merges concurrent lookups;
-//!     `pooler`: [`Pooler`], what a connection pooler in front refuses;
+//!     `pooler`: [`Pooler`], what a connection pooler in front refuses; `inline`: the reads
+//!     with their values written in, for a pooler that keeps no prepared statement;
 //!   - `tables`: the six tables described once from their entities, with encode and decode;
 //!     `statements`: the SQL generated from them; `maintenance`: dead-row health and `VACUUM`;
 //!     `errors`: driver errors mapped to [`CacheError`], passwords masked.
@@ -47,9 +48,10 @@
 //! - `near/` (feature `near`): the reader's near tier, entries in memory coherent with
 //!   PostgreSQL within a lease:
 //!   - `config`: `NearConfig`; `source`: the seam a change source plugs into; `listener`: the
-//!     `LISTEN` source; `heartbeat`: the lease's shared anchor, one per database; `store`: the
-//!     memory, the lease and the generations; `weight`: what each value really holds, for the byte
-//!     bound.
+//!     `LISTEN` source; `heartbeat`: the lease's shared anchor, one per database; `wal`: the
+//!     source where Citus distributes the tables, every node's write-ahead log by logical
+//!     decoding, and `wal_text`: the decoder's text read back; `store`: the memory, the lease
+//!     and the generations; `weight`: what each value really holds, for the byte bound.
 //! - `hooks`: the [`ReadObserver`] (metrics) and [`RefreshSink`] (worker demand) hooks.
 //! - `scheduler/` (feature `scheduler`): refresh-ahead and on-demand scheduling for the
 //!   enrichment worker: `requester` (the reader's demand, batched), `memory` and `postgres`

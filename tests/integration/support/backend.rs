@@ -12,6 +12,9 @@ pub enum Backend {
     /// As `Postgres`, through a PgBouncer of the test's own in session pooling, with
     /// `PgConfig::pooler` set (issue 25): repositories only.
     PgBouncer,
+    /// As `Postgres`, through a PgBouncer of the test's own in transaction pooling with two
+    /// server connections, `PgConfig::pooler` = `PgBouncerTransaction`: repositories only.
+    PgBouncerTransaction,
     /// The in-memory implementation.
     Memory,
 }
@@ -24,11 +27,13 @@ pub enum Backend {
 #[case::memory(Backend::Memory)]
 pub fn backends(#[case] backend: Backend) {}
 
-/// As [`backends`], with PostgreSQL through PgBouncer between the two: the repository
-/// contract's cases (`case_1_postgres`, `case_2_pgbouncer`, `case_3_memory`).
+/// As [`backends`], with PostgreSQL through PgBouncer (in session and in transaction
+/// pooling) between the two: the repository contract's cases (`case_1_postgres`,
+/// `case_2_pgbouncer`, `case_3_pgbouncer_transaction`, `case_4_memory`).
 #[template]
 #[rstest]
 #[case::postgres(Backend::Postgres)]
 #[case::pgbouncer(Backend::PgBouncer)]
+#[case::pgbouncer_transaction(Backend::PgBouncerTransaction)]
 #[case::memory(Backend::Memory)]
 pub fn stores(#[case] backend: Backend) {}

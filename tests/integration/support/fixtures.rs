@@ -111,15 +111,21 @@ pub fn pg(t: &TestDb) -> PgCacheRepository {
     PgCacheRepository::from_connection(t.db.clone(), TtlPolicy::default(), Limits::default())
 }
 
-/// A repository at `url`, a PgBouncer (`PgConfig::pooler`), with at most `max` connections
-/// in each pool.
+/// A repository at `url`, a PgBouncer in session pooling (`PgConfig::pooler`), with at most
+/// `max` connections in each pool.
 pub async fn through_pooler(url: &str, max: u32) -> PgCacheRepository {
+    through(url, max, strategic_cache::Pooler::PgBouncer).await
+}
+
+/// A repository at `url`, a pooler of the kind `pooler`, with at most `max` connections in
+/// each pool.
+pub async fn through(url: &str, max: u32, pooler: strategic_cache::Pooler) -> PgCacheRepository {
     PgCacheRepository::connect(
         url,
         strategic_cache::PgConfig {
             max_connections: max,
             min_connections: 1,
-            pooler: strategic_cache::Pooler::PgBouncer,
+            pooler,
             ..strategic_cache::PgConfig::default()
         },
     )

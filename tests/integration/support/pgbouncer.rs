@@ -30,7 +30,8 @@ pub struct PgBouncer {
 impl PgBouncer {
     /// Starts one in front of the server of `url` (every database of it, under its own name),
     /// with `pool_mode` (`transaction` or `session`) and `settings` (more `name = value`
-    /// lines of its `[pgbouncer]` section), and waits until it accepts connections.
+    /// lines of its `[pgbouncer]` section; a later line of a name wins), and waits until it
+    /// accepts connections.
     pub fn start(url: &str, pool_mode: &str, settings: &str) -> PgBouncer {
         let server = PgConnectOptions::from_str(url).unwrap();
         let dir = std::env::temp_dir().join(format!(
@@ -69,6 +70,12 @@ impl PgBouncer {
         };
         bouncer.start_process();
         bouncer
+    }
+
+    /// One in transaction pooling with two server connections per database, so that the
+    /// clients of a test really share them (and a statement's two halves can land on two).
+    pub fn transaction(url: &str) -> PgBouncer {
+        PgBouncer::start(url, "transaction", "default_pool_size = 2")
     }
 
     /// `url` with its host and port replaced by this PgBouncer's.

@@ -328,6 +328,15 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // On distributed tables a tier without a lease would time the database under the
+        // near tier's name: those rows are left out rather than mislabelled.
+        if self.repo.distributed() && !reader.near_stats().is_some_and(|s| s.lease_valid) {
+            eprintln!(
+                "bench: the near tier took no lease in 10 s on the tables distributed by Citus (its warning says why): \
+                 the near_* cases are not run"
+            );
+            return;
+        }
         let reads = self.args.reads;
         for (name, tasks) in [("near_snapshot", 1), ("near_snapshot_10", CONCURRENCY)] {
             self.step(name);

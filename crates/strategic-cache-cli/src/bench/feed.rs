@@ -5,6 +5,9 @@
 //! The triggers are disabled with `ALTER TABLE ... DISABLE TRIGGER USER` on the scratch
 //! schema's own tables, which no reader outside this run listens to, and enabled again before
 //! the cases return, also when a case failed.
+//!
+//! On tables distributed by Citus there are no triggers (distribution drops them): only the
+//! `_nofeed` cases run, the writes as Citus takes them.
 
 use std::time::{Duration, Instant};
 
@@ -16,25 +19,43 @@ use strategic_cache::{Component, NewEntry, WriteOutcome};
 use super::cases::{Bench, drive};
 use super::data::{self, Shape};
 use super::stats::{Case, Samples};
+use crate::scratch::Tables;
 
 /// Concurrent writers of the single-row cases: one worker, and a fleet of eight.
 pub(super) const WRITERS: [u32; 2] = [1, 8];
 
 impl Bench {
     /// `upsert_{1,8}_{feed,nofeed}` (single-row `upsert`s of memory health for a fixed time
-    /// from 1 and 8 tasks) and `upsert_batch_{feed,nofeed}` (`upsert_many` batches).
-    pub(super) async fn feed_cases(&mut self, db: &DatabaseConnection) -> Result<()> {
-        let result = self.feed_cases_inner(db).await;
+    /// from 1 and 8 tasks) and `upsert_batch_{feed,nofeed}` (`upsert_many` batches); the
+    /// `_nofeed` ones only where `tables` are distributed (they have no triggers).
+    pub(super) async fn feed_cases(
+        &mut self,
+        db: &DatabaseConnection,
+        tables: &Tables,
+    ) -> Result<()> {
+        if tables.distributed() {
+            return self.feed_cases_inner(None).await;
+        }
+        let result = self.feed_cases_inner(Some(db)).await;
         // Whatever happened, the scratch tables get their triggers back.
         set_triggers(db, true).await?;
         result
     }
 
-    async fn feed_cases_inner(&mut self, db: &DatabaseConnection) -> Result<()> {
+    /// The cases with and without the triggers on `db`; without `db` (no triggers), those
+    /// without only.
+    async fn feed_cases_inner(&mut self, db: Option<&DatabaseConnection>) -> Result<()> {
         let secs = if self.args.quick { 1.0 } else { 4.0 };
+        let variants: &[bool] = if db.is_some() {
+            &[true, false]
+        } else {
+            &[false]
+        };
         for writers in WRITERS {
-            for feed in [true, false] {
-                set_triggers(db, feed).await?;
+            for &feed in variants {
+                if let Some(db) = db {
+                    set_triggers(db, feed).await?;
+                }
                 let name = format!("upsert_{writers}_{}", suffix(feed));
                 self.step(&name);
                 let samples = self
@@ -43,8 +64,10 @@ impl Bench {
                 self.push(&name, "upsert", samples, 1.0);
             }
         }
-        for feed in [true, false] {
-            set_triggers(db, feed).await?;
+        for &feed in variants {
+            if let Some(db) = db {
+                set_triggers(db, feed).await?;
+            }
             let name = format!("upsert_batch_{}", suffix(feed));
             self.step(&name);
             let count = if self.args.quick { 3 } else { 10 };

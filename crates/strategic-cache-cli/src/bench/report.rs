@@ -8,6 +8,7 @@ use super::near_memory::NearMemory;
 use super::plot;
 use super::soak::SoakReport;
 use super::stats::Case;
+use crate::scratch::Tables;
 
 /// How the scratch database was filled.
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +52,8 @@ pub struct Ratio {
 pub struct BenchReport {
     /// Users, bots, stale percent, pool size, whether `--quick`.
     pub setup: serde_json::Value,
+    /// Where the scratch tables were: local, or distributed by Citus.
+    pub tables: Tables,
     /// The fill.
     pub fill: FillReport,
     /// Every case.
@@ -215,6 +218,7 @@ impl BenchReport {
             },
             self.setup["cores"],
         );
+        let _ = writeln!(out, "tables: {}", self.tables);
         let _ = writeln!(
             out,
             "fill: {} rows in {:.1} s ({:.0} rows/s), then VACUUM ANALYZE {:.1} s",

@@ -1,6 +1,7 @@
 //! `migrate up|down [N]|status|fresh|distribute [--shards N]`: the deploy-safe runner of the
 //! `migration` crate, and the distribution of the cache tables on a Citus coordinator.
 
+use migration::cdc::{self, Shortfall};
 use migration::citus::{self, DEFAULT_SHARDS, Distribution};
 use migration::runner::{self, Command, MigrateOptions, Report};
 use serde_json::{Value, json};
@@ -51,9 +52,16 @@ pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Out
     let options = MigrateOptions::default();
     let db = runner::connect(url, &options).await?;
     let result = runner::run(&db, command, &options).await;
-    // Where the tables are, after the run: `status` shows it (read-only, any role).
+    // Where the tables are, after the run: `status` shows it (read-only, any role), and on
+    // distributed tables what the near tier still lacks.
     let placement = match (&result, command) {
-        (Ok(_), Command::Status) => Some(citus::distribution(&db).await),
+        (Ok(_), Command::Status) => match citus::distribution(&db).await {
+            Ok(distribution) => {
+                let shortfalls = near_tier_shortfalls(&db, &distribution).await;
+                Some(Ok((distribution, shortfalls)))
+            }
+            Err(error) => Some(Err(error)),
+        },
         _ => None,
     };
     // Close before reporting, so the server sees a clean disconnect either way.
@@ -61,10 +69,11 @@ pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Out
     let report = result?;
     let mut text = text(&report);
     let mut json = report_json(&report);
-    if let Some(distribution) = placement {
-        let distribution = distribution?;
+    if let Some(placement) = placement {
+        let (distribution, shortfalls) = placement?;
         text.push_str(&distribution.to_string());
         json["distribution"] = distribution_json(&distribution);
+        json["near_tier_shortfalls"] = warn(&shortfalls);
     }
     Ok(Outcome::ok(text, json))
 }
@@ -81,14 +90,66 @@ async fn distribute(context: &Context, shards: u32) -> anyhow::Result<Outcome> {
     let options = MigrateOptions::default();
     let db = runner::connect(url, &options).await?;
     let result = citus::distribute(&db, shards, &options).await;
+    let shortfalls = match &result {
+        Ok(report) => near_tier_shortfalls(&db, &report.distribution).await,
+        Err(_) => None,
+    };
     let _ = db.close().await;
     let report = result?;
     let json = json!({
         "command": "distribute",
         "changed": report.changed,
         "distribution": distribution_json(&report.distribution),
+        "near_tier_shortfalls": warn(&shortfalls),
     });
     Ok(Outcome::ok(report.to_string(), json))
+}
+
+/// On distributed tables, what the near tier's change source still lacks on each node and
+/// table (`migration::cdc`); `None` where the tables are not distributed (the notify triggers
+/// serve the near tier there). A check that fails is one shortfall, never the command's error.
+async fn near_tier_shortfalls(
+    db: &sea_orm::DatabaseConnection,
+    distribution: &Distribution,
+) -> Option<Vec<Shortfall>> {
+    if !distribution.is_distributed() {
+        return None;
+    }
+    Some(cdc::check(db).await.unwrap_or_else(|error| {
+        vec![Shortfall::Unchecked {
+            subject: "coordinator".to_owned(),
+            what: "the near tier's settings".to_owned(),
+            why: error.to_string(),
+        }]
+    }))
+}
+
+/// Says each shortfall on stderr, one warning line each (the command still succeeds), and
+/// returns them for `--json` (`null` where the tables are not distributed).
+fn warn(shortfalls: &Option<Vec<Shortfall>>) -> Value {
+    let Some(shortfalls) = shortfalls else {
+        return Value::Null;
+    };
+    for shortfall in shortfalls {
+        eprintln!("strategic-cache: {shortfall}");
+    }
+    shortfalls
+        .iter()
+        .map(|s| match s {
+            Shortfall::Setting {
+                subject,
+                setting,
+                is,
+                needs,
+                how,
+            } => json!({
+                "subject": subject, "setting": setting, "is": is, "needs": needs, "how": how,
+            }),
+            Shortfall::Unchecked { subject, what, why } => json!({
+                "subject": subject, "unchecked": what, "why": why,
+            }),
+        })
+        .collect()
 }
 
 fn distribution_json(distribution: &Distribution) -> Value {

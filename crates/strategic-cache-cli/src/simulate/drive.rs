@@ -54,6 +54,9 @@ pub(super) struct WorkerTotals {
     pub(super) skipped_fresh: u64,
     /// Requests given up on.
     pub(super) abandoned: u64,
+    /// Failed computations or writes, retried or given up on (the stand-in engine never
+    /// fails, so these are writes).
+    pub(super) failed: u64,
     /// Statements the bot side's read pool ran (PostgreSQL only): the database reads the
     /// messages cost, near-tier refills included.
     pub(super) read_statements: u64,
@@ -96,6 +99,7 @@ impl WorkerTotals {
             totals.duplicates += s.duplicate_recomputes;
             totals.skipped_fresh += s.skipped_fresh;
             totals.abandoned += s.abandoned;
+            totals.failed += s.retried + s.abandoned;
         }
         totals
     }
@@ -107,6 +111,7 @@ impl WorkerTotals {
             duplicates: self.duplicates.saturating_sub(earlier.duplicates),
             skipped_fresh: self.skipped_fresh.saturating_sub(earlier.skipped_fresh),
             abandoned: self.abandoned.saturating_sub(earlier.abandoned),
+            failed: self.failed.saturating_sub(earlier.failed),
             read_statements: self.read_statements.saturating_sub(earlier.read_statements),
             reader_reads: self.reader_reads.saturating_sub(earlier.reader_reads),
             near_hits: self.near_hits.saturating_sub(earlier.near_hits),

@@ -18,7 +18,8 @@
 //! The steps, one file each: [`validate`] the arguments, [`setup`] the system, [`drive`] the
 //! workload, [`report`] the figures. Payloads, Zipf ranks and quantiles come from
 //! [`crate::workload`], shared with `bench`. On PostgreSQL everything happens in a scratch
-//! schema of the run's own ([`crate::scratch`]), dropped at the end.
+//! schema of the run's own ([`crate::scratch`]), dropped at the end; where the database has
+//! Citus, its tables are distributed as `migrate distribute` distributes the database's own.
 
 mod args;
 mod drive;
@@ -54,7 +55,9 @@ pub async fn command(context: &Context, args: &SimulateArgs) -> Result<Outcome> 
             crate::scratch::with_scratch("simulate", url, |scratch| async move {
                 let mut args = args.clone();
                 args.replicas = args.replicas.scoped(&scratch.schema);
-                run(&args, Some(&scratch.url), progress).await
+                let mut report = run(&args, Some(&scratch.url), progress).await?;
+                report.tables = Some(scratch.tables);
+                Ok(report)
             })
             .await
         }

@@ -10,6 +10,7 @@ use strategic_cache::{ReaderStats, ServerRole, ServerStats};
 
 use super::args::SimulateArgs;
 use super::drive::{Driven, WorkerTotals};
+use crate::scratch::Tables;
 use crate::workload::quantile;
 
 /// Per-component figures.
@@ -84,6 +85,9 @@ pub struct SimReport {
     pub skipped_fresh: u64,
     /// Requests given up on (measured window).
     pub abandoned: u64,
+    /// The workers' failed writes in the measured window (retried or given up on): the
+    /// stand-in engine never fails, so each is a write the database refused or did not answer.
+    pub write_errors: u64,
     /// Requests left in the queue at the end (due now, i.e. the worker's backlog).
     pub backlog_at_end: u64,
     /// Simulated seconds of the worker's work the backlog amounts to (at the measured rate).
@@ -126,6 +130,9 @@ pub struct SimReport {
     /// What the reader saw, all reads included (warm-up too): errors, timeouts and reads
     /// skipped by the circuit breaker are misses the database caused, not the cache.
     pub reader: ReaderStats,
+    /// On PostgreSQL, where the scratch tables were: local, or distributed by Citus (`None`
+    /// in memory).
+    pub tables: Option<Tables>,
     /// Metrics windows delivered to InfluxDB (`None` when `INFLUXDB_URL` is not set).
     pub metrics_windows_exported: Option<u64>,
     /// Failed metrics POSTs.
@@ -233,6 +240,7 @@ pub(super) fn report(
         duplicate_recomputes: window.duplicates,
         skipped_fresh: window.skipped_fresh,
         abandoned: window.abandoned,
+        write_errors: window.failed,
         backlog_at_end: after.backlog,
         backlog_secs,
         fell_behind: worker_fell_behind || reader_fell_behind,
@@ -250,6 +258,7 @@ pub(super) fn report(
             .then(|| ratio(window.near_hits, window.reader_reads)),
         servers: (backend == "postgres").then(|| window.servers.clone()),
         reader: after.reader,
+        tables: None,
         metrics_windows_exported: after.exported.map(|e| e.0),
         metrics_export_failures: after.exported.map(|e| e.1),
     }
@@ -284,6 +293,9 @@ impl SimReport {
             self.wall_secs,
             if self.refresh_ahead { "on" } else { "off" }
         ));
+        if let Some(tables) = &self.tables {
+            out.push_str(&format!("tables: {tables}\n"));
+        }
         out.push_str(&format!(
             "{} sessions, {} messages, {} component reads\n\n",
             self.sessions, self.messages, self.reads
@@ -349,8 +361,13 @@ impl SimReport {
         }
         match self.near_hit_share {
             Some(share) => out.push_str(&format!(
-                "near tier              on, {} of component reads served from memory\n",
-                pct(share)
+                "near tier              on, {} of component reads served from memory{}\n",
+                pct(share),
+                if share == 0.0 && self.tables.as_ref().is_some_and(Tables::distributed) {
+                    " (it took no lease: the tables are distributed by Citus and the nodes' logs could not be read)"
+                } else {
+                    ""
+                }
             )),
             None if self.backend == "postgres" => {
                 out.push_str("near tier              off (--no-near, or it could not start)\n")
@@ -379,6 +396,12 @@ impl SimReport {
             self.abandoned,
             self.backlog_at_end
         ));
+        if self.write_errors > 0 {
+            out.push_str(&format!(
+                "write errors           {} of the workers' writes failed (retried or given up on)\n",
+                self.write_errors
+            ));
+        }
         if let (Some(windows), Some(failures)) =
             (self.metrics_windows_exported, self.metrics_export_failures)
         {

@@ -287,7 +287,7 @@ async fn own_probe(
 
 /// Estimates the database clock's offset from a statement's `clock_timestamp()` (`server`)
 /// answered after `local_before`.
-fn set_clock(state: &NearState, server: DateTime<Utc>, local_before: DateTime<Utc>) {
+pub(super) fn set_clock(state: &NearState, server: DateTime<Utc>, local_before: DateTime<Utc>) {
     let local_after = Utc::now();
     let half_rtt = ((local_after - local_before) / 2)
         .to_std()

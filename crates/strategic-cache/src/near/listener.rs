@@ -47,20 +47,21 @@
 //! The check runs before the lease is renewed and within the probe's deadline: a round that
 //! does not get its answer by `sent + lease` ends the session like a silent probe.
 //!
-//! Where Citus distributes the cache tables, the tier never takes the lease. Writes there run
-//! on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
+//! Where Citus distributes the cache tables, this source hands over to `wal.rs`. Writes there
+//! run on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
 //! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
-//! on, and even then they fire on the workers, whose notifications a listener on the
-//! coordinator never hears). Serving from memory without invalidations would break the bound
-//! above, so each session first asks whether the tables are distributed (one statement,
-//! `distributed_tables_sql`) and, if so, ends without a lease, says why once, and asks again a
-//! while later: every read goes to the store. `migrate distribute` also notifies the flush-all
-//! channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a session that may change a cache
-//! table (the operator migrating owns them) or an unproven one (the command has usually exited
-//! by then), it flushes and the listener asks at once whether the tables are distributed,
-//! ending the session if they are, so a tier that held a lease when the tables moved stops
-//! serving from memory before its next renewal. From a session that may change no cache table
-//! it is ignored.
+//! on, and even then every multi-shard write would fail at `PREPARE` with a `NOTIFY` in it). So
+//! each session first asks whether the tables are distributed (one statement,
+//! `distributed_tables_sql`) and, if so, ends without a lease; the run loop then reads every
+//! node's write-ahead log instead until that session ends, and comes back here. Where the log
+//! cannot be read (no `REPLICATION`, `wal_level` not `logical`), the tier is off, says why
+//! once, and asks again a while later: every read goes to the store. `migrate distribute`
+//! also notifies the flush-all channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a
+//! session that may change a cache table (the operator migrating owns them) or an unproven one
+//! (the command has usually exited by then), it flushes and the listener asks at once whether
+//! the tables are distributed, ending the session if they are, so a tier that held a lease when
+//! the tables moved stops serving from memory before its next renewal. From a session that may
+//! change no cache table it is ignored.
 //!
 //! Every invalidation and flush applied here records its instant before it bumps a generation
 //! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
@@ -74,10 +75,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use tokio::sync::mpsc;
 
 use super::NearConfig;
-use super::source::Tables;
+use super::source::{Tables, Wanted};
 use super::store::{NearCounters, NearState};
 use crate::component::Component;
 use crate::keys::Key;
@@ -97,7 +97,8 @@ pub(super) enum SessionError {
     Distributed,
 }
 
-/// How long a tier that found the tables distributed waits before asking again.
+/// How long a tier that found the tables distributed and their logs unreadable waits before
+/// asking again.
 const DISTRIBUTED_RECHECK: Duration = Duration::from_secs(60);
 
 /// The payload `migrate distribute` sends on the flush-all channel (the `migration` crate's
@@ -457,13 +458,13 @@ pub(crate) async fn run(
     options: PgConnectOptions,
     tables: Tables,
     config: NearConfig,
-    mut requests: mpsc::Receiver<Box<str>>,
+    mut wanted: Wanted,
 ) {
     let lease_channel = format!("strategic_cache_lease_{}", uuid::Uuid::new_v4().simple());
     let mut channels: HashMap<Box<str>, String> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
-    let mut told_distributed = false;
+    let mut said = super::wal::Said::default();
     let mut check = CheckState {
         available: true,
         warnings: SenderWarnings::default(),
@@ -479,7 +480,7 @@ pub(crate) async fn run(
             &config,
             &lease_channel,
             &mut channels,
-            &mut requests,
+            &mut wanted,
             &mut check,
         )
         .await;
@@ -488,15 +489,25 @@ pub(crate) async fn run(
         state.flush();
         state.clear();
         if let Err(SessionError::Distributed) = result {
-            if !told_distributed {
-                told_distributed = true;
-                tracing::warn!(
-                    "strategic cache near tier: off, the cache tables are distributed by Citus \
-                     (writes on the workers send no change notifications the tier could hear); \
-                     every read goes to the database"
-                );
+            // The writes run on the nodes, where no trigger of ours fires: hear each node's
+            // log instead (`wal.rs`) until that ends, then start again from here.
+            let next = super::wal::take_over(
+                &state,
+                &options,
+                &config,
+                &check.tables,
+                &mut wanted,
+                &mut said,
+            )
+            .await;
+            match next {
+                super::wal::Next::Listen => {}
+                super::wal::Next::Recheck => tokio::time::sleep(DISTRIBUTED_RECHECK).await,
+                super::wal::Next::Retry => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             }
-            tokio::time::sleep(DISTRIBUTED_RECHECK).await;
             continue;
         }
         if let Err(error) = result
@@ -523,7 +534,7 @@ async fn session(
     config: &NearConfig,
     lease_channel: &str,
     channels: &mut HashMap<Box<str>, String>,
-    requests: &mut mpsc::Receiver<Box<str>>,
+    wanted: &mut Wanted,
     check: &mut CheckState,
 ) -> Result<(), SessionError> {
     let connect = async {
@@ -587,7 +598,7 @@ async fn session(
     loop {
         // Subscribe the bots fills asked for. LISTEN takes effect when it returns, before the
         // probe below is sent; the bots are marked subscribed only after that probe.
-        while let Ok(bot) = requests.try_recv() {
+        while let Some(bot) = wanted.next() {
             if channels.contains_key(&bot) {
                 continue;
             }
@@ -661,6 +672,8 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+
     use super::*;
 
     fn info(may_write: [bool; 6], may_change: [bool; 6]) -> SenderInfo {

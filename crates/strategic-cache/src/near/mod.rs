@@ -14,6 +14,10 @@
 //! - `heartbeat`: the lease's anchor: one heartbeat per database per interval, sent by the
 //!   listener holding an advisory lock and believed by the others, so that the server's cost
 //!   of N processes' leases grows linearly in N; a listener that hears none probes for itself.
+//! - `wal`: the source where Citus distributes the cache tables (the triggers cannot notify
+//!   there): every node's write-ahead log, read by logical decoding on a temporary slot per
+//!   node, the lease anchored before each round's polls; `wal_text`: the decoder's text read
+//!   back into rows and keys.
 //! - `weight`: what each value really holds in memory, for the byte bound.
 //!
 //! A read comes down once: the reader asks the tier, which answers from memory or reads through
@@ -30,6 +34,8 @@ mod heartbeat;
 mod listener;
 mod source;
 mod store;
+mod wal;
+mod wal_text;
 mod weight;
 
 pub use config::NearConfig;

@@ -1,8 +1,9 @@
 //! Where the near tier hears of changes: the seam between the tier's memory (`store.rs`) and
 //! whatever tells it what changed and until when it may serve from memory (the lease).
 //!
-//! Today there is one source, a `LISTEN` connection fed by the notify triggers
-//! (`listener.rs`). Every source must keep the tier's rule: it renews the lease only up to an
+//! There is one source, a `LISTEN` connection fed by the notify triggers (`listener.rs`),
+//! which, where Citus distributes the cache tables, reads every node's write-ahead log
+//! instead (`wal.rs`). Every source must keep the tier's rule: it renews the lease only up to an
 //! instant before which it has applied every change committed, and it lapses the lease (and
 //! flushes) whenever it cannot say so.
 
@@ -34,6 +35,24 @@ pub(crate) struct Tables {
     pub(crate) decode: fn(Component, serde_json::Value) -> Option<CachedEntry>,
     /// One statement whose one row's `int4` is the number of cache tables Citus distributes.
     pub(crate) distributed_sql: &'static str,
+    /// One statement whose rows are the cache tables' shards, `(schema, table, shard id)`
+    /// (`wal.rs`).
+    pub(crate) shards_sql: &'static str,
+}
+
+/// The bots whose changes fills asked the tier to hear: new requests, and those the log
+/// source (`wal.rs`) heard, which `LISTEN` must subscribe again when it takes over.
+#[derive(Debug)]
+pub(crate) struct Wanted {
+    pub(crate) requests: mpsc::Receiver<Box<str>>,
+    pub(crate) heard: Vec<Box<str>>,
+}
+
+impl Wanted {
+    /// The next bot to subscribe, heard ones first.
+    pub(crate) fn next(&mut self) -> Option<Box<str>> {
+        self.heard.pop().or_else(|| self.requests.try_recv().ok())
+    }
 }
 
 #[cfg(test)]
@@ -44,6 +63,7 @@ impl Tables {
         Tables {
             decode: |_, _| None,
             distributed_sql: "SELECT 0",
+            shards_sql: "SELECT ''::text, ''::text, 0::int8 WHERE false",
         }
     }
 }
@@ -59,9 +79,16 @@ impl ChangeSource {
         requests: mpsc::Receiver<Box<str>>,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            ChangeSource::Listen(options, tables) => {
-                handle.spawn(listener::run(state, options, tables, config, requests))
-            }
+            ChangeSource::Listen(options, tables) => handle.spawn(listener::run(
+                state,
+                options,
+                tables,
+                config,
+                Wanted {
+                    requests,
+                    heard: Vec::new(),
+                },
+            )),
         }
     }
 }

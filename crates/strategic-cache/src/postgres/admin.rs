@@ -2,7 +2,6 @@
 //! servers read from ([`CacheAdmin`] for [`PgCacheRepository`]).
 
 use async_trait::async_trait;
-use sea_orm::ConnectionTrait;
 
 use super::PgCacheRepository;
 use super::errors::map_db_err;
@@ -30,10 +29,8 @@ impl CacheAdmin for PgCacheRepository {
             };
             loop {
                 let deleted = self
-                    .db
-                    .execute_raw(stmt(statement, vec![i64::from(batch).into()]))
-                    .await
-                    .map_err(|e| self.err(e))?
+                    .execute(stmt(statement, vec![i64::from(batch).into()]))
+                    .await?
                     .rows_affected();
                 total += deleted;
                 if deleted < u64::from(batch) {
@@ -67,11 +64,7 @@ impl CacheAdmin for PgCacheRepository {
     }
 
     async fn stats(&self) -> Result<Vec<TableStats>, CacheError> {
-        let rows = self
-            .db
-            .query_all_raw(stmt(stats_sql(), Vec::new()))
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows = self.query_all(stmt(stats_sql(), Vec::new())).await?;
         let mut stats: Vec<Option<TableStats>> = vec![None; 6];
         for row in &rows {
             let get = |col: &str| -> Result<Option<f64>, CacheError> {

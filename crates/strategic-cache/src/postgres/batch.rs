@@ -22,7 +22,8 @@ use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, Row as _};
 use tokio::sync::oneshot;
 
-use super::read_pool::ReadPool;
+use super::inline::{self, Literal};
+use super::read_pool::{ReadPool, Statement};
 use crate::component::Component;
 use crate::keys::Key;
 
@@ -165,13 +166,20 @@ impl Batcher {
                 }
             };
             let sql = (self.sql)(component);
-            let query = bind_keys(sqlx::query(sql), &batch);
             // Bounded here, since no caller's budget bounds a leader: a dead host could
             // otherwise hold the connection until TCP gives up (~15 min on Linux). A timed-out
             // statement drops the checkout, which resynchronises or closes the connection.
-            let result = tokio::time::timeout(self.statement_bound, checkout.fetch_all(query))
-                .await
-                .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+            let result = match keys_statement(sql, &batch, self.pool.inline()) {
+                Ok(statement) => {
+                    tokio::time::timeout(self.statement_bound, checkout.fetch_all(statement))
+                        .await
+                        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                }
+                Err(error) => {
+                    checkout.release();
+                    Err(error)
+                }
+            };
             match result {
                 Ok(rows) => {
                     let mut slots: Vec<Option<PgRow>> = batch.iter().map(|_| None).collect();
@@ -212,11 +220,13 @@ impl Batcher {
     }
 }
 
-/// Binds the batch's keys as two arrays (text and text, or text and int4).
-fn bind_keys<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+/// `sql` with the batch's keys as two arrays (text and text, or text and int4): bound, or
+/// written in when `inline` (a pooler that keeps no prepared statement).
+fn keys_statement(
+    sql: &'static str,
     batch: &[Pending],
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    inline: bool,
+) -> Result<Statement<'static>, sqlx::Error> {
     let mut firsts: Vec<String> = Vec::with_capacity(batch.len());
     let mut texts: Vec<String> = Vec::new();
     let mut ints: Vec<i32> = Vec::new();
@@ -235,11 +245,19 @@ fn bind_keys<'q>(
             }
         }
     }
-    let query = query.bind(firsts);
     // A component's keys are all of one kind, so exactly one of the two is filled.
-    if ints.is_empty() {
+    if inline {
+        let second = if ints.is_empty() {
+            Literal::Texts(&texts)
+        } else {
+            Literal::Ints(&ints)
+        };
+        return inline::render(sql, &[Literal::Texts(&firsts), second]).map(Statement::Simple);
+    }
+    let query = sqlx::query(sql).bind(firsts);
+    Ok(Statement::Prepared(if ints.is_empty() {
         query.bind(texts)
     } else {
         query.bind(ints)
-    }
+    }))
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::{DatabaseConnection, DbErr, QueryResult, RuntimeErr, Statement};
 
 use super::statements::{health_distributed_sql, health_sql, sql, stmt};
 use crate::component::Component;
@@ -37,57 +37,52 @@ impl TableHealth {
     }
 }
 
-/// Whether the server's autovacuum is on (`SHOW autovacuum`). Where it is off, only
-/// `CacheAdmin::vacuum_if_needed` (the worker, or `strategic-cache vacuum`) keeps
-/// the tables from growing with every refresh.
-pub(super) async fn autovacuum_enabled(
-    db: &DatabaseConnection,
-    err: impl Fn(DbErr) -> CacheError,
-) -> Result<bool, CacheError> {
-    let row = db
-        .query_one_raw(stmt(
-            "SELECT current_setting('autovacuum') = 'on' AS on",
-            Vec::new(),
-        ))
-        .await
-        .map_err(&err)?
-        .ok_or_else(|| CacheError::Database("SHOW autovacuum returned no row".into()))?;
-    row.try_get("", "on").map_err(&err)
+/// The statement of [`autovacuum_on`]: whether the server's autovacuum is on.
+pub(super) fn autovacuum_sql() -> Statement {
+    stmt(
+        "SELECT current_setting('autovacuum') = 'on' AS on",
+        Vec::new(),
+    )
 }
 
-/// Live and dead row versions, size and vacuums of each table, from the server's
-/// statistics (which lag writes by up to a few seconds); where Citus distributes the tables
-/// (`distributed`), from the statistics of their shards on the workers.
-pub(super) async fn table_health(
-    db: &DatabaseConnection,
-    distributed: bool,
-    err: impl Fn(DbErr) -> CacheError,
-) -> Result<Vec<TableHealth>, CacheError> {
+/// Whether the server's autovacuum is on, from the row of [`autovacuum_sql`]. Where it is
+/// off, only `CacheAdmin::vacuum_if_needed` (the worker, or `strategic-cache vacuum`) keeps
+/// the tables from growing with every refresh.
+pub(super) fn autovacuum_on(row: Option<QueryResult>) -> Result<bool, DbErr> {
+    let row = row.ok_or_else(|| DbErr::Custom("SHOW autovacuum returned no row".into()))?;
+    row.try_get("", "on")
+}
+
+/// The statement of [`table_health`]: from the server's statistics, or where Citus
+/// distributes the tables (`distributed`), from the statistics of their shards on the workers.
+pub(super) fn table_health_sql(distributed: bool) -> Statement {
     let sql = if distributed {
         health_distributed_sql()
     } else {
         health_sql()
     };
-    let rows = db
-        .query_all_raw(stmt(sql, Vec::new()))
-        .await
-        .map_err(&err)?;
+    stmt(sql, Vec::new())
+}
+
+/// Live and dead row versions, size and vacuums of each table, from the rows of
+/// [`table_health_sql`] (the server's statistics lag writes by up to a few seconds).
+pub(super) fn table_health(rows: &[QueryResult]) -> Result<Vec<TableHealth>, DbErr> {
     let count = |v: i64| u64::try_from(v).unwrap_or(0);
     let mut health = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let name: String = row.try_get("", "name").map_err(&err)?;
+    for row in rows {
+        let name: String = row.try_get("", "name")?;
         let Ok(component) = Component::from_table_name(&name) else {
             continue;
         };
-        let get = |column: &str| row.try_get::<i64>("", column).map_err(&err);
+        let get = |column: &str| row.try_get::<i64>("", column);
         health.push(TableHealth {
             component,
             live_rows: count(get("live")?),
             dead_rows: count(get("dead")?),
             total_bytes: count(get("bytes")?),
             vacuums: count(get("vacuums")?),
-            last_vacuum: row.try_get("", "last_vacuum").map_err(&err)?,
-            can_vacuum: row.try_get("", "can_vacuum").map_err(&err)?,
+            last_vacuum: row.try_get("", "last_vacuum")?,
+            can_vacuum: row.try_get("", "can_vacuum")?,
         });
     }
     health.sort_by_key(|h| h.component.index());
@@ -98,11 +93,14 @@ pub(super) async fn table_health(
 /// skipped). The same statement serves tables distributed by Citus: "Using vacuum against a
 /// distributed table will send a vacuum command to every one of that table's placements"
 /// (Citus documentation, "Table Management: Vacuuming Distributed Tables"), and issue 15
-/// measured `vacuum --all` working on Citus 13.0.5 unchanged. Runs on one connection of the write pool whose statement timeout is lifted
-/// for it, and which is closed afterwards rather than returned with that setting.
+/// measured `vacuum --all` working on Citus 13.0.5 unchanged. Runs on one connection of the
+/// write pool whose statement timeout is lifted for it when `lift_timeout`, and which is
+/// closed afterwards rather than returned with that setting. Each `VACUUM` is one simple
+/// query, which a transaction pooler runs on one server connection.
 pub(super) async fn vacuum(
     db: &DatabaseConnection,
     components: &[Component],
+    lift_timeout: bool,
     err: impl Fn(DbErr) -> CacheError,
 ) -> Result<(), CacheError> {
     if components.is_empty() {
@@ -118,10 +116,12 @@ pub(super) async fn vacuum(
         .await
         .map_err(sqlx_err)?;
     conn.close_on_drop();
-    sea_orm::sqlx::raw_sql("SET statement_timeout = 0")
-        .execute(&mut *conn)
-        .await
-        .map_err(sqlx_err)?;
+    if lift_timeout {
+        sea_orm::sqlx::raw_sql("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+    }
     for component in components {
         sea_orm::sqlx::raw_sql(sql(*component).vacuum.as_str())
             .execute(&mut *conn)

@@ -25,6 +25,7 @@
 //! - `server`: one server: its read pool and batcher, and how one read runs on it;
 //! - `batch`: merges concurrent lookups of one table into one statement on one server's pool;
 //! - `pooler`: [`Pooler`], what a connection pooler in front of the database refuses;
+//! - `inline`: the hot-path reads with their values written in, for a transaction pooler;
 //! - `read_pool`: the hot path's own connection pool;
 //! - `maintenance`: dead-row health ([`TableHealth`]) and `VACUUM`;
 //! - `statements`: the SQL generated from the table descriptions;
@@ -40,6 +41,7 @@ mod admin;
 mod batch;
 mod config;
 mod errors;
+mod inline;
 mod lag_monitor;
 mod maintenance;
 #[cfg(feature = "near")]

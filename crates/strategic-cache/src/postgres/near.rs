@@ -9,7 +9,8 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 
 use super::PgCacheRepository;
 use super::config::{check_url, invalid_url};
-use super::statements::distributed_tables_sql;
+use super::pooler::Pooler;
+use super::statements::{distributed_tables_sql, shards_sql};
 use super::tables::decode_json_row;
 use crate::error::CacheError;
 use crate::near::{ChangeSource, NearConfig, NearTier, Tables};
@@ -21,7 +22,9 @@ impl PgCacheRepository {
     /// [`CacheReader::with_near`](crate::CacheReader::with_near). Within a Tokio runtime.
     ///
     /// Invalid settings (see [`NearConfig`]) are [`CacheError::InvalidInput`] and start
-    /// nothing; once started the tier never fails: until its listener has connected and
+    /// nothing, as is a repository behind a transaction pooler
+    /// ([`Pooler::PgBouncerTransaction`](crate::Pooler::PgBouncerTransaction)) without
+    /// [`NearConfig::listen_url`]: a `LISTEN` needs a session; once started the tier never fails: until its listener has connected and
     /// proved itself, and whenever it cannot, reads go to the repository. A repository made by
     /// [`PgCacheRepository::from_connection`] has no URL to listen on: use
     /// [`PgCacheRepository::near_tier_at`].
@@ -37,6 +40,14 @@ impl PgCacheRepository {
     /// # Ok(()) }
     /// ```
     pub fn near_tier(&self, config: &NearConfig) -> Result<NearTier, CacheError> {
+        if config.listen_url.is_none() && self.pooler == Pooler::PgBouncerTransaction {
+            return Err(CacheError::invalid(
+                "listen_url",
+                "not set, and the repository's URL is a transaction pooler, which keeps no \
+                 session for LISTEN: set NearConfig::listen_url (--listen-url) to the \
+                 database's own address",
+            ));
+        }
         let Some(url) = config.listen_url.as_deref().or(self.url.as_deref()) else {
             return Err(CacheError::invalid(
                 "near_tier",
@@ -63,6 +74,7 @@ impl PgCacheRepository {
         let tables = Tables {
             decode: decode_json_row,
             distributed_sql: distributed_tables_sql(),
+            shards_sql: shards_sql(),
         };
         NearTier::start(ChangeSource::Listen(options, tables), config, store)
     }

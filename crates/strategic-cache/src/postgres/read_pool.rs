@@ -38,6 +38,39 @@ use super::pooler::Pooler;
 /// side memory held by a backend and configuration reloads do not live forever.
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
+/// One read statement, in the form the pool's [`Pooler`] allows.
+pub(crate) enum Statement<'q> {
+    /// With bind parameters: a named prepared statement, parsed once per connection.
+    Prepared(Query<'q, Postgres, PgArguments>),
+    /// SQL text with its values written in (`inline.rs`), sent as one simple query: under
+    /// transaction pooling, where the next message may reach another server connection.
+    Simple(String),
+}
+
+impl Statement<'_> {
+    async fn fetch_optional(self, conn: &mut PgConnection) -> Result<Option<PgRow>, sqlx::Error> {
+        match self {
+            Statement::Prepared(query) => query.fetch_optional(conn).await,
+            Statement::Simple(sql) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .fetch_optional(conn)
+                    .await
+            }
+        }
+    }
+
+    async fn fetch_all(self, conn: &mut PgConnection) -> Result<Vec<PgRow>, sqlx::Error> {
+        match self {
+            Statement::Prepared(query) => query.fetch_all(conn).await,
+            Statement::Simple(sql) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(conn)
+                    .await
+            }
+        }
+    }
+}
+
 /// A bounded pool of PostgreSQL connections for single-statement reads.
 pub(crate) struct ReadPool {
     options: Arc<PgConnectOptions>,
@@ -46,6 +79,8 @@ pub(crate) struct ReadPool {
     permits: Arc<Semaphore>,
     idle: Arc<Mutex<Vec<Idle>>>,
     statements: AtomicU64,
+    /// Whether reads must go as [`Statement::Simple`] (see [`Pooler::keeps_statements`]).
+    inline: bool,
 }
 
 struct Idle {
@@ -100,6 +135,7 @@ impl ReadPool {
             permits: Arc::new(Semaphore::new(max)),
             idle: Arc::new(Mutex::new(Vec::with_capacity(max))),
             statements: AtomicU64::new(0),
+            inline: !pooler.keeps_statements(),
         })
     }
 
@@ -159,6 +195,12 @@ impl ReadPool {
         rx.await.unwrap_or(Err(sqlx::Error::WorkerCrashed))
     }
 
+    /// Whether reads on this pool must be [`Statement::Simple`]: the pooler in front keeps no
+    /// prepared statement from one message to the next.
+    pub(crate) fn inline(&self) -> bool {
+        self.inline
+    }
+
     /// Whether a connection could be checked out without waiting (for the batcher).
     pub(crate) fn has_free_connection(&self) -> bool {
         self.permits.available_permits() > 0
@@ -206,11 +248,11 @@ impl ReadPool {
     ///
     /// Cancel-safe: dropping the future at any point returns the permit, and a connection in
     /// use is resynchronised in the background (or closed), never reused in an unknown state.
-    pub(crate) async fn fetch_optional<'q>(
+    pub(crate) async fn fetch_optional(
         &self,
-        query: Query<'q, Postgres, PgArguments>,
+        statement: Statement<'_>,
     ) -> Result<Option<PgRow>, sqlx::Error> {
-        self.checkout().await?.fetch_optional(query).await
+        self.checkout().await?.fetch_optional(statement).await
     }
 }
 
@@ -242,28 +284,28 @@ impl Checkout<'_> {
         self.finish(After::Ready);
     }
 
-    /// Runs `query` and returns its first row, if any, then returns the connection.
-    pub(crate) async fn fetch_optional<'q>(
+    /// Runs `statement` and returns its first row, if any, then returns the connection.
+    pub(crate) async fn fetch_optional(
         mut self,
-        query: Query<'q, Postgres, PgArguments>,
+        statement: Statement<'_>,
     ) -> Result<Option<PgRow>, sqlx::Error> {
         self.pool.statements.fetch_add(1, Ordering::Relaxed);
         let result = match self.idle.as_mut() {
-            Some(idle) => query.fetch_optional(&mut idle.conn).await,
+            Some(idle) => statement.fetch_optional(&mut idle.conn).await,
             None => Err(sqlx::Error::PoolClosed),
         };
         self.finish(After::of(&result));
         result
     }
 
-    /// Runs `query` and returns all its rows, then returns the connection.
-    pub(crate) async fn fetch_all<'q>(
+    /// Runs `statement` and returns all its rows, then returns the connection.
+    pub(crate) async fn fetch_all(
         mut self,
-        query: Query<'q, Postgres, PgArguments>,
+        statement: Statement<'_>,
     ) -> Result<Vec<PgRow>, sqlx::Error> {
         self.pool.statements.fetch_add(1, Ordering::Relaxed);
         let result = match self.idle.as_mut() {
-            Some(idle) => query.fetch_all(&mut idle.conn).await,
+            Some(idle) => statement.fetch_all(&mut idle.conn).await,
             None => Err(sqlx::Error::PoolClosed),
         };
         self.finish(After::of(&result));

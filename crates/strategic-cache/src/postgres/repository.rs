@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pg_diagnostics::{redact_url, scrub};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, ExecResult, QueryResult,
+    RuntimeErr, Statement, TransactionTrait,
+};
 
 use super::config::{PgConfig, check_url};
 use super::errors::{self, classify, scrubbed};
 use super::maintenance::{self, TableHealth};
-use super::pooler;
-use super::read_pool::ReadPool;
+use super::pooler::Pooler;
+use super::read_pool::{ReadPool, Statement as ReadStatement};
 use super::routing::{self, Servers};
 use super::statements::{distributed_tables_sql, snapshot_sql, sql};
 use crate::component::Component;
@@ -52,6 +55,8 @@ pub struct PgCacheRepository {
     pub(super) statement_timeout: Option<Duration>,
     /// Whether Citus distributes the cache tables (found at connect).
     pub(super) distributed: bool,
+    /// What sits in front of the database ([`PgConfig::pooler`]).
+    pub(super) pooler: Pooler,
 }
 
 impl fmt::Debug for PgCacheRepository {
@@ -98,7 +103,8 @@ impl PgCacheRepository {
             .test_before_acquire(false)
             .sqlx_logging(false);
         if !config.pooler.keeps_sessions() {
-            options.map_sqlx_postgres_opts(pooler::without_startup_parameters);
+            let pooler = config.pooler;
+            options.map_sqlx_postgres_opts(move |o| pooler.pooled(o));
         } else if let Some(timeout) = config.statement_timeout {
             options.statement_timeout(timeout);
         }
@@ -148,6 +154,7 @@ impl PgCacheRepository {
             url: Some(url.to_owned()),
             statement_timeout: config.statement_timeout,
             distributed: false,
+            pooler: config.pooler,
         };
         Ok(repository.with_distributed(distributed))
     }
@@ -196,6 +203,7 @@ impl PgCacheRepository {
             url: None,
             statement_timeout: None,
             distributed: false,
+            pooler: Pooler::None,
         }
     }
 
@@ -251,20 +259,81 @@ impl PgCacheRepository {
     /// [`CacheAdmin::vacuum_if_needed`](crate::CacheAdmin::vacuum_if_needed) (the worker, or `strategic-cache vacuum`) keeps
     /// the tables from growing with every refresh.
     pub async fn autovacuum_enabled(&self) -> Result<bool, CacheError> {
-        maintenance::autovacuum_enabled(&self.db, |e| self.err(e)).await
+        let statement = maintenance::autovacuum_sql();
+        let row = self.query_one(statement).await?;
+        maintenance::autovacuum_on(row).map_err(|e| self.err(e))
     }
 
     /// Live and dead row versions, size and vacuums of each table, from the server's
     /// statistics (which lag writes by up to a few seconds).
     pub async fn table_health(&self) -> Result<Vec<TableHealth>, CacheError> {
-        maintenance::table_health(&self.db, self.distributed, |e| self.err(e)).await
+        let rows = self
+            .query_all(maintenance::table_health_sql(self.distributed))
+            .await?;
+        maintenance::table_health(&rows).map_err(|e| self.err(e))
     }
 
     /// `VACUUM (ANALYZE)` of the tables of `components` (a table another vacuum holds is
     /// skipped). Runs on one connection of the write pool whose statement timeout is lifted
-    /// for it, and which is closed afterwards rather than returned with that setting.
+    /// for it, and which is closed afterwards rather than returned with that setting; behind
+    /// a transaction pooler, under the server's timeout (a `SET` would stay on the server
+    /// connection for its next client).
     pub async fn vacuum(&self, components: &[Component]) -> Result<(), CacheError> {
-        maintenance::vacuum(&self.db, components, |e| self.err(e)).await
+        let lift_timeout = self.pooler.keeps_statements();
+        maintenance::vacuum(&self.db, components, lift_timeout, |e| self.err(e)).await
+    }
+
+    /// Runs `statement` on the write pool and returns its rows; under a pooler that keeps no
+    /// prepared statement ([`Pooler::PgBouncerTransaction`]), in a transaction of its own,
+    /// which keeps the statement's two halves on one server connection (see `pooler.rs`).
+    pub(super) async fn query_all(
+        &self,
+        statement: Statement,
+    ) -> Result<Vec<QueryResult>, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .query_all_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let rows = tx.query_all_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// As [`Self::query_all`], for a statement of at most one row.
+    pub(super) async fn query_one(
+        &self,
+        statement: Statement,
+    ) -> Result<Option<QueryResult>, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .query_one_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let row = tx.query_one_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(row)
+    }
+
+    /// As [`Self::query_all`], for a statement that returns no rows.
+    pub(super) async fn execute(&self, statement: Statement) -> Result<ExecResult, CacheError> {
+        if self.pooler.keeps_statements() {
+            return self
+                .db
+                .execute_raw(statement)
+                .await
+                .map_err(|e| self.err(e));
+        }
+        let tx = self.db.begin().await.map_err(|e| self.err(e))?;
+        let result = tx.execute_raw(statement).await.map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(result)
     }
 
     /// The servers of the hot-path reads: the primary first, then each replica, with the
@@ -282,12 +351,16 @@ impl PgCacheRepository {
 }
 
 /// The number of cache tables Citus distributes, in one statement (see
-/// `statements::distributed_tables_sql`); 0 on plain PostgreSQL.
+/// `statements::distributed_tables_sql`); 0 on plain PostgreSQL. On the read pool, as a
+/// simple query under a pooler that keeps no prepared statement.
 async fn detect_distributed(reads: &ReadPool) -> Result<bool, sea_orm::sqlx::Error> {
     use sea_orm::sqlx::Row as _;
-    let row = reads
-        .fetch_optional(sea_orm::sqlx::query(distributed_tables_sql()))
-        .await?;
+    let statement = if reads.inline() {
+        ReadStatement::Simple(distributed_tables_sql().to_owned())
+    } else {
+        ReadStatement::Prepared(sea_orm::sqlx::query(distributed_tables_sql()))
+    };
+    let row = reads.fetch_optional(statement).await?;
     let count: i32 = match row {
         Some(row) => row.try_get("distributed")?,
         None => 0,

@@ -10,7 +10,8 @@ use pg_diagnostics::redact_url;
 use sea_orm::sqlx::postgres::PgConnectOptions;
 
 use super::batch::Batcher;
-use super::read_pool::ReadPool;
+use super::inline::{self, Literal};
+use super::read_pool::{ReadPool, Statement};
 use super::statements::sql;
 use super::tables::{Arg, key_args};
 use crate::component::Component;
@@ -49,28 +50,43 @@ pub(super) enum Read<'a> {
 }
 
 /// Runs `read` on `server`: a lookup through its batcher when `batching` and every connection
-/// is busy, anything else as one statement on its pool.
+/// is busy, anything else as one statement on its pool (with its values inlined where the
+/// pool's pooler keeps no prepared statement).
 pub(super) async fn read_on(
     server: &Server,
     read: Read<'_>,
     batching: bool,
 ) -> Result<Option<sea_orm::sqlx::postgres::PgRow>, Arc<sea_orm::sqlx::Error>> {
-    let query = match read {
+    let statement = match read {
         Read::Lookup(component, key) if batching && server.batcher.should_queue(component) => {
             return server.batcher.lookup(component, key.clone()).await;
         }
-        Read::Lookup(component, key) => bind(&sql(component).lookup, &key_args(key)),
-        Read::Row(sql, args) => bind(sql, args),
+        Read::Lookup(component, key) => statement(server, &sql(component).lookup, &key_args(key)),
+        Read::Row(sql, args) => statement(server, sql, args),
     };
-    server.pool.fetch_optional(query).await.map_err(Arc::new)
+    server
+        .pool
+        .fetch_optional(statement.map_err(Arc::new)?)
+        .await
+        .map_err(Arc::new)
 }
 
-/// `sql` with `args` bound.
-fn bind<'q>(
+/// `sql` with `args`: bound, or written in where `server`'s pool needs simple queries.
+fn statement<'q>(
+    server: &Server,
     sql: &'static str,
     args: &[Arg<'q>],
-) -> sea_orm::sqlx::query::Query<'q, sea_orm::sqlx::Postgres, sea_orm::sqlx::postgres::PgArguments>
-{
+) -> Result<Statement<'q>, sea_orm::sqlx::Error> {
+    if server.pool.inline() {
+        let mut literals = [Literal::Int(0); 3];
+        for (literal, arg) in literals.iter_mut().zip(args) {
+            *literal = match *arg {
+                Arg::Text(text) => Literal::Text(text),
+                Arg::Int(n) => Literal::Int(n),
+            };
+        }
+        return inline::render(sql, &literals[..args.len().min(3)]).map(Statement::Simple);
+    }
     let mut query = sea_orm::sqlx::query(sql);
     for arg in args {
         query = match *arg {
@@ -78,7 +94,7 @@ fn bind<'q>(
             Arg::Int(n) => query.bind(n),
         };
     }
-    query
+    Ok(Statement::Prepared(query))
 }
 
 /// `host:port/database` of a URL (what `servers()`, the metrics and `watch` show): never the

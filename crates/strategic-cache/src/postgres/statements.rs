@@ -259,6 +259,30 @@ pub(super) fn health_sql() -> &'static str {
     })
 }
 
+/// The six tables' names as SQL string literals quoted with `quote`, comma-separated.
+fn table_names(quote: &str) -> String {
+    Component::ALL
+        .iter()
+        .map(|c| format!("{quote}{}{quote}", c.table_name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The shards of the cache tables (those the search path finds), as `(schema, table, shard
+/// id)` rows: what the near tier's change source on Citus takes a decoded change's table for.
+pub(crate) fn shards_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = table_names("'");
+        format!(
+            "SELECT n.nspname::text, c.relname::text, s.shardid FROM pg_dist_shard s \
+             JOIN pg_class c ON c.oid = s.logicalrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE s.logicalrelid IN (SELECT to_regclass(t) FROM unnest(ARRAY[{tables}]) t)"
+        )
+    })
+}
+
 /// The number of cache tables Citus distributes (listed in `pg_dist_partition`), in one
 /// statement that also runs where Citus is not installed: the catalog is named only inside
 /// `query_to_xml`'s text, which is planned only when that branch runs. `pg_dist_partition` is
@@ -266,11 +290,8 @@ pub(super) fn health_sql() -> &'static str {
 pub(crate) fn distributed_tables_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
-        let tables = Component::ALL
-            .iter()
-            .map(|c| format!("''{}''", c.table_name()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Inside `query_to_xml`'s quoted text: quotes doubled.
+        let tables = table_names("''");
         format!(
             "SELECT CASE WHEN to_regclass('pg_dist_partition') IS NULL THEN 0 ELSE \
              COALESCE(substring(query_to_xml('SELECT count(*) AS n FROM pg_dist_partition \

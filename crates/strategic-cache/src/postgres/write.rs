@@ -36,10 +36,8 @@ impl CacheWrite for PgCacheRepository {
         values.push(entry.computed_at.into());
         values.push(ttl_secs(ttl));
         let row = self
-            .db
-            .query_one_raw(stmt(&sql(component).upsert_one, values))
-            .await
-            .map_err(|e| self.err(e))?;
+            .query_one(stmt(&sql(component).upsert_one, values))
+            .await?;
         Ok(if row.is_some() {
             WriteOutcome::Written
         } else {
@@ -142,10 +140,8 @@ impl CacheWrite for PgCacheRepository {
     async fn invalidate(&self, component: Component, key: &Key) -> Result<bool, CacheError> {
         self.limits.check_key(component, key)?;
         let result = self
-            .db
-            .execute_raw(stmt(&sql(component).delete, key_values(key).into()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .execute(stmt(&sql(component).delete, key_values(key).into()))
+            .await?;
         Ok(result.rows_affected() > 0)
     }
 }
