@@ -308,8 +308,8 @@ async fn a_statement_collision_in_transaction_pooling_is_one_clean_line() {
     assert_one_clean_line(message);
 }
 
-/// A pooler refusing a client (PgBouncer's `max_client_conn` of 1, below the two connections a
-/// repository opens) makes `connect` fail with one line saying so.
+/// A pooler refusing a client (PgBouncer's `max_client_conn` of 1, taken by another client)
+/// makes `connect` fail with one line saying so.
 #[tokio::test]
 async fn a_refused_connection_is_one_line() {
     let t = TestDb::migrated().await;
@@ -318,6 +318,11 @@ async fn a_refused_connection_is_one_line() {
         pooler: Pooler::PgBouncer,
         ..PgConfig::default()
     };
+    // `connect` needs one connection at a time (its check, then the read pool's): a first
+    // repository takes the only client place with its read connection.
+    let _held = PgCacheRepository::connect(&bouncer.url(&t.url), config.clone())
+        .await
+        .unwrap();
     let error = PgCacheRepository::connect(&bouncer.url(&t.url), config)
         .await
         .unwrap_err();
@@ -330,13 +335,14 @@ async fn a_refused_connection_is_one_line() {
 }
 
 /// A server at its `max_connections` ("too many clients already") makes `connect` fail with
-/// one line saying so: the private cluster admits one connection, and a repository needs two.
+/// one line saying so: the private cluster admits two connections, both held by others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_out_of_connections_is_one_line() {
     let cluster =
         PgCluster::start_with("-c max_connections=2 -c superuser_reserved_connections=0").await;
     let url = cluster.migrated("cache").await;
     let _held = crate::support::db::connect(&url).await;
+    let _held_too = crate::support::db::connect(&url).await;
     let error = PgCacheRepository::connect(&url, PgConfig::default())
         .await
         .unwrap_err();
