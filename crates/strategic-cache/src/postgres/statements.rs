@@ -270,6 +270,7 @@ fn table_names(quote: &str) -> String {
 
 /// The shards of the cache tables (those the search path finds), as `(schema, table, shard
 /// id)` rows: what the near tier's change source on Citus takes a decoded change's table for.
+#[cfg(feature = "near")]
 pub(crate) fn shards_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
