@@ -556,6 +556,25 @@ impl CitusCluster {
         no_tls(&self.coordinator.url(CITUS_DB))
     }
 
+    /// A connection to the coordinator after `migrate up` and `migrate distribute` (4 shards),
+    /// with what the distribution reported.
+    pub(crate) async fn migrated_and_distributed(
+        &self,
+    ) -> (DatabaseConnection, migration::citus::DistributeReport) {
+        let db = connect(&self.url()).await;
+        migration::runner::run(
+            &db,
+            migration::runner::Command::Up,
+            &migration::runner::MigrateOptions::default(),
+        )
+        .await
+        .unwrap();
+        let report = migration::citus::distribute(&db, 4, &Default::default())
+            .await
+            .unwrap();
+        (db, report)
+    }
+
     /// A worker's URL (of the database Citus uses), without TLS as [`CitusCluster::url`].
     pub(crate) fn worker_url(&self, i: usize) -> String {
         no_tls(&self.workers[i].url(CITUS_DB))
@@ -774,17 +793,7 @@ async fn citus_library_paths_work_on_distributed_tables() {
     }
     let cluster = CitusCluster::start().await;
     let url = cluster.url();
-    let db = connect(&url).await;
-    migration::runner::run(
-        &db,
-        migration::runner::Command::Up,
-        &migration::runner::MigrateOptions::default(),
-    )
-    .await
-    .unwrap();
-    let report = migration::citus::distribute(&db, 4, &Default::default())
-        .await
-        .unwrap();
+    let (db, report) = cluster.migrated_and_distributed().await;
     assert!(report.changed && report.distribution.is_distributed());
 
     let repo = Repo::at(&url).with(|c| c.max_connections = 2).open().await;

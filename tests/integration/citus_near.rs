@@ -43,20 +43,14 @@ async fn number(db: &impl ConnectionTrait, sql: &str) -> i64 {
 /// A Citus cluster, migrated and distributed (4 shards), with a repository on the coordinator.
 async fn distributed() -> (CitusCluster, DatabaseConnection, Arc<PgCacheRepository>) {
     let cluster = CitusCluster::start().await;
-    let url = cluster.url();
-    let db = connect(&url).await;
-    migration::runner::run(
-        &db,
-        migration::runner::Command::Up,
-        &migration::runner::MigrateOptions::default(),
-    )
-    .await
-    .unwrap();
-    let report = migration::citus::distribute(&db, 4, &Default::default())
-        .await
-        .unwrap();
+    let (db, report) = cluster.migrated_and_distributed().await;
     assert!(report.distribution.is_distributed());
-    let repo = Arc::new(Repo::at(&url).with(|c| c.max_connections = 4).open().await);
+    let repo = Arc::new(
+        Repo::at(&cluster.url())
+            .with(|c| c.max_connections = 4)
+            .open()
+            .await,
+    );
     assert!(repo.distributed());
     (cluster, db, repo)
 }
