@@ -34,6 +34,8 @@ mod metrics;
 mod near;
 // The near tier's coherence run under faults of its listener and lease.
 mod near_faults;
+// The near tier fed by a plain server's log after `migrate feed log` (issue 25, item 6): coherence, the switch, who it believes.
+mod near_log;
 // The near tier believes only writers (issue 21).
 mod near_senders;
 // Behind PgBouncer in session pooling: the listener direct, faults, one-line errors.

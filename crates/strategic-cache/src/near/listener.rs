@@ -47,21 +47,26 @@
 //! The check runs before the lease is renewed and within the probe's deadline: a round that
 //! does not get its answer by `sent + lease` ends the session like a silent probe.
 //!
-//! Where Citus distributes the cache tables, this source hands over to `wal.rs`. Writes there
-//! run on the workers' shards, where no trigger of ours fires (`migrate distribute` drops them:
-//! Citus refuses to distribute a table with triggers unless `citus.enable_unsafe_triggers` is
-//! on, and even then every multi-shard write would fail at `PREPARE` with a `NOTIFY` in it). So
-//! each session first asks whether the tables are distributed (one statement,
-//! `distributed_tables_sql`) and, if so, ends without a lease; the run loop then reads every
-//! node's write-ahead log instead until that session ends, and comes back here. Where the log
-//! cannot be read (no `REPLICATION`, `wal_level` not `logical`), the tier is off, says why
-//! once, and asks again a while later: every read goes to the store. `migrate distribute`
-//! also notifies the flush-all channel with `migration::citus::DISTRIBUTED_PAYLOAD`: from a
-//! session that may change a cache table (the operator migrating owns them) or an unproven one
-//! (the command has usually exited by then), it flushes and the listener asks at once whether
-//! the tables are distributed, ending the session if they are, so a tier that held a lease when
-//! the tables moved stops serving from memory before its next renewal. From a session that may
-//! change no cache table it is ignored.
+//! Where the tables have no notify triggers, this source hands over to `wal.rs`, which reads
+//! the write-ahead log instead: on a plain server after `migrate feed log` (which drops the
+//! triggers so that writes do not pay for notifications), and where Citus distributes the
+//! tables (writes run on the workers' shards, where no trigger of ours fires: `migrate
+//! distribute` drops them, since Citus refuses to distribute a table with triggers unless
+//! `citus.enable_unsafe_triggers` is on, and even then every multi-shard write would fail at
+//! `PREPARE` with a `NOTIFY` in it). So each session first asks which feed to hear (one
+//! statement, `feed_sql`: the tables distributed, or some table without its four enabled
+//! triggers, a table this session would be deaf to) and, if it is the log, ends without a
+//! lease; the run loop then reads the log until that session ends, and comes back here. Where
+//! the log cannot be read (no `REPLICATION`, `wal_level` not `logical`), the tier is off, says
+//! why once, and asks again a while later: every read goes to the store. `migrate distribute`
+//! and `migrate feed log` also notify the flush-all channel ([`FEED_MOVED_PAYLOADS`]) in the
+//! transaction that drops the triggers: from a session that may change a cache table (the
+//! operator migrating owns them) or an unproven one (the command has usually exited by then),
+//! it flushes and the listener asks at once which feed to hear, ending the session if it is
+//! the log, so a tier that held a lease when the triggers went stops serving from memory
+//! before its next renewal. From a session that may change no cache table it is ignored.
+//! Triggers dropped or disabled by hand, without the notification, are noticed at the next
+//! session only: use `migrate feed`.
 //!
 //! Every invalidation and flush applied here records its instant before it bumps a generation
 //! or the epoch (`store.rs`), and a fill asks the store for an answer at least as new as the
@@ -93,17 +98,17 @@ pub(super) enum SessionError {
     ConnectTimeout(Duration),
     #[error("the listening connection was lost")]
     Lost,
-    #[error("the cache tables are distributed by Citus")]
-    Distributed,
+    #[error("the near tier must hear {0}")]
+    Log(super::wal::Logs),
 }
 
-/// How long a tier that found the tables distributed and their logs unreadable waits before
-/// asking again.
-const DISTRIBUTED_RECHECK: Duration = Duration::from_secs(60);
+/// How long a tier that must hear the log and cannot read it waits before asking again.
+const LOG_RECHECK: Duration = Duration::from_secs(60);
 
-/// The payload `migrate distribute` sends on the flush-all channel (the `migration` crate's
-/// `citus::DISTRIBUTED_PAYLOAD`; the library does not depend on that crate).
-const DISTRIBUTED_PAYLOAD: &str = "{\"distributed\":true}";
+/// The payloads `migrate distribute` and `migrate feed log` send on the flush-all channel
+/// (the `migration` crate's `citus::DISTRIBUTED_PAYLOAD` and `feed::FEED_PAYLOAD`; the library
+/// does not depend on that crate): "the feed moved; end your session".
+const FEED_MOVED_PAYLOADS: [&str; 2] = ["{\"distributed\":true}", "{\"feed\":true}"];
 
 /// A change as the triggers send it (`m20251130_000004_create_notify_triggers`).
 #[derive(Debug, serde::Deserialize)]
@@ -339,7 +344,7 @@ impl SenderWarnings {
 /// Judges and applies the round's notifications, in order. `since` is a time, by the
 /// database's clock, before which none of them was sent: a live session that started before
 /// it is the one that sent them. Returns whether a notification asked to check whether the
-/// tables have been distributed (`migrate distribute`'s flush-all payload).
+/// feed has moved (`migrate distribute`'s or `migrate feed log`'s flush-all payload).
 async fn apply_round(
     state: &NearState,
     listener: &mut PgListener,
@@ -408,19 +413,19 @@ async fn apply_round(
             }
         }
     }
-    let mut distributed = false;
+    let mut moved = false;
     for h in held.drain(..) {
         let sender = match senders.get(&h.pid) {
             Some(info) if info.backend_start.is_some_and(|b| b < since) => Sender::Proven(info),
             _ => Sender::Unproven,
         };
-        let outcome = if h.flush_all && h.payload == DISTRIBUTED_PAYLOAD {
-            // Stands for "the tables moved": flush, and ask the database whether they did.
+        let outcome = if h.flush_all && FEED_MOVED_PAYLOADS.contains(&h.payload.as_str()) {
+            // Stands for "the feed moved": flush, and ask the database whether it did.
             match sender.trust(None) {
                 Trust::None => Outcome::Ignored,
                 _ => {
                     state.flush();
-                    distributed = true;
+                    moved = true;
                     if matches!(sender, Sender::Unproven) {
                         Outcome::Downgraded
                     } else {
@@ -438,7 +443,7 @@ async fn apply_round(
             check.warnings.ignored(h.pid, &info.role);
         }
     }
-    Ok(distributed)
+    Ok(moved)
 }
 
 /// The sender check's state over one connection, and the tables the rows of believed
@@ -488,21 +493,22 @@ pub(crate) async fn run(
         state.lapse();
         state.flush();
         state.clear();
-        if let Err(SessionError::Distributed) = result {
-            // The writes run on the nodes, where no trigger of ours fires: hear each node's
-            // log instead (`wal.rs`) until that ends, then start again from here.
+        if let Err(SessionError::Log(logs)) = result {
+            // No trigger of ours fires on the writes: hear the log instead (`wal.rs`) until
+            // that ends, then start again from here.
             let next = super::wal::take_over(
                 &state,
                 &options,
                 &config,
                 &check.tables,
+                logs,
                 &mut wanted,
                 &mut said,
             )
             .await;
             match next {
                 super::wal::Next::Listen => {}
-                super::wal::Next::Recheck => tokio::time::sleep(DISTRIBUTED_RECHECK).await,
+                super::wal::Next::Recheck => tokio::time::sleep(LOG_RECHECK).await,
                 super::wal::Next::Retry => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -582,11 +588,11 @@ async fn session(
         .execute(&mut listener)
         .await?;
     }
-    let distributed: i32 = sea_orm::sqlx::query_scalar(check.tables.distributed_sql)
+    let feed: super::wal::Feed = sea_orm::sqlx::query_as(check.tables.feed_sql)
         .fetch_one(&mut listener)
         .await?;
-    if distributed > 0 {
-        return Err(SessionError::Distributed);
+    if let Some(logs) = super::wal::logs(&feed) {
+        return Err(SessionError::Log(logs));
     }
 
     let own_pid = u32::try_from(own_pid).unwrap_or(0);
@@ -628,7 +634,7 @@ async fn session(
         .await?;
         let (sent, server, next) = (anchor.sent, anchor.server, anchor.next);
         let deadline = tokio::time::Instant::from_std(sent + config.lease);
-        let distributed = apply_round(
+        let moved = apply_round(
             state,
             &mut listener,
             &mut round,
@@ -638,18 +644,17 @@ async fn session(
             config.lease,
         )
         .await?;
-        if distributed {
-            // `migrate distribute`'s payload, from a writer or an unproven sender: end the
-            // session before renewing the lease if the tables did move; the next one finds
-            // them distributed.
-            let distributed: i32 = tokio::time::timeout_at(
+        if moved {
+            // `migrate distribute`'s or `migrate feed log`'s payload, from a writer or an
+            // unproven sender: end the session before renewing the lease if the feed did move.
+            let feed: super::wal::Feed = tokio::time::timeout_at(
                 deadline,
-                sea_orm::sqlx::query_scalar(check.tables.distributed_sql).fetch_one(&mut listener),
+                sea_orm::sqlx::query_as(check.tables.feed_sql).fetch_one(&mut listener),
             )
             .await
             .map_err(|_| SessionError::Silent(config.lease))??;
-            if distributed > 0 {
-                return Err(SessionError::Distributed);
+            if let Some(logs) = super::wal::logs(&feed) {
+                return Err(SessionError::Log(logs));
             }
         }
         // The next round's notifications were all sent after this round's anchor committed,

@@ -2,8 +2,8 @@
 //! whatever tells it what changed and until when it may serve from memory (the lease).
 //!
 //! There is one source, a `LISTEN` connection fed by the notify triggers (`listener.rs`),
-//! which, where Citus distributes the cache tables, reads every node's write-ahead log
-//! instead (`wal.rs`). Every source must keep the tier's rule: it renews the lease only up to an
+//! which, where the tables have no triggers (`migrate feed log`) or Citus distributes them,
+//! reads the write-ahead log of the server, or of every node, instead (`wal.rs`). Every source must keep the tier's rule: it renews the lease only up to an
 //! instant before which it has applied every change committed, and it lapses the lease (and
 //! flushes) whenever it cannot say so.
 
@@ -33,11 +33,16 @@ pub(crate) struct Tables {
     /// A row of `component`'s table as the triggers send it (JSON), decoded; `None` if it
     /// does not decode.
     pub(crate) decode: fn(Component, serde_json::Value) -> Option<CachedEntry>,
-    /// One statement whose one row's `int4` is the number of cache tables Citus distributes.
-    pub(crate) distributed_sql: &'static str,
+    /// One statement whose one row is the database clock, the number of cache tables Citus
+    /// distributes and the number of cache tables without their notify triggers (`int4`s):
+    /// which feed the tier must hear.
+    pub(crate) feed_sql: &'static str,
     /// One statement whose rows are the cache tables' shards, `(schema, table, shard id)`
-    /// (`wal.rs`).
+    /// (`wal.rs`, on Citus).
     pub(crate) shards_sql: &'static str,
+    /// One statement whose rows are the cache tables, `(schema, table)` (`wal.rs`, on a
+    /// plain server).
+    pub(crate) tables_sql: &'static str,
 }
 
 /// The bots whose changes fills asked the tier to hear: new requests, and those the log
@@ -62,8 +67,9 @@ impl Tables {
     pub(crate) fn none() -> Tables {
         Tables {
             decode: |_, _| None,
-            distributed_sql: "SELECT 0",
+            feed_sql: "SELECT clock_timestamp(), 0, 0",
             shards_sql: "SELECT ''::text, ''::text, 0::int8 WHERE false",
+            tables_sql: "SELECT ''::text, ''::text WHERE false",
         }
     }
 }

@@ -1,10 +1,22 @@
-//! The near tier's change source where Citus distributes the cache tables (issue 24): each
-//! node's write-ahead log, read by logical decoding, instead of the notify triggers.
+//! The near tier's change source where no trigger of ours feeds `LISTEN`: the write-ahead
+//! log, read by logical decoding.
 //!
-//! On Citus a write runs on the worker that holds the row's shard, where no trigger of ours
-//! fires (`migrate distribute` drops them; with `citus.enable_unsafe_triggers` they would fire
-//! there, but every multi-shard write would then fail at `PREPARE`). Every committed change is
-//! in the log of the node that made it, though, so the listener reads the logs.
+//! - **On a plain server, after `migrate feed log` (issue 25, item 6).** The notify triggers
+//!   cost every write its notification, and PostgreSQL takes one database-wide lock at the
+//!   commit of every transaction that notified, through its WAL flush, so concurrent writers
+//!   commit one at a time (docs/SCALING.md, "What the change feed costs a write"). Without the
+//!   triggers a write pays nothing for the feed but the log it writes anyway (`wal_level =
+//!   logical` adds little to it); each bot process decodes the server's log instead.
+//! - **Where Citus distributes the cache tables (issue 24).** A write runs on the worker that
+//!   holds the row's shard, where no trigger of ours fires (`migrate distribute` drops them;
+//!   with `citus.enable_unsafe_triggers` they would fire there, but every multi-shard write
+//!   would then fail at `PREPARE`). Every committed change is in the log of the node that made
+//!   it, so the listener reads every node's log.
+//!
+//! On a plain server, the "nodes" below are the server alone, each round's first statement is
+//! [`Tables::feed_sql`] instead of the node list (a table distributed since, or the triggers
+//! back, ends the session: `LISTEN` decides again), and a change is believed only for a cache
+//! table itself, in its own schema.
 //!
 //! # The loop
 //! One session per process, on one connection to the coordinator (at the tier's URL; it holds
@@ -89,8 +101,44 @@ pub(super) enum WalError {
     ConnectTimeout(Duration),
     #[error("the nodes changed")]
     NodesChanged,
-    #[error("the cache tables are no longer distributed")]
-    NotDistributed,
+    /// The tables are no longer where this session hears them (no longer distributed, their
+    /// triggers back, or distributed since): `LISTEN`'s session decides again.
+    #[error("the feed moved")]
+    FeedMoved,
+}
+
+/// Which log a session hears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Logs {
+    /// The server's own: the cache tables are local and have no notify triggers (`migrate
+    /// feed log` dropped them so that writes do not pay for notifications).
+    Server,
+    /// Every Citus node's: the cache tables are distributed.
+    Citus,
+}
+
+impl std::fmt::Display for Logs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Logs::Server => "the server's log (the cache tables have no notify triggers)",
+            Logs::Citus => "every node's log (the cache tables are distributed by Citus)",
+        })
+    }
+}
+
+/// [`Tables::feed_sql`]'s row: the database clock, the cache tables Citus distributes, the
+/// cache tables without their notify triggers.
+pub(super) type Feed = (DateTime<Utc>, i32, i32);
+
+/// The log the tier must hear, or `None` where the triggers feed `LISTEN`.
+pub(super) fn logs(&(_, distributed, unfed): &Feed) -> Option<Logs> {
+    if distributed > 0 {
+        Some(Logs::Citus)
+    } else if unfed > 0 {
+        Some(Logs::Server)
+    } else {
+        None
+    }
 }
 
 /// The database clock, and the active primaries other than the coordinator (whose own
@@ -104,8 +152,9 @@ const NODES_SQL: &str = "SELECT clock_timestamp(), \
 /// [`NODES_SQL`]'s row.
 type Listed = (DateTime<Utc>, Vec<String>, Vec<i32>);
 
-/// How often the shard map is read again (besides when a line names a shard not in it): a
-/// split's new shards, or tables no longer distributed (the session then ends).
+/// How often the shard map (or, on a plain server, where the tables are) is read again
+/// (besides when a line names a shard not in it): a split's new shards, or tables no longer
+/// distributed (the session then ends).
 const SHARDS_REREAD: Duration = Duration::from_secs(10);
 
 /// Every change decoded since the last call, one line each.
@@ -120,16 +169,35 @@ struct Node {
     slot: String,
 }
 
-/// The cache shards: `(schema, shard table)` to component, read from the coordinator.
+/// The cache shards: `(schema, shard table)` to component, read from the coordinator; on a
+/// plain server, the tables alone.
 #[derive(Default)]
 struct Shards {
     by_name: HashMap<(String, String), Component>,
     /// The cache tables' schemas and table names (for a shard id not in the map yet).
     tables: HashMap<(String, String), Component>,
+    /// Whether a name `<table>_<digits>` may be a shard (on Citus only).
+    citus: bool,
 }
 
 impl Shards {
-    async fn read(conn: &mut PgConnection, tables: &Tables) -> Result<Shards, WalError> {
+    async fn read(
+        conn: &mut PgConnection,
+        tables: &Tables,
+        logs: Logs,
+    ) -> Result<Shards, WalError> {
+        if logs == Logs::Server {
+            let rows: Vec<(String, String)> = sea_orm::sqlx::query_as(tables.tables_sql)
+                .fetch_all(&mut *conn)
+                .await?;
+            let mut shards = Shards::default();
+            for (schema, table) in rows {
+                if let Some(c) = Component::ALL.iter().find(|c| c.table_name() == table) {
+                    shards.tables.insert((schema, table), *c);
+                }
+            }
+            return Ok(shards);
+        }
         let rows: Vec<(String, String, i64)> = match sea_orm::sqlx::query_as(tables.shards_sql)
             .fetch_all(&mut *conn)
             .await
@@ -142,7 +210,10 @@ impl Shards {
             }
             Err(error) => return Err(error.into()),
         };
-        let mut shards = Shards::default();
+        let mut shards = Shards {
+            citus: true,
+            ..Shards::default()
+        };
         for (schema, table, shard) in rows {
             let Some(component) = Component::ALL.iter().find(|c| c.table_name() == table) else {
                 continue;
@@ -164,6 +235,9 @@ impl Shards {
         if let Some(c) = self.by_name.get(&key).or_else(|| self.tables.get(&key)) {
             return Some(Ok(*c));
         }
+        if !self.citus {
+            return None;
+        }
         let (table, id) = name.rsplit_once('_')?;
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -177,7 +251,8 @@ impl Shards {
 /// What the listener's loop does once a session here has ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
-    /// The tables are no longer distributed: back to `LISTEN` at once.
+    /// The feed moved (the tables no longer distributed, their triggers back): back to
+    /// `LISTEN` at once, which decides again.
     Listen,
     /// The logs cannot be read here (said once): ask again a while later.
     Recheck,
@@ -192,18 +267,19 @@ pub(super) struct Said {
     down: Option<Instant>,
 }
 
-/// Runs one session (the `LISTEN` session found the tables distributed) and, once it has
-/// ended, drops everything in memory and says why where that is news. The bots that fills
+/// Runs one session on `logs` (the `LISTEN` session found that the triggers do not feed it)
+/// and, once it has ended, drops everything in memory and says why where that is news. The bots that fills
 /// ask for (all are heard here) are kept in `wanted.heard` for `LISTEN` to subscribe again.
 pub(super) async fn take_over(
     state: &NearState,
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
+    logs: Logs,
     wanted: &mut Wanted,
     said: &mut Said,
 ) -> Next {
-    let ended = match run(state, options, config, tables, wanted).await {
+    let ended = match run(state, options, config, tables, logs, wanted).await {
         Ok(never) => match never {},
         Err(error) => error,
     };
@@ -211,13 +287,12 @@ pub(super) async fn take_over(
     state.flush();
     state.clear();
     match ended {
-        WalError::NotDistributed => Next::Listen,
+        WalError::FeedMoved => Next::Listen,
         WalError::Unavailable(why) => {
             if !std::mem::replace(&mut said.unavailable, true) {
                 tracing::warn!(
-                    "strategic cache near tier: off, the cache tables are distributed by Citus \
-                     and their changes cannot be read from the nodes' logs ({why}); every read \
-                     goes to the database"
+                    "strategic cache near tier: off, it must hear {logs} and cannot read it \
+                     ({why}); every read goes to the database"
                 );
             }
             Next::Recheck
@@ -230,8 +305,8 @@ pub(super) async fn take_over(
                 said.down = Some(Instant::now());
                 tracing::warn!(
                     %error,
-                    "strategic cache near tier: change source on Citus down ({error}); reading \
-                     from the database until it is back"
+                    "strategic cache near tier: change source on {logs} down ({error}); \
+                     reading from the database until it is back"
                 );
             }
             Next::Retry
@@ -244,12 +319,15 @@ async fn run(
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
+    logs: Logs,
     wanted: &mut Wanted,
 ) -> Result<std::convert::Infallible, WalError> {
-    let (mut nodes, mut shards) =
-        tokio::time::timeout(config.connect_timeout, connect(options, config, tables))
-            .await
-            .map_err(|_| WalError::ConnectTimeout(config.connect_timeout))??;
+    let (mut nodes, mut shards) = tokio::time::timeout(
+        config.connect_timeout,
+        connect(options, config, tables, logs),
+    )
+    .await
+    .map_err(|_| WalError::ConnectTimeout(config.connect_timeout))??;
     state.counters.connects.fetch_add(1, Ordering::Relaxed);
     let workers: Vec<(String, u16)> = nodes[1..].iter().map(|n| n.addr.clone()).collect();
     let mut held = false;
@@ -262,15 +340,30 @@ async fn run(
         let sent = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent + config.lease);
         let local_before = Utc::now();
-        let listed: Listed = within(
-            deadline,
-            config,
-            sea_orm::sqlx::query_as(NODES_SQL).fetch_one(&mut nodes[0].conn),
-        )
-        .await?;
-        super::heartbeat::set_clock(state, listed.0, local_before);
-        if addresses(&listed) != workers {
-            return Err(WalError::NodesChanged);
+        if logs == Logs::Citus {
+            let listed: Listed = within(
+                deadline,
+                config,
+                sea_orm::sqlx::query_as(NODES_SQL).fetch_one(&mut nodes[0].conn),
+            )
+            .await?;
+            super::heartbeat::set_clock(state, listed.0, local_before);
+            if addresses(&listed) != workers {
+                return Err(WalError::NodesChanged);
+            }
+        } else {
+            // The triggers back, or the tables distributed since: this log no longer has
+            // every change (a distributed table's writes are in the workers' logs).
+            let feed: Feed = within(
+                deadline,
+                config,
+                sea_orm::sqlx::query_as(tables.feed_sql).fetch_one(&mut nodes[0].conn),
+            )
+            .await?;
+            super::heartbeat::set_clock(state, feed.0, local_before);
+            if self::logs(&feed) != Some(Logs::Server) {
+                return Err(WalError::FeedMoved);
+            }
         }
         let mut reread = false;
         for node in &mut nodes {
@@ -290,9 +383,14 @@ async fn run(
         }
         if reread || sent >= reread_at {
             reread_at = sent + SHARDS_REREAD;
-            shards = within(deadline, config, Shards::read(&mut nodes[0].conn, tables)).await?;
-            if shards.by_name.is_empty() {
-                return Err(WalError::NotDistributed);
+            shards = within(
+                deadline,
+                config,
+                Shards::read(&mut nodes[0].conn, tables, logs),
+            )
+            .await?;
+            if (logs == Logs::Citus && shards.by_name.is_empty()) || shards.tables.is_empty() {
+                return Err(WalError::FeedMoved);
             }
         }
         if !held || !state.lease_valid() {
@@ -330,35 +428,48 @@ fn addresses((_, hosts, ports): &Listed) -> Vec<(String, u16)> {
         .collect()
 }
 
-/// Connects to the coordinator (first) and every other node, each with a slot.
+/// Connects to the server, or to the coordinator (first) and every other node, each with a
+/// slot.
 async fn connect(
     options: &PgConnectOptions,
     config: &NearConfig,
     tables: &Tables,
+    logs: Logs,
 ) -> Result<(Vec<Node>, Shards), WalError> {
     let mut coordinator = open(options, config).await?;
-    let shards = Shards::read(&mut coordinator, tables).await?;
-    if shards.by_name.is_empty() {
-        return Err(WalError::NotDistributed);
+    let shards = Shards::read(&mut coordinator, tables, logs).await?;
+    if (logs == Logs::Citus && shards.by_name.is_empty()) || shards.tables.is_empty() {
+        return Err(WalError::FeedMoved);
     }
-    let listed: Listed = sea_orm::sqlx::query_as(NODES_SQL)
-        .fetch_one(&mut coordinator)
-        .await?;
     // One name for this session's slots, one on each node.
     let slot = format!("strategic_cache_{}", uuid::Uuid::new_v4().simple());
     let here = (options.get_host().to_owned(), options.get_port());
+    let role = if logs == Logs::Citus {
+        "coordinator"
+    } else {
+        "server"
+    };
     create_slot(
         &mut coordinator,
         &slot,
-        &format!("{}:{} (coordinator)", here.0, here.1),
+        &format!("{}:{} ({role})", here.0, here.1),
     )
     .await?;
+    let listed: Option<Listed> = if logs == Logs::Citus {
+        Some(
+            sea_orm::sqlx::query_as(NODES_SQL)
+                .fetch_one(&mut coordinator)
+                .await?,
+        )
+    } else {
+        None
+    };
     let mut nodes = vec![Node {
         addr: here,
         conn: coordinator,
         slot: slot.clone(),
     }];
-    for (host, port) in addresses(&listed) {
+    for (host, port) in listed.as_ref().map(addresses).unwrap_or_default() {
         let mut conn = open(&options.clone().host(&host).port(port), config).await?;
         create_slot(&mut conn, &slot, &format!("{host}:{port}")).await?;
         nodes.push(Node {

@@ -10,7 +10,7 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 use super::PgCacheRepository;
 use super::config::{check_url, invalid_url};
 use super::pooler::Pooler;
-use super::statements::{distributed_tables_sql, shards_sql};
+use super::statements::{feed_sql, shards_sql, tables_sql};
 use super::tables::decode_json_row;
 use crate::error::CacheError;
 use crate::near::{ChangeSource, NearConfig, NearTier, Tables};
@@ -73,8 +73,9 @@ impl PgCacheRepository {
             .application_name(&config.application_name);
         let tables = Tables {
             decode: decode_json_row,
-            distributed_sql: distributed_tables_sql(),
+            feed_sql: feed_sql(),
             shards_sql: shards_sql(),
+            tables_sql: tables_sql(),
         };
         NearTier::start(ChangeSource::Listen(options, tables), config, store)
     }

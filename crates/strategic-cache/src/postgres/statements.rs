@@ -284,6 +284,44 @@ pub(crate) fn shards_sql() -> &'static str {
     })
 }
 
+/// The cache tables (those the search path finds), as `(schema, table)` rows: what the near
+/// tier's change source on a plain server's log takes a decoded change's table for.
+#[cfg(feature = "near")]
+pub(crate) fn tables_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = table_names("'");
+        format!(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid IN (SELECT to_regclass(t) FROM unnest(ARRAY[{tables}]) t)"
+        )
+    })
+}
+
+/// Where the near tier hears changes, in one row: the database clock, the number of cache
+/// tables Citus distributes ([`distributed_tables_sql`]) and the number of cache tables
+/// (of those that exist) without their four notify triggers enabled (`migrate feed log`
+/// dropped them; a table without them makes the `LISTEN` feed deaf to its writes). A trigger
+/// fires in ordinary sessions when `tgenabled` is `O` (origin) or `A` (always).
+#[cfg(feature = "near")]
+pub(crate) fn feed_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let tables = table_names("'");
+        format!(
+            "SELECT clock_timestamp(), ({}), \
+             (SELECT count(*)::int4 FROM unnest(ARRAY[{tables}]) t(name) \
+              WHERE to_regclass(t.name) IS NOT NULL AND (SELECT count(*) FROM pg_trigger g \
+              WHERE g.tgrelid = to_regclass(t.name) AND NOT g.tgisinternal \
+              AND g.tgname IN ('strategic_cache_notify_ins', 'strategic_cache_notify_upd', \
+              'strategic_cache_notify_del', 'strategic_cache_notify_trunc') \
+              AND g.tgenabled IN ('O', 'A')) < 4)",
+            distributed_tables_sql()
+        )
+    })
+}
+
 /// The number of cache tables Citus distributes (listed in `pg_dist_partition`), in one
 /// statement that also runs where Citus is not installed: the catalog is named only inside
 /// `query_to_xml`'s text, which is planned only when that branch runs. `pg_dist_partition` is
