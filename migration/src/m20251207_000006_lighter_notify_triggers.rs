@@ -187,8 +187,7 @@ impl MigrationTrait for Migration {
             db.execute_unprepared(&table_function(component, key_col))
                 .await?;
         }
-        replace_triggers(db, |_, has_triggers| has_triggers, lighter_triggers)
-            .await
+        replace_triggers(db, |_, has_triggers| has_triggers, lighter_triggers).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
