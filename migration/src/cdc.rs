@@ -22,12 +22,17 @@
 //! roles).
 //!
 //! None of it stops distribution: these are warnings, one line each ([`Shortfall`]).
+//!
+//! On plain PostgreSQL the near tier reads the one server's log in the same way wherever the
+//! tables lack their notify triggers (`migrate feed log`, [`crate::feed`]); [`check_server`]
+//! reads the same settings there, and the same replica identities, which `migrate feed log`
+//! sets.
 
 use std::fmt;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use crate::citus::{DISTRIBUTED_TABLES, REFERENCE_TABLE, REFERENCE_UNIQUE};
+use crate::citus::key_indexes;
 use crate::session::MigrateError;
 
 /// One thing the near tier's change source lacks, said in one line by its `Display`.
@@ -307,11 +312,7 @@ fn list(values: impl Iterator<Item = String>) -> sea_orm::Value {
 
 /// The replica identity of each of the six cache tables that `db`'s search path finds.
 pub async fn replica_identities(db: &impl ConnectionTrait) -> Result<Vec<Identity>, MigrateError> {
-    let pairs: Vec<(&str, &str)> = DISTRIBUTED_TABLES
-        .iter()
-        .copied()
-        .chain([(REFERENCE_TABLE, REFERENCE_UNIQUE)])
-        .collect();
+    let pairs = key_indexes();
     // The identity's index: the primary key for `d`, the marked index for `i`.
     let identity = "CASE c.relreplident WHEN 'd' THEN i.indisprimary \
                     WHEN 'i' THEN i.indisreplident ELSE false END";
@@ -381,18 +382,7 @@ pub async fn check(db: &impl ConnectionTrait) -> Result<Vec<Shortfall>, MigrateE
         .transpose()
         .map_err(db_err)?
         .unwrap_or_else(|| "coordinator".to_owned());
-    let mut out = Vec::new();
-    let own: Option<String> = db
-        .query_one_raw(one(SETTINGS_SQL))
-        .await
-        .map_err(db_err)?
-        .map(|row| row.try_get("", "s"))
-        .transpose()
-        .map_err(db_err)?;
-    out.extend(node_shortfalls(
-        &coordinator,
-        own.as_deref().ok_or("no row"),
-    ));
+    let mut out = own_shortfalls(db, &coordinator).await?;
     let workers = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -414,13 +404,44 @@ pub async fn check(db: &impl ConnectionTrait) -> Result<Vec<Shortfall>, MigrateE
             if success { Ok(&result) } else { Err(&result) },
         ));
     }
-    out.extend(
-        replica_identities(db)
-            .await?
-            .iter()
-            .filter_map(Identity::shortfall),
-    );
+    out.extend(identity_shortfalls(db).await?);
     Ok(out)
+}
+
+/// As [`check`], for plain PostgreSQL (no `citus` extension needed): this one server's
+/// settings, said of `server`, and the six tables' replica identities. What `migrate feed
+/// log` and `migrate status` warn of where the near tier reads this server's log.
+pub async fn check_server(db: &impl ConnectionTrait) -> Result<Vec<Shortfall>, MigrateError> {
+    let mut out = own_shortfalls(db, "server").await?;
+    out.extend(identity_shortfalls(db).await?);
+    Ok(out)
+}
+
+/// What the server `db` is connected to lacks, said of `subject`.
+async fn own_shortfalls(
+    db: &impl ConnectionTrait,
+    subject: &str,
+) -> Result<Vec<Shortfall>, MigrateError> {
+    let own: Option<String> = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            SETTINGS_SQL.to_owned(),
+        ))
+        .await
+        .map_err(db_err)?
+        .map(|row| row.try_get("", "s"))
+        .transpose()
+        .map_err(db_err)?;
+    Ok(node_shortfalls(subject, own.as_deref().ok_or("no row")))
+}
+
+/// The tables whose replica identity does not carry their key, one shortfall each.
+async fn identity_shortfalls(db: &impl ConnectionTrait) -> Result<Vec<Shortfall>, MigrateError> {
+    Ok(replica_identities(db)
+        .await?
+        .iter()
+        .filter_map(Identity::shortfall)
+        .collect())
 }
 
 /// What a node lacks, from its answer to [`SETTINGS_SQL`] or the error it gave instead.

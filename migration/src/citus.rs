@@ -191,7 +191,7 @@ pub fn key_change_sql() -> Vec<String> {
         .flat_map(|(table, unique)| {
             [
                 format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_pkey"),
-                format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX {unique}"),
+                identity_sql(table, unique),
             ]
         })
         .collect()
@@ -199,7 +199,21 @@ pub fn key_change_sql() -> Vec<String> {
 
 /// Makes the per-bot table's key its replica identity. Idempotent.
 pub fn reference_identity_sql() -> String {
-    format!("ALTER TABLE {REFERENCE_TABLE} REPLICA IDENTITY USING INDEX {REFERENCE_UNIQUE}")
+    identity_sql(REFERENCE_TABLE, REFERENCE_UNIQUE)
+}
+
+/// Makes `index` the replica identity of `table`, so that a decoded change of a deleted row
+/// carries the index's columns. Idempotent. `migrate distribute` and `migrate feed log`
+/// ([`crate::feed`]) both use it, each with a table's key from [`key_indexes`].
+pub fn identity_sql(table: &str, index: &str) -> String {
+    format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX {index}")
+}
+
+/// Each of the six cache tables with its key index (`uq_*`): the five per-user tables of
+/// [`DISTRIBUTED_TABLES`], then [`REFERENCE_TABLE`] with [`REFERENCE_UNIQUE`].
+pub fn key_indexes() -> [(&'static str, &'static str); 6] {
+    let [a, b, c, d, e] = DISTRIBUTED_TABLES;
+    [a, b, c, d, e, (REFERENCE_TABLE, REFERENCE_UNIQUE)]
 }
 
 fn stmt(sql: &str, values: Vec<sea_orm::Value>) -> Statement {
@@ -303,31 +317,10 @@ pub async fn distribute(
         // Dropping the transaction rolls it back: nothing was changed.
         return Err(MigrateError::CitusMissing);
     }
-    let missing: Vec<&str> = CACHE_TABLES
-        .iter()
-        .copied()
-        .filter(|t| before.tables.iter().all(|(name, _)| name != t))
-        .collect();
-    if !missing.is_empty() {
-        return Err(MigrateError::Migration(format!(
-            "table(s) {} do not exist: run `migrate up` first; nothing was changed",
-            missing.join(", ")
-        )));
-    }
+    require_tables(&before)?;
     // A migration applied after distribution would meet distributed tables (migration 4's
     // CREATE TRIGGER is refused on them): every one must be applied first.
-    let pending: Vec<String> = crate::runner::status(&txn)
-        .await?
-        .into_iter()
-        .filter(|(_, applied)| !applied)
-        .map(|(name, _)| name)
-        .collect();
-    if !pending.is_empty() {
-        return Err(MigrateError::Migration(format!(
-            "migration(s) {} pending: run `migrate up` first; nothing was changed",
-            pending.join(", ")
-        )));
-    }
+    require_migrated(&txn).await?;
     let mut plan = plan(&txn, &before, shards, options).await?;
     if plan.steps.is_empty() {
         return Ok(DistributeReport {
@@ -355,6 +348,39 @@ pub async fn distribute(
         moved: plan.moves,
         distribution: after,
     })
+}
+
+/// Refuses, nothing changed, where one of the six cache tables does not exist in `tables`.
+pub(crate) fn require_tables(tables: &Distribution) -> Result<(), MigrateError> {
+    let missing: Vec<&str> = CACHE_TABLES
+        .iter()
+        .copied()
+        .filter(|t| tables.tables.iter().all(|(name, _)| name != t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(MigrateError::Migration(format!(
+        "table(s) {} do not exist: run `migrate up` first; nothing was changed",
+        missing.join(", ")
+    )))
+}
+
+/// Refuses, nothing changed, where a migration is pending.
+pub(crate) async fn require_migrated(txn: &impl ConnectionTrait) -> Result<(), MigrateError> {
+    let pending: Vec<String> = crate::runner::status(txn)
+        .await?
+        .into_iter()
+        .filter(|(_, applied)| !applied)
+        .map(|(name, _)| name)
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    Err(MigrateError::Migration(format!(
+        "migration(s) {} pending: run `migrate up` first; nothing was changed",
+        pending.join(", ")
+    )))
 }
 
 /// Distributes the cache tables that `db`'s search path finds exactly as [`distribute`] does

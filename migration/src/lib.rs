@@ -7,6 +7,9 @@
 //!   coordinator; not a migration, applied only on request) and where the tables are now.
 //! - [`cdc`]: what the near tier's change data capture source needs of every Citus node and
 //!   of the tables, checked (`migrate distribute` and `migrate status` warn of what is missing).
+//! - [`feed`]: `migrate feed log|triggers` (on plain PostgreSQL, the near tier's change feed
+//!   moved between the notify triggers and logical decoding of the log; not a migration,
+//!   applied only on request) and which feed a database has now.
 //! - [`runner`]: what the CLI, `cargo xtask migrate` and the tests call: a bounded connect, an
 //!   advisory lock around the whole run, a short `lock_timeout`, and errors a caller can act on.
 //!   Use it instead of `sea_orm_migration::cli::run_cli`, which panics when it cannot connect.
@@ -26,6 +29,7 @@ pub use sea_orm_migration::prelude::*;
 
 pub mod cdc;
 pub mod citus;
+pub mod feed;
 
 mod m20251124_000001_create_strategic_cache_tables;
 mod m20251124_000002_create_refresh_queue;

@@ -146,16 +146,25 @@ fn triggers_calling(table: &str, component: usize, function: &str) -> Vec<String
         .collect()
 }
 
-/// Drops the notify triggers that exist and, on the tables that had them, creates the four
-/// triggers `make(table, component)` gives.
-async fn replace_triggers<C: ConnectionTrait>(
+/// This migration's four triggers of `table` (component `component`), each calling the
+/// table's own function.
+pub(crate) fn lighter_triggers(table: &str, component: usize) -> Vec<String> {
+    triggers_calling(table, component, &function_name(component))
+}
+
+/// On each table that `replace(table, has_triggers)` selects (`has_triggers`: whether any
+/// notify trigger exists on it), drops the notify triggers that exist and creates the four
+/// triggers `make(table, component)` gives. The migration selects the tables that had
+/// triggers; `migrate feed triggers` ([`crate::feed`]) those that lack their full set.
+pub(crate) async fn replace_triggers<C: ConnectionTrait>(
     db: &C,
+    replace: impl Fn(&str, bool) -> bool,
     make: impl Fn(&str, usize) -> Vec<String>,
 ) -> Result<(), DbErr> {
     let existing = existing_triggers(db).await?;
     for (component, table) in CACHE_TABLES.iter().enumerate() {
         let on_table: Vec<_> = existing.iter().filter(|(t, _)| t == table).collect();
-        if on_table.is_empty() {
+        if !replace(table, !on_table.is_empty()) {
             continue;
         }
         for (_, trigger) in on_table {
@@ -178,17 +187,16 @@ impl MigrationTrait for Migration {
             db.execute_unprepared(&table_function(component, key_col))
                 .await?;
         }
-        replace_triggers(db, |table, component| {
-            triggers_calling(table, component, &function_name(component))
-        })
-        .await
+        replace_triggers(db, |_, has_triggers| has_triggers, lighter_triggers).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let db = manager.get_connection();
-        replace_triggers(db, |table, component| {
-            create_triggers(table, component, KEY_COLUMNS[component])
-        })
+        replace_triggers(
+            db,
+            |_, has_triggers| has_triggers,
+            |table, component| create_triggers(table, component, KEY_COLUMNS[component]),
+        )
         .await?;
         for component in 0..KEY_COLUMNS.len() {
             db.execute_unprepared(&format!(

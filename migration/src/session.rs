@@ -77,6 +77,30 @@ pub enum MigrateError {
          coordinator first); nothing was changed"
     )]
     CitusMissing,
+    /// `migrate feed log` where the server's `wal_level` is not `logical` (it is this value).
+    #[error(
+        "wal_level is {0} on this server; the log feed needs logical: set `wal_level = logical` \
+         in postgresql.conf and restart the server; nothing was changed"
+    )]
+    WalLevelNotLogical(String),
+    /// `migrate feed` where the tables are distributed by Citus.
+    #[error(
+        "the cache tables are distributed by Citus, where the near tier already reads the log \
+         (`migrate distribute` manages it); nothing was changed"
+    )]
+    FeedDistributed,
+    /// `migrate feed` by a role that does not own every cache table (ALTER TABLE and DROP
+    /// TRIGGER need the owner).
+    #[error(
+        "role {role} does not own table(s) {tables}: run `migrate feed` as their owner (the \
+         role that ran `migrate up`); nothing was changed"
+    )]
+    NotOwner {
+        /// The role that ran the command.
+        role: String,
+        /// The tables it does not own, comma-separated.
+        tables: String,
+    },
     /// `migrate distribute --shards N` with N out of range.
     #[error("--shards must be between 1 and {max}, got {0}", max = MAX_SHARDS)]
     InvalidShardCount(u32),

@@ -20,6 +20,8 @@ mod connect_errors;
 mod contract;
 // crates/strategic-cache/examples/bot.rs, built and run.
 mod example_bot;
+// `migrate feed log|triggers`: the near tier's change feed moved, its refusals changing nothing.
+mod feed_migrate;
 // Faults under load: a cluster stopped and killed, a proxy adding latency and partitions.
 mod faults;
 // Hostile input the contract and CLI suites do not already cover.

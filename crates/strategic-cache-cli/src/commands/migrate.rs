@@ -1,12 +1,14 @@
-//! `migrate up|down [N]|status|fresh|distribute [--shards N]`: the deploy-safe runner of the
-//! `migration` crate, and the distribution of the cache tables on a Citus coordinator.
+//! `migrate up|down [N]|status|fresh|distribute [--shards N]|feed log|triggers`: the
+//! deploy-safe runner of the `migration` crate, the distribution of the cache tables on a
+//! Citus coordinator, and the near tier's change feed on plain PostgreSQL.
 
 use migration::cdc::{self, Shortfall};
 use migration::citus::{self, DEFAULT_SHARDS, Distribution};
+use migration::feed::{self, Feed};
 use migration::runner::{self, Command, MigrateOptions, Report};
 use serde_json::{Value, json};
 
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
 
 use crate::context::Context;
 use crate::render::Outcome;
@@ -34,6 +36,24 @@ pub enum MigrateAction {
         #[arg(long, value_name = "N", default_value_t = DEFAULT_SHARDS)]
         shards: u32,
     },
+    /// On plain PostgreSQL: move the near tier's change feed. `log` (needs wal_level =
+    /// logical) makes each table's key its replica identity, drops the notify triggers and
+    /// tells listening near tiers; `triggers` puts migration 6's triggers back. A second run
+    /// changes nothing.
+    Feed {
+        /// The feed to move to.
+        #[arg(value_enum)]
+        to: FeedChoice,
+    },
+}
+
+/// What `migrate feed` moves to.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FeedChoice {
+    /// Logical decoding of the server's write-ahead log (no cost to writes).
+    Log,
+    /// The notify triggers (LISTEN; no server settings needed).
+    Triggers,
 }
 
 /// Runs one migration action and reports every migration's state afterwards.
@@ -41,12 +61,17 @@ pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Out
     if let MigrateAction::Distribute { shards } = action {
         return distribute(context, shards).await;
     }
+    if let MigrateAction::Feed { to } = action {
+        return set_feed(context, to).await;
+    }
     let command = match action {
         MigrateAction::Up => Command::Up,
         MigrateAction::Down { steps } => Command::Down { steps: Some(steps) },
         MigrateAction::Status => Command::Status,
         MigrateAction::Fresh => Command::Fresh,
-        MigrateAction::Distribute { .. } => unreachable!("handled above"),
+        MigrateAction::Distribute { .. } | MigrateAction::Feed { .. } => {
+            unreachable!("handled above")
+        }
     };
     let url = context.url()?;
     let options = MigrateOptions::default();
@@ -55,13 +80,15 @@ pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Out
     // Where the tables are, after the run: `status` shows it (read-only, any role), and on
     // distributed tables what the near tier still lacks.
     let placement = match (&result, command) {
-        (Ok(_), Command::Status) => match citus::distribution(&db).await {
-            Ok(distribution) => {
-                let shortfalls = near_tier_shortfalls(&db, &distribution).await;
-                Some(Ok((distribution, shortfalls)))
+        (Ok(_), Command::Status) => {
+            match (citus::distribution(&db).await, feed::current(&db).await) {
+                (Ok(distribution), Ok(feed)) => {
+                    let shortfalls = near_tier_shortfalls(&db, feed).await;
+                    Some(Ok((distribution, feed, shortfalls)))
+                }
+                (Err(error), _) | (_, Err(error)) => Some(Err(error)),
             }
-            Err(error) => Some(Err(error)),
-        },
+        }
         _ => None,
     };
     // Close before reporting, so the server sees a clean disconnect either way.
@@ -70,9 +97,11 @@ pub async fn run(context: &Context, action: MigrateAction) -> anyhow::Result<Out
     let mut text = text(&report);
     let mut json = report_json(&report);
     if let Some(placement) = placement {
-        let (distribution, shortfalls) = placement?;
+        let (distribution, feed, shortfalls) = placement?;
         text.push_str(&distribution.to_string());
+        text.push_str(&format!("feed     {feed}\n"));
         json["distribution"] = distribution_json(&distribution);
+        json["feed"] = feed.name().into();
         json["near_tier_shortfalls"] = warn(&shortfalls);
     }
     Ok(Outcome::ok(text, json))
@@ -91,7 +120,10 @@ async fn distribute(context: &Context, shards: u32) -> anyhow::Result<Outcome> {
     let db = runner::connect(url, &options).await?;
     let result = citus::distribute(&db, shards, &options).await;
     let shortfalls = match &result {
-        Ok(report) => near_tier_shortfalls(&db, &report.distribution).await,
+        Ok(report) if report.distribution.is_distributed() => {
+            near_tier_shortfalls(&db, Feed::Distributed).await
+        }
+        Ok(_) => None,
         Err(_) => None,
     };
     let _ = db.close().await;
@@ -105,19 +137,48 @@ async fn distribute(context: &Context, shards: u32) -> anyhow::Result<Outcome> {
     Ok(Outcome::ok(report.to_string(), json))
 }
 
-/// On distributed tables, what the near tier's change source still lacks on each node and
-/// table (`migration::cdc`); `None` where the tables are not distributed (the notify triggers
-/// serve the near tier there). A check that fails is one shortfall, never the command's error.
+/// `migrate feed log|triggers`: one transaction under the migration lock (see
+/// `migration::feed`), then, on the log feed, what the near tier still lacks of this server.
+async fn set_feed(context: &Context, to: FeedChoice) -> anyhow::Result<Outcome> {
+    let to = match to {
+        FeedChoice::Log => Feed::Log,
+        FeedChoice::Triggers => Feed::Triggers,
+    };
+    let url = context.url()?;
+    let options = MigrateOptions::default();
+    let db = runner::connect(url, &options).await?;
+    let result = feed::set(&db, to, &options).await;
+    let shortfalls = match &result {
+        Ok(report) => near_tier_shortfalls(&db, report.feed).await,
+        Err(_) => None,
+    };
+    let _ = db.close().await;
+    let report = result?;
+    let json = json!({
+        "command": "feed",
+        "changed": report.changed,
+        "feed": report.feed.name(),
+        "near_tier_shortfalls": warn(&shortfalls),
+    });
+    Ok(Outcome::ok(report.to_string(), json))
+}
+
+/// Where the near tier reads a log, what its change source still lacks (`migration::cdc`):
+/// on every Citus node and table where the tables are distributed, on this server and its
+/// tables on the log feed; `None` on the trigger feed, which needs none of it. A check that
+/// fails is one shortfall, never the command's error.
 async fn near_tier_shortfalls(
     db: &sea_orm::DatabaseConnection,
-    distribution: &Distribution,
+    feed: Feed,
 ) -> Option<Vec<Shortfall>> {
-    if !distribution.is_distributed() {
-        return None;
-    }
-    Some(cdc::check(db).await.unwrap_or_else(|error| {
+    let (checked, subject) = match feed {
+        Feed::Triggers => return None,
+        Feed::Log => (cdc::check_server(db).await, "server"),
+        Feed::Distributed => (cdc::check(db).await, "coordinator"),
+    };
+    Some(checked.unwrap_or_else(|error| {
         vec![Shortfall::Unchecked {
-            subject: "coordinator".to_owned(),
+            subject: subject.to_owned(),
             what: "the near tier's settings".to_owned(),
             why: error.to_string(),
         }]
@@ -125,7 +186,7 @@ async fn near_tier_shortfalls(
 }
 
 /// Says each shortfall on stderr, one warning line each (the command still succeeds), and
-/// returns them for `--json` (`null` where the tables are not distributed).
+/// returns them for `--json` (`null` on the trigger feed).
 fn warn(shortfalls: &Option<Vec<Shortfall>>) -> Value {
     let Some(shortfalls) = shortfalls else {
         return Value::Null;
