@@ -60,59 +60,7 @@ async fn server() -> (
 
 /// `migrate feed log` or `migrate feed triggers` on `db`.
 async fn feed(db: &DatabaseConnection, to: migration::feed::Feed) {
-    migration::feed::set(db, to, &()).await.unwrap();
-}
-
-// TEMPORARY until migration::feed lands.
-mod migration {
-    pub mod feed {
-        use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-        pub enum Feed {
-            Log,
-            Triggers,
-        }
-        pub async fn set(db: &DatabaseConnection, to: Feed, _: &()) -> Result<(), sea_orm::DbErr> {
-            match to {
-                Feed::Log => {
-                    let t = db.begin().await?;
-                    for (table, idx) in [
-                        ("strategic_memory_health", "uq_memory_health_user_bot"),
-                        ("strategic_personality_profiles", "uq_personality_user_bot"),
-                        (
-                            "strategic_conversation_patterns",
-                            "uq_conv_patterns_user_bot",
-                        ),
-                        ("strategic_memory_behavior", "uq_memory_behavior_user_bot"),
-                        (
-                            "strategic_engagement_opportunities",
-                            "uq_engagement_user_bot",
-                        ),
-                        (
-                            "strategic_character_performance",
-                            "uq_character_perf_bot_window",
-                        ),
-                    ] {
-                        t.execute_unprepared(&format!(
-                            "ALTER TABLE {table} REPLICA IDENTITY USING INDEX {idx}"
-                        ))
-                        .await?;
-                        for g in ["ins", "upd", "del", "trunc"] {
-                            t.execute_unprepared(&format!(
-                                "DROP TRIGGER strategic_cache_notify_{g} ON {table}"
-                            ))
-                            .await?;
-                        }
-                    }
-                    t.execute_unprepared(
-                        "SELECT pg_notify('strategic_cache_all', '{\"feed\":true}')",
-                    )
-                    .await?;
-                    t.commit().await
-                }
-                Feed::Triggers => ::migration::create_notify_triggers(db).await,
-            }
-        }
-    }
+    migration::feed::set(db, to, &Default::default()).await.unwrap();
 }
 
 /// Two readers (a process each) with their own tier on `url`.
