@@ -60,7 +60,9 @@ async fn server() -> (
 
 /// `migrate feed log` or `migrate feed triggers` on `db`.
 async fn feed(db: &DatabaseConnection, to: migration::feed::Feed) {
-    migration::feed::set(db, to, &Default::default()).await.unwrap();
+    migration::feed::set(db, to, &Default::default())
+        .await
+        .unwrap();
 }
 
 /// Two readers (a process each) with their own tier on `url`.
