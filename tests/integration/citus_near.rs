@@ -16,7 +16,9 @@ use strategic_cache::{CacheReader, Component, Key, NearConfig, NewEntry, PgCache
 use crate::citus::{CitusCluster, citus_available};
 use crate::support::db::connect;
 use crate::support::fixtures::*;
-use crate::support::near::{BOUND, Coherence, WriteMix, coherence, near_reader_with, versioned};
+use crate::support::near::{
+    BOUND, batched_coherence, leased, near_reader_with, two_tiers, versioned,
+};
 use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
@@ -55,61 +57,6 @@ async fn distributed() -> (CitusCluster, DatabaseConnection, Arc<PgCacheReposito
     (cluster, db, repo)
 }
 
-/// Two readers (a process each) with their own tier on the coordinator's URL.
-fn readers(url: &str, repo: &Arc<PgCacheRepository>) -> Vec<CacheReader> {
-    (0..2)
-        .map(|_| {
-            near_reader_with(
-                repo.clone(),
-                url,
-                Duration::from_secs(2),
-                &NearConfig::default(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until every reader's tier holds its lease (the change source on Citus is up).
-async fn leased(readers: &[CacheReader]) {
-    let held = poll_until(Duration::from_secs(20), || async {
-        readers
-            .iter()
-            .all(|r| r.near_stats().is_some_and(|s| s.lease_valid))
-    })
-    .await;
-    assert!(
-        held.is_some(),
-        "the tier never took its lease on Citus: {:?}",
-        readers.iter().map(|r| r.near_stats()).collect::<Vec<_>>()
-    );
-}
-
-/// The coherence run on Citus: 16 users for `secs` seconds, every 8th write a batch of 24
-/// users (on every shard of both workers), `fault` alongside; misses judged if `judge_misses`.
-async fn run(
-    readers: &[CacheReader],
-    repo: &Arc<PgCacheRepository>,
-    db: &DatabaseConnection,
-    secs: u64,
-    judge_misses: bool,
-    fault: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Coherence {
-    coherence(
-        readers.to_vec(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(secs),
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses,
-        },
-        fault,
-    )
-    .await
-}
-
 /// Writes through the coordinator (the repository's single-row upserts and deletes, its
 /// multi-shard `upsert_many`, plain SQL single- and multi-row) for 6 s: every read within the
 /// bound, near hits, and a character-performance (reference table) change served within the
@@ -120,9 +67,9 @@ async fn citus_near_tier_is_coherent_with_writes_through_the_coordinator() {
         return;
     }
     let (cluster, db, repo) = distributed().await;
-    let readers = readers(&cluster.url(), &repo);
+    let readers = two_tiers(&cluster.url(), &repo);
     leased(&readers).await;
-    let result = run(&readers, &repo, &db, 6, true, async {}).await;
+    let result = batched_coherence(&readers, &repo, &db, 6, true, async {}).await;
     println!("citus near coherence: {result:?}");
     assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
     assert!(result.near_hits > 100, "no near hits: {result:?}");
@@ -169,7 +116,7 @@ async fn citus_near_tier_is_coherent_when_a_worker_connection_dies_and_a_worker_
         return;
     }
     let (cluster, db, repo) = distributed().await;
-    let readers = readers(&cluster.url(), &repo);
+    let readers = two_tiers(&cluster.url(), &repo);
     leased(&readers).await;
     let cluster = Arc::new(cluster);
     let terminated = Arc::new(AtomicU64::new(0));
@@ -191,7 +138,7 @@ async fn citus_near_tier_is_coherent_when_a_worker_connection_dies_and_a_worker_
         c.workers[1].stop_immediate().await;
         c.workers[1].start_server().await;
     };
-    let result = run(&readers, &repo, &db, 9, false, fault).await;
+    let result = batched_coherence(&readers, &repo, &db, 9, false, fault).await;
     println!("citus near coherence, worker faults: {result:?}");
     let terminated = terminated.load(Ordering::Relaxed);
     assert!(terminated >= 4, "only {terminated} sessions terminated");
@@ -221,7 +168,7 @@ async fn citus_near_tier_is_coherent_while_a_shard_moves() {
         return;
     }
     let (cluster, db, repo) = distributed().await;
-    let readers = readers(&cluster.url(), &repo);
+    let readers = two_tiers(&cluster.url(), &repo);
     leased(&readers).await;
     let mover = db.clone();
     let moved = Arc::new(AtomicU64::new(0));
@@ -240,7 +187,7 @@ async fn citus_near_tier_is_coherent_while_a_shard_moves() {
         mover.execute_unprepared(sql).await.unwrap();
         done.fetch_add(1, Ordering::Relaxed);
     };
-    let result = run(&readers, &repo, &db, 8, false, fault).await;
+    let result = batched_coherence(&readers, &repo, &db, 8, false, fault).await;
     println!("citus near coherence, shard moved: {result:?}");
     assert_eq!(moved.load(Ordering::Relaxed), 1, "the shard did not move");
     assert!(result.near_hits > 100, "{result:?}");
@@ -263,7 +210,7 @@ async fn citus_change_source_believes_only_the_cache_shards() {
     repo.upsert(&NewEntry::new(Key::user_bot(user, BOT), versioned(7)))
         .await
         .unwrap();
-    let reader = readers(&cluster.url(), &repo).remove(0);
+    let reader = two_tiers(&cluster.url(), &repo).remove(0);
     leased(std::slice::from_ref(&reader)).await;
     let version = |reader: &CacheReader| {
         let reader = reader.clone();
@@ -471,7 +418,7 @@ async fn citus_near_tier_hears_a_node_added_later() {
         return;
     }
     let (cluster, db, repo) = distributed().await;
-    let readers = readers(&cluster.url(), &repo);
+    let readers = two_tiers(&cluster.url(), &repo);
     leased(&readers).await;
     let connects = |readers: &[CacheReader]| -> u64 {
         readers
@@ -507,7 +454,7 @@ async fn citus_near_tier_hears_a_node_added_later() {
     .await;
     assert!(on_new > 0, "no shard moved to the new node");
     leased(&readers).await;
-    let result = run(&readers, &repo, &db, 6, true, async {}).await;
+    let result = batched_coherence(&readers, &repo, &db, 6, true, async {}).await;
     println!("citus near coherence, node added: {result:?}");
     assert!(result.max_staleness <= BOUND, "{result:?}");
     assert!(result.near_hits > 100, "{result:?}");

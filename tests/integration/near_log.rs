@@ -14,7 +14,9 @@ use strategic_cache::{CacheReader, Key, NearConfig, NewEntry, PgCacheRepository}
 
 use crate::support::cluster::PgCluster;
 use crate::support::db::connect;
-use crate::support::near::{BOUND, Coherence, WriteMix, coherence, near_reader_with, versioned};
+use crate::support::near::{
+    BOUND, batched_coherence, leased, near_reader_with, two_tiers, versioned,
+};
 use crate::support::repo::Repo;
 use crate::support::timing::poll_until;
 
@@ -65,61 +67,6 @@ async fn feed(db: &DatabaseConnection, to: migration::feed::Feed) {
         .unwrap();
 }
 
-/// Two readers (a process each) with their own tier on `url`.
-fn readers(url: &str, repo: &Arc<PgCacheRepository>) -> Vec<CacheReader> {
-    (0..2)
-        .map(|_| {
-            near_reader_with(
-                repo.clone(),
-                url,
-                Duration::from_secs(2),
-                &NearConfig::default(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until every reader's tier holds its lease.
-async fn leased(readers: &[CacheReader]) {
-    let held = poll_until(Duration::from_secs(20), || async {
-        readers
-            .iter()
-            .all(|r| r.near_stats().is_some_and(|s| s.lease_valid))
-    })
-    .await;
-    assert!(
-        held.is_some(),
-        "the tier never took its lease: {:?}",
-        readers.iter().map(|r| r.near_stats()).collect::<Vec<_>>()
-    );
-}
-
-/// The coherence run: 16 users for `secs` seconds, every 8th write a batch of 24 users, the
-/// writer's plain SQL single- and multi-row statements among them, `fault` alongside.
-async fn run(
-    readers: &[CacheReader],
-    repo: &Arc<PgCacheRepository>,
-    db: &DatabaseConnection,
-    secs: u64,
-    judge_misses: bool,
-    fault: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Coherence {
-    coherence(
-        readers.to_vec(),
-        repo.clone(),
-        db.clone(),
-        16,
-        Duration::from_secs(secs),
-        WriteMix {
-            batch_every: 8,
-            batch_users: 24,
-            judge_misses,
-        },
-        fault,
-    )
-    .await
-}
-
 /// After `migrate feed log`: no trigger left, every tier decoding the log (a slot each), every
 /// read within the bound under single-row upserts and deletes, batches and plain SQL, with
 /// near hits; and a `TRUNCATE` by SQL is served (as nothing) within the bound.
@@ -128,10 +75,10 @@ async fn log_fed_near_tier_is_coherent_with_every_kind_of_write() {
     let (_cluster, url, db, repo) = server().await;
     feed(&db, migration::feed::Feed::Log).await;
     assert_eq!(number(&db, TRIGGERS).await, 0);
-    let readers = readers(&url, &repo);
+    let readers = two_tiers(&url, &repo);
     leased(&readers).await;
     assert_eq!(number(&db, SLOTS).await, 2, "one slot a tier");
-    let result = run(&readers, &repo, &db, 6, true, async {}).await;
+    let result = batched_coherence(&readers, &repo, &db, 6, true, async {}).await;
     println!("log-fed near coherence: {result:?}");
     assert!(result.writes > 50 && result.reads > 1000, "{result:?}");
     assert!(result.near_hits > 100, "no near hits: {result:?}");
@@ -166,7 +113,7 @@ async fn log_fed_near_tier_is_coherent_with_every_kind_of_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_tier_is_coherent_across_switching_the_feed_while_leased() {
     let (_cluster, url, db, repo) = server().await;
-    let readers = readers(&url, &repo);
+    let readers = two_tiers(&url, &repo);
     leased(&readers).await;
     assert_eq!(number(&db, SLOTS).await, 0, "the triggers feed the tiers");
     let switcher = db.clone();
@@ -183,7 +130,7 @@ async fn near_tier_is_coherent_across_switching_the_feed_while_leased() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         feed(&switcher, migration::feed::Feed::Triggers).await;
     };
-    let result = run(&readers, &repo, &db, 8, false, fault).await;
+    let result = batched_coherence(&readers, &repo, &db, 8, false, fault).await;
     println!("near coherence across feed switches: {result:?}");
     assert!(result.max_staleness <= BOUND, "{result:?}");
     assert!(result.near_hits > 100, "{result:?}");
@@ -213,7 +160,7 @@ async fn the_log_feed_believes_only_the_cache_tables() {
     repo.upsert(&NewEntry::new(Key::user_bot(user, BOT), versioned(7)))
         .await
         .unwrap();
-    let reader = readers(&url, &repo).remove(0);
+    let reader = two_tiers(&url, &repo).remove(0);
     leased(std::slice::from_ref(&reader)).await;
     let version = |reader: &CacheReader| {
         let reader = reader.clone();

@@ -455,3 +455,58 @@ pub fn version_of(found: Option<strategic_cache::CachedEntry>) -> Option<u64> {
         _ => None,
     }
 }
+
+/// Two readers (a process each) over `repo`, each with its own tier listening at `url`.
+pub fn two_tiers(url: &str, repo: &Arc<PgCacheRepository>) -> Vec<CacheReader> {
+    (0..2)
+        .map(|_| {
+            near_reader_with(
+                repo.clone(),
+                url,
+                Duration::from_secs(2),
+                &NearConfig::default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every reader's tier holds its lease (its change source is up).
+pub async fn leased(readers: &[CacheReader]) {
+    let held = poll_until(Duration::from_secs(20), || async {
+        readers
+            .iter()
+            .all(|r| r.near_stats().is_some_and(|s| s.lease_valid))
+    })
+    .await;
+    assert!(
+        held.is_some(),
+        "the tier never took its lease: {:?}",
+        readers.iter().map(|r| r.near_stats()).collect::<Vec<_>>()
+    );
+}
+
+/// The coherence run of the log-fed suites: 16 users for `secs` seconds, every 8th write a
+/// batch of 24 users, `fault` alongside; misses judged if `judge_misses`.
+pub async fn batched_coherence(
+    readers: &[CacheReader],
+    repo: &Arc<PgCacheRepository>,
+    db: &DatabaseConnection,
+    secs: u64,
+    judge_misses: bool,
+    fault: impl Future<Output = ()> + Send + 'static,
+) -> Coherence {
+    coherence(
+        readers.to_vec(),
+        repo.clone(),
+        db.clone(),
+        16,
+        Duration::from_secs(secs),
+        WriteMix {
+            batch_every: 8,
+            batch_users: 24,
+            judge_misses,
+        },
+        fault,
+    )
+    .await
+}
