@@ -40,7 +40,7 @@ use std::fmt;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 
-use crate::session::{MigrateError, MigrateOptions, acquire_lock, classify};
+use crate::session::{MigrateError, MigrateOptions, begin_locked, classify};
 use crate::{CACHE_TABLES, REFRESH_QUEUE_TABLE};
 
 /// The distribution column of the per-user tables.
@@ -303,14 +303,7 @@ pub async fn distribute(
     if !(1..=MAX_SHARDS).contains(&shards) {
         return Err(MigrateError::InvalidShardCount(shards));
     }
-    let txn = db.begin().await.map_err(|e| classify(e, options))?;
-    txn.execute_unprepared(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        options.lock_timeout.as_millis()
-    ))
-    .await
-    .map_err(|e| classify(e, options))?;
-    acquire_lock(&txn, options).await?;
+    let txn = begin_locked(db, options).await?;
     // Everything is read under the lock: a concurrent run's result is seen here.
     let before = distribution(&txn).await?;
     if before.citus_version.is_none() {

@@ -32,13 +32,13 @@
 
 use std::fmt;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 
 use crate::CACHE_TABLES;
 use crate::citus::{self, identity_sql};
 use crate::m20251130_000004_create_notify_triggers::existing_triggers;
 use crate::m20251207_000006_lighter_notify_triggers::{lighter_triggers, replace_triggers};
-use crate::session::{MigrateError, MigrateOptions, acquire_lock, classify};
+use crate::session::{MigrateError, MigrateOptions, begin_locked, classify};
 
 /// The payload `migrate feed log` sends on the near tier's flush-all channel: "the feed moved
 /// to the log; end your session". It tells every near tier listening through the triggers to
@@ -189,14 +189,7 @@ pub async fn set(
     if to == Feed::Distributed {
         return Err(MigrateError::FeedDistributed);
     }
-    let txn = db.begin().await.map_err(|e| classify(e, options))?;
-    txn.execute_unprepared(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        options.lock_timeout.as_millis()
-    ))
-    .await
-    .map_err(|e| classify(e, options))?;
-    acquire_lock(&txn, options).await?;
+    let txn = begin_locked(db, options).await?;
     // Everything is read under the lock: a concurrent run's result is seen here.
     let distribution = citus::distribution(&txn).await?;
     if distribution.is_distributed() {

@@ -15,9 +15,7 @@
 
 use std::fmt;
 
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, TransactionTrait,
-};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 use sea_orm_migration::{MigrationStatus, MigratorTrait};
 
 /// The workspace's one password redactor and SQLSTATE reader, re-exported so that callers of
@@ -26,7 +24,7 @@ pub use pg_diagnostics::{redact_url, scrub, sqlstate};
 
 use crate::Migrator;
 pub use crate::session::{MIGRATION_LOCK_KEY, MigrateError, MigrateOptions};
-use crate::session::{acquire_lock, classify};
+use crate::session::{begin_locked, classify};
 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,15 +133,7 @@ pub async fn run(
             notes: Vec::new(),
         });
     }
-    let txn = db.begin().await.map_err(|e| classify(e, options))?;
-    let set_timeout = format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        options.lock_timeout.as_millis()
-    );
-    txn.execute_unprepared(&set_timeout)
-        .await
-        .map_err(|e| classify(e, options))?;
-    acquire_lock(&txn, options).await?;
+    let txn = begin_locked(db, options).await?;
     // Read the state under the lock: a run that waited for another sees its result here.
     let before = status(&txn).await?;
     let result = match command {

@@ -106,6 +106,24 @@ pub enum MigrateError {
     InvalidShardCount(u32),
 }
 
+/// Begins the transaction every change of ours runs in: `lock_timeout` set for it (table locks
+/// wait at most that long), then the migration lock taken ([`acquire_lock`]).
+pub(crate) async fn begin_locked(
+    db: &sea_orm::DatabaseConnection,
+    options: &MigrateOptions,
+) -> Result<sea_orm::DatabaseTransaction, MigrateError> {
+    use sea_orm::TransactionTrait;
+    let txn = db.begin().await.map_err(|e| classify(e, options))?;
+    txn.execute_unprepared(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        options.lock_timeout.as_millis()
+    ))
+    .await
+    .map_err(|e| classify(e, options))?;
+    acquire_lock(&txn, options).await?;
+    Ok(txn)
+}
+
 /// Waits for the migration advisory lock, polling rather than blocking so that the wait is
 /// bounded by `advisory_lock_wait` and not by `lock_timeout` (which bounds table locks only).
 pub(crate) async fn acquire_lock(
