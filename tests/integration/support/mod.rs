@@ -21,9 +21,11 @@ pub mod victoria;
 
 pub use db::TestDb;
 
-/// Held by each load-heavy test for its whole run: two of them at once on two cores measure
-/// each other, not the reader.
-pub static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Written (held alone) by each load-heavy test for its whole run: two of them at once on two
+/// cores measure each other, not the reader. Read (shared) by the tests that assert a
+/// deadline no slower machine may miss, such as a lease never lapsing: they may run beside
+/// each other, never beside a test that saturates both cores.
+pub static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A free TCP port on loopback (bound, then released for the caller to bind).
 pub fn free_port() -> u16 {
