@@ -289,7 +289,7 @@ async fn settle(reader: &CacheReader, for_a_while: Duration) -> ReaderStats {
 /// step, never a late read, and hits resume within 1 s of each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
-    let _exclusive = crate::support::EXCLUSIVE.write().await;
+    let _exclusive = crate::support::CORES.write().await;
     let t = TestDb::migrated().await;
     let upstream = upstream_of(&t.url).await;
     let proxy = Proxy::start(upstream).await;
@@ -388,7 +388,7 @@ async fn terminated_backends_and_cut_connections_are_misses_then_recover() {
 /// match the faults, hits within 1 s of the server returning, and no confirmed write lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_under_load_stay_within_budget_and_recover() {
-    let _exclusive = crate::support::EXCLUSIVE.write().await;
+    let _exclusive = crate::support::CORES.write().await;
     let cluster = PgCluster::start().await;
     cluster.migrated("cache").await;
 

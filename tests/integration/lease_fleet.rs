@@ -67,7 +67,7 @@ fn counts(readers: &[CacheReader]) -> Vec<(u64, u64, u64)> {
 /// tier sends heartbeats, the other three renew on them, and every lease stays held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_listener_sends_the_heartbeat_and_every_lease_is_held() {
-    let _shared = crate::support::EXCLUSIVE.read().await;
+    let _shared = crate::support::CORES.read().await;
     let (t, _repo) = seeded(&["u0"], 1).await;
     let readers = fleet(&t, 4).await;
     for r in &readers {
@@ -113,7 +113,7 @@ async fn one_listener_sends_the_heartbeat_and_every_lease_is_held() {
 /// serves a replaced value past the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heartbeat_is_taken_over_and_the_bound_holds_when_its_holder_is_killed() {
-    let _shared = crate::support::EXCLUSIVE.read().await;
+    let _shared = crate::support::CORES.read().await;
     let (t, repo) = seeded(&[], 0).await;
     let readers = fleet(&t, 3).await;
     let killer = t.db.clone();
@@ -226,7 +226,7 @@ async fn forged_heartbeats_anchor_no_lease() {
 /// throughout (each falls back to its own probe until the new heartbeat).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_process_is_replaced_within_a_second_and_leases_hold() {
-    let _shared = crate::support::EXCLUSIVE.read().await;
+    let _shared = crate::support::CORES.read().await;
     let (t, _repo) = seeded(&["u0"], 1).await;
     let mut child = crate::support::cli::spawn_watch(
         &t.url,

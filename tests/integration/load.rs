@@ -125,7 +125,7 @@ fn seeded_payload(i: usize) -> MemoryHealth {
 /// machine's own scheduling delay (inconclusive, and failed as such, past a cap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_readers_over_a_pool_of_ten() {
-    let _exclusive = crate::support::EXCLUSIVE.write().await;
+    let _exclusive = crate::support::CORES.write().await;
     let (readers, rounds) = (1000, 5);
     // An overloaded machine (other builds on the 2 cores) makes a run inconclusive: it is run
     // once more, and a second inconclusive run fails saying so. Passing it would claim a

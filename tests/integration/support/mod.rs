@@ -21,11 +21,11 @@ pub mod victoria;
 
 pub use db::TestDb;
 
-/// Written (held alone) by each load-heavy test for its whole run: two of them at once on two
-/// cores measure each other, not the reader. Read (shared) by the tests that assert a
-/// deadline no slower machine may miss, such as a lease never lapsing: they may run beside
-/// each other, never beside a test that saturates both cores.
-pub static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+/// The machine's two cores. Each load-heavy test takes them alone (`write`) for its whole run:
+/// two of them at once measure each other, not the reader. Each test asserting a deadline that
+/// a starved process misses (a lease never lapsing) shares them (`read`): such tests may run
+/// beside each other, never beside a load-heavy one.
+pub static CORES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A free TCP port on loopback (bound, then released for the caller to bind).
 pub fn free_port() -> u16 {
